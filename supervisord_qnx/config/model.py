@@ -1,0 +1,266 @@
+"""Validated models of the daemon config and tenant files. Pure: no file I/O here.
+
+Every model forbids unknown keys, because a misspelt limit that is silently
+ignored is a tenant running without the limit its author wrote. Relative paths
+are resolved against the directory of the file that names them, which the
+loader passes in the validation context as ``base_dir``.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from supervisord_qnx.units import parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Percent = Annotated[float, Field(gt=0, le=100)]
+Flag = Literal["hierarchical", "memory-isolation", "container"]
+BackendName = Literal["auto", "portable", "cgroup1", "cgroup2", "qnx"]
+
+# Partition and worker names become path components (cgroup directories, APS
+# names after mapping, log file names): keep them to a portable alphabet.
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def _resolve(value: object, info: ValidationInfo) -> object:
+    """Resolve a relative path against the directory of the file that names it."""
+    if isinstance(value, str | Path):
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return path
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Memory(Strict):
+    """The seed's three figures: ``min`` guaranteed, ``max`` hard cap, ``reserved`` a band
+    at the top of ``max`` whose crossing raises memory pressure before ``max`` kills."""
+
+    min: Size = 0
+    max: Size | None = None
+    reserved: Size = 0
+
+    @model_validator(mode="after")
+    def _band_fits(self) -> Memory:
+        if self.max is not None and self.min + self.reserved > self.max:
+            raise ValueError(
+                f"min + reserved ({self.min} + {self.reserved} bytes) exceeds max ({self.max} bytes)"
+            )
+        if self.max is None and self.reserved:
+            raise ValueError("reserved needs a max: the band sits just below max")
+        return self
+
+
+class Cpu(Strict):
+    """Percent of one machine. ``budget`` is guaranteed and taken from the parent's budget
+    (QNX adaptive partitioning); ``max`` is a hard ceiling, at least the budget."""
+
+    budget: Percent | None = None
+    max: Percent | None = None
+
+    @model_validator(mode="after")
+    def _max_covers_budget(self) -> Cpu:
+        if self.budget is not None and self.max is not None and self.max < self.budget:
+            raise ValueError(f"max ({self.max}%) is below budget ({self.budget}%)")
+        return self
+
+
+class PartitionSpec(Strict):
+    """A shared partition group (``[[partition]]`` in the daemon config)."""
+
+    name: Name
+    parent: str = ""
+    flags: list[Flag] = Field(default_factory=list)
+    memory: Memory = Memory()
+    cpu: Cpu = Cpu()
+    pids: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("parent")
+    @classmethod
+    def _parent_is_path(cls, value: str) -> str:
+        value = value.strip("/")
+        for part in value.split("/") if value else []:
+            if not re.match(NAME_PATTERN, part):
+                raise ValueError(f"{value!r} is not a partition path like 'tenants' or 'a/b'")
+        return value
+
+    @property
+    def path(self) -> str:
+        return f"{self.parent}/{self.name}" if self.parent else self.name
+
+
+def _signal_number(value: object) -> object:
+    if isinstance(value, str):
+        name = value.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            raise ValueError(f"{value!r} is not a signal name such as 'TERM' or 'SIGINT'") from None
+    return value
+
+
+SignalNumber = Annotated[int, BeforeValidator(_signal_number), Field(ge=1, le=64)]
+ResolvedPath = Annotated[Path, BeforeValidator(_resolve)]
+
+
+class WorkerBase(Strict):
+    name: Name
+    cwd: ResolvedPath | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    instances: Annotated[int, Field(ge=1, le=1000)] = 1
+    stop_signal: SignalNumber = int(signal.SIGTERM)
+    stop_timeout: Annotated[float, Field(gt=0, le=3600)] = 5.0
+
+
+class CommandWorker(WorkerBase):
+    """A worker that is any program: ``command = ["python3", "-u", "beat.py"]``."""
+
+    kind: Literal["command"] = "command"
+    command: Annotated[list[str], Field(min_length=1)]
+
+
+class WasmLimits(Strict):
+    """Limits the engine enforces from inside, before the OS partition has to."""
+
+    memory: Size | None = None  # linear memory cap; default derived from the partition's max
+    tables: Annotated[int, Field(ge=1)] | None = None  # max table elements
+    instances: Annotated[int, Field(ge=1)] | None = None
+    fuel: Annotated[int, Field(ge=1)] | None = None
+    timeout: Annotated[float, Field(gt=0)] | None = None  # epoch deadline in seconds
+
+
+class WasmWorker(WorkerBase):
+    """A WebAssembly (WASI) module run by the daemon's wasm runner under wasmtime."""
+
+    kind: Literal["wasm"] = "wasm"
+    wasm: ResolvedPath
+    args: list[str] = Field(default_factory=list)
+    preopen: dict[str, ResolvedPath] = Field(default_factory=dict)
+    limits: WasmLimits = WasmLimits()
+
+    @field_validator("wasm")
+    @classmethod
+    def _module_exists(cls, value: Path) -> Path:
+        if value.suffix not in (".wasm", ".wat"):
+            raise ValueError(f"{value}: a module must be a .wasm binary or a .wat text file")
+        if not value.is_file():
+            raise ValueError(f"{value}: no such module file")
+        return value
+
+
+def _worker_kind(value: Any) -> str | None:
+    # Users write either `command = [...]` or `wasm = "..."`; the key says the kind.
+    if isinstance(value, dict):
+        if "kind" in value:
+            return str(value["kind"])
+        return "wasm" if "wasm" in value else "command"
+    return getattr(value, "kind", None)
+
+
+Worker = Annotated[
+    Annotated[CommandWorker, Tag("command")] | Annotated[WasmWorker, Tag("wasm")],
+    Discriminator(_worker_kind),
+]
+
+
+class RestartSpec(Strict):
+    """Erlang/OTP-style: exponential backoff, and more than ``max_restarts`` in ``window``
+    seconds makes the worker ``fatal``."""
+
+    policy: Literal["always", "on-failure", "never"] = "on-failure"
+    backoff_initial: Annotated[float, Field(ge=0, le=3600)] = 0.1
+    backoff_max: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    window: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RestartSpec:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max}s) is below backoff_initial "
+                f"({self.backoff_initial}s)"
+            )
+        return self
+
+
+class TenantSpec(PartitionSpec):
+    """One tenant file: its own partition ``<parent>/<name>`` and the workers inside it."""
+
+    parent: str = "tenants"
+    autostart: bool = True
+    restart: RestartSpec = RestartSpec()
+    worker: Annotated[list[Worker], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_workers(self) -> TenantSpec:
+        seen: set[str] = set()
+        for w in self.worker:
+            if w.name in seen:
+                raise ValueError(f"two workers are named {w.name!r}")
+            seen.add(w.name)
+        return self
+
+
+class DaemonSpec(Strict):
+    socket: ResolvedPath = Path("run/control.sock")
+    socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o600
+    state_dir: ResolvedPath = Path("run/state")
+    log_dir: ResolvedPath = Path("run/log")
+    backend: BackendName = "auto"
+    enforcement: Literal["strict", "best-effort"] = "strict"
+    tenants: str = "tenants.d/*.toml"
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where kernel backends root our partitions; None means the backend's default.
+    cgroup_root: str | None = None
+    # User-space accounting period of the portable/qnx backends (seconds).
+    sample_interval: Annotated[float, Field(ge=0.01, le=60)] = 0.25
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+
+
+class DaemonFile(Strict):
+    """The top-level daemon config file as written."""
+
+    daemon: DaemonSpec = DaemonSpec()
+    partition: list[PartitionSpec] = Field(default_factory=list)
+
+
+class Config(BaseModel):
+    """The whole validated configuration: what the rest of the daemon works from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    daemon: DaemonSpec
+    partitions: list[PartitionSpec]
+    tenants: list[TenantSpec]
+    tenant_files: dict[str, Path]  # tenant name -> file, for error messages and reload
+
+    def tenant(self, name: str) -> TenantSpec | None:
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        return None

@@ -1,0 +1,212 @@
+"""The one interface every partition backend implements.
+
+A backend turns the admitted partition tree (pure data, ``partition.tree``)
+into something the operating system enforces, and is the only place that
+knows how: cgroup files on Linux, APS partitions and rlimits on QNX, rlimits
+plus user-space accounting in the portable backend.
+
+Rules every backend keeps:
+
+* **Attach before exec.** ``spawn`` returns a process whose first instruction
+  of the tenant's program already runs inside its partition. How is the
+  backend's business (a spawning thread moved into the cgroup, an exec shim,
+  ``preexec_fn``); the supervisor never attaches after the fact.
+* **Honesty.** ``enforcement()`` says, control by control, whether the kernel
+  enforces it, the daemon watches it from user space, or nothing does. The
+  daemon refuses a config that asks for an unenforced control unless the
+  operator chose ``enforcement = "best-effort"``.
+* **Only its own.** ``destroy`` and ``reap_leftovers`` touch only what this
+  daemon created under its own root.
+
+Methods are synchronous: they do file or syscall I/O that completes at once,
+and the supervisor calls the slow ones (``spawn``) from a worker thread.
+``watch`` is the one async method: it is the backend's event source
+(pressure, OOM kills, user-space limit kills) and runs for the daemon's life.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from supervisord_qnx.partition.tree import Partition, PartitionTree
+
+
+class Control(enum.StrEnum):
+    """A resource control a tenant file can ask for (systemd's vocabulary where it fits)."""
+
+    MEMORY_MIN = "memory.min"  # guaranteed minimum (MemoryMin)
+    MEMORY_MAX = "memory.max"  # hard cap (MemoryMax)
+    MEMORY_RESERVED = "memory.reserved"  # pressure band below max (MemoryHigh = max - reserved)
+    CPU_BUDGET = "cpu.budget"  # guaranteed share, may borrow idle CPU (CPUWeight / APS budget)
+    CPU_MAX = "cpu.max"  # hard ceiling (CPUQuota / APS max)
+    PIDS = "pids"  # number of tasks (TasksMax)
+    MEMORY_ISOLATION = "memory-isolation"  # flag: separate address spaces, no shared dumps
+    CONTAINER = "container"  # flag: namespaces
+
+
+class Enforcement(enum.StrEnum):
+    KERNEL = "kernel"  # the kernel refuses or kills; no window
+    SUPERVISED = "supervised"  # the daemon measures and acts; a fast tenant can overshoot
+    NONE = "none"  # accepted in the file, not enforced by this backend
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot work on this machine; ``str()`` is the reason for the operator."""
+
+
+class BackendError(Exception):
+    """An operation on a partition failed (the message names the partition and the file/call)."""
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """Everything a backend needs to start one worker process inside a partition.
+
+    ``leaf`` names the worker instance (``"web-0"``); backends that need
+    processes only in leaves (cgroup2's no-internal-processes rule) create a
+    leaf of that name under ``partition``; others may ignore it.
+    """
+
+    partition: str
+    leaf: str
+    argv: Sequence[str]
+    cwd: str | None
+    env: Mapping[str, str]
+    stdout: int  # an open file descriptor, inherited by the child
+    stderr: int
+    pass_fds: Sequence[int] = ()
+
+
+@dataclass
+class PartitionStats:
+    """Live figures for one partition, as the kernel (or the daemon's accounting) reports them.
+
+    ``None`` means "this backend cannot tell", never zero.
+    """
+
+    memory_current: int | None = None
+    memory_peak: int | None = None
+    memory_limit: int | None = None
+    memory_pressure_events: int = 0
+    oom_kills: int | None = None
+    cpu_usage_ns: int | None = None
+    cpu_throttled_ns: int | None = None
+    pids_current: int | None = None
+    pids: list[int] = field(default_factory=list)
+
+
+class EventKind(enum.StrEnum):
+    MEMORY_PRESSURE = "memory-pressure"  # usage crossed max - reserved
+    MEMORY_LIMIT = "memory-limit"  # the daemon killed the partition at max (user-space)
+    OOM_KILL = "oom-kill"  # the kernel killed a process of the partition
+
+
+@dataclass(frozen=True)
+class BackendEvent:
+    kind: EventKind
+    partition: str
+    leaf: str | None = None
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+
+EventSink = Callable[[BackendEvent], None]
+
+
+class Backend(abc.ABC):
+    """Turns partitions into enforced OS resources. See the module docstring for the rules."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> str | None:
+        """Return ``None`` if this backend can work here, else the reason it cannot."""
+
+    @abc.abstractmethod
+    def enforcement(self) -> Mapping[Control, Enforcement]:
+        """Say, for every ``Control``, how this backend enforces it."""
+
+    def check(self, tree: PartitionTree) -> list[str]:
+        """Backend-specific admission (name mapping, platform limits). Pure; returns problems."""
+        return []
+
+    def describe(self, tree: PartitionTree) -> dict[str, str]:
+        """How each partition path appears in the OS (cgroup dir, APS name); for ``--check``."""
+        return {}
+
+    @abc.abstractmethod
+    def reap_leftovers(self) -> list[str]:
+        """Kill and remove what a previous, dead daemon left under our root; return what was reaped."""
+
+    @abc.abstractmethod
+    def create(self, partition: Partition) -> None:
+        """Create and configure one partition; its parent already exists."""
+
+    @abc.abstractmethod
+    def destroy(self, path: str) -> None:
+        """Kill every process left in the partition's subtree and remove it, deepest first."""
+
+    @abc.abstractmethod
+    def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
+        """Start a worker process already inside its partition. Blocking: call from a thread."""
+
+    @abc.abstractmethod
+    def attach(self, path: str, pid: int) -> None:
+        """Move a running process into a partition (the seed's ``attach_process``)."""
+
+    @abc.abstractmethod
+    def detach(self, pid: int) -> None:
+        """Move a process back to the daemon's own context (the seed's ``detach_process``)."""
+
+    @abc.abstractmethod
+    def pids(self, path: str, leaf: str | None = None) -> list[int]:
+        """Every live process in the partition (or one worker leaf of it), descendants included."""
+
+    @abc.abstractmethod
+    def stats(self, path: str) -> PartitionStats:
+        """Live figures for the partition and its subtree."""
+
+    def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
+        """If the backend knows why a worker leaf's process died (``oom-killed``), say so.
+
+        Called once after the worker's main process exited, before the leaf is
+        reused; return ``None`` when the backend has nothing to add.
+        """
+        return None
+
+    def release_leaf(self, path: str, leaf: str) -> None:
+        """The worker instance is gone for good (tenant stopped); drop its leaf if it has one."""
+        return None
+
+    async def watch(self, tree: PartitionTree, emit: EventSink) -> None:
+        """Run for the daemon's life, turning kernel or sampled conditions into events.
+
+        The default has nothing to watch and returns at once.
+        """
+        return None
+
+    def close(self) -> None:
+        """Release file descriptors etc.; partitions are removed by ``destroy``."""
+        return None
+
+
+def unenforced(
+    backend: Backend, wanted: Mapping[str, Sequence[Control]]
+) -> list[tuple[str, Control, Enforcement]]:
+    """List (partition, control, enforcement) for every control a partition asks for that the
+    backend enforces neither in the kernel nor by supervision."""
+    levels = backend.enforcement()
+    out = []
+    for path, controls in wanted.items():
+        for control in controls:
+            level = levels.get(control, Enforcement.NONE)
+            if level is Enforcement.NONE:
+                out.append((path, control, level))
+    return out
+
