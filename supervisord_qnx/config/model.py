@@ -65,7 +65,8 @@ class Memory(Strict):
     def _band_fits(self) -> Memory:
         if self.max is not None and self.min + self.reserved > self.max:
             raise ValueError(
-                f"min + reserved ({self.min} + {self.reserved} bytes) exceeds max ({self.max} bytes)"
+                f"min + reserved ({self.min} + {self.reserved} bytes) "
+                f"exceeds max ({self.max} bytes)"
             )
         if self.max is None and self.reserved:
             raise ValueError("reserved needs a max: the band sits just below max")

@@ -142,7 +142,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def reap_leftovers(self) -> list[str]:
-        """Kill and remove what a previous, dead daemon left under our root; return what was reaped."""
+        """Kill and remove what a dead daemon left under our root; return what was reaped."""
 
     @abc.abstractmethod
     def create(self, partition: Partition) -> None:
@@ -196,17 +196,13 @@ class Backend(abc.ABC):
         return None
 
 
-def unenforced(
-    backend: Backend, wanted: Mapping[str, Sequence[Control]]
-) -> list[tuple[str, Control, Enforcement]]:
-    """List (partition, control, enforcement) for every control a partition asks for that the
-    backend enforces neither in the kernel nor by supervision."""
+def unenforced(backend: Backend, tree: PartitionTree) -> list[tuple[str, Control]]:
+    """Every (partition path, control) the tree asks for that this backend enforces neither
+    in the kernel nor by supervision."""
     levels = backend.enforcement()
-    out = []
-    for path, controls in wanted.items():
-        for control in controls:
-            level = levels.get(control, Enforcement.NONE)
-            if level is Enforcement.NONE:
-                out.append((path, control, level))
-    return out
-
+    return [
+        (node.path, control)
+        for node in tree
+        for control in node.requested_controls()
+        if levels.get(control, Enforcement.NONE) is Enforcement.NONE
+    ]
