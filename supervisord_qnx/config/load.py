@@ -1,0 +1,158 @@
+"""Read the daemon config and the tenant files, and report every problem at once.
+
+Each problem is located as ``file: key.path: reason`` so an operator can go
+straight to the line that is wrong. Nothing is started from a config with
+problems: ``load`` raises ``ConfigError`` carrying all of them, not just the
+first, because fixing one error per restart is how outages get long.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec
+from supervisord_qnx.partition import tree as ptree
+
+
+@dataclass(frozen=True)
+class Located:
+    """One config problem: the file, the dotted key path inside it, and the reason."""
+
+    file: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.file}: {self.key}: {self.reason}" if self.key else f"{self.file}: {self.reason}"
+        )
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.file, "key": self.key, "reason": self.reason}
+
+
+class ConfigError(Exception):
+    """The configuration has problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[Located]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("command", "wasm") and parts and parts[-1].endswith("]"):
+            # The discriminated union adds the worker kind as a path step; the
+            # user never wrote it, so it would only confuse the key path.
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _problems_from(exc: ValidationError, file: Path, prefix: str = "") -> list[Located]:
+    out = []
+    for err in exc.errors():
+        key = _key_path(tuple(err["loc"]))
+        if prefix:
+            key = f"{prefix}.{key}" if key else prefix
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        elif msg.startswith("Assertion failed, "):
+            msg = msg[len("Assertion failed, ") :]
+        out.append(Located(str(file), key, msg))
+    return out
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any] | None, list[Located]]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f), []
+    except FileNotFoundError:
+        return None, [Located(str(path), "", "no such file")]
+    except PermissionError:
+        return None, [Located(str(path), "", "permission denied")]
+    except tomllib.TOMLDecodeError as exc:
+        return None, [Located(str(path), "", f"TOML syntax error: {exc}")]
+    except OSError as exc:
+        return None, [Located(str(path), "", f"cannot read: {exc.strerror}")]
+
+
+def load(config_path: str | Path) -> Config:
+    """Load and validate everything; raise ``ConfigError`` with every problem found."""
+    path = Path(config_path).resolve()
+    problems: list[Located] = []
+    raw, errs = _read_toml(path)
+    if raw is None:
+        raise ConfigError(errs)
+    try:
+        daemon_file = DaemonFile.model_validate(raw, context={"base_dir": path.parent})
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc, path)) from None
+
+    tenants: list[TenantSpec] = []
+    tenant_files: dict[str, Path] = {}
+    pattern = daemon_file.daemon.tenants
+    tenant_paths = (
+        sorted(path.parent.glob(pattern))
+        if not Path(pattern).is_absolute()
+        else sorted(Path("/").glob(pattern.lstrip("/")))
+    )
+    for tpath in tenant_paths:
+        traw, errs = _read_toml(tpath)
+        problems.extend(errs)
+        if traw is None:
+            continue
+        # A tenant is named after its file unless it says otherwise.
+        traw.setdefault("name", tpath.stem)
+        try:
+            tenant = TenantSpec.model_validate(traw, context={"base_dir": tpath.parent})
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, tpath))
+            continue
+        if tenant.name in tenant_files:
+            problems.append(
+                Located(
+                    str(tpath),
+                    "name",
+                    f"tenant {tenant.name!r} is already defined in {tenant_files[tenant.name]}",
+                )
+            )
+            continue
+        tenants.append(tenant)
+        tenant_files[tenant.name] = tpath
+
+    _, tree_problems = ptree.build(daemon_file.partition, tenants)
+    for p in tree_problems:
+        problems.append(_locate_tree_problem(p, path, tenants, tenant_files))
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=path,
+        daemon=daemon_file.daemon,
+        partitions=daemon_file.partition,
+        tenants=tenants,
+        tenant_files=tenant_files,
+    )
+
+
+def _locate_tree_problem(
+    problem: ptree.Problem, config_path: Path, tenants: list[TenantSpec], files: dict[str, Path]
+) -> Located:
+    """Point an admission problem at the file that declares the partition it names."""
+    for t in tenants:
+        if t.path == problem.partition:
+            return Located(str(files[t.name]), problem.key, problem.reason)
+    label = f"partition '{problem.partition}'" if problem.partition else "partition (root)"
+    return Located(str(config_path), f"{label}.{problem.key}", problem.reason)

@@ -1,0 +1,116 @@
+"""User-space accounting of a partition's processes, for backends without a kernel
+partition to ask (portable on any Unix, qnx for memory).
+
+A worker's processes are found two ways, because either alone misses some:
+
+* the ``/proc`` parent links down from the worker's main pid, which finds every
+  descendant as long as the chain is unbroken;
+* an environment tag ``SUPERVISORD_QNX_LEAF=<partition>:<leaf>`` set at spawn
+  and inherited by every descendant, which finds the ones whose parent died
+  (re-parented to the daemon as subreaper, or to init) even after they
+  called ``setsid``. A process that scrubs its environment *and* escapes its
+  parent evades this; that is why the kernel backends exist.
+
+Reading ``/proc/<pid>/environ`` of every process costs a syscall per process,
+so a full scan happens only where the parent walk cannot be enough: at stop
+(to kill everything) and at each accounting sample, bounded by the
+configured ``sample_interval``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+TAG = "SUPERVISORD_QNX_LEAF"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tag_value(partition: str, leaf: str) -> str:
+    return f"{partition}:{leaf}"
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    rss: int  # bytes
+    cpu_ticks: int  # utime + stime
+
+
+def _read_stat(pid: int) -> ProcInfo | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes().decode("ascii", "replace")
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; the name itself may hold ") ".
+    rest = stat[stat.rfind(")") + 2 :].split()
+    if len(rest) < 22 or rest[0] == "Z":
+        return None
+    ppid = int(rest[1])
+    ticks = int(rest[11]) + int(rest[12])
+    rss = int(rest[21]) * PAGE_SIZE
+    return ProcInfo(pid, ppid, rss, ticks)
+
+
+def all_pids() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def read_tag(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    key = TAG.encode() + b"="
+    for item in env.split(b"\0"):
+        if item.startswith(key):
+            return item[len(key) :].decode("utf-8", "replace")
+    return None
+
+
+def snapshot() -> dict[int, ProcInfo]:
+    """Every live (non-zombie) process on the machine."""
+    out = {}
+    for pid in all_pids():
+        info = _read_stat(pid)
+        if info is not None:
+            out[pid] = info
+    return out
+
+
+def in_subtree(tag: str, path: str) -> bool:
+    """Whether a tag names a leaf of partition ``path`` or of any partition below it."""
+    return tag.startswith((f"{path}:", f"{path}/"))
+
+
+def members(
+    procs: dict[int, ProcInfo],
+    roots: Iterable[int],
+    match: Callable[[str], bool] | None = None,
+) -> set[int]:
+    """The processes that belong to a worker or partition: ``roots`` and their descendants,
+    plus every process whose tag satisfies ``match``."""
+    found = {pid for pid in roots if pid in procs}
+    if match is not None:
+        own = os.getpid()
+        for pid in procs:
+            if pid not in found and pid != own:
+                tag = read_tag(pid)
+                if tag is not None and match(tag):
+                    found.add(pid)
+    children: dict[int, list[int]] = {}
+    for info in procs.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found

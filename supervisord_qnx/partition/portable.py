@@ -1,0 +1,249 @@
+"""The portable backend: no privileges, any Unix with a Linux-style /proc.
+
+What it enforces, honestly:
+
+* ``memory.max``: *supervised*. Every ``sample_interval`` the daemon adds up
+  the resident memory of each partition's processes; above ``max`` it kills
+  the partition's processes (exit reason ``memory-limit``). A fast allocator
+  can overshoot between two samples, so each process also gets
+  ``RLIMIT_DATA`` at twice the partition's max: a hard per-process ceiling on
+  how far that overshoot can go.
+* ``memory.reserved``: *supervised*: crossing ``max - reserved`` raises a
+  memory-pressure event (edge-triggered, re-armed when usage falls back).
+* ``memory-isolation``: *kernel*: every worker is its own process, and gets
+  ``RLIMIT_CORE = 0`` so a crash leaves no dump of tenant memory behind.
+* Nothing else: no guaranteed minimum, no CPU budget, no task limit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping
+
+import trio
+
+from supervisord_qnx.partition import accounting
+from supervisord_qnx.partition.backend import (
+    Backend,
+    BackendEvent,
+    Control,
+    Enforcement,
+    EventKind,
+    EventSink,
+    PartitionStats,
+    SpawnRequest,
+)
+from supervisord_qnx.partition.tree import Partition, PartitionTree
+
+RLIMIT_SLACK = 2  # RLIMIT_DATA = slack * max: the ceiling on overshoot between samples
+
+
+def _preexec(limits: list[tuple[int, int]]) -> Callable[[], None]:
+    def apply() -> None:
+        for res, value in limits:
+            resource.setrlimit(res, (value, value))
+
+    return apply
+
+
+class PortableBackend(Backend):
+    name = "portable"
+
+    def __init__(self, sample_interval: float = 0.25) -> None:
+        self.sample_interval = sample_interval
+        self._partitions: dict[str, Partition] = {}
+        self._attached: dict[int, str] = {}  # pid -> partition, for attach()
+        self._limit_killed: set[tuple[str, str]] = set()  # (partition, leaf) killed at max
+        self._usage: dict[str, int] = {}
+        self._peak: dict[str, int] = {}
+        self._pressure: dict[str, int] = {}  # pressure events so far, per partition
+        self._above: set[str] = set()  # partitions now above max - reserved (edge trigger)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def probe(cls) -> str | None:
+        return None if os.path.isdir("/proc/self") else "no /proc to account processes from"
+
+    def enforcement(self) -> Mapping[Control, Enforcement]:
+        return {
+            Control.MEMORY_MIN: Enforcement.NONE,
+            Control.MEMORY_MAX: Enforcement.SUPERVISED,
+            Control.MEMORY_RESERVED: Enforcement.SUPERVISED,
+            Control.CPU_BUDGET: Enforcement.NONE,
+            Control.CPU_MAX: Enforcement.NONE,
+            Control.PIDS: Enforcement.NONE,
+            Control.MEMORY_ISOLATION: Enforcement.KERNEL,
+            Control.CONTAINER: Enforcement.NONE,
+        }
+
+    def describe(self, tree: PartitionTree) -> dict[str, str]:
+        return {p.path: f"tag {accounting.TAG}={p.path}:<worker>" for p in tree}
+
+    def reap_leftovers(self) -> list[str]:
+        # Nothing of ours outlives the daemon in the OS except processes, and a
+        # tag alone cannot tell ours from another daemon instance's: leave them.
+        return []
+
+    def create(self, partition: Partition) -> None:
+        self._partitions[partition.path] = partition
+
+    def destroy(self, path: str) -> None:
+        self._kill(self.pids(path))
+        for p in list(self._partitions):
+            if p == path or p.startswith(path + "/"):
+                self._partitions.pop(p, None)
+
+    def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
+        node = self._partitions[request.partition]
+        limits: list[tuple[int, int]] = []
+        cap = node.effective_memory_max
+        if cap is not None:
+            limits.append((resource.RLIMIT_DATA, cap * RLIMIT_SLACK))
+        if any("memory-isolation" in p.flags for p in (node, *node.ancestors())):
+            limits.append((resource.RLIMIT_CORE, 0))
+        env = dict(request.env)
+        env[accounting.TAG] = accounting.tag_value(request.partition, request.leaf)
+        with self._lock:
+            self._limit_killed.discard((request.partition, request.leaf))
+        return subprocess.Popen(
+            list(request.argv),
+            cwd=request.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            pass_fds=tuple(request.pass_fds),
+            start_new_session=True,
+            preexec_fn=_preexec(limits) if limits else None,
+        )
+
+    def attach(self, path: str, pid: int) -> None:
+        if path not in self._partitions:
+            raise KeyError(path)
+        node = self._partitions[path]
+        cap = node.effective_memory_max
+        if cap is not None:
+            resource.prlimit(pid, resource.RLIMIT_DATA, (cap * RLIMIT_SLACK,) * 2)
+        self._attached[pid] = path
+
+    def detach(self, pid: int) -> None:
+        self._attached.pop(pid, None)
+
+    def _members(
+        self, procs: dict[int, accounting.ProcInfo], path: str, leaf: str | None
+    ) -> set[int]:
+        if leaf is not None:
+            exact = accounting.tag_value(path, leaf)
+            return accounting.members(procs, (), lambda tag: tag == exact)
+        roots = [pid for pid, p in self._attached.items() if p == path or p.startswith(path + "/")]
+        return accounting.members(procs, roots, lambda tag: accounting.in_subtree(tag, path))
+
+    def pids(self, path: str, leaf: str | None = None) -> list[int]:
+        return sorted(self._members(accounting.snapshot(), path, leaf))
+
+    def stats(self, path: str) -> PartitionStats:
+        procs = accounting.snapshot()
+        pids = self._members(procs, path, None)
+        node = self._partitions.get(path)
+        current = sum(procs[p].rss for p in pids)
+        ticks = sum(procs[p].cpu_ticks for p in pids)
+        hz = os.sysconf("SC_CLK_TCK")
+        return PartitionStats(
+            memory_current=current,
+            memory_peak=max(self._peak.get(path, 0), current),
+            memory_limit=node.effective_memory_max if node else None,
+            memory_pressure_events=self._pressure.get(path, 0),
+            cpu_usage_ns=ticks * 1_000_000_000 // hz,
+            pids_current=len(pids),
+            pids=sorted(pids),
+        )
+
+    def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
+        with self._lock:
+            if (path, leaf) in self._limit_killed:
+                self._limit_killed.discard((path, leaf))
+                return "memory-limit"
+        return None
+
+    def _kill(self, pids: list[int] | set[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def sample(self) -> list[BackendEvent]:
+        """One accounting pass: usage per partition, kills at max; returns the events."""
+        events: list[BackendEvent] = []
+        procs = accounting.snapshot()
+        own = os.getpid()
+        descendants = accounting.members(procs, [own]) - {own}
+        descendants |= {pid for pid in self._attached if pid in procs}
+        usage: dict[str, int] = {}
+        leaves: dict[str, set[tuple[str, int]]] = {}
+        for pid in descendants:
+            tag = accounting.read_tag(pid)
+            path = self._attached.get(pid)
+            leaf = ""
+            if tag is not None and ":" in tag:
+                path, leaf = tag.rsplit(":", 1)
+            if path is None:
+                continue
+            # Usage counts towards the partition and every ancestor, as in a cgroup tree.
+            parts = path.split("/")
+            for i in range(len(parts), 0, -1):
+                prefix = "/".join(parts[:i])
+                usage[prefix] = usage.get(prefix, 0) + procs[pid].rss
+            leaves.setdefault(path, set()).add((leaf, pid))
+        self._usage = usage
+        for path, node in list(self._partitions.items()):
+            current = usage.get(path, 0)
+            self._peak[path] = max(self._peak.get(path, 0), current)
+            if node.memory_max is None:
+                continue
+            if current > node.memory_max:
+                killed = []
+                for sub, members in leaves.items():
+                    if sub == path or sub.startswith(path + "/"):
+                        for leaf, pid in members:
+                            with self._lock:
+                                self._limit_killed.add((sub, leaf))
+                            killed.append(pid)
+                self._kill(killed)
+                events.append(
+                    BackendEvent(
+                        EventKind.MEMORY_LIMIT,
+                        path,
+                        detail={"current": current, "max": node.memory_max, "killed": killed},
+                    )
+                )
+                continue
+            threshold = node.pressure_threshold
+            above = threshold is not None and current > threshold
+            if above and path not in self._above:
+                self._pressure[path] = self._pressure.get(path, 0) + 1
+                events.append(
+                    BackendEvent(
+                        EventKind.MEMORY_PRESSURE,
+                        path,
+                        detail={"current": current, "threshold": threshold},
+                    )
+                )
+            if above:
+                self._above.add(path)
+            else:
+                self._above.discard(path)
+        return events
+
+    async def watch(self, tree: PartitionTree, emit: EventSink) -> None:
+        if not any(p.memory_max is not None for p in tree):
+            return  # nothing to account: no periodic work at all
+        while True:
+            # /proc reads block briefly per process: keep them off the event loop.
+            for event in await trio.to_thread.run_sync(self.sample):
+                emit(event)
+            await trio.sleep(self.sample_interval)

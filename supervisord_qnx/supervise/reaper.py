@@ -1,0 +1,194 @@
+"""Child reaping: exit statuses for the workers, and no zombies from adopted orphans.
+
+Which mechanism tells us a child ended?
+
+* ``pidfd_open`` + poll: one fd per child, exact, Linux >= 5.3 only. QNX has no
+  pidfd, and neither does the poll(2) world trio runs in there.
+* A thread blocked in ``waitpid(-1)``: steals statuses from anyone else who
+  waits for a specific child, and costs a thread.
+* ``SIGCHLD`` (through trio's signal receiver, i.e. the wakeup fd) followed by
+  ``waitpid(pid, WNOHANG)`` for each child we spawned: works on Linux and QNX
+  alike, notification-driven (no polling while idle), and costs one cheap
+  syscall per registered child per signal, which stays well under a
+  millisecond for a thousand workers. This is what we use.
+
+Orphans: on Linux the daemon is a child subreaper (``PR_SET_CHILD_SUBREAPER``),
+so a worker's grandchildren that outlive their parent, even after a
+``setsid``, are re-parented to us instead of to init. That is what lets a
+stop take down everything a worker left behind; it also means they become
+*our* zombies when they die. After each ``SIGCHLD`` we look at our own
+children (``/proc/self/task/*/children``) and reap every zombie that we did not
+spawn ourselves. The one rule that keeps this safe: every process the daemon
+starts goes through ``spawning()`` (workers) or ``run_utility`` (helper
+commands such as QNX's ``aps``), so its status is never taken by the sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import trio
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Ask Linux to re-parent our orphaned descendants to us. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def describe_status(status: int) -> str:
+    """Turn a raw wait status into an exit reason: ``exit:N`` or ``signal:SIGNAME``."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"signal:{signal.Signals(sig).name}"
+        except ValueError:
+            return f"signal:{sig}"
+    if os.WIFEXITED(status):
+        return f"exit:{os.WEXITSTATUS(status)}"
+    return f"status:{status}"
+
+
+class _Slot:
+    __slots__ = ("event", "status")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status: int | None = None
+
+
+class ChildReaper:
+    """Owns every child of the daemon. Run ``run()`` in the daemon's nursery."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+        self._lock = threading.Lock()
+        self._in_flight = 0  # spawns between fork and registration
+        self._own: set[int] = set()  # every pid we started and have not reaped yet
+        self.orphans_reaped = 0
+
+    @contextlib.contextmanager
+    def spawning(self) -> Iterator[None]:
+        """Wrap a spawn (in any thread) so the orphan sweep cannot take the new child."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def register(self, pid: int) -> None:
+        """Claim ``pid`` (call inside ``spawning()``, before it exits). Thread-safe."""
+        with self._lock:
+            self._own.add(pid)
+
+    def run_utility(
+        self, argv: Sequence[str], *, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short helper command to completion (blocking; call from a thread)."""
+        with self.spawning():
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.register(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            with self._lock:
+                self._own.discard(proc.pid)
+        return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+    async def wait(self, pid: int) -> int:
+        """Wait for a registered child to end; return its raw wait status."""
+        slot = self._slots.get(pid)
+        if slot is None:
+            slot = self._slots[pid] = _Slot()
+        self._collect(pid, slot)
+        if slot.status is None:
+            await slot.event.wait()
+        self._slots.pop(pid, None)
+        assert slot.status is not None
+        return slot.status
+
+    def _collect(self, pid: int, slot: _Slot) -> None:
+        if slot.status is not None:
+            return
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            # Already reaped elsewhere (should not happen); report it as lost.
+            got, status = pid, 255 << 8
+        if got == pid:
+            slot.status = status
+            with self._lock:
+                self._own.discard(pid)
+            slot.event.set()
+
+    def sweep(self) -> None:
+        """Collect every ended child: waited-for workers first, then adopted orphans."""
+        for pid, slot in list(self._slots.items()):
+            self._collect(pid, slot)
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        with self._lock:
+            if self._in_flight:
+                return  # a fresh child may not be registered yet; the next SIGCHLD retries
+            own = set(self._own)
+        for pid in _our_children():
+            if pid in own or pid in self._slots:
+                continue
+            if _is_zombie(pid):
+                try:
+                    got, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                if got == pid:
+                    self.orphans_reaped += 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            task_status.started()
+            self.sweep()
+            async for _ in signals:
+                self.sweep()
+
+
+def _our_children() -> list[int]:
+    """Direct children of this process (all threads), from /proc; empty where unavailable."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/self/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        pids.extend(int(p) for p in text.split())
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] == "Z"
