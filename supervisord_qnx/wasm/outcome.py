@@ -1,0 +1,88 @@
+"""What a wasm runner process tells its supervisor when it ends.
+
+Import-light on purpose (stdlib ``json`` only): the supervisor imports it to
+interpret exits, and the runner imports it at start-up.
+
+Two channels, in order of trust:
+
+* the **report file** (``--report PATH``), JSON lines appended by the runner::
+
+    {"event": "started", "pid": 123, "cache": "hit", "load_ms": 4.1}
+    {"event": "memory-denied", "count": 7, "last_granted": 16777216}
+    {"event": "exit", "reason": "trap: out of bounds memory access", "code": 200}
+
+  ``read_report`` parses it;
+* the **process exit status**: the guest's ``proc_exit`` code (``0`` when
+  ``_start`` returns), or one of the fixed ``EXIT_*`` codes below. Guest codes
+  are 0..125 (larger ones are clamped to ``EXIT_GUEST_OUT_OF_RANGE``), so
+  the fixed codes never collide with a real guest code; they are also clear of
+  the shell's 126/127 and of 128+signal.
+
+No ``exit`` event means the runner did not finish on its own: it was killed by a
+signal (see the wait status) or crashed hard; only then is the status the only
+source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+#: A wasm trap (out-of-bounds access, unreachable, stack overflow, ...).
+EXIT_TRAP = 200
+#: Fuel exhausted or the epoch deadline (--timeout) passed.
+EXIT_DEADLINE = 201
+#: The module could not be read, compiled, linked or instantiated.
+EXIT_INVALID_MODULE = 202
+#: The runner itself failed (a bug, or an unusable environment).
+EXIT_RUNNER_ERROR = 203
+#: The guest called proc_exit with a code outside 0..125; the report has the real code.
+EXIT_GUEST_OUT_OF_RANGE = 125
+
+#: Largest guest exit code passed through unchanged.
+MAX_GUEST_EXIT = 125
+
+REASON_DEADLINE = "deadline"
+REASON_TRAP_PREFIX = "trap: "
+REASON_INVALID_PREFIX = "invalid-module: "
+REASON_EXIT_PREFIX = "exit:"
+REASON_RUNNER_PREFIX = "runner-error: "
+
+
+def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summarise the last run recorded in a report file.
+
+    Returns ``{"started": event | None, "exit": event | None,
+    "memory_denied": {"count": N, "last_granted": BYTES} | None}``.
+
+    Only events after the last ``started`` event count, so a report path that is
+    reused across restarts still describes the latest run. Lines that do not
+    parse (a last line cut short by a kill or a full disk) are skipped rather than
+    raised: a partial report is still worth reading. A missing file gives all
+    ``None``.
+    """
+    result: dict[str, Any] = {"started": None, "exit": None, "memory_denied": None}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return result
+    for raw in data.splitlines():
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        kind = event.get("event")
+        if kind == "started":
+            result = {"started": event, "exit": None, "memory_denied": None}
+        elif kind == "memory-denied":
+            result["memory_denied"] = {
+                "count": event.get("count"),
+                "last_granted": event.get("last_granted"),
+            }
+        elif kind == "exit":
+            result["exit"] = event
+    return result

@@ -1,0 +1,472 @@
+"""The process a ``wasm`` worker runs as: one WASI command module under wasmtime.
+
+    python -m supervisord_qnx.wasm.runner --module PATH [--arg A]... [--env K=V]...
+        [--preopen GUEST=HOST]... [--memory BYTES] [--tables N] [--instances N]
+        [--fuel N] [--timeout SECONDS] [--cache-dir DIR | --no-cache] [--report PATH]
+
+The supervisor starts it inside the worker's OS partition with stdout/stderr
+already pointing at the worker's log files; the guest's stdout/stderr are the
+runner's fd 1/2 (wasmtime writes to them unbuffered, so nothing is held back at
+exit). Outcomes are described in ``outcome.py`` (exit codes, report format).
+
+Start-up cost matters because every restart pays it: this module imports only
+the stdlib, ``wasmtime`` and its sibling modules ``cache`` and ``outcome``;
+never pydantic/trio/structlog/msgpack or the rest of the package
+(``tests/test_wasm_runner.py`` checks ``sys.modules`` at exit).
+
+Limits, from inside the engine (the OS partition is the outer wall):
+
+* ``--memory``: wasmtime's store limiter caps each linear memory at that many
+  bytes and, with the cap set, allows one memory per store so the cap is a total.
+  ``memory.grow`` past it returns -1 to the guest, which keeps running.
+* ``--tables`` / ``--instances``: same limiter, table elements / instances.
+* ``--fuel``: ``Config.consume_fuel``; running out is a ``deadline`` outcome.
+* ``--timeout``: ``Config.epoch_interruption`` plus a timer thread that bumps
+  the engine epoch once the time is up, which traps the guest at its next loop
+  back-edge or function entry. A guest blocked *in the host* (a long
+  ``poll_oneoff`` sleep) never reaches such a check, so after a grace period the
+  timer thread ends the process itself with the same ``deadline`` outcome.
+
+Memory denials: the wasmtime Python API (50.x) only exposes the fixed limits of
+``wasmtime_store_limiter``; there is no callback when it refuses a grow, so the
+runner cannot count refusals by itself. A guest that wants them counted calls
+the optional import ``supervisord.memory_denied`` (no arguments) after a failed
+``memory.grow``; the runner reads the guest's current memory size itself (so
+``last_granted`` does not depend on the guest's honesty) and appends coalesced
+``memory-denied`` events to the report. For guests that don't cooperate, the
+exit event always carries ``memory_bytes``, the final size of the exported
+memory, which the supervisor can compare with the cap.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # before the heavy imports, so load_ms includes them
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
+
+import wasmtime  # noqa: E402
+
+from supervisord_qnx.wasm import cache, outcome  # noqa: E402
+
+#: Setting this env var to a path makes the runner write its ``sys.modules`` there at
+#: exit (one name per line); the tests use it to keep the import set small.
+DUMP_MODULES_ENV = "SUPERVISORD_QNX_WASM_DUMP_MODULES"
+
+#: How long after an epoch deadline a guest stuck in a host call is given before the
+#: runner exits on its own.
+DEADLINE_GRACE_S = 1.0
+
+#: Minimum spacing of ``memory-denied`` report lines: a guest retrying a failed grow
+#: in a tight loop must not turn the report into a disk-filling log.
+DENIAL_REPORT_INTERVAL_S = 1.0
+
+_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``16777216``, ``16MiB``, ``16M`` or ``64k`` (binary multiples)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = 1
+    if t and t[-1] in _SIZE_SUFFIXES:
+        mult = _SIZE_SUFFIXES[t[-1]]
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m supervisord_qnx.wasm.runner",
+        description="Run one WASI command module under wasmtime with engine-enforced limits.",
+    )
+    p.add_argument("--module", required=True, help=".wasm binary or .wat text")
+    p.add_argument("--arg", action="append", default=[], help="guest argv[1:], repeatable")
+    p.add_argument("--env", action="append", default=[], type=_pair, help="K=V, repeatable")
+    p.add_argument(
+        "--preopen", action="append", default=[], type=_pair, help="GUEST=HOST dir, repeatable"
+    )
+    p.add_argument("--memory", type=parse_size, help="linear memory cap in bytes")
+    p.add_argument("--tables", type=_positive_int, help="max table elements")
+    p.add_argument("--instances", type=_positive_int, help="max instances")
+    p.add_argument("--fuel", type=_positive_int, help="wasmtime fuel units")
+    p.add_argument("--timeout", type=_positive_float, help="epoch deadline in seconds")
+    p.add_argument("--cache-dir", help="compiled-module cache (default: $XDG_CACHE_HOME/...)")
+    p.add_argument("--no-cache", action="store_true", help="compile in memory every time")
+    p.add_argument("--report", help="append JSON-lines outcome events to this file")
+    return p
+
+
+class Report:
+    """Append-only JSON-lines writer shared by the main and timer threads.
+
+    Each event is one ``os.write`` on an ``O_APPEND`` descriptor, so lines from
+    this process never interleave and a kill mid-way leaves at most one partial
+    last line (which ``outcome.read_report`` skips).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._lock = threading.Lock()
+        self._final_written = False
+        self._fd: int | None = None
+        if path:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(path, flags, 0o644)
+
+    def write(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._write_locked(event)
+
+    def _write_locked(self, event: dict[str, Any]) -> None:
+        if self._fd is None:
+            return
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        try:
+            os.write(self._fd, line)
+        except OSError:
+            pass  # a full disk must not turn a healthy guest into a runner failure
+
+    def write_final(self, event: dict[str, Any]) -> bool:
+        """Write the single ``exit`` event; False if another thread already did."""
+        with self._lock:
+            if self._final_written:
+                return False
+            self._final_written = True
+            self._write_locked(event)
+            return True
+
+
+class Denials:
+    """Counts guest-reported memory denials and writes them coalesced."""
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._lock = threading.Lock()
+        self.count = 0
+        self.last_granted = 0
+        self._written = 0
+        self._last_write = float("-inf")
+        self._timer: threading.Timer | None = None
+
+    def record(self, granted: int) -> None:
+        with self._lock:
+            self.count += 1
+            self.last_granted = granted
+            wait = self._last_write + DENIAL_REPORT_INTERVAL_S - time.monotonic()
+            if wait <= 0:
+                self._flush_locked()
+            elif self._timer is None:
+                # A quiet guest still gets its last denials reported within the interval.
+                self._timer = threading.Timer(wait, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._timer = None
+        if self.count == self._written:
+            return
+        self._report.write(
+            {"event": "memory-denied", "count": self.count, "last_granted": self.last_granted}
+        )
+        self._written = self.count
+        self._last_write = time.monotonic()
+
+
+def summarise_error(message: str) -> str:
+    """One line from wasmtime's multi-line error chain ("Caused by: 0: ... 1: ...")."""
+    parts = []
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line or line == "Caused by:":
+            continue
+        head, sep, rest = line.partition(": ")
+        if sep and head.isdigit():
+            line = rest
+        parts.append(line)
+    return ": ".join(parts) or "unknown error"
+
+
+def trap_summary(trap: wasmtime.Trap) -> str:
+    """The human part of a trap: wasmtime's text starts with a backtrace header, so the
+    line that says what happened is the ``wasm trap: ...`` one near the end."""
+    message = trap.message
+    for line in reversed(message.splitlines()):
+        _, sep, rest = line.partition("wasm trap: ")
+        if sep:
+            return rest.strip()
+    if trap.trap_code is not None:
+        return trap.trap_code.name.lower().replace("_", " ")
+    return summarise_error(message)
+
+
+class Runner:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.report = Report(opts.report)
+        self.denials = Denials(self.report)
+        self.done = threading.Event()
+        self.store: wasmtime.Store | None = None
+        self.memory: wasmtime.Memory | None = None
+
+    # -- ending ---------------------------------------------------------------
+
+    def finish(self, reason: str, code: int, stderr_text: str | None = None) -> NoReturn:
+        """Write the outcome and leave at once, from whichever thread gets here first.
+
+        ``os._exit`` rather than ``sys.exit``: the timer thread must be able to end
+        the process while the main thread is inside wasm, and skipping interpreter
+        teardown also skips running wasmtime destructors against a store another
+        thread may still be executing in. Guest output is already on fd 1/2.
+        """
+        self.done.set()
+        self.denials.flush()
+        event: dict[str, Any] = {"event": "exit", "reason": reason, "code": code}
+        memory_bytes = self._memory_bytes()
+        if memory_bytes is not None:
+            event["memory_bytes"] = memory_bytes
+        if self.report.write_final(event) and stderr_text:
+            try:
+                sys.stderr.write(stderr_text.rstrip("\n") + "\n")
+            except (OSError, ValueError):
+                pass
+        dump = os.environ.get(DUMP_MODULES_ENV)
+        if dump:
+            with open(dump, "w") as f:
+                f.write("\n".join(sorted(sys.modules)) + "\n")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    def _memory_bytes(self) -> int | None:
+        # Only safe from the main thread once the guest has stopped running.
+        if (
+            self.memory is None
+            or self.store is None
+            or threading.current_thread() is not (threading.main_thread())
+        ):
+            return None
+        try:
+            return self.memory.data_len(self.store)
+        except Exception:
+            return None
+
+    def invalid(self, message: str) -> NoReturn:
+        reason = outcome.REASON_INVALID_PREFIX + message
+        self.finish(reason, outcome.EXIT_INVALID_MODULE, f"wasm runner: {reason}")
+
+    # -- running --------------------------------------------------------------
+
+    def engine_config(self) -> tuple[wasmtime.Config, str]:
+        """The engine config, and the string of its codegen-relevant flags (cache key)."""
+        config = wasmtime.Config()
+        fuel = self.opts.fuel is not None
+        epoch = self.opts.timeout is not None
+        # Both flags change the generated code (fuel counters, epoch checks), so they
+        # are only switched on when asked for, and they are part of the cache key.
+        config.consume_fuel = fuel
+        config.epoch_interruption = epoch
+        return config, f"fuel={int(fuel)},epoch={int(epoch)}"
+
+    def wasi_config(self) -> wasmtime.WasiConfig:
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [os.path.basename(self.opts.module), *self.opts.arg]
+        # Only the configured environment: the runner's own env is the supervisor's.
+        wasi.env = list(self.opts.env)
+        wasi.inherit_stdout()
+        wasi.inherit_stderr()
+        for guest, host in self.opts.preopen:
+            if not os.path.isdir(host):
+                raise RunnerError(f"preopen {guest}={host}: not a directory")
+            wasi.preopen_dir(host, guest)
+        return wasi
+
+    def on_memory_denied(self, caller: wasmtime.Caller) -> None:
+        memory = caller.get("memory")
+        granted = memory.data_len(caller) if isinstance(memory, wasmtime.Memory) else 0
+        self.denials.record(granted)
+
+    def run(self) -> NoReturn:
+        opts = self.opts
+        config, flags = self.engine_config()
+        engine = wasmtime.Engine(config)
+        try:
+            with open(opts.module, "rb") as f:
+                source = f.read()
+        except OSError as e:
+            self.invalid(f"{opts.module}: {e.strerror or e}")
+        cache_dir = None
+        if not opts.no_cache:
+            cache_dir = cache.open_cache_dir(opts.cache_dir or cache.default_cache_dir())
+        try:
+            module, cache_state = cache.load_module(engine, source, flags, cache_dir)
+        except wasmtime.WasmtimeError as e:
+            self.invalid(f"{opts.module}: {summarise_error(str(e))}")
+
+        store = wasmtime.Store(engine)
+        self.store = store
+        store.set_limits(
+            memory_size=opts.memory if opts.memory is not None else -1,
+            table_elements=opts.tables if opts.tables is not None else -1,
+            instances=opts.instances if opts.instances is not None else -1,
+            # With a cap, one memory per store, so the cap bounds the total.
+            memories=1 if opts.memory is not None else -1,
+        )
+        if opts.fuel is not None:
+            store.set_fuel(opts.fuel)
+        if opts.timeout is not None:
+            store.set_epoch_deadline(1)
+        store.set_wasi(self.wasi_config())
+
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        linker.define_func(
+            "supervisord",
+            "memory_denied",
+            wasmtime.FuncType([], []),
+            self.on_memory_denied,
+            access_caller=True,
+        )
+        if opts.timeout is not None:
+            # Started before instantiation: a start function can spin too.
+            threading.Thread(
+                target=self._deadline, args=(engine, opts.timeout), daemon=True
+            ).start()
+        try:
+            instance = linker.instantiate(store, module)
+        except wasmtime.Trap as trap:
+            self._trapped(trap)
+        except wasmtime.WasmtimeError as e:
+            # Unknown imports, limits the module cannot start under (memory minimum
+            # above --memory): the module cannot run here as configured.
+            self.invalid(summarise_error(str(e)))
+        exports = instance.exports(store)
+        memory = exports.get("memory")
+        if isinstance(memory, wasmtime.Memory):
+            self.memory = memory
+        start = exports.get("_start")
+        if not isinstance(start, wasmtime.Func):
+            self.invalid(f"{opts.module}: no exported _start function (not a WASI command)")
+        load_ms = round((time.perf_counter() - _T0) * 1000, 2)
+        self.report.write(
+            {"event": "started", "pid": os.getpid(), "cache": cache_state, "load_ms": load_ms}
+        )
+        try:
+            start(store)
+        except wasmtime.ExitTrap as e:
+            code = e.code
+            status = (
+                code if 0 <= code <= outcome.MAX_GUEST_EXIT else outcome.EXIT_GUEST_OUT_OF_RANGE
+            )
+            self.finish(f"{outcome.REASON_EXIT_PREFIX}{code}", status)
+        except wasmtime.Trap as trap:
+            self._trapped(trap)
+        except wasmtime.WasmtimeError as e:
+            # A host call failing hard (not a proc_exit): report it like a trap.
+            text = summarise_error(str(e))
+            self.finish(outcome.REASON_TRAP_PREFIX + text, outcome.EXIT_TRAP, f"wasm trap: {e}")
+        self.finish(f"{outcome.REASON_EXIT_PREFIX}0", 0)
+
+    def _trapped(self, trap: wasmtime.Trap) -> NoReturn:
+        if trap.trap_code in (wasmtime.TrapCode.INTERRUPT, wasmtime.TrapCode.OUT_OF_FUEL):
+            what = (
+                "fuel exhausted" if trap.trap_code is wasmtime.TrapCode.OUT_OF_FUEL else "timeout"
+            )
+            self.finish(
+                outcome.REASON_DEADLINE,
+                outcome.EXIT_DEADLINE,
+                f"wasm runner: deadline ({what})\n{trap.message}",
+            )
+        self.finish(
+            outcome.REASON_TRAP_PREFIX + trap_summary(trap),
+            outcome.EXIT_TRAP,
+            f"wasm trap: {trap.message}",
+        )
+
+    def _deadline(self, engine: wasmtime.Engine, timeout: float) -> None:
+        if self.done.wait(timeout):
+            return
+        engine.increment_epoch()  # the guest traps at its next epoch check
+        if self.done.wait(DEADLINE_GRACE_S):
+            return
+        self.finish(
+            outcome.REASON_DEADLINE,
+            outcome.EXIT_DEADLINE,
+            "wasm runner: deadline (timeout; guest blocked in a host call)",
+        )
+
+
+class RunnerError(Exception):
+    """The environment, not the module, is unusable (e.g. a missing preopen dir)."""
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    opts = build_parser().parse_args(argv)
+    try:
+        runner = Runner(opts)
+    except OSError as e:
+        print(f"wasm runner: cannot open report {opts.report}: {e}", file=sys.stderr)
+        sys.exit(outcome.EXIT_RUNNER_ERROR)
+    try:
+        runner.run()
+    except RunnerError as e:
+        runner.finish(
+            outcome.REASON_RUNNER_PREFIX + str(e), outcome.EXIT_RUNNER_ERROR, f"wasm runner: {e}"
+        )
+    except Exception as e:  # a runner bug: still leave an outcome behind
+        import traceback
+
+        runner.finish(
+            outcome.REASON_RUNNER_PREFIX + f"{type(e).__name__}: {e}",
+            outcome.EXIT_RUNNER_ERROR,
+            traceback.format_exc(),
+        )
+
+
+if __name__ == "__main__":
+    main()
