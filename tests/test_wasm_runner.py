@@ -220,6 +220,16 @@ def test_proc_exit_code_and_unterminated_output_reach_the_log_file(
     assert outcome.read_report(report)["exit"]["reason"] == "exit:3"
 
 
+def test_out_of_range_proc_exit_is_a_one_line_trap(tmp_path: Path, cache_dir: Path) -> None:
+    # wasmtime itself refuses proc_exit codes outside 0..125 with an error, not an exit.
+    module = write_wat(tmp_path, "e200.wat", WASI_EXIT_WAT.replace("i32.const 3", "i32.const 200"))
+    report = tmp_path / "r.jsonl"
+    res = run(module, cache_dir=cache_dir, report=report)
+    assert res.returncode == outcome.EXIT_TRAP
+    reason = outcome.read_report(report)["exit"]["reason"]
+    assert reason == "trap: exit with invalid exit status outside of [0..126)"
+
+
 def test_cache_miss_hit_and_rebuild_after_corruption(tmp_path: Path, cache_dir: Path) -> None:
     report = tmp_path / "r.jsonl"
     hb = EXAMPLES / "heartbeat.wat"

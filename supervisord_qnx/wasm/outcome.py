@@ -13,10 +13,10 @@ Two channels, in order of trust:
 
   ``read_report`` parses it;
 * the **process exit status**: the guest's ``proc_exit`` code (``0`` when
-  ``_start`` returns), or one of the fixed ``EXIT_*`` codes below. Guest codes
-  are 0..125 (larger ones are clamped to ``EXIT_GUEST_OUT_OF_RANGE``), so
-  the fixed codes never collide with a real guest code; they are also clear of
-  the shell's 126/127 and of 128+signal.
+  ``_start`` returns), or one of the fixed ``EXIT_*`` codes below. wasmtime
+  only lets a guest exit with 0..125 (``proc_exit(200)`` is an error, reported
+  as a trap), so the fixed codes never collide with a real guest code; they are
+  also clear of the shell's 126/127 and of 128+signal.
 
 No ``exit`` event means the runner did not finish on its own: it was killed by a
 signal (see the wait status) or crashed hard; only then is the status the only
@@ -37,7 +37,8 @@ EXIT_DEADLINE = 201
 EXIT_INVALID_MODULE = 202
 #: The runner itself failed (a bug, or an unusable environment).
 EXIT_RUNNER_ERROR = 203
-#: The guest called proc_exit with a code outside 0..125; the report has the real code.
+#: Defensive clamp should a future wasmtime pass proc_exit codes above 125 through;
+#: the report keeps the real code.
 EXIT_GUEST_OUT_OF_RANGE = 125
 
 #: Largest guest exit code passed through unchanged.

@@ -216,7 +216,15 @@ class Denials:
 
 
 def summarise_error(message: str) -> str:
-    """One line from wasmtime's multi-line error chain ("Caused by: 0: ... 1: ...")."""
+    """One line from wasmtime's multi-line error chain ("Caused by: 0: ... 1: ...").
+
+    Errors raised while wasm runs start with a backtrace ("error while executing
+    at wasm backtrace:" and frame lines), which says where, not what: keep only
+    the cause chain then.
+    """
+    head, sep, cause = message.partition("Caused by:")
+    if sep and "wasm backtrace" in head:
+        message = cause
     parts = []
     for raw in message.splitlines():
         line = raw.strip()
