@@ -8,6 +8,7 @@ loader passes in the validation context as ``base_dir``.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -44,7 +45,8 @@ def _resolve(value: object, info: ValidationInfo) -> object:
         path = Path(value).expanduser()
         base = (info.context or {}).get("base_dir")
         if not path.is_absolute() and base is not None:
-            path = Path(base) / path
+            # normpath, not resolve(): keep symlinks the operator chose, drop "..".
+            path = Path(os.path.normpath(Path(base) / path))
         return path
     return value
 

@@ -1,0 +1,65 @@
+# supervisord-qnx: everything a fresh Debian machine needs is installed from here.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= config/supervisord.toml
+PYTEST_ARGS ?=
+
+.PHONY: help run check test lint typecheck unit bench clean system-deps venv
+
+help:
+	@echo "make run     start the daemon in the foreground on $(CONFIG) (runtime files in ./run/)"
+	@echo "make test    install everything, lint, type-check and run the whole test suite"
+	@echo "make bench   run the benchmarks in bench/ and print the figures"
+	@echo "make check   validate $(CONFIG) and print the partition tree"
+	@echo "make clean   remove .venv and ./run"
+
+# System packages a fresh machine may lack: venv support for python3, and
+# procps/util-linux for the tests' process inspection. Root installs them;
+# others are told what is missing.
+system-deps:
+	@missing=""; \
+	$(PY) -c "import venv, ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v ps >/dev/null || missing="$$missing procps"; \
+	command -v taskset >/dev/null || missing="$$missing util-linux"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "missing system packages:$$missing (install them as root: apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p run
+	$(BIN)/supervisord-qnx --config $(CONFIG)
+
+check: $(STAMP)
+	$(BIN)/supervisord-qnx --config $(CONFIG) --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check supervisord_qnx tests bench qnx-sim
+	$(BIN)/ruff format --check supervisord_qnx tests bench qnx-sim
+
+typecheck: $(STAMP)
+	$(BIN)/mypy supervisord_qnx
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) run build *.egg-info
