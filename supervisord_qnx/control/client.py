@@ -1,0 +1,363 @@
+"""Clients of the control socket.
+
+* :class:`Client` is blocking and uses only :mod:`socket`: the CLI runs it,
+  and a command-line tool that imports trio pays for it on every keystroke.
+  This module therefore imports trio only inside :class:`AsyncClient`'s
+  methods; keep it that way (a test checks).
+* :class:`AsyncClient` is for trio code (integration tests, benchmarks): many
+  calls in flight on one connection, matched by msgid, and notifications
+  delivered on a memory channel.
+
+Failures to reach the daemon raise :class:`DaemonUnreachable` subclasses,
+which are also the matching built-in ``OSError`` subclasses
+(``FileNotFoundError``, ``ConnectionRefusedError``, ...), with a message that
+says what to do. Error responses raise :class:`~supervisord_qnx.control.rpc.RpcError`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from supervisord_qnx.control.rpc import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MSGID_MAX,
+    ConnectionClosed,
+    InvalidMessage,
+    MessageKind,
+    Notification,
+    ProtocolError,
+    Response,
+    RpcConnection,
+    RpcError,
+    encode_request,
+)
+
+if TYPE_CHECKING:
+    import contextlib
+
+    import trio
+
+__all__ = [
+    "AsyncClient",
+    "CallTimeout",
+    "Client",
+    "ConnectionLost",
+    "ControlAccessDenied",
+    "ControlSocketMissing",
+    "DaemonNotRunning",
+    "DaemonUnreachable",
+]
+
+_READ_CHUNK = 64 * 1024
+
+
+class DaemonUnreachable(OSError):
+    """Cannot talk to the daemon; ``str()`` says why and what to do about it."""
+
+
+class ControlSocketMissing(DaemonUnreachable, FileNotFoundError):
+    pass
+
+
+class DaemonNotRunning(DaemonUnreachable, ConnectionRefusedError):
+    pass
+
+
+class ControlAccessDenied(DaemonUnreachable, PermissionError):
+    pass
+
+
+class ConnectionLost(DaemonUnreachable, ConnectionResetError):
+    pass
+
+
+class CallTimeout(DaemonUnreachable, TimeoutError):
+    pass
+
+
+def _connect_error(path: str, exc: OSError) -> DaemonUnreachable:
+    """Turn a connect() failure into an error that tells the operator what to do."""
+    if isinstance(exc, FileNotFoundError):
+        return ControlSocketMissing(
+            f"no daemon is listening on {path}: the socket does not exist "
+            f"(is supervisord-qnx running? start it with `make run`)"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return DaemonNotRunning(
+            f"no daemon is listening on {path}: the socket was left by a daemon that is no "
+            f"longer running (start it with `make run`; it replaces the stale socket)"
+        )
+    if isinstance(exc, PermissionError):
+        return ControlAccessDenied(
+            f"permission denied on {path}: the control socket is open only to the user "
+            f"running the daemon (run this command as that user)"
+        )
+    return DaemonUnreachable(f"cannot connect to the daemon on {path}: {exc}")
+
+
+def _lost(method: str) -> ConnectionLost:
+    return ConnectionLost(
+        f"the daemon closed the connection before answering {method!r} "
+        f"(it may have stopped or crashed; check its log)"
+    )
+
+
+class _MsgIds:
+    """uint32 msgids, wrapping around and skipping ids still waiting for an answer."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self, in_use: dict[int, Any] | None = None) -> int:
+        while True:
+            self._last = self._last + 1 if self._last < MSGID_MAX else 1
+            if in_use is None or self._last not in in_use:
+                return self._last
+
+
+class Client:
+    """Blocking client: one call at a time on one connection, opened on first use.
+
+    ``timeout`` (seconds, ``None`` for none) bounds connecting and each call.
+    After a timeout or a broken connection the socket is closed and the next
+    call reconnects. Notifications that arrive meanwhile are ignored.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        timeout: float | None = 10.0,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._sock: socket.socket | None = None
+        self._rpc = RpcConnection(max_message_bytes)
+        self._ids = _MsgIds()
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise _connect_error(self.path, exc) from exc
+        self._sock = sock
+        self._rpc = RpcConnection(self.max_message_bytes)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def call(self, method: str, /, **params: Any) -> Any:
+        """Call ``method`` with named ``params``; return its result or raise ``RpcError``."""
+        self.connect()
+        assert self._sock is not None
+        msgid = self._ids.next()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            self._sock.sendall(encode_request(msgid, method, params))
+            return self._wait_for(msgid, method, deadline)
+        except TimeoutError as exc:
+            # A late answer would be misread by the next call: start afresh.
+            self.close()
+            raise CallTimeout(
+                f"no answer to {method!r} from the daemon on {self.path} within "
+                f"{self.timeout:g} s (it may be busy or stuck; retry with a longer timeout)"
+            ) from exc
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.close()
+            raise _lost(method) from exc
+        except (ProtocolError, ConnectionLost):
+            self.close()
+            raise
+
+    def _wait_for(self, msgid: int, method: str, deadline: float | None) -> Any:
+        assert self._sock is not None
+        while True:
+            for event in self._rpc.events():
+                if isinstance(event, Response) and event.msgid == msgid:
+                    if event.error is not None:
+                        raise event.error
+                    return event.result
+                if isinstance(event, InvalidMessage) and event.msgid == msgid:
+                    raise event.error
+                if isinstance(event, ConnectionClosed):
+                    raise _lost(method)
+                # Anything else (notifications, stray responses) is not ours.
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self._sock.settimeout(remaining)
+            self._rpc.receive_data(self._sock.recv(_READ_CHUNK))
+
+
+@dataclass
+class _Pending:
+    done: trio.Event
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _AsyncState:
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    failure: BaseException | None = None
+
+
+class AsyncClient:
+    """trio client: ``async with AsyncClient(path) as c: await c.call("ping")``.
+
+    Calls may run concurrently from several tasks; answers are matched by
+    msgid. Notifications from the daemon arrive on ``c.notifications`` (a
+    ``trio.MemoryReceiveChannel`` of :class:`~supervisord_qnx.control.rpc.Notification`,
+    closed when the connection ends); if nobody reads them, those beyond
+    ``notification_buffer`` are dropped and counted in ``dropped_notifications``
+    rather than stalling the answers behind them.
+    """
+
+    # Set in __aenter__; trio is imported lazily, so they are only annotated here.
+    notifications: trio.MemoryReceiveChannel[Notification]
+    _stream: trio.SocketStream
+    _send_lock: trio.Lock
+    _notify_in: trio.MemorySendChannel[Notification]
+    _exit_stack: contextlib.AsyncExitStack
+    _cancel_scope: trio.CancelScope
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        notification_buffer: int = 1024,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.max_message_bytes = max_message_bytes
+        self.notification_buffer = notification_buffer
+        self.dropped_notifications = 0
+        self._ids = _MsgIds()
+        self._state = _AsyncState()
+
+    async def __aenter__(self) -> AsyncClient:
+        import contextlib
+
+        import trio
+
+        try:
+            self._stream = await trio.open_unix_socket(self.path)
+        except OSError as exc:
+            raise _connect_error(self.path, exc) from exc
+        self._send_lock = trio.Lock()
+        self._notify_in, self.notifications = trio.open_memory_channel[Notification](
+            self.notification_buffer
+        )
+        self._exit_stack = contextlib.AsyncExitStack()
+        await self._exit_stack.enter_async_context(self._stream)
+        nursery = await self._exit_stack.enter_async_context(trio.open_nursery())
+        self._cancel_scope = nursery.cancel_scope
+        nursery.start_soon(self._reader)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._cancel_scope.cancel()
+        await self._exit_stack.__aexit__(exc_type, exc, tb)
+
+    async def call(self, method: str, /, **params: Any) -> Any:
+        """Call ``method``; cancel it with an enclosing trio cancel scope (e.g. ``fail_after``)."""
+        import trio
+
+        state = self._state
+        if state.failure is not None:
+            raise _lost(method) from state.failure
+        msgid = self._ids.next(state.pending)
+        pending = _Pending(trio.Event())
+        state.pending[msgid] = pending
+        try:
+            async with self._send_lock:
+                try:
+                    await self._stream.send_all(encode_request(msgid, method, params))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _lost(method) from exc
+            await pending.done.wait()
+        finally:
+            # A call cancelled while waiting just forgets its msgid; a late
+            # answer is then ignored by the reader.
+            state.pending.pop(msgid, None)
+        if pending.error is not None:
+            if isinstance(pending.error, ConnectionLost):
+                raise _lost(method) from pending.error
+            raise pending.error
+        return pending.result
+
+    async def _reader(self) -> None:
+        import trio
+
+        rpc = RpcConnection(self.max_message_bytes)
+        state = self._state
+        failure: BaseException = ConnectionLost("the daemon closed the connection")
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive_some(_READ_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                rpc.receive_data(data)
+                for event in rpc.events():
+                    if isinstance(event, Response):
+                        self._resolve(event.msgid, event.result, event.error)
+                    elif isinstance(event, InvalidMessage) and event.msgid is not None:
+                        self._resolve(event.msgid, None, event.error)
+                    elif isinstance(event, Notification):
+                        try:
+                            self._notify_in.send_nowait(event)
+                        except trio.WouldBlock:
+                            self.dropped_notifications += 1
+                    elif isinstance(event, ConnectionClosed):
+                        return
+        except ProtocolError as exc:
+            if exc.kind is MessageKind.RESPONSE and exc.msgid is not None:
+                self._resolve(exc.msgid, None, exc)
+            failure = exc
+        finally:
+            state.failure = failure
+            for pending in state.pending.values():
+                if not pending.done.is_set():
+                    pending.error = failure if isinstance(failure, RpcError) else ConnectionLost()
+                    pending.done.set()
+            self._notify_in.close()
+
+    def _resolve(self, msgid: int, result: Any, error: RpcError | None) -> None:
+        pending = self._state.pending.get(msgid)
+        if pending is None or pending.done.is_set():
+            return  # cancelled call, or a msgid we never sent
+        pending.result, pending.error = result, error
+        pending.done.set()

@@ -1,0 +1,516 @@
+"""The control socket: a trio Unix-socket server speaking msgpack-RPC.
+
+:func:`serve` owns the socket file and the connections; what a method does is
+the business of the ``dispatch`` callable it is given (normally a
+:class:`MethodTable` filled by the daemon). Design points:
+
+* **One task per connection, one task per request.** A slow request
+  (``start`` with ``wait: true``) must not hold up ``status`` on the same
+  connection, so responses can leave in a different order than the requests
+  came; the msgid pairs them. At most ``max_in_flight`` requests run per
+  connection; beyond that the server stops reading from it (backpressure
+  through the kernel's socket buffer, not an unbounded queue here).
+* **Misuse stays local.** A peer that sends garbage, oversized frames or
+  half a frame, or disconnects while its requests run, affects only its own
+  connection. A handler that raises something other than :class:`RpcError`
+  is logged and answered with ``internal``; the server keeps going.
+* **The socket file is ours alone.** A live daemon on the path is never
+  displaced (:class:`AlreadyRunning`); a stale socket is replaced; a file
+  that is not a socket is never touched. The socket is created under a
+  restrictive umask so it is not world-accessible even between ``bind`` and
+  ``chmod``, and it is removed on exit only if it is still the inode we bound.
+
+Wire format and error codes: ``rpc.py`` and docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+import trio
+
+from supervisord_qnx.control.rpc import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ConnectionClosed,
+    ErrorCode,
+    InvalidMessage,
+    MessageKind,
+    Notification,
+    ProtocolError,
+    Request,
+    Response,
+    RpcConnection,
+    RpcError,
+    encode_error,
+    encode_notification,
+    encode_response,
+)
+
+__all__ = [
+    "AlreadyRunning",
+    "Connection",
+    "Dispatch",
+    "Handler",
+    "MethodTable",
+    "PeerCredentials",
+    "ServeError",
+    "serve",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+DEFAULT_PARTIAL_FRAME_TIMEOUT: Final = 30.0
+_READ_CHUNK: Final = 64 * 1024
+_LISTEN_BACKLOG: Final = 128
+# accept() failures that mean "out of a resource right now", not "broken":
+# wait a little and accept again rather than take the daemon down.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+# The peer went away between connect and accept: just take the next one.
+_ACCEPT_SKIP_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+class ServeError(Exception):
+    """The control socket cannot be set up; ``str()`` tells the operator what to do."""
+
+
+class AlreadyRunning(ServeError):
+    """Another daemon answers on the control socket path."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"another supervisord-qnx is already serving on {path}; stop it first "
+            f"(supervisorctl-qnx shutdown) or give this one another control socket path"
+        )
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is on the other end, as the kernel saw it at connect time (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class Connection:
+    """One client connection, as handlers see it.
+
+    ``peer`` is ``None`` where the platform does not report peer credentials
+    (SO_PEERCRED is Linux-only; QNX has getpeereid(), which Python's socket
+    module does not expose).
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        conn_id: int,
+        peer: PeerCredentials | None,
+        write_timeout: float,
+    ) -> None:
+        self.id = conn_id
+        self.peer = peer
+        self._stream = stream
+        self._write_timeout = write_timeout
+        # Handlers run concurrently and each writes its own response; without
+        # the lock two send_all calls could interleave their bytes.
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def send_notification(self, method: str, params: Mapping[str, Any] | None = None) -> bool:
+        """Push ``[2, method, [params]]`` to the client.
+
+        Returns ``False`` if the client is gone, so that an event subscription
+        can drop it; never raises for a vanished peer.
+        """
+        return await self._send(encode_notification(method, params))
+
+    async def _send(self, data: bytes) -> bool:
+        if self._closed:
+            return False
+        async with self._send_lock:
+            if self._closed:
+                return False
+            with trio.move_on_after(self._write_timeout):
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The client disconnected; its responses are dropped silently.
+                    self._closed = True
+                    return False
+                return True
+            # A client that stopped reading its responses: disconnect it
+            # rather than let its handlers pile up behind the lock.
+            log.warning("client is not reading its responses; disconnecting", conn=self.id)
+            await self.close()
+            return False
+
+    async def close(self) -> None:
+        self._closed = True
+        await trio.aclose_forcefully(self._stream)
+
+
+Dispatch = Callable[[str, dict[str, Any], Connection], Awaitable[Any]]
+Handler = Callable[[dict[str, Any], Connection], Awaitable[Any]]
+
+
+class MethodTable:
+    """A ``dispatch`` callable built from named handlers.
+
+    ``handler(params, conn)`` returns the result or raises :class:`RpcError`.
+    Unknown names are answered with ``unknown_method`` listing the known ones::
+
+        methods = MethodTable()
+
+        @methods.method("ping")
+        async def ping(params, conn):
+            return "pong"
+
+        await serve(path, methods)
+    """
+
+    def __init__(self, handlers: Mapping[str, Handler] | None = None) -> None:
+        self._handlers: dict[str, Handler] = {}
+        for name, handler in (handlers or {}).items():
+            self.add(name, handler)
+
+    def add(self, name: str, handler: Handler) -> None:
+        if name in self._handlers:
+            raise ValueError(f"method {name!r} is already registered")
+        self._handlers[name] = handler
+
+    def method(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`add`."""
+
+        def register(handler: Handler) -> Handler:
+            self.add(name, handler)
+            return handler
+
+        return register
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handlers
+
+    async def __call__(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
+        handler = self._handlers.get(method)
+        if handler is None:
+            raise RpcError(
+                ErrorCode.UNKNOWN_METHOD,
+                f"unknown method {method!r}; this daemon has: {', '.join(self.names())}",
+            )
+        return await handler(params, conn)
+
+
+# ---------------------------------------------------------------------------
+# Socket file
+
+
+def _probe_existing(path: Path) -> None:
+    """Make ``path`` free to bind: refuse a live daemon or a non-socket, remove a stale socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServeError(
+            f"{path} exists and is not a socket, so it was not left by supervisord-qnx and "
+            f"is not touched; move it away or configure another control socket path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A Unix-socket connect completes as soon as the listener's backlog takes
+    # it (no accept needed), so this only waits if the backlog is full.
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except ConnectionRefusedError:
+        # Nobody listens: a daemon died without cleaning up. Safe to replace.
+        os.unlink(path)
+        log.info("removed stale control socket", path=str(path))
+    except FileNotFoundError:
+        pass  # removed between lstat and connect
+    except (TimeoutError, BlockingIOError) as exc:
+        raise AlreadyRunning(path) from exc  # alive, just busy
+    except PermissionError as exc:
+        raise ServeError(
+            f"{path} belongs to someone else (permission denied when probing it); "
+            f"another user's daemon may be running there: use another control socket path"
+        ) from exc
+    else:
+        raise AlreadyRunning(path)
+    finally:
+        probe.close()
+
+
+def _bind(path: Path, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # bind() creates the file with 0777 & ~umask. umask is process-wide,
+        # so it is held only across this one system call (no await in
+        # between); a plain chmod afterwards would leave a window in which
+        # any local user could connect.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(_LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            # Lost a race with another daemon starting on the same path.
+            raise AlreadyRunning(path) from exc
+        if len(os.fsencode(path)) > 100:
+            raise ServeError(
+                f"cannot bind the control socket {path}: {exc.strerror}; Unix socket paths are "
+                f"limited to about 100 bytes, use a shorter path"
+            ) from exc
+        raise ServeError(f"cannot bind the control socket {path}: {exc}") from exc
+    return sock
+
+
+def _remove_if_ours(path: Path, identity: tuple[int, int]) -> None:
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove the control socket", path=str(path), error=str(exc))
+
+
+def _peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials | None:
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+# ---------------------------------------------------------------------------
+# Serving
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    max_message_bytes: int
+    max_in_flight: int
+    partial_frame_timeout: float
+
+
+async def serve(
+    path: Path | str,
+    dispatch: Dispatch,
+    *,
+    mode: int = 0o600,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control socket at ``path`` until cancelled.
+
+    Raises :class:`AlreadyRunning` or :class:`ServeError` before listening if
+    the path cannot be taken; ``task_status.started(path)`` is called once
+    clients can connect. ``partial_frame_timeout`` also bounds how long a
+    response may wait for a client that does not read.
+    """
+    path = Path(path)
+    if max_in_flight < 1:
+        raise ValueError("max_in_flight must be at least 1")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServeError(f"cannot create the directory for the control socket: {exc}") from exc
+    _probe_existing(path)
+    listener = _bind(path, mode)
+    st = os.lstat(path)
+    identity = (st.st_dev, st.st_ino)
+    limits = _Limits(max_message_bytes, max_in_flight, partial_frame_timeout)
+    try:
+        trio_listener = trio.socket.from_stdlib_socket(listener)
+        log.info("control socket listening", path=str(path), mode=oct(mode))
+        async with trio.open_nursery() as nursery:
+            task_status.started(path)
+            await _accept_loop(trio_listener, dispatch, limits, nursery)
+    finally:
+        listener.close()
+        _remove_if_ours(path, identity)
+
+
+async def _accept_loop(
+    listener: trio.socket.SocketType,
+    dispatch: Dispatch,
+    limits: _Limits,
+    nursery: trio.Nursery,
+) -> None:
+    ids = count(1)
+    while True:
+        try:
+            sock, _ = await listener.accept()
+        except OSError as exc:
+            if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                log.error("cannot accept control connections, retrying", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                continue
+            raise
+        conn = Connection(
+            trio.SocketStream(sock),
+            conn_id=next(ids),
+            peer=_peer_credentials(sock),
+            write_timeout=limits.partial_frame_timeout,
+        )
+        nursery.start_soon(_serve_connection, conn, dispatch, limits)
+
+
+async def _serve_connection(conn: Connection, dispatch: Dispatch, limits: _Limits) -> None:
+    peer = conn.peer
+    clog = log.bind(conn=conn.id, peer_pid=peer.pid if peer else None)
+    clog.debug("control connection opened", peer_uid=peer.uid if peer else None)
+    try:
+        async with trio.open_nursery() as requests:
+            await _read_loop(conn, dispatch, limits, requests, clog)
+            # Fall through: the nursery lets running requests finish, so a
+            # client that half-closes after sending still gets its answers.
+    finally:
+        await conn.close()
+        clog.debug("control connection closed")
+
+
+async def _read_loop(
+    conn: Connection,
+    dispatch: Dispatch,
+    limits: _Limits,
+    requests: trio.Nursery,
+    clog: Any,
+) -> None:
+    rpc = RpcConnection(limits.max_message_bytes)
+    in_flight = trio.Semaphore(limits.max_in_flight)
+    stream = conn._stream
+    while True:
+        # Silence between messages is fine (a subscriber waits for
+        # notifications); silence in the middle of one is a stuck or hostile
+        # peer holding a buffer, so that alone is timed out.
+        timeout = limits.partial_frame_timeout if rpc.mid_frame else math.inf
+        data: bytes | None = None
+        with trio.move_on_after(timeout):
+            try:
+                data = await stream.receive_some(_READ_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        if data is None:
+            clog.info("closing connection idle in the middle of a message", timeout=timeout)
+            return
+        rpc.receive_data(data)
+        try:
+            for event in rpc.events():
+                if isinstance(event, Request):
+                    # Backpressure: with max_in_flight requests running, wait
+                    # here, which stops reading this connection.
+                    await in_flight.acquire()
+                    requests.start_soon(
+                        _run_request, conn, dispatch, event, in_flight, limits, clog
+                    )
+                elif isinstance(event, InvalidMessage):
+                    clog.info("invalid message", kind=event.kind.name, error=event.error.message)
+                    if event.kind is MessageKind.REQUEST and event.msgid is not None:
+                        await conn._send(encode_error(event.msgid, event.error))
+                elif isinstance(event, Notification | Response):
+                    # The server sends no requests and takes no notifications
+                    # yet; ignoring keeps the door open for both directions.
+                    clog.debug("ignoring unexpected message", type=type(event).__name__)
+                elif isinstance(event, ConnectionClosed):
+                    if event.partial:
+                        clog.info("client closed the connection in the middle of a message")
+                    return
+        except ProtocolError as exc:
+            clog.info("protocol error, closing connection", code=str(exc.code), error=exc.message)
+            if exc.kind is MessageKind.REQUEST and exc.msgid is not None:
+                await conn._send(encode_error(exc.msgid, RpcError(exc.code, exc.message)))
+            return
+
+
+def _single_rpc_error(exc: BaseException) -> RpcError | None:
+    """The RpcError a handler meant to raise, even if a nursery wrapped it in a group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RpcError) else None
+
+
+async def _run_request(
+    conn: Connection,
+    dispatch: Dispatch,
+    request: Request,
+    in_flight: trio.Semaphore,
+    limits: _Limits,
+    clog: Any,
+) -> None:
+    msgid, method = request.msgid, request.method
+    try:
+        try:
+            result = await dispatch(method, request.params, conn)
+        except Exception as exc:
+            error = _single_rpc_error(exc)
+            if error is None:
+                clog.exception("control method failed", method=method)
+                error = RpcError(
+                    ErrorCode.INTERNAL,
+                    str(exc) or type(exc).__name__,
+                    exception=type(exc).__name__,
+                )
+            data = encode_error(msgid, error)
+        else:
+            try:
+                data = encode_response(msgid, result)
+            except (TypeError, ValueError, OverflowError) as exc:
+                clog.error(
+                    "control method returned an unencodable value", method=method, error=str(exc)
+                )
+                data = encode_error(
+                    msgid,
+                    RpcError(
+                        ErrorCode.INTERNAL, f"{method} returned a value that cannot be sent: {exc}"
+                    ),
+                )
+            if len(data) > limits.max_message_bytes:
+                data = encode_error(
+                    msgid,
+                    RpcError(
+                        ErrorCode.TOO_LARGE,
+                        f"the result of {method} is {len(data)} bytes, over the "
+                        f"{limits.max_message_bytes}-byte message limit; ask for less "
+                        f"(e.g. fewer log lines or one tenant)",
+                    ),
+                )
+        await conn._send(data)
+    finally:
+        in_flight.release()
