@@ -162,6 +162,7 @@ def test_on_applies_rlimits_env_and_partition_before_exec(sim: Sim) -> None:
         "import os,resource;print(resource.getrlimit(resource.RLIMIT_DATA),os.environ['GREETING'])",
     )  # fmt: skip
     assert out.split() == ["(50000000,", "60000000)", "hi"]
+    assert "QNX_SIM_" not in sim.ok("on", "-X", "aps=lim", "env")  # the sim's own settings
     missing = sim.run("on", "-X", "aps=ghost", "true")
     assert missing.returncode == 1 and "ghost" in missing.stderr
     refused = sim.run("on", "-u", "nobody", "true")
