@@ -1,0 +1,526 @@
+"""The cgroup v1 backend: one hierarchy per controller, the same tree mirrored in each.
+
+Layout
+======
+
+Our root is ``<the daemon's own cgroup>/supervisord-qnx`` in every hierarchy we use
+(``memory`` - required - and ``cpu``, ``cpuacct``, ``pids`` when mounted; co-mounted
+controllers such as ``cpu,cpuacct`` share one directory tree). Rooting under the daemon's
+*own* cgroup rather than at each mount root was deliberate:
+
+* limits an operator or container runtime put on the daemon (a systemd slice, the
+  sandbox's ``/process_api/<id>`` memory cgroup on our CI machine) keep covering the
+  tenants - they cannot escape the box the daemon was started in;
+* it is the only place we may write when the daemon's subtree is delegated to it
+  (systemd ``Delegate=yes`` works for v1 hierarchies too), and it is the same choice the
+  cgroup2 backend must make, so both backends behave alike;
+* two daemons (or test runs) in different cgroups cannot collide, and ``instance``
+  separates those that share one.
+
+``daemon.cgroup_root`` overrides the name (relative: under the own cgroup) or gives an
+absolute path from the mount roots. A partition ``a/b`` is ``<root>/a/b`` in each hierarchy;
+a worker leaf ``web-0`` of tenant ``tenants/web`` is ``<root>/tenants/web/@web-0`` (``@`` is
+outside the partition-name alphabet, so leaves never clash with child partitions). Leaves
+exist in v1 not because the kernel demands it (v1 allows processes in inner cgroups) but
+so OOM kills, memory and CPU can be attributed to one worker.
+
+Settings
+========
+
+=================  =========================================================  ==========
+control            files                                                      enforced
+=================  =========================================================  ==========
+memory.max         ``memory.limit_in_bytes`` (+ ``memory.memsw.limit_in_bytes``) kernel
+memory.reserved    ``memory.soft_limit_in_bytes`` = max - reserved, and an    supervised
+                   eventfd threshold on ``memory.usage_in_bytes``
+memory.min         - (v1 has no protection; a soft limit orders reclaim only) none
+cpu.budget         ``cpu.shares`` = budget% x 1024 (1 % = the kernel default)  kernel
+cpu.max            ``cpu.cfs_quota_us`` = max% x ncpu x ``cfs_period_us``       kernel
+pids               ``pids.max``                                               kernel
+memory-isolation   every worker is its own process: MMU-separated             kernel
+container          no namespaces here                                         none
+=================  =========================================================  ==========
+
+Swap: with swap accounting (``memory.memsw.*`` present) we set the memory+swap limit to the
+same ``max``, so ``max`` caps RAM *and* swap - a tenant cannot spill past its cap into swap.
+Without swap accounting we set ``memory.swappiness = 0`` so reclaim in the cgroup does not
+swap the tenant's anonymous memory out (which would let it use more than ``max`` in total).
+
+``cpu.shares`` is relative among siblings, so mapping every budget with the same factor
+keeps the budgets' ratios; a partition without a budget keeps the default 1024 (= a 1 %
+budget) and lives on borrowed idle CPU. Our root keeps its default share: how much of the
+machine the whole daemon gets against the rest of the system is the operator's decision.
+
+Attach before exec: the spawn strategies
+========================================
+
+The worker must run its first instruction inside its leaf. Three ways, all implemented
+(``spawn_strategy``), measured by ``bench/bench_spawn.py``:
+
+* ``"thread"`` (default): v1 moves single *threads* (a TID written to ``tasks``). The
+  spawning thread moves itself into the leaf in every hierarchy, forks with plain
+  ``subprocess.Popen`` - the child is born in its parent thread's cgroups - and moves itself
+  back in ``finally``. ``subprocess`` keeps its ``vfork`` fast path, nothing runs between
+  fork and exec, and concurrent spawns from several worker threads need no lock: each
+  thread only ever moves itself. On the CI machine this costs ~0.1 ms over a bare Popen.
+* ``"preexec"``: ``preexec_fn`` writes the child's pid to ``cgroup.procs``. Correct, but it
+  forces a full ``fork`` of the (large) daemon instead of ``vfork``, and running Python
+  between fork and exec in a threaded daemon risks deadlocks on locks other threads held.
+* ``"shim"``: exec ``/bin/sh -c 'echo $$ > .../cgroup.procs; exec "$@"'`` - keeps vfork but
+  pays an extra exec of the shell. This is what the cgroup2 backend uses (v2 has no thread
+  granularity for domain cgroups).
+
+A moved thread's own page faults are still charged to the daemon's memory cgroup (v1
+charges pages to the mm owner, the main thread), so the move does not bill the tenant for
+the daemon or vice versa; and the daemon's pid never appears in the leaf's ``cgroup.procs``
+(v1 lists a process there only when its thread-group leader is a member), so ``destroy``
+cannot mistake the daemon for a tenant - it also refuses to signal its own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition.backend import (
+    BackendError,
+    BackendUnavailable,
+    Control,
+    Enforcement,
+    PartitionStats,
+    SpawnRequest,
+)
+from supervisord_qnx.partition.tree import Partition, PartitionTree
+
+SpawnStrategy = Literal["thread", "preexec", "shim"]
+CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+
+SHIM = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 126; shift; n=$((n-1)); done; exec "$@"'  # noqa: E501
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One mounted v1 hierarchy we use, and our root directory in it."""
+
+    controllers: frozenset[str]
+    mount: fs.Mount
+    own: str  # the daemon's cgroup in this hierarchy, relative to the mount
+    root: Path
+
+
+def shares_for(budget: float | None) -> int | None:
+    """``cpu.shares`` for a budget in percent of the machine (1 % ↔ the default 1024)."""
+    if budget is None:
+        return None
+    return max(2, min(262_144, round(budget * 1024)))
+
+
+def quota_for(cpu_max: float | None, ncpu: int, period: int = fs.CFS_PERIOD_US) -> int | None:
+    """CFS quota (µs per ``period``) for a ceiling in percent of the whole machine."""
+    if cpu_max is None:
+        return None
+    return max(1000, round(cpu_max / 100 * ncpu * period))
+
+
+def _discover(
+    cgroup_root: str | None, instance: str | None, mountinfo: str | None, self_cgroup: str | None
+) -> dict[str, Hierarchy]:
+    own = fs.own_cgroups(self_cgroup)
+    found: dict[str, Hierarchy] = {}
+    for mount in fs.cgroup_mounts(mountinfo):
+        if mount.fstype != "cgroup":
+            continue
+        ctrls = frozenset(c for c in CONTROLLERS if c in mount.options)
+        if not ctrls or any(c in found for c in ctrls):
+            continue  # not ours, or a second (bind) mount of a hierarchy we have
+        own_path = fs.relative_to_mount(own.get(next(iter(ctrls)), "/"), mount)
+        root = fs.root_dir(mount.mountpoint, own_path, cgroup_root, instance)
+        h = Hierarchy(ctrls, mount, own_path, root)
+        for c in ctrls:
+            found[c] = h
+    return found
+
+
+class Cgroup1Backend(fs.CgroupBackendBase):
+    """Partitions as cgroup v1 directories mirrored in the memory/cpu/cpuacct/pids trees."""
+
+    name: ClassVar[str] = "cgroup1"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *,
+        instance: str | None = None,
+        spawn_strategy: SpawnStrategy = "thread",
+        sample_interval: float = 0.25,
+        _mountinfo: str | None = None,
+        _self_cgroup: str | None = None,
+    ) -> None:
+        super().__init__(sample_interval=sample_interval)
+        self._by_ctrl = _discover(root, instance, _mountinfo, _self_cgroup)
+        if "memory" not in self._by_ctrl:
+            raise BackendUnavailable("no cgroup v1 memory hierarchy is mounted")
+        # Distinct hierarchies, memory first (it is the one we read procs and OOMs from).
+        seen: dict[Path, Hierarchy] = {}
+        for c in CONTROLLERS:
+            h = self._by_ctrl.get(c)
+            if h is not None:
+                seen.setdefault(h.mount.mountpoint, h)
+        self._hier = list(seen.values())
+        self.spawn_strategy: SpawnStrategy = spawn_strategy
+        self._ncpu = os.cpu_count() or 1
+        mem = self._by_ctrl["memory"].root
+        self._memsw = (mem.parent / "memory.memsw.limit_in_bytes").exists()
+
+    # ------------------------------------------------------------------ discovery
+
+    @classmethod
+    def probe(cls) -> str | None:
+        if os.geteuid() != 0 and not os.access("/proc/self/cgroup", os.R_OK):
+            return "cannot read /proc/self/cgroup"
+        try:
+            hier = _discover(None, None, None, None)
+        except BackendUnavailable as exc:
+            return str(exc)
+        mem = hier.get("memory")
+        if mem is None:
+            return "no cgroup v1 memory hierarchy is mounted (controller missing)"
+        if mem.mount.read_only:
+            return f"the cgroup v1 memory hierarchy at {mem.mount.mountpoint} is mounted read-only"
+        parent = mem.root.parent
+        if not os.access(parent, os.W_OK):
+            who = "not root" if os.geteuid() != 0 else "not writable"
+            return (
+                f"cannot create cgroups in {parent} ({who}; run as root or delegate the "
+                f"daemon's memory cgroup to its user)"
+            )
+        return None
+
+    def enforcement(self) -> Mapping[Control, Enforcement]:
+        k, s, n = Enforcement.KERNEL, Enforcement.SUPERVISED, Enforcement.NONE
+        return {
+            Control.MEMORY_MIN: n,
+            Control.MEMORY_MAX: k,
+            Control.MEMORY_RESERVED: s,
+            Control.CPU_BUDGET: k if "cpu" in self._by_ctrl else n,
+            Control.CPU_MAX: k if "cpu" in self._by_ctrl else n,
+            Control.PIDS: k if "pids" in self._by_ctrl else n,
+            Control.MEMORY_ISOLATION: k,
+            Control.CONTAINER: n,
+        }
+
+    def check(self, tree: PartitionTree) -> list[str]:
+        problems = []
+        for node in tree:
+            why = fs.name_problem(node.name)
+            if why:
+                problems.append(f"partition '{node.path}': {why}")
+        return problems
+
+    def describe(self, tree: PartitionTree) -> dict[str, str]:
+        return {
+            node.path: " ".join(str(self._dir(h, node.path)) for h in self._hier) for node in tree
+        }
+
+    @property
+    def roots(self) -> list[Path]:
+        """Our root directory in every hierarchy used."""
+        return [h.root for h in self._hier]
+
+    def _dir(self, h: Hierarchy, path: str, leaf: str | None = None) -> Path:
+        d = h.root / path if path else h.root
+        return d / f"{fs.LEAF_PREFIX}{leaf}" if leaf is not None else d
+
+    def _dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        return [self._dir(h, path, leaf) for h in self._hier]
+
+    def _mem(self, path: str, leaf: str | None = None) -> Path:
+        return self._dir(self._by_ctrl["memory"], path, leaf)
+
+    def _ctrl(self, controller: str, path: str) -> Path | None:
+        h = self._by_ctrl.get(controller)
+        return self._dir(h, path) if h is not None else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _ensure_root(self) -> None:
+        with self._lock:
+            if self._root_ready:
+                return
+            for h in self._hier:
+                fs.mkdir(h.root, "")
+                if "memory" in h.controllers:
+                    self._use_hierarchy(h.root, "")
+            self._partitions.setdefault("", Partition(""))
+            self._root_ready = True
+
+    def _use_hierarchy(self, d: Path, partition: str) -> None:
+        # Kernels >= 5.x always account hierarchically and only accept "1"; older ones
+        # need it set before children exist. Either way "1" is what we want.
+        try:
+            fs.write_text(d / "memory.use_hierarchy", "1", partition)
+        except BackendError:
+            if fs.try_read_int(d / "memory.use_hierarchy") != 1:
+                raise
+
+    def reap_leftovers(self) -> list[str]:
+        reaped: list[str] = []
+        present = [h for h in self._hier if h.root.is_dir()]
+        if not present:
+            return reaped
+        with self._lock:
+            fs.kill_subtree(lambda: [d for h in present for d in fs.subtree_dirs(h.root)], "")
+            for h in present:
+                for d in fs.subtree_dirs(h.root):
+                    if d == h.root:
+                        continue
+                    rel = str(d.relative_to(h.root))
+                    fs.rmdir_retry(d, rel)
+                    if rel not in reaped:
+                        reaped.append(rel)
+            self._forget("")
+        return reaped
+
+    def create(self, partition: Partition) -> None:
+        self._ensure_root()
+        why = fs.name_problem(partition.name)
+        if why:
+            raise BackendError(f"partition '{partition.path}': {why}")
+        p = partition.path
+        with self._lock:
+            for d in self._dirs(p):
+                fs.mkdir(d, p)
+            self._configure(partition)
+            self._partitions[p] = partition
+            self._register(p, None)
+
+    def _configure(self, node: Partition) -> None:
+        p = node.path
+        mem = self._mem(p)
+        self._use_hierarchy(mem, p)
+        if node.memory_max is not None:
+            limit = str(node.memory_max)
+            fs.write_text(mem / "memory.limit_in_bytes", limit, p)
+            if self._memsw:
+                fs.write_text(mem / "memory.memsw.limit_in_bytes", limit, p)
+            elif (mem / "memory.swappiness").exists():
+                fs.write_text(mem / "memory.swappiness", "0", p)
+            threshold = node.pressure_threshold
+            assert threshold is not None
+            fs.write_text(mem / "memory.soft_limit_in_bytes", str(threshold), p)
+        cpu = self._ctrl("cpu", p)
+        if cpu is not None:
+            shares = shares_for(node.cpu_budget)
+            if shares is not None:
+                fs.write_text(cpu / "cpu.shares", str(shares), p)
+            quota = quota_for(node.cpu_max, self._ncpu)
+            if quota is not None:
+                fs.write_text(cpu / "cpu.cfs_period_us", str(fs.CFS_PERIOD_US), p)
+                fs.write_text(cpu / "cpu.cfs_quota_us", str(quota), p)
+        pids = self._ctrl("pids", p)
+        if pids is not None and node.pids_max is not None:
+            fs.write_text(pids / "pids.max", str(node.pids_max), p)
+
+    def destroy(self, path: str) -> None:
+        if not path:
+            raise BackendError("destroy('') would remove the root; destroy its children")
+        with self._lock:
+            tops = self._dirs(path)
+            fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
+            self._forget(path)
+            self._remove_subtree(tops, path)
+
+    def _remove_subtree(self, tops: Sequence[Path], path: str) -> None:
+        for top in tops:
+            for d in fs.subtree_dirs(top):
+                fs.rmdir_retry(d, path)
+
+    def _remove_dirs(self, path: str, leaf: str | None) -> list[str]:
+        tops = self._dirs(path, leaf)
+        fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
+        self._remove_subtree(tops, path)
+        return [str(t) for t in tops]
+
+    def close(self) -> None:
+        super().close()
+        # RAII for the root: remove it if the daemon destroyed everything below.
+        for h in self._hier:
+            try:
+                os.rmdir(h.root)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ processes
+
+    def _make_leaf_dirs(self, path: str, leaf: str) -> None:
+        for d in self._dirs(path, leaf):
+            fs.mkdir(d, f"{path}/{fs.LEAF_PREFIX}{leaf}")
+
+    def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
+        path, leaf = request.partition, request.leaf
+        self.ensure_leaf(path, leaf)
+        dirs = self._dirs(path, leaf)
+        kwargs: dict[str, Any] = {
+            "cwd": request.cwd,
+            "env": dict(request.env),
+            "stdin": subprocess.DEVNULL,
+            "stdout": request.stdout,
+            "stderr": request.stderr,
+            "pass_fds": tuple(request.pass_fds),
+            "close_fds": True,
+            "start_new_session": True,
+        }
+        argv = list(request.argv)
+        if self.spawn_strategy == "thread":
+            return self._spawn_moved_thread(dirs, argv, kwargs, path)
+        procs = [str(d / "cgroup.procs") for d in dirs]
+        if self.spawn_strategy == "preexec":
+            # Measured alternative only (bench/bench_spawn.py); see the module docstring.
+            return subprocess.Popen(argv, preexec_fn=_preexec_attach(procs), **kwargs)
+        return _spawn_shim(argv, procs, kwargs)
+
+    def _spawn_moved_thread(
+        self, dirs: list[Path], argv: list[str], kwargs: dict[str, Any], path: str
+    ) -> subprocess.Popen[bytes]:
+        tid = threading.get_native_id()
+        home = self._thread_home()
+        moved: list[Hierarchy] = []
+        try:
+            for h, d in zip(self._hier, dirs, strict=True):
+                fs.write_text(d / "tasks", str(tid), path)
+                moved.append(h)
+            return subprocess.Popen(argv, **kwargs)
+        finally:
+            # Always go home, even if Popen raised: a daemon thread left in a leaf would
+            # keep the leaf busy (rmdir EBUSY) and be charged CPU to the tenant.
+            for h in moved:
+                fs.write_text(home[h.mount.mountpoint] / "tasks", str(tid), "")
+
+    def _thread_home(self) -> dict[Path, Path]:
+        """This thread's current cgroup directory in every hierarchy we use."""
+        with open(f"/proc/self/task/{threading.get_native_id()}/cgroup") as f:
+            mine = fs.own_cgroups(f.read())
+        out = {}
+        for h in self._hier:
+            c = next(iter(h.controllers))
+            rel = fs.relative_to_mount(mine.get(c, "/"), h.mount)
+            out[h.mount.mountpoint] = h.mount.mountpoint / rel.lstrip("/")
+        return out
+
+    def attach(self, path: str, pid: int) -> None:
+        if path not in self._partitions:
+            raise BackendError(f"partition '{path}' was not created by this backend")
+        for d in self._dirs(path):
+            fs.write_text(d / "cgroup.procs", str(pid), path)
+
+    def detach(self, pid: int) -> None:
+        home = self._thread_home()
+        for h in self._hier:
+            fs.write_text(home[h.mount.mountpoint] / "cgroup.procs", str(pid), "")
+
+    def pids(self, path: str, leaf: str | None = None) -> list[int]:
+        return fs.subtree_procs(self._mem(path, leaf))
+
+    # ------------------------------------------------------------------ figures
+
+    def _oom_count(self, path: str, leaf: str | None) -> int:
+        # v1 counts an OOM kill only in the victim's own memcg (not its ancestors).
+        counters = fs.read_keyed(self._mem(path, leaf) / "memory.oom_control")
+        if "oom_kill" not in counters:
+            raise BackendError(
+                f"partition '{path}': no oom_kill line in "
+                f"{self._mem(path, leaf) / 'memory.oom_control'}"
+            )
+        return counters["oom_kill"]
+
+    def _register(self, path: str, leaf: str | None) -> None:
+        mem = self._mem(path, leaf)
+        self._event(("oom", path, leaf), mem, "memory.oom_control", "")
+        node = self._partitions.get(path)
+        if leaf is None and node is not None and node.pressure_threshold is not None:
+            self._pressure_state[path] = 0
+            self._event(("pressure", path, None), mem, "memory.usage_in_bytes",
+                        f" {node.pressure_threshold}")  # fmt: skip
+        self._note_registered(path, leaf)
+
+    def _event(self, key: fs.Key, mem: Path, control: str, args: str) -> None:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            cfd = os.open(mem / control, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fs.write_text(mem / "cgroup.event_control", f"{efd} {cfd}{args}", key[1])
+            finally:
+                # The kernel holds its own references now; the control fd can go.
+                os.close(cfd)
+        except BaseException:
+            os.close(efd)
+            raise
+        self._notifier.add(key, efd, eventfd=True)
+
+    def _pressure_check(self, path: str) -> dict[str, object] | None:
+        node = self._partitions[path]
+        threshold = node.pressure_threshold
+        usage = fs.read_int(self._mem(path) / "memory.usage_in_bytes", path)
+        # The threshold eventfd fires on crossings in both directions: report upward
+        # crossings once, re-arm on the way down.
+        above = int(threshold is not None and usage >= threshold)
+        was = self._pressure_state.get(path, 0)
+        self._pressure_state[path] = above
+        if above and not was:
+            return {"usage": usage, "threshold": threshold, "max": node.memory_max}
+        return None
+
+    def stats(self, path: str) -> PartitionStats:
+        mem = self._mem(path)
+        limit = fs.try_read_int(mem / "memory.limit_in_bytes")
+        cpuacct = self._ctrl("cpuacct", path)
+        cpu = self._ctrl("cpu", path)
+        pids = self._ctrl("pids", path)
+        ooms = 0
+        for d in fs.subtree_dirs(mem):
+            ooms += fs.read_keyed(d / "memory.oom_control").get("oom_kill", 0)
+        throttled = fs.read_keyed(cpu / "cpu.stat").get("throttled_time") if cpu else None
+        return PartitionStats(
+            memory_current=fs.read_int(mem / "memory.usage_in_bytes", path),
+            memory_peak=fs.try_read_int(mem / "memory.max_usage_in_bytes"),
+            memory_limit=limit if limit is not None and limit < fs.UNLIMITED_V1 else None,
+            memory_pressure_events=self._pressure_events.get(path, 0),
+            oom_kills=ooms,
+            cpu_usage_ns=fs.try_read_int(cpuacct / "cpuacct.usage") if cpuacct else None,
+            cpu_throttled_ns=throttled,
+            pids_current=fs.try_read_int(pids / "pids.current") if pids else None,
+            pids=fs.subtree_procs(mem),
+        )
+
+
+def _preexec_attach(procs: list[str]) -> Callable[[], None]:
+    data = str  # bound early: nothing is looked up in the child
+
+    def attach() -> None:
+        pid = data(os.getpid()).encode()
+        for p in procs:
+            fd = os.open(p, os.O_WRONLY)
+            os.write(fd, pid)
+            os.close(fd)
+
+    return attach
+
+
+def _spawn_shim(
+    argv: list[str], procs: list[str], kwargs: dict[str, Any]
+) -> subprocess.Popen[bytes]:
+    """Exec ``/bin/sh`` to attach itself, then ``exec`` the worker (same pid)."""
+    env = kwargs.get("env")
+    path_var = env.get("PATH") if isinstance(env, dict) else None
+    # The shell would turn a missing program into exit 127; raise as Popen would.
+    if "/" not in argv[0] and shutil.which(argv[0], path=path_var or os.defpath) is None:
+        raise FileNotFoundError(2, f"No such file or directory: {argv[0]!r}")
+    full = ["/bin/sh", "-c", SHIM, "sh", str(len(procs)), *procs, *argv]
+    return subprocess.Popen(full, **kwargs)

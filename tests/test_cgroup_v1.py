@@ -1,0 +1,499 @@
+"""The cgroup v1 backend against the real kernel: no mocks.
+
+Every test creates its partitions under a unique root (``supervisord-qnx.test-...``) and
+the ``backend`` fixture kills and removes whatever is left, even when the test fails.
+Without a writable v1 memory hierarchy the tests skip with the probe's reason; under
+``SUPERVISORD_QNX_REQUIRE_CGROUPS=1`` that skip is a failure where the hierarchy is
+writable (see ``tests/cgroup_helpers.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisord_qnx.config.model import PartitionSpec
+from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition import tree as ptree
+from supervisord_qnx.partition.backend import (
+    BackendEvent,
+    BackendUnavailable,
+    Control,
+    Enforcement,
+    EventKind,
+    SpawnRequest,
+)
+from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
+from supervisord_qnx.partition.tree import Partition, PartitionTree
+from tests.cgroup_helpers import alive, require_cgroup1, tree_dirs, unique_instance, wait_for
+
+MiB = 1 << 20
+HIER = frozenset({"hierarchical"})
+
+
+@pytest.fixture
+def instance() -> str:
+    return unique_instance("v1")
+
+
+@pytest.fixture
+def backend(instance: str) -> Iterator[Cgroup1Backend]:
+    require_cgroup1()
+    b = Cgroup1Backend(instance=instance, sample_interval=0.05)
+    try:
+        yield b
+    finally:
+        try:
+            b.reap_leftovers()
+        finally:
+            b.close()
+        assert not list(tree_dirs(b.roots)), "the test left cgroup directories behind"
+
+
+def make_tree(backend: Cgroup1Backend, *nodes: tuple[str, dict[str, object]]) -> PartitionTree:
+    tree = PartitionTree()
+    for path, kw in nodes:
+        parent = path.rpartition("/")[0]
+        tree.add(Partition(path, **kw), parent)  # type: ignore[arg-type]
+    assert tree.admit() == []
+    for node in tree:
+        backend.create(node)
+    return tree
+
+
+DEVNULL = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # workers' stdout by default
+
+
+def request(partition: str, leaf: str, argv: list[str], stdout: int | None = None) -> SpawnRequest:
+    return SpawnRequest(
+        partition=partition,
+        leaf=leaf,
+        argv=argv,
+        cwd=None,
+        env=dict(os.environ),
+        stdout=DEVNULL if stdout is None else stdout,
+        stderr=2,
+    )
+
+
+def run_capture(backend: Cgroup1Backend, partition: str, leaf: str, argv: list[str]) -> str:
+    r, w = os.pipe()
+    try:
+        proc = backend.spawn(request(partition, leaf, argv, stdout=w))
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    proc.wait()
+    return out
+
+
+def cgroup_lines(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for c in ctrls.split(","):
+            out[c] = path
+    return out
+
+
+# ---------------------------------------------------------------------------- attach
+
+
+@pytest.mark.parametrize("strategy", ["thread", "preexec", "shim"])
+def test_worker_first_instruction_runs_in_its_leaf(backend: Cgroup1Backend, strategy: str) -> None:
+    backend.spawn_strategy = strategy  # type: ignore[assignment]
+    make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/web", {"memory_max": 64 * MiB}))
+    # cat's first action is to read /proc/self/cgroup: if it names the leaf, the worker was
+    # inside before its first instruction (nothing could have moved it in between).
+    seen = cgroup_lines(run_capture(backend, "tenants/web", "web-0", ["cat", "/proc/self/cgroup"]))
+    root_name = backend.roots[0].name
+    for controller in ("memory", "cpu", "cpuacct", "pids"):
+        if controller in backend._by_ctrl:
+            assert seen[controller].endswith(f"/{root_name}/tenants/web/@web-0"), seen
+    # The spawning thread went home: no daemon thread is left in any leaf.
+    own = Path(f"/proc/{os.getpid()}/task")
+    for task in own.iterdir():
+        text = (task / "cgroup").read_text()
+        assert "supervisord-qnx" not in text, (task.name, text)
+
+
+async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) -> None:
+    make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/web", {"pids_max": 64}))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def one(i: int) -> None:
+        req = request("tenants/web", f"web-{i}", ["sleep", "30"])
+        procs[f"web-{i}"] = await trio.to_thread.run_sync(backend.spawn, req)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(one, i)
+    try:
+        for leaf, proc in procs.items():
+            mem = cgroup_lines(Path(f"/proc/{proc.pid}/cgroup").read_text())["memory"]
+            assert mem.endswith(f"/tenants/web/@{leaf}")
+            assert backend.pids("tenants/web", leaf) == [proc.pid]
+        assert sorted(backend.pids("tenants/web")) == sorted(p.pid for p in procs.values())
+    finally:
+        backend.destroy("tenants/web")
+        for p in procs.values():
+            p.wait()
+    assert all(p.returncode == -signal.SIGKILL for p in procs.values())
+
+
+def test_attach_and_detach_running_process(backend: Cgroup1Backend) -> None:
+    make_tree(backend, ("g", {"memory_max": 64 * MiB}))
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        backend.attach("g", proc.pid)
+        assert backend.pids("g") == [proc.pid]
+        backend.detach(proc.pid)
+        assert backend.pids("g") == []
+        assert alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------- memory
+
+HOG = textwrap.dedent(
+    """
+    hoard = []
+    for _ in range({mib}):
+        hoard.append(bytearray(1 << 20))  # zero-filled: every page touched
+    print("survived", flush=True)
+    """
+)
+
+
+async def test_oom_kill_is_attributed_to_the_leaf_and_spares_the_sibling(
+    backend: Cgroup1Backend,
+) -> None:
+    tree = make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/a", {"memory_max": 48 * MiB}))
+    events: list[BackendEvent] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.watch, tree, events.append)
+        sibling = await trio.to_thread.run_sync(
+            backend.spawn, request("tenants/a", "a-1", ["sleep", "60"])
+        )
+        hog = await trio.to_thread.run_sync(
+            backend.spawn,
+            request("tenants/a", "a-0", [sys.executable, "-c", HOG.format(mib=4 * 48)]),
+        )
+        rc = await trio.to_thread.run_sync(hog.wait)
+        assert rc == -signal.SIGKILL
+        assert backend.leaf_exit_reason("tenants/a", "a-0") == "oom-killed"
+        with trio.fail_after(5):
+            while not any(e.kind is EventKind.OOM_KILL for e in events):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    oom = [e for e in events if e.kind is EventKind.OOM_KILL]
+    assert [(e.partition, e.leaf) for e in oom] == [("tenants/a", "a-0")]
+    # The sibling worker is untouched: same pid, still running, no reason recorded.
+    assert sibling.poll() is None and alive(sibling.pid)
+    assert backend.pids("tenants/a", "a-1") == [sibling.pid]
+    assert backend.leaf_exit_reason("tenants/a", "a-1") is None
+    assert backend.stats("tenants/a").oom_kills == 1
+    # A restart in the same leaf starts from a fresh baseline.
+    assert backend.leaf_exit_reason("tenants/a", "a-0") is None
+    backend.destroy("tenants/a")
+    sibling.wait()
+
+
+async def test_memory_pressure_event_when_usage_crosses_max_minus_reserved(
+    backend: Cgroup1Backend,
+) -> None:
+    tree = make_tree(
+        backend, ("p", {"memory_max": 128 * MiB, "memory_reserved": 64 * MiB})
+    )  # threshold 64 MiB
+    soft = backend._mem("p") / "memory.soft_limit_in_bytes"
+    assert int(soft.read_text()) == 64 * MiB
+    events: list[BackendEvent] = []
+    code = "import time; x = b'x' * (80 << 20); print('ok', flush=True); time.sleep(30)"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.watch, tree, events.append)
+        await trio.sleep(0)
+        proc = await trio.to_thread.run_sync(
+            backend.spawn, request("p", "p-0", [sys.executable, "-c", code])
+        )
+        with trio.fail_after(10):
+            while not any(e.kind is EventKind.MEMORY_PRESSURE for e in events):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    (ev,) = [e for e in events if e.kind is EventKind.MEMORY_PRESSURE]
+    assert ev.partition == "p" and ev.detail["threshold"] == 64 * MiB
+    assert isinstance(ev.detail["usage"], int) and ev.detail["usage"] >= 64 * MiB
+    assert backend.stats("p").memory_pressure_events == 1
+    assert proc.poll() is None  # pressure is a warning, not a kill
+    backend.destroy("p")
+    proc.wait()
+
+
+def test_limits_are_written_to_the_kernel_files(backend: Cgroup1Backend) -> None:
+    make_tree(
+        backend,
+        ("g", {"flags": HIER, "memory_max": 256 * MiB, "cpu_budget": 50, "cpu_max": 60}),
+        (
+            "g/t",
+            {
+                "memory_max": 64 * MiB,
+                "memory_reserved": 8 * MiB,
+                "cpu_budget": 10,
+                "cpu_max": 20,
+                "pids_max": 16,
+            },
+        ),
+    )
+    mem = backend._mem("g/t")
+    assert int((mem / "memory.limit_in_bytes").read_text()) == 64 * MiB
+    assert int((mem / "memory.soft_limit_in_bytes").read_text()) == 56 * MiB
+    assert int((mem / "memory.use_hierarchy").read_text()) == 1
+    if (mem / "memory.memsw.limit_in_bytes").exists():
+        assert int((mem / "memory.memsw.limit_in_bytes").read_text()) == 64 * MiB
+    ncpu = os.cpu_count() or 1
+    cpu = backend._ctrl("cpu", "g/t")
+    if cpu is not None:
+        assert int((cpu / "cpu.shares").read_text()) == 10 * 1024
+        assert int((cpu / "cpu.cfs_period_us").read_text()) == 100_000
+        assert int((cpu / "cpu.cfs_quota_us").read_text()) == round(0.2 * ncpu * 100_000)
+    pids = backend._ctrl("pids", "g/t")
+    if pids is not None:
+        assert (pids / "pids.max").read_text().strip() == "16"
+    levels = backend.enforcement()
+    assert levels[Control.MEMORY_MAX] is Enforcement.KERNEL
+    assert levels[Control.MEMORY_MIN] is Enforcement.NONE
+    assert levels[Control.CONTAINER] is Enforcement.NONE
+
+
+def test_stats_report_kernel_figures(backend: Cgroup1Backend) -> None:
+    make_tree(backend, ("s", {"memory_max": 128 * MiB, "pids_max": 10}))
+    code = "import time; x = b'x' * (20 << 20); print('ok', flush=True); time.sleep(30)"
+    r, w = os.pipe()
+    proc = backend.spawn(request("s", "s-0", [sys.executable, "-c", code], stdout=w))
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            assert f.readline() == b"ok\n"
+        st = backend.stats("s")
+        assert st.memory_current is not None and st.memory_current >= 20 * MiB
+        assert st.memory_peak is not None and st.memory_peak >= st.memory_current
+        assert st.memory_limit == 128 * MiB
+        assert st.oom_kills == 0
+        assert st.pids == [proc.pid]
+        assert st.pids_current == 1
+        assert st.cpu_usage_ns is not None and st.cpu_usage_ns > 0
+        assert st.cpu_throttled_ns == 0
+    finally:
+        backend.destroy("s")
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------- pids, cpu
+
+
+def test_fork_bomb_stops_at_pids_max(backend: Cgroup1Backend) -> None:
+    if "pids" not in backend._by_ctrl:
+        pytest.skip("the v1 pids controller is not mounted")
+    make_tree(backend, ("b", {"pids_max": 8}))
+    bomb = "i=0; while [ $i -lt 64 ]; do sleep 30 & i=$((i+1)); done; wait"
+    proc = backend.spawn(request("b", "b-0", ["/bin/sh", "-c", bomb]))
+    pids_dir = backend._ctrl("pids", "b")
+    assert pids_dir is not None
+    peak = 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        peak = max(peak, int((pids_dir / "pids.current").read_text()))
+        peak = max(peak, len(backend.pids("b")))
+        time.sleep(0.01)
+    try:
+        assert 1 < peak <= 8
+        # Kernels count the refusal at the forking cgroup, the limiting one, or both.
+        refused = [
+            fs.read_keyed(d / "pids.events").get("max", 0) for d in fs.subtree_dirs(pids_dir)
+        ]
+        if (pids_dir / "pids.events").exists():
+            assert sum(refused) > 0, "no fork was refused: the bomb was not bounded"
+    finally:
+        backend.destroy("b")
+        proc.wait()
+
+
+def test_cpu_max_caps_a_spinner(backend: Cgroup1Backend) -> None:
+    if "cpu" not in backend._by_ctrl or "cpuacct" not in backend._by_ctrl:
+        pytest.skip("the v1 cpu/cpuacct controllers are not mounted")
+    ncpu = os.cpu_count() or 1
+    # cpu.max is percent of the whole machine; 20/ncpu % of it is 20 % of one core.
+    make_tree(backend, ("c", {"cpu_max": 20 / ncpu}))
+    cpu = backend._ctrl("cpu", "c")
+    acct = backend._ctrl("cpuacct", "c")
+    assert cpu is not None and acct is not None
+    assert int((cpu / "cpu.cfs_quota_us").read_text()) == 20_000
+    proc = backend.spawn(request("c", "c-0", [sys.executable, "-c", "while True: pass"]))
+    try:
+        time.sleep(0.2)  # interpreter start-up
+        u0, t0 = int((acct / "cpuacct.usage").read_text()), time.monotonic()
+        time.sleep(2.0)
+        u1, t1 = int((acct / "cpuacct.usage").read_text()), time.monotonic()
+        share = (u1 - u0) / 1e9 / (t1 - t0)
+        assert 0 < share <= 0.25, f"spinner used {share:.0%} of one core"
+        assert (backend.stats("c").cpu_throttled_ns or 0) > 0
+    finally:
+        backend.destroy("c")
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------- admission
+
+
+def test_child_bigger_than_parent_is_rejected_before_any_cgroup_exists(
+    backend: Cgroup1Backend,
+) -> None:
+    specs = [
+        PartitionSpec(name="group", flags=["hierarchical"], memory={"max": "64MiB"}),
+        PartitionSpec(name="big", parent="group", memory={"max": "128MiB"}),
+    ]
+    tree, problems = ptree.build(specs, [])
+    assert [(p.partition, p.key) for p in problems] == [("group/big", "memory.max")]
+    # The daemon hands a tree to the backend only when it has no problems.
+    if not problems:  # pragma: no cover - the point of the test
+        for node in tree:
+            backend.create(node)
+    assert not any(r.exists() for r in backend.roots)
+
+
+# ---------------------------------------------------------------------------- cleanup
+
+
+def test_destroy_leaves_no_directory_behind(backend: Cgroup1Backend) -> None:
+    tree = make_tree(
+        backend,
+        ("tenants", {"flags": HIER, "memory_max": 256 * MiB}),
+        ("tenants/a", {"memory_max": 64 * MiB, "pids_max": 20}),
+        ("tenants/b", {"memory_max": 64 * MiB}),
+    )
+    procs = [
+        backend.spawn(request(p, f"{p[-1]}-{i}", ["sleep", "30"]))
+        for p in ("tenants/a", "tenants/b")
+        for i in range(2)
+    ]
+    for node in tree.deepest_first():
+        backend.destroy(node.path)
+    for p in procs:
+        assert p.wait(timeout=5) == -signal.SIGKILL
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []
+    backend.close()
+    assert not any(r.exists() for r in backend.roots)
+
+
+def test_release_leaf_kills_stragglers_and_removes_the_leaf(backend: Cgroup1Backend) -> None:
+    make_tree(backend, ("r", {}))
+    # The worker's main process exits at once, leaving a grandchild behind in the leaf.
+    proc = backend.spawn(request("r", "r-0", ["/bin/sh", "-c", "sleep 30 & exit 0"]))
+    assert proc.wait() == 0
+    assert wait_for(lambda: len(backend.pids("r", "r-0")) == 1)
+    (straggler,) = backend.pids("r", "r-0")
+    backend.release_leaf("r", "r-0")
+    assert not (backend._mem("r") / "@r-0").exists()
+    assert wait_for(lambda: not alive(straggler))
+
+
+DEAD_DAEMON = textwrap.dedent(
+    """
+    import os, signal, sys
+    from supervisord_qnx.partition.backend import SpawnRequest
+    from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
+    from supervisord_qnx.partition.tree import Partition
+    b = Cgroup1Backend(instance=sys.argv[1])
+    b.create(Partition("tenants", flags=frozenset({"hierarchical"})))
+    b.create(Partition("tenants/x", memory_max=64 << 20))
+    null = os.open(os.devnull, os.O_WRONLY)
+    pids = [
+        b.spawn(SpawnRequest("tenants/x", f"x-{i}", ["sleep", "60"], None, dict(os.environ),
+                             null, null)).pid
+        for i in range(3)
+    ]
+    print(" ".join(map(str, pids)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # die without destroy: a crashed daemon
+    """
+)
+
+
+def test_reap_leftovers_of_a_killed_daemon(backend: Cgroup1Backend, instance: str) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", DEAD_DAEMON, instance],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert dead.returncode == -signal.SIGKILL, dead.stderr.decode()
+    orphans = [int(x) for x in dead.stdout.split()]
+    assert len(orphans) == 3 and all(alive(p) for p in orphans)
+    reaped = backend.reap_leftovers()
+    assert {"tenants", "tenants/x", "tenants/x/@x-0"} <= set(reaped)
+    assert wait_for(lambda: not any(alive(p) for p in orphans))
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []
+
+
+def test_reap_leftovers_after_the_backend_object_is_dropped(
+    backend: Cgroup1Backend, instance: str
+) -> None:
+    old = Cgroup1Backend(instance=instance)
+    old.create(Partition("q", memory_max=32 * MiB))
+    proc = old.spawn(request("q", "q-0", ["sleep", "60"]))
+    del old  # no destroy, no close
+    assert set(backend.reap_leftovers()) == {"q", "q/@q-0"}
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_reap_never_touches_other_roots(backend: Cgroup1Backend) -> None:
+    other = Cgroup1Backend(instance=unique_instance("other"))
+    try:
+        other.create(Partition("keep", memory_max=32 * MiB))
+        proc = other.spawn(request("keep", "k-0", ["sleep", "30"]))
+        backend.reap_leftovers()
+        assert proc.poll() is None and other.pids("keep") == [proc.pid]
+    finally:
+        other.destroy("keep")
+        other.close()
+        proc.wait()
+
+
+def test_root_holding_the_daemon_is_refused() -> None:
+    require_cgroup1()
+    with pytest.raises(BackendUnavailable, match="own cgroup"):
+        Cgroup1Backend("/")
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def test_auto_picks_cgroup1_here_and_forced_cgroup2_says_why() -> None:
+    require_cgroup1()
+    from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
+    from supervisord_qnx.partition.detect import choose_backend
+
+    why_v2 = Cgroup2Backend.probe()
+    chosen = choose_backend("auto", cgroup_root=None, instance=unique_instance("auto"))
+    try:
+        assert chosen.name == ("cgroup2" if why_v2 is None else "cgroup1")
+    finally:
+        chosen.close()
+    if why_v2 is not None:
+        with pytest.raises(BackendUnavailable, match="memory controller") as info:
+            choose_backend("cgroup2", cgroup_root=None)
+        print(f"forced cgroup2 refused: {info.value}")
+    forced = choose_backend("cgroup1", cgroup_root="custom-root", instance="x")
+    assert isinstance(forced, Cgroup1Backend)
+    assert forced.roots[0].name == "custom-root.x"
+    forced.close()
