@@ -230,6 +230,22 @@ async def test_params_of_the_wrong_shape_are_bad_request(server: Server) -> None
     assert (good.msgid, good.result) == (9, "pong")
 
 
+async def test_notifications_and_responses_from_a_client_are_ignored(server: Server) -> None:
+    raw = await Raw.open(server.path)
+    stray = msgpack.packb([2, "hello", []]) + msgpack.packb([1, 5, None, "x"])
+    await raw.send(stray + encode_request(1, "ping"))
+    [response] = await raw.responses(1)
+    assert (response.msgid, response.result) == (1, "pong")
+
+
+async def test_bad_limits_are_refused_before_binding(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        await serve(tmp_path / "c.sock", MethodTable(), max_message_bytes=10)
+    with pytest.raises(ValueError):
+        await serve(tmp_path / "c.sock", MethodTable(), max_in_flight=0)
+    assert not (tmp_path / "c.sock").exists()
+
+
 # -- concurrency -----------------------------------------------------------
 
 
@@ -290,7 +306,10 @@ garbage = st.lists(
     | st.builds(
         msgpack.packb,
         st.recursive(
-            st.none() | st.integers() | st.text(max_size=10) | st.binary(max_size=10),
+            st.none()
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.text(max_size=10)
+            | st.binary(max_size=10),
             lambda inner: st.lists(inner, max_size=5),
             max_leaves=10,
         ),
@@ -329,7 +348,8 @@ async def test_garbage_on_one_connection_does_not_disturb_another(server: Server
         rpc.receive_data(received + b"\x90")  # a complete sentinel; b"" would mean EOF
         with pytest.raises(ProtocolError):  # stops at the sentinel, not before
             for event in rpc.events():
-                assert isinstance(event, Response) and event.error is not None, event
+                # Garbage can happen to spell a valid request: any response is fine.
+                assert isinstance(event, Response), event
         assert good.call("echo", n=n) == {"n": n}
 
     await in_thread(check)

@@ -34,7 +34,7 @@ Rules of the module
      the message has one) and an :class:`RpcError`. The server answers it
      with ``bad_request``; the connection goes on.
    * Anything else is *fatal*: bytes that are not msgpack, a value that is
-     not an array, an unknown type tag, a msgid that is not an integer, a
+     not an array, an unknown type tag, a msgid that is not a uint32, a
      message over the size limit. :meth:`next_event` raises
      :class:`ProtocolError` and keeps raising it on every later call (the
      connection is dead, as in h11's ERROR state). If the head of the broken
@@ -296,6 +296,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_uint32(value: object) -> bool:
+    return _is_int(value) and 0 <= value <= MSGID_MAX  # type: ignore[operator]
+
+
 def _bad(kind: MessageKind, msgid: int | None, message: str) -> InvalidMessage:
     return InvalidMessage(kind, msgid, RpcError(ErrorCode.BAD_REQUEST, message))
 
@@ -337,7 +341,7 @@ def _peek_head(head: bytes) -> tuple[MessageKind | None, int | None]:
     except Exception:
         # Anything the decoder says about a fragment just means "no msgid".
         return None, None
-    if not _is_int(msgid):
+    if not _is_uint32(msgid):
         return MessageKind(tag), None
     return MessageKind(tag), msgid
 
@@ -517,12 +521,12 @@ class RpcConnection:
         kind = MessageKind(tag)
         if kind is MessageKind.NOTIFICATION:
             return self._notification(message)
-        if len(message) < 2 or not _is_int(message[1]):
-            got = type(message[1]).__name__ if len(message) >= 2 else "nothing"
-            self._fail(ErrorCode.BAD_REQUEST, f"msgid must be an integer, got {got}", peek=False)
+        if len(message) < 2 or not _is_uint32(message[1]):
+            got = repr(message[1]) if len(message) >= 2 else "nothing"
+            # Fatal, not answered: echoing an id that is not a uint32 would
+            # put an invalid response on the wire.
+            self._fail(ErrorCode.BAD_REQUEST, f"msgid must be a uint32, got {got}", peek=False)
         msgid: int = message[1]
-        if not 0 <= msgid <= MSGID_MAX:
-            return _bad(kind, msgid, f"msgid {msgid} is outside the uint32 range")
         if len(message) != 4:
             return _bad(kind, msgid, f"a {kind.name.lower()} has 4 elements, got {len(message)}")
         if kind is MessageKind.REQUEST:

@@ -345,6 +345,7 @@ async def serve(
     path = Path(path)
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
+    RpcConnection(max_message_bytes)  # validates the limit here, not in every connection task
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
