@@ -219,6 +219,10 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         """Create one cgroup directory (a seam: file-level tests emulate the kernel here)."""
         return fs.mkdir(path, partition)
 
+    def _rmdir(self, path: Path, partition: str) -> None:
+        """Remove one empty cgroup directory (a seam, like ``_mkdir``)."""
+        fs.rmdir_retry(path, partition)
+
     def _enable(self, d: Path, partition: str) -> None:
         """Enable our controllers for ``d``'s children, if ``d`` offers them."""
         offered = _tokens(d / "cgroup.controllers")
@@ -274,7 +278,7 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             for d in fs.subtree_dirs(self.root):
                 if d != self.root:
                     rel = str(d.relative_to(self.root))
-                    fs.rmdir_retry(d, rel)
+                    self._rmdir(d, rel)
                     reaped.append(rel)
             self._forget("")
         return reaped
@@ -329,7 +333,7 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             self._kill(top, path)
             self._forget(path)
             for d in fs.subtree_dirs(top):
-                fs.rmdir_retry(d, path)
+                self._rmdir(d, path)
 
     def _make_leaf_dirs(self, path: str, leaf: str) -> None:
         d = self._dir(path, leaf)
@@ -341,15 +345,17 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         top = self._dir(path, leaf)
         self._kill(top, path)
         for d in fs.subtree_dirs(top):
-            fs.rmdir_retry(d, path)
+            self._rmdir(d, path)
         return [str(top)]
 
     def close(self) -> None:
         super().close()
-        try:
-            os.rmdir(self.root)
-        except OSError:
-            pass
+        # RAII for the root: remove it if the daemon destroyed everything below.
+        if self.root.is_dir() and not any(p.is_dir() for p in self.root.iterdir()):
+            try:
+                self._rmdir(self.root, "")
+            except BackendError:
+                pass
 
     # ------------------------------------------------------------------ processes
 
