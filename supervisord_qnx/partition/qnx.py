@@ -67,6 +67,7 @@ from supervisord_qnx.partition.backend import (
 from supervisord_qnx.partition.portable import RLIMIT_SLACK, PortableBackend
 from supervisord_qnx.partition.qnx_names import SYSTEM, UnmappablePath, aps_name, collisions
 from supervisord_qnx.partition.tree import Partition, PartitionTree
+from supervisord_qnx.units import format_size
 
 DEFAULT_MAX_PARTITIONS = 32  # QNX 7.0/7.1 adaptive partitioning, System included (6.x: 8)
 _TIMEOUT = 30.0
@@ -189,7 +190,7 @@ class QnxBackend(Backend):
                 text = "runs in the daemon's own APS partition"
             cap = node.effective_memory_max
             if cap is not None:
-                text += f"; RLIMIT_DATA {cap * RLIMIT_SLACK} per process"
+                text += f"; RLIMIT_DATA {format_size(cap * RLIMIT_SLACK)} per process"
             out[node.path] = text
         return out
 
