@@ -483,7 +483,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         cpuacct = self._ctrl("cpuacct", path)
         cpu = self._ctrl("cpu", path)
         pids = self._ctrl("pids", path)
-        ooms = 0
+        ooms = sum(n for p, n in self._retired_ooms.items() if fs.under(p, path))
         for d in fs.subtree_dirs(mem):
             ooms += fs.read_keyed(d / "memory.oom_control").get("oom_kill", 0)
         throttled = fs.read_keyed(cpu / "cpu.stat").get("throttled_time") if cpu else None

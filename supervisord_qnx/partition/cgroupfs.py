@@ -37,7 +37,11 @@ The alternatives we weighed for turning those into trio wake-ups:
 
 Every check behind a wake-up is idempotent - it re-reads the kernel counter and compares
 with the last value reported - so spurious or coalesced wake-ups cost a read and never
-produce a wrong or duplicate event.
+produce a wrong or duplicate event. That matters for v1: the OOM eventfd fires when the
+memcg *enters* OOM, before the killer has chosen and counted a victim, so the first read
+can still see the old ``oom_kill``; the watcher re-reads an OOM key a few times over the
+next two seconds (``OOM_RECHECK_DELAYS``). (The kernel does count the kill before it sends
+SIGKILL, so ``leaf_exit_reason``, called after the worker died, never races.)
 
 Teardown
 ========
@@ -82,6 +86,7 @@ DEFAULT_ROOT = "supervisord-qnx"
 LEAF_PREFIX = "@"  # partition names cannot start with "@" (config NAME_PATTERN): no clash
 CFS_PERIOD_US = 100_000
 UNLIMITED_V1 = 1 << 62  # v1 prints ~2**63 rounded to a page for "no limit"
+OOM_RECHECK_DELAYS = (0.02, 0.1, 0.5, 2.0)  # seconds after an OOM notification
 
 # Names the kernel uses for control files; a partition directory named like one would
 # collide with (or be refused next to) the files in its parent directory.
@@ -441,6 +446,9 @@ class CgroupBackendBase(Backend):
         self._oom_seen: dict[tuple[str, str | None], int] = {}  # for watch events
         self._pressure_state: dict[str, int] = {}  # last pressure counter / flag per path
         self._pressure_events: dict[str, int] = {}
+        # OOM kills of leaves already removed (v1 counts are local to a memcg and vanish
+        # with it; stats must stay cumulative).
+        self._retired_ooms: dict[str, int] = {}
         self._sample_interval = sample_interval
         self._root_ready = False
 
@@ -494,6 +502,11 @@ class CgroupBackendBase(Backend):
             if (path, leaf) not in self._leaves:
                 return
             self._notifier.remove(lambda k: k[1] == path and k[2] == leaf)
+            try:
+                gone = self._oom_count(path, leaf)
+            except BackendError:
+                gone = 0
+            self._retired_ooms[path] = self._retired_ooms.get(path, 0) + gone
             self._remove_dirs(path, leaf)
             self._leaves.discard((path, leaf))
             self._oom_base.pop((path, leaf), None)
@@ -505,6 +518,7 @@ class CgroupBackendBase(Backend):
         for p in [p for p in self._partitions if under(p, top)]:
             del self._partitions[p]
             self._pressure_state.pop(p, None)
+            self._retired_ooms.pop(p, None)
         self._leaves = {lf for lf in self._leaves if not under(lf[0], top)}
         for d in (self._oom_base, self._oom_seen):
             for k in [k for k in d if under(k[0], top)]:
@@ -553,12 +567,31 @@ class CgroupBackendBase(Backend):
         # made there and in ``spawn``, so the tree itself is not needed here.
         del tree
         fd = self._notifier.fileno()
+        # v1 signals "this memcg is OOM" *before* the killer picks and counts a victim, so
+        # the first read after a wake-up can still see the old oom_kill; re-read a few
+        # times shortly after (the checks are idempotent, so a late or double read is safe).
+        rechecks: dict[Key, list[float]] = {}
         while True:
-            timeout = self._sample_interval if self._notifier.polled else None
+            now = trio.current_time()
+            deadline = float("inf")
+            if self._notifier.polled:
+                deadline = now + self._sample_interval
+            if rechecks:
+                deadline = min(deadline, min(t[0] for t in rechecks.values()))
             keys: list[Key] = []
-            with trio.move_on_after(timeout if timeout is not None else float("inf")):
+            with trio.move_on_at(deadline):
                 await trio.lowlevel.wait_readable(fd)
-                keys = self._notifier.ready()
+            keys = self._notifier.ready()
+            now = trio.current_time()
+            for key in keys:
+                if key[0] == "oom":
+                    rechecks[key] = [now + d for d in OOM_RECHECK_DELAYS]
+            for key, times in list(rechecks.items()):
+                if times[0] <= now:
+                    keys.append(key)
+                    times.pop(0)
+                    if not times:
+                        del rechecks[key]
             keys += sorted(self._notifier.polled, key=str)
             for key in dict.fromkeys(keys):
                 for event in self._check(key):
