@@ -20,10 +20,10 @@ calls.  What differs is everything around that scan:
 * **Descriptor numbers, not counts, are limited with select().**  An
   ``fd_set`` is a bitmap of ``FD_SETSIZE`` bits fixed when libc and CPython
   were compiled; CPython refuses any descriptor ``>= FD_SETSIZE``.  A
-  supervisor owns a pipe pair per child, a pidfd-less wait per child, control
-  sockets and log files, so descriptor numbers climb with the size of the
-  tree, and a single high-numbered socket would become impossible to wait on
-  no matter how few descriptors the loop is actually watching.  poll() takes
+  supervisor holds stdout/stderr pipes per child, control sockets and log
+  files, so descriptor numbers climb with the size of the tree, and a single
+  high-numbered socket would become impossible to wait on no matter how few
+  descriptors the loop is actually watching.  poll() takes
   an array of ``struct pollfd`` and has no such ceiling.
 
 * **Per-call rebuild cost.**  ``select.select`` converts three Python lists
@@ -259,8 +259,9 @@ class PollIOManager:
                 continue
             # Same rule as trio's epoll manager: anything but pure POLLOUT
             # (data, EOF/HUP, error) concerns the reader; anything but pure
-            # POLLIN concerns the writer.  Every report therefore wakes at
-            # least one waiter, so an unexpected bit can never make us spin.
+            # POLLIN concerns the writer.  The kernel only reports bits we
+            # asked for plus HUP/ERR/NVAL, so every report wakes someone or
+            # drops the interest, and an unexpected bit cannot make us spin.
             if revents & ~_WRITE and waiters.reader is not None:
                 self._ll.reschedule(waiters.reader)
                 waiters.reader = None
