@@ -140,6 +140,8 @@ async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) ->
             nursery.start_soon(one, i)
     try:
         for leaf, proc in procs.items():
+            # The default shim attaches itself just after Popen returns (before exec).
+            assert wait_for(lambda p=proc: "@" in Path(f"/proc/{p.pid}/cgroup").read_text())
             mem = cgroup_lines(Path(f"/proc/{proc.pid}/cgroup").read_text())["memory"]
             assert mem.endswith(f"/tenants/web/@{leaf}")
             assert backend.pids("tenants/web", leaf) == [proc.pid]
@@ -439,6 +441,7 @@ def test_reap_leftovers_of_a_killed_daemon(backend: Cgroup1Backend, instance: st
     assert dead.returncode == -signal.SIGKILL, dead.stderr.decode()
     orphans = [int(x) for x in dead.stdout.split()]
     assert len(orphans) == 3 and all(alive(p) for p in orphans)
+    assert wait_for(lambda: all("@x-" in Path(f"/proc/{p}/cgroup").read_text() for p in orphans))
     reaped = backend.reap_leftovers()
     assert {"tenants", "tenants/x", "tenants/x/@x-0"} <= set(reaped)
     assert wait_for(lambda: not any(alive(p) for p in orphans))
@@ -451,6 +454,7 @@ def test_reap_leftovers_after_the_backend_object_is_dropped(
     old = Cgroup1Backend(instance=instance)
     old.create(Partition("q", memory_max=32 * MiB))
     proc = old.spawn(request("q", "q-0", ["sleep", "60"]))
+    assert wait_for(lambda: backend.pids("q") == [proc.pid])
     del old  # no destroy, no close
     assert set(backend.reap_leftovers()) == {"q", "q/@q-0"}
     assert proc.wait(timeout=5) == -signal.SIGKILL
@@ -461,6 +465,7 @@ def test_reap_never_touches_other_roots(backend: Cgroup1Backend) -> None:
     try:
         other.create(Partition("keep", memory_max=32 * MiB))
         proc = other.spawn(request("keep", "k-0", ["sleep", "30"]))
+        assert wait_for(lambda: other.pids("keep") == [proc.pid])
         backend.reap_leftovers()
         assert proc.poll() is None and other.pids("keep") == [proc.pid]
     finally:

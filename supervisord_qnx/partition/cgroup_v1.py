@@ -57,18 +57,24 @@ Attach before exec: the spawn strategies
 The worker must run its first instruction inside its leaf. Three ways, all implemented
 (``spawn_strategy``), measured by ``bench/bench_spawn.py``:
 
-* ``"thread"`` (default): v1 moves single *threads* (a TID written to ``tasks``). The
-  spawning thread moves itself into the leaf in every hierarchy, forks with plain
+* ``"thread"``: v1 moves single *threads* (a TID written to ``tasks``). The spawning
+  thread moves itself into the leaf in every hierarchy, forks with plain
   ``subprocess.Popen`` - the child is born in its parent thread's cgroups - and moves itself
-  back in ``finally``. ``subprocess`` keeps its ``vfork`` fast path, nothing runs between
-  fork and exec, and concurrent spawns from several worker threads need no lock: each
-  thread only ever moves itself. On the CI machine this costs ~0.1 ms over a bare Popen.
+  back in ``finally``. ``subprocess`` keeps its ``vfork`` fast path and concurrent spawns
+  need no lock (each thread only moves itself). But every move takes the kernel's
+  ``cgroup_threadgroup_rwsem`` for writing (an RCU grace period each time), and this
+  strategy does 2 x (number of hierarchies) moves on the daemon's critical path.
 * ``"preexec"``: ``preexec_fn`` writes the child's pid to ``cgroup.procs``. Correct, but it
   forces a full ``fork`` of the (large) daemon instead of ``vfork``, and running Python
   between fork and exec in a threaded daemon risks deadlocks on locks other threads held.
-* ``"shim"``: exec ``/bin/sh -c 'echo $$ > .../cgroup.procs; exec "$@"'`` - keeps vfork but
-  pays an extra exec of the shell. This is what the cgroup2 backend uses (v2 has no thread
-  granularity for domain cgroups).
+* ``"shim"`` (default): exec ``/bin/sh -c 'echo $$ > .../cgroup.procs ...; exec "$@"'``.
+  Keeps vfork, and the migrations happen in the child, off the daemon's critical path and
+  in parallel with the next spawn; the worker's first instruction still runs inside (the
+  shell attaches, then execs the worker under the same pid; if the leaf vanished
+  meanwhile the shell exits 126 and the worker never runs). Measured on the CI machine,
+  100 spawns timed until every worker sits in its leaf (best of 5, loaded 2-CPU VM):
+  floor 178 ms, shim 238-265 ms (1.3-1.5x), thread 554-616 ms (3.1-3.5x), preexec
+  ~1000 ms (5.5x). Hence the default; the cgroup2 backend uses the same shim.
 
 A moved thread's own page faults are still charged to the daemon's memory cgroup (v1
 charges pages to the mm owner, the main thread), so the move does not bill the tenant for
@@ -158,7 +164,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         root: str | None = None,
         *,
         instance: str | None = None,
-        spawn_strategy: SpawnStrategy = "thread",
+        spawn_strategy: SpawnStrategy = "shim",
         sample_interval: float = 0.25,
         _mountinfo: str | None = None,
         _self_cgroup: str | None = None,
