@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 import trio
 
+from supervisord_qnx import sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.partition import tree as ptree
@@ -128,6 +129,7 @@ class Daemon:
         self.io_backend = "native"
         self._shutdown = trio.Event()
         self.ready = trio.Event()
+        self.stopped = trio.Event()
         self.created: list[str] = []
 
     def request_shutdown(self) -> None:
@@ -217,6 +219,7 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._destroy_partitions)
                 self.backend.close()
+            self.stopped.set()
             log.info("daemon stopped")
 
     def _destroy_partitions(self) -> None:
@@ -231,6 +234,8 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    _notify("RELOADING=1")
+                    _notify("READY=1")
                     log.warning("reload (SIGHUP) is not implemented yet; configuration unchanged")
                     continue
                 log.info("signal received", signal=signal.Signals(signum).name)
@@ -267,23 +272,18 @@ def _methods(daemon: Daemon) -> Any:
 
 def _notify(state: str) -> None:
     try:
-        from supervisord_qnx.sdnotify import notify
-    except ImportError:
-        return
-    notify(state)
+        sdnotify.notify(state)
+    except OSError as exc:  # the service manager went away; keep supervising
+        log.warning("sd_notify failed", state=state, error=str(exc))
 
 
 async def _watchdog() -> None:
-    try:
-        from supervisord_qnx.sdnotify import watchdog_interval
-    except ImportError:
-        return
-    interval = watchdog_interval()
-    if not interval:
+    period = sdnotify.watchdog_period()
+    if not period:
         return
     while True:
         _notify("WATCHDOG=1")
-        await trio.sleep(interval)
+        await trio.sleep(period)
 
 
 __all__ = ["ConfigError", "Daemon", "Enforcement", "admit", "configure_logging", "make_backend"]

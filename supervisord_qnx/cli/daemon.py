@@ -108,10 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _select_io() -> str:
-    try:
-        from supervisord_qnx.iomanager import select_io_backend
-    except ImportError:
-        return "native"
+    from supervisord_qnx.iomanager import select_io_backend
+
     return select_io_backend()
 
 

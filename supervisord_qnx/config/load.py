@@ -46,12 +46,17 @@ class ConfigError(Exception):
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
+    for i, item in enumerate(loc):
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("command", "wasm") and parts and parts[-1].endswith("]"):
-            # The discriminated union adds the worker kind as a path step; the
-            # user never wrote it, so it would only confuse the key path.
+        elif (
+            item in ("command", "wasm")
+            and i > 0
+            and isinstance(loc[i - 1], int)
+            and i + 1 < len(loc)
+        ):
+            # The worker union adds its tag ("command"/"wasm") as a path step the
+            # user never wrote; the real key follows it.
             continue
         else:
             parts.append(("." if parts else "") + str(item))

@@ -1,0 +1,192 @@
+"""Shared fixtures: tenant configs written to disk, and the real daemon run in-process
+(with trio, in the test's own nursery) or as a subprocess through its CLI."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Before anything imports trio: with SUPERVISORD_QNX_IO=poll the whole run,
+# daemon included, uses the poll(2) I/O back end (as on QNX).
+from supervisord_qnx.iomanager import select_io_backend
+
+IO_BACKEND = select_io_backend()
+
+# ruff: noqa: E402 - the imports below must come after the I/O back end is chosen
+
+import pytest
+import trio
+
+from supervisord_qnx.config.load import load
+from supervisord_qnx.control.client import AsyncClient
+from supervisord_qnx.daemon import Daemon, admit, make_backend
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def pytest_report_header() -> list[str]:
+    return [f"supervisord-qnx trio I/O back end: {IO_BACKEND}"]
+
+
+class ConfigDir:
+    """A temporary config directory: ``daemon.toml`` plus ``tenants.d/*.toml``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "tenants.d").mkdir(parents=True, exist_ok=True)
+        self.socket = Path(f"/tmp/sqnx-{uuid.uuid4().hex[:10]}.sock")  # short: sun_path limit
+        self.daemon_extra = ""
+        self.partitions = textwrap.dedent(
+            """
+            [[partition]]
+            name = "tenants"
+            flags = ["hierarchical"]
+            """
+        )
+
+    @property
+    def path(self) -> Path:
+        return self.root / "daemon.toml"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    def write(self, backend: str = "portable", **daemon: Any) -> Path:
+        lines = [
+            "[daemon]",
+            f'socket = "{self.socket}"',
+            'state_dir = "state"',
+            'log_dir = "log"',
+            f'backend = "{backend}"',
+            'enforcement = "best-effort"',
+            "sample_interval = 0.05",
+        ]
+        for key, value in daemon.items():
+            lines.append(f"{key} = {_toml(value)}")
+        self.path.write_text("\n".join(lines) + "\n" + self.daemon_extra + self.partitions)
+        return self.path
+
+    def tenant(self, name: str, body: str) -> Path:
+        path = self.root / "tenants.d" / f"{name}.toml"
+        path.write_text(textwrap.dedent(body))
+        return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def worker_py(code: str) -> str:
+    """A TOML argv for a Python worker running ``code``."""
+    return "[" + ", ".join(f'"{a}"' for a in (PY, "-u", "-c")) + ", " + _json(code) + "]"
+
+
+def _json(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Iterator[ConfigDir]:
+    c = ConfigDir(tmp_path)
+    yield c
+    c.socket.unlink(missing_ok=True)
+
+
+class Running:
+    def __init__(self, daemon: Daemon, socket: Path) -> None:
+        self.daemon = daemon
+        self.socket = socket
+
+    async def call(self, method: str, **params: Any) -> Any:
+        # A connection per call: a client's nursery must not outlive the test task
+        # (pytest-trio tears fixtures down in other tasks).
+        result: Any = None
+        error: BaseException | None = None
+        async with AsyncClient(self.socket) as client:
+            try:
+                result = await client.call(method, **params)
+            except Exception as exc:
+                # Raised outside the client's nursery, so it is not wrapped in a group.
+                error = exc
+        if error is not None:
+            raise error
+        return result
+
+    async def worker(self, name: str) -> dict[str, Any]:
+        for w in await self.call("status"):
+            if w["name"] == name:
+                return dict(w)
+        raise KeyError(name)
+
+    async def wait_for(
+        self, name: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 15.0
+    ) -> dict[str, Any]:
+        """Poll ``status`` (as a user would) until ``pred`` holds for the worker."""
+        with trio.fail_after(timeout):
+            while True:
+                w = await self.worker(name)
+                if pred(w):
+                    return w
+                await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def start_daemon(nursery: trio.Nursery, cfg: ConfigDir) -> AsyncIterator[Callable[..., Any]]:
+    """Start the real daemon in this test's trio run; returns a ``Running`` handle."""
+    started: list[Daemon] = []
+
+    async def start(backend: str = "portable", **daemon_opts: Any) -> Running:
+        cfg.write(backend=backend, **daemon_opts)
+        config = load(cfg.path)
+        be = make_backend(config)
+        tree, warnings = admit(config, be)
+        d = Daemon(config, be, tree, warnings)
+        d.io_backend = IO_BACKEND
+        await nursery.start(d.run)
+        started.append(d)
+        return Running(d, cfg.socket)
+
+    yield start
+    for d in started:
+        d.request_shutdown()
+    with trio.fail_after(30):
+        for d in started:
+            await d.stopped.wait()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

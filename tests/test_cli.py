@@ -1,0 +1,303 @@
+"""The daemon as operators run it: ``supervisord-qnx`` as a subprocess, driven through
+``supervisorctl-qnx`` and signals. Exit codes and printed text are the contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, ConfigDir, cli_env, pid_alive, wait_until, worker_py
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+DAEMON = str(BIN / "supervisord-qnx")
+CTL = str(BIN / "supervisorctl-qnx")
+
+
+def ctl(sock: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [CTL, "--socket", str(sock), *args], capture_output=True, text=True, timeout=60
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ctl {args} -> {proc.returncode}: {proc.stdout}{proc.stderr}")
+    return proc
+
+
+class DaemonProc:
+    def __init__(self, cfg: ConfigDir, *extra: str) -> None:
+        self.cfg = cfg
+        self.log = open(cfg.root / "daemon.out", "w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [DAEMON, "--config", str(cfg.path), *extra],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
+        wait_until(self.up, 30, "the daemon to answer ping")
+
+    def up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {self.proc.returncode}: {self.output()}")
+        return ctl(self.cfg.socket, "ping").returncode == 0
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.cfg.root / "daemon.out").read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(30)
+        finally:
+            self.log.close()
+        return code
+
+
+@pytest.fixture
+def daemon(cfg: ConfigDir) -> Iterator[type[DaemonProc]]:
+    started: list[DaemonProc] = []
+
+    def start(*extra: str) -> DaemonProc:
+        d = DaemonProc(cfg, *extra)
+        started.append(d)
+        return d
+
+    yield start  # type: ignore[misc]
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")
+
+
+def beat_tenant(cfg: ConfigDir, name: str) -> None:
+    cfg.tenant(
+        name,
+        f"""
+        memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "beat"
+        command = {BEAT}
+        """,
+    )
+
+
+def test_status_json_and_sigterm_clean_exit(cfg: ConfigDir, daemon) -> None:
+    beat_tenant(cfg, "alpha")
+    beat_tenant(cfg, "bravo")
+    cfg.write()
+    d = daemon()
+    table = ctl(cfg.socket, "status", check=True)
+    assert "alpha:beat-0" in table.stdout and "running" in table.stdout
+    assert table.stdout.splitlines()[0].split()[:3] == ["WORKER", "STATE", "PID"]
+    data = json.loads(ctl(cfg.socket, "--json", "status", check=True).stdout)
+    assert {w["state"] for w in data} == {"running"}
+    pids = [w["pid"] for w in data]
+    # SIGTERM: tenants stopped, socket removed, exit 0, no worker left behind.
+    assert d.stop() == 0
+    assert not cfg.socket.exists()
+    for pid in pids:
+        assert not pid_alive(pid)
+
+
+def test_status_exit_code_when_a_worker_is_not_running(cfg: ConfigDir, daemon) -> None:
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    daemon()
+    ctl(cfg.socket, "stop", "alpha", check=True)
+    res = ctl(cfg.socket, "status")
+    assert res.returncode == 3 and "stopped" in res.stdout
+    err = ctl(cfg.socket, "start", "nope")
+    assert err.returncode == 1 and "no tenant named 'nope'" in err.stderr
+    assert ctl(cfg.socket, "start", "alpha", "--wait", check=True).returncode == 0
+    assert ctl(cfg.socket, "status").returncode == 0
+
+
+def test_unreachable_daemon_exit_code(tmp_path: Path) -> None:
+    res = ctl(tmp_path / "none.sock", "status")
+    assert res.returncode == 4
+    assert "none.sock" in res.stderr
+
+
+def test_second_daemon_on_same_socket_refuses(cfg: ConfigDir, daemon) -> None:
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    first = daemon()
+    pid_before = json.loads(ctl(cfg.socket, "--json", "status").stdout)[0]["pid"]
+    second = subprocess.run(
+        [DAEMON, "--config", str(cfg.path)], capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 3
+    assert "already serving" in second.stderr
+    # The first daemon and its tenant are untouched.
+    assert ctl(cfg.socket, "ping").returncode == 0
+    assert json.loads(ctl(cfg.socket, "--json", "status").stdout)[0]["pid"] == pid_before
+    assert first.stop() == 0
+
+
+def test_stale_socket_is_replaced(cfg: ConfigDir, daemon) -> None:
+    import socket
+
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(cfg.socket))
+    s.close()  # a socket file with nobody behind it: what a crashed daemon leaves
+    daemon()
+    assert ctl(cfg.socket, "ping").stdout.strip() == "pong"
+
+
+def test_stop_takes_down_grandchildren_that_left_the_session(
+    cfg: ConfigDir, daemon, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    # The worker's child calls setsid() (own session and process group), starts a
+    # grandchild and exits: a group kill of the worker cannot reach the grandchild.
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        open({str(pidfile)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"        os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
+        "        while True: time.sleep(1)\n"
+        "    os._exit(0)\n"
+        "while True: time.sleep(1)\n"
+    )
+    cfg.tenant(
+        "forker",
+        f"""
+        [[worker]]
+        name = "main"
+        command = {worker_py(code)}
+        stop_timeout = 1
+        """,
+    )
+    cfg.write()
+    d = daemon()
+    wait_until(pidfile.exists, 10, "the grandchild to start")
+    grandchild = int(pidfile.read_text())
+    # Re-parented to the daemon (child subreaper), not to init.
+    wait_until(lambda: _ppid(grandchild) == d.proc.pid, 10, "re-parenting to the daemon")
+    res = ctl(cfg.socket, "--json", "stop", "forker", check=True)
+    assert json.loads(res.stdout)[0]["state"] == "stopped"
+    # Killed, and reaped by the daemon: no process and no zombie left.
+    wait_until(lambda: not os.path.exists(f"/proc/{grandchild}"), 10, "the grandchild to go")
+    assert d.stop() == 0
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
+    cfg.partitions += (
+        '[[partition]]\nname = "small"\nparent = "tenants"\nmemory = { max = "64MiB" }\n'
+    )
+    cfg.tenant(
+        "typo",
+        """
+        memroy = { max = "1GiB" }
+        [[worker]]
+        name = "w"
+        command = ["true"]
+        """,
+    )
+    cfg.tenant(
+        "toobig",
+        """
+        parent = "tenants/small"
+        memory = { max = "128MiB" }
+        [[worker]]
+        name = "w"
+        command = ["true"]
+        """,
+    )
+    cfg.tenant("broken", "this is = = not toml\n")
+    cfg.tenant(
+        "wrongtype",
+        """
+        [[worker]]
+        name = "w"
+        command = "not-a-list"
+        instances = "many"
+        """,
+    )
+    cfg.write()
+    res = subprocess.run(
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr
+    assert f"{cfg.root}/tenants.d/typo.toml: memroy: unknown key" in err
+    assert f"{cfg.root}/tenants.d/broken.toml: TOML syntax error" in err
+    assert f"{cfg.root}/tenants.d/wrongtype.toml: worker[0].command:" in err
+    assert f"{cfg.root}/tenants.d/wrongtype.toml: worker[0].instances:" in err
+    # The admission rule names both partitions and both numbers.
+    assert (
+        "128MiB of 'tenants/small/toobig' exceeds the max 64MiB in force at 'tenants/small'" in err
+    )
+    assert "nothing was started" in err
+    # And starting for real refuses the same way, starting nothing.
+    res = subprocess.run([DAEMON, "--config", str(cfg.path)], capture_output=True, text=True)
+    assert res.returncode == 2 and not cfg.socket.exists()
+
+
+def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    res = subprocess.run(
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "backend: portable" in res.stdout
+    assert "alpha (tenant)" in res.stdout and "128MiB" in res.stdout
+    assert "memory.max         supervised" in res.stdout
+    data = json.loads(
+        subprocess.run(
+            [DAEMON, "--config", str(cfg.path), "--check", "--json"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert data["ok"] and data["enforcement"]["memory.min"] == "none"
+
+
+def test_example_config_checks_clean() -> None:
+    res = subprocess.run(
+        [DAEMON, "--config", str(REPO / "config" / "supervisord.toml"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert len([line for line in res.stdout.splitlines() if "(tenant)" in line]) >= 3
+
+
+def test_help_teaches(tmp_path: Path) -> None:
+    for cmd in (DAEMON, CTL):
+        res = subprocess.run([cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "exit codes" in res.stdout and "example" in res.stdout
+
+
+def test_ctl_starts_fast_without_trio() -> None:
+    code = (
+        "import sys, time; t=time.perf_counter();"
+        "import supervisord_qnx.cli.ctl;"
+        "print('trio' in sys.modules, 'pydantic' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.split() == ["False", "False"]
