@@ -265,3 +265,8 @@ def test_window_slides_and_stable_run_resets_backoff() -> None:
 def test_policies(policy: str, reason: str, verdict: Verdict) -> None:
     t = RestartTracker(RestartSpec(policy=policy))  # type: ignore[arg-type]
     assert t.decide(reason, 0, 1).verdict is verdict
+
+
+def test_lifecycle_doc_shows_the_table_in_force() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "lifecycle.md").read_text()
+    assert transition_table() in doc
