@@ -29,6 +29,7 @@ import trio
 from supervisord_qnx import sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
+from supervisord_qnx.control.server import AlreadyRunning, ServeError
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
 from supervisord_qnx.supervise.events import EventBus
@@ -242,11 +243,9 @@ class Daemon:
                 self.request_shutdown()
 
 
-class AlreadyRunning(Exception):
-    pass
-
-
 def _refuse_if_live(path: Path) -> None:
+    """Refuse before touching any partition: a live daemon on our socket owns them (and
+    reaping "leftovers" would kill its workers). The server checks again when it binds."""
     import socket as _socket
 
     if not path.exists():
@@ -258,10 +257,7 @@ def _refuse_if_live(path: Path) -> None:
         return  # stale: the server replaces it
     finally:
         s.close()
-    raise AlreadyRunning(
-        f"another supervisord-qnx is already serving on {path}; stop it first "
-        f"(supervisorctl-qnx --socket {path} shutdown) or use another socket"
-    )
+    raise AlreadyRunning(path)
 
 
 def _methods(daemon: Daemon) -> Any:
@@ -286,4 +282,13 @@ async def _watchdog() -> None:
         await trio.sleep(period)
 
 
-__all__ = ["ConfigError", "Daemon", "Enforcement", "admit", "configure_logging", "make_backend"]
+__all__ = [
+    "AlreadyRunning",
+    "ConfigError",
+    "Daemon",
+    "Enforcement",
+    "ServeError",
+    "admit",
+    "configure_logging",
+    "make_backend",
+]

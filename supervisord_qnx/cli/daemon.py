@@ -102,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     except d.AlreadyRunning as exc:
         print(f"supervisord-qnx: {exc}", file=sys.stderr)
         return EXIT_RUNNING
+    except BaseExceptionGroup as group:
+        # Failures inside the daemon's nursery arrive grouped; report the operator's
+        # kind (socket taken, socket path unusable) plainly, re-raise anything else.
+        running, rest = group.split(d.AlreadyRunning)
+        if running is not None:
+            print(f"supervisord-qnx: {running.exceptions[0]}", file=sys.stderr)
+            return EXIT_RUNNING
+        serve, rest = group.split(d.ServeError)
+        if serve is not None and rest is None:
+            print(f"supervisord-qnx: {serve.exceptions[0]}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
