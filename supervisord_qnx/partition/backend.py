@@ -31,7 +31,7 @@ import enum
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from supervisord_qnx.partition.tree import Partition, PartitionTree
@@ -81,6 +81,21 @@ class SpawnRequest:
     stdout: int  # an open file descriptor, inherited by the child
     stderr: int
     pass_fds: Sequence[int] = ()
+
+    def popen_kwargs(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The ``subprocess.Popen`` settings every backend starts a worker with: no stdin,
+        output to the worker's log, only the fds it is given, and its own session so that
+        a stop signal reaches its whole process group and nothing of the daemon's."""
+        return {
+            "cwd": self.cwd,
+            "env": dict(self.env if env is None else env),
+            "stdin": subprocess.DEVNULL,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "pass_fds": tuple(self.pass_fds),
+            "close_fds": True,
+            "start_new_session": True,
+        }
 
 
 @dataclass

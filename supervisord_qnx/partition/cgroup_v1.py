@@ -373,16 +373,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         path, leaf = request.partition, request.leaf
         self.ensure_leaf(path, leaf)
         dirs = self._dirs(path, leaf)
-        kwargs: dict[str, Any] = {
-            "cwd": request.cwd,
-            "env": dict(request.env),
-            "stdin": subprocess.DEVNULL,
-            "stdout": request.stdout,
-            "stderr": request.stderr,
-            "pass_fds": tuple(request.pass_fds),
-            "close_fds": True,
-            "start_new_session": True,
-        }
+        kwargs = request.popen_kwargs()
         argv = list(request.argv)
         if self.spawn_strategy == "thread":
             return self._spawn_moved_thread(dirs, argv, kwargs, path)

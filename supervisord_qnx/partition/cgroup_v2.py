@@ -74,7 +74,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
@@ -362,16 +362,7 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         self.ensure_leaf(request.partition, request.leaf)
         procs = [str(self._dir(request.partition, request.leaf) / "cgroup.procs")]
-        kwargs: dict[str, Any] = {
-            "cwd": request.cwd,
-            "env": dict(request.env),
-            "stdin": subprocess.DEVNULL,
-            "stdout": request.stdout,
-            "stderr": request.stderr,
-            "pass_fds": tuple(request.pass_fds),
-            "close_fds": True,
-            "start_new_session": True,
-        }
+        kwargs = request.popen_kwargs()
         if self.spawn_strategy == "preexec":
             return subprocess.Popen(list(request.argv), preexec_fn=_preexec_attach(procs), **kwargs)
         return _spawn_shim(list(request.argv), procs, kwargs)

@@ -111,14 +111,8 @@ class PortableBackend(Backend):
             self._limit_killed.discard((request.partition, request.leaf))
         return subprocess.Popen(
             list(request.argv),
-            cwd=request.cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=request.stdout,
-            stderr=request.stderr,
-            pass_fds=tuple(request.pass_fds),
-            start_new_session=True,
             preexec_fn=_preexec(limits) if limits else None,
+            **request.popen_kwargs(env),
         )
 
     def attach(self, path: str, pid: int) -> None:

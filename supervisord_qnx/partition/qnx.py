@@ -255,16 +255,7 @@ class QnxBackend(Backend):
         # The qnx-sim simulator's own settings, so its `on` finds the daemon's simulated
         # partitions; its `on` removes them before exec and QNX never sets them.
         env.update({k: v for k, v in os.environ.items() if k.startswith("QNX_SIM_")})
-        return subprocess.Popen(
-            self.launch_argv(node, request.argv),
-            cwd=request.cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=request.stdout,
-            stderr=request.stderr,
-            pass_fds=tuple(request.pass_fds),
-            start_new_session=True,
-        )
+        return subprocess.Popen(self.launch_argv(node, request.argv), **request.popen_kwargs(env))
 
     def launch_argv(self, node: Partition, argv: Sequence[str]) -> list[str]:
         """``on`` with the partition and limits, then the worker's own argv."""
