@@ -58,7 +58,8 @@ class DaemonProc:
         try:
             code = self.proc.wait(30)
         finally:
-            self.log.close()
+            if not self.log.closed:
+                self.log.close()
         return code
 
 
@@ -73,9 +74,13 @@ def daemon(cfg: ConfigDir) -> Iterator[type[DaemonProc]]:
 
     yield start  # type: ignore[misc]
     for d in started:
+        # A graceful stop, so the test leaves no worker behind; SIGKILL only if it hangs.
         if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+            try:
+                d.stop()
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()
 
 
 BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")
