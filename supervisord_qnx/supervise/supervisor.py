@@ -26,17 +26,22 @@ from supervisord_qnx.config.model import Config, TenantSpec, WasmWorker, WorkerB
 from supervisord_qnx.partition.backend import Backend, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus
-from supervisord_qnx.supervise.policy import RestartTracker, Verdict
+from supervisord_qnx.supervise.policy import Decision, RestartTracker, Verdict
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.supervise.worker import SETTLED_AFTER_START, Event, State, next_state
 
 log = structlog.get_logger("supervisord_qnx.supervisor")
 
 
-# Resident size of a wasm runner itself (interpreter + wasmtime + compiled code):
-# bench/bench_wasm.py measured 28 MiB with a warm cache and 35 MiB while compiling;
+# Resident size of a wasm runner itself (interpreter + wasmtime + compiled code),
 # subtracted from a partition's max for the default linear-memory cap.
+# bench/bench_wasm.py measured 28 MiB with a warm cache and 35 MiB while compiling
+# (Cranelift's peak); bench/bench_wasm_tenants.py measured the same through the daemon.
+# A constant rather than a measurement at start: the peak that matters is the
+# compile, which a warm daemon no longer sees, and a cap must not change between
+# restarts. 40 = the 35 MiB compile peak + 5 MiB for the store's own allocations.
 WASM_RUNNER_OVERHEAD = 40 << 20
+WASM_PAGE = 64 * 1024
 
 
 class NotFound(Exception):
@@ -274,6 +279,10 @@ class Supervisor:
             if inst.stop_requested:
                 return  # _stop_instance finishes the job (leftovers, final state)
             decision = inst.tracker.decide(inst.exit_reason, time.monotonic(), uptime)
+            if decision.verdict is Verdict.RESTART and _unrunnable(inst):
+                # A module that cannot be compiled or instantiated fails the same way on
+                # every try: no restart loop, straight to fatal.
+                decision = Decision(Verdict.FATAL)
             if decision.verdict is Verdict.FINAL:
                 self._transition(inst, Event.EXIT_FINAL)
                 await self._clear_leaf(inst)
@@ -380,7 +389,8 @@ class Supervisor:
         if cap is None:
             return None
         share = cap // max(1, sum(w.instances for w in self.tenant(inst.tenant).spec.worker))
-        return max(64 * 1024, share - WASM_RUNNER_OVERHEAD)
+        # Whole wasm pages: memory.grow works in pages, so a partial page is never usable.
+        return max(WASM_PAGE, (share - WASM_RUNNER_OVERHEAD) // WASM_PAGE * WASM_PAGE)
 
     async def _exit_reason(self, inst: Instance, status: int) -> str:
         """The most specific reason: the backend's (oom-killed, memory-limit) over the
@@ -447,6 +457,13 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
             await trio.sleep(0.01)
         log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=pids)
+
+
+def _unrunnable(inst: Instance) -> bool:
+    from supervisord_qnx.wasm.outcome import REASON_INVALID_PREFIX
+
+    reason = inst.exit_reason or ""
+    return isinstance(inst.spec, WasmWorker) and reason.startswith(REASON_INVALID_PREFIX)
 
 
 def _denials(report: dict[str, Any]) -> int:
