@@ -126,6 +126,11 @@ class Daemon:
         self.warnings = warnings
         self.events = EventBus()
         self.reaper = ChildReaper()
+        # A backend that runs helper commands (QNX's aps/on) must run them through the
+        # reaper, whose orphan sweep would otherwise take their exit statuses.
+        set_runner = getattr(backend, "set_utility_runner", None)
+        if set_runner is not None:
+            set_runner(self.reaper.run_utility)
         self.supervisor = Supervisor(config, tree, backend, self.reaper, self.events)
         self.io_backend = "native"
         self._shutdown = trio.Event()

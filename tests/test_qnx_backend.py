@@ -179,6 +179,36 @@ def test_nested_partitions_take_budget_from_their_parent(sim: Path) -> None:
     assert rows["tenants"]["budget"] == "60%" and rows["tenants.a"]["budget"] == "20%"
 
 
+def test_create_over_budgets_a_crashed_daemon_left_takes_them_back(sim: Path) -> None:
+    tree = tree_of(
+        Partition("tenants", flags=frozenset({"hierarchical"}), cpu_budget=90),
+        Partition("tenants/a", cpu_budget=20),
+        Partition("tenants/b", cpu_budget=60),
+    )
+    for node in tree:
+        QnxBackend().create(node)  # then no destroy: the daemon was SIGKILLed
+    assert aps_partitions()["System"]["budget"] == "10%"
+    smaller = tree_of(  # and the new config moved budget from b to a
+        Partition("tenants", flags=frozenset({"hierarchical"}), cpu_budget=90),
+        Partition("tenants/a", cpu_budget=50),
+        Partition("tenants/b", cpu_budget=30),
+    )
+    again = QnxBackend()
+    for node in smaller:
+        again.create(node)
+    rows = aps_partitions()
+    budgets = [rows[n]["budget"] for n in ("System", "tenants", "tenants.a", "tenants.b")]
+    assert budgets == ["10%", "10%", "50%", "30%"]
+    # A partition the new config no longer names keeps its budget: the error says how
+    # to free it rather than leaving the operator with aps's bare EINVAL.
+    again.destroy("tenants")
+    subprocess.run(["aps", "create", "-b", "95", "grp"], check=True)
+    subprocess.run(["on", "-X", "aps=grp", "aps", "create", "-b", "10", "gone"], check=True)
+    with pytest.raises(BackendError) as info:
+        QnxBackend().create(tree_of(Partition("grp", cpu_budget=95))["grp"])
+    assert "left by an earlier run" in str(info.value) and "aps modify -b 0" in str(info.value)
+
+
 def test_create_failure_names_partition_command_and_stderr(sim: Path) -> None:
     subprocess.run(["aps", "create", "-b", "90", "hog"], check=True)
     with pytest.raises(BackendError) as info:

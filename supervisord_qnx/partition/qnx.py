@@ -52,7 +52,7 @@ import resource
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.backend import (
@@ -72,9 +72,24 @@ from supervisord_qnx.units import format_size
 DEFAULT_MAX_PARTITIONS = 32  # QNX 7.0/7.1 adaptive partitioning, System included (6.x: 8)
 _TIMEOUT = 30.0
 
+#: Runs a helper command to completion and returns its real exit status.
+UtilityRunner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run_plain(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=_TIMEOUT)
+
 
 def _pct(value: float) -> str:
     return f"{value:g}"
+
+
+def _descendants(node: Partition) -> list[Partition]:
+    out = []
+    for child in node.children.values():
+        out.append(child)
+        out.extend(_descendants(child))
+    return out
 
 
 class QnxBackend(Backend):
@@ -109,6 +124,18 @@ class QnxBackend(Backend):
         self._can_account = os.path.exists("/proc/self/stat")
         self._partitions: dict[str, Partition] = {}
         self._policy_set = False
+        self._run_utility: UtilityRunner = _run_plain
+
+    def set_utility_runner(self, runner: UtilityRunner) -> None:
+        """Run ``aps``/``on`` through ``runner`` from now on.
+
+        Inside the daemon this must be the child reaper's ``run_utility``: the reaper
+        collects every zombie child it does not know of (adopted orphans), and a plain
+        ``subprocess.run`` in a worker thread races it for the helper's status. When
+        the sweep wins, Python reports exit 0, so a failed ``aps create`` (EEXIST on
+        a restart) passes for success and the partition keeps its old budget.
+        """
+        self._run_utility = runner
 
     # -- capability ---------------------------------------------------------------
 
@@ -222,11 +249,26 @@ class QnxBackend(Backend):
         proc = self._call(cmd, partition)
         if proc.returncode == 0:
             return
-        if name in self._existing(partition):
-            # Left by an earlier run (APS partitions live until reboot): reconfigure it.
-            self._run([self._tool(self._aps), "modify", *options, name], partition)
-            return
-        raise self._error(partition.path, cmd, proc)
+        existing = self._existing(partition)
+        if name not in existing:
+            raise self._error(partition.path, cmd, proc)
+        # Left by an earlier run (APS partitions live until reboot): reconfigure it. A
+        # daemon that died without shutting down (SIGKILL, a crash) left every budget in
+        # place, its children's carved from this one: hand those back first, deepest
+        # first, or the reconfiguration cannot find the budget it asks for.
+        below = [n for n in _descendants(partition) if n.cpu_budget is not None]
+        for sub in sorted(below, key=lambda n: -n.depth):
+            if aps_name(sub.path) in existing:
+                self._run([self._tool(self._aps), "modify", "-b", "0", aps_name(sub.path)], sub)
+        modify = [self._tool(self._aps), "modify", *options, name]
+        proc = self._call(modify, partition)
+        if proc.returncode != 0:
+            error = self._error(partition.path, modify, proc)
+            raise BackendError(
+                f"{error} (reusing the APS partition {name!r} left by an earlier run; "
+                "partitions of tenants no longer configured keep their budgets until "
+                "reboot: `aps show` lists them, `aps modify -b 0 NAME` frees one)"
+            )
 
     def destroy(self, path: str) -> None:
         self._accounting.destroy(path)  # kills every process left in the subtree
@@ -283,7 +325,10 @@ class QnxBackend(Backend):
 
     def detach(self, pid: int) -> None:
         cmd = [self._tool(self._aps), "join", "-p", str(pid), self.home_partition]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT)
+        try:
+            proc = self._run_utility(cmd)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendError(f"pid {pid}: `{shlex.join(cmd)}`: {exc}") from exc
         self._accounting.detach(pid)
         if proc.returncode != 0:
             raise BackendError(
@@ -328,7 +373,7 @@ class QnxBackend(Backend):
 
     def _call(self, cmd: list[str], node: Partition) -> subprocess.CompletedProcess[str]:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT)
+            return self._run_utility(cmd)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendError(f"partition '{node.path}': `{shlex.join(cmd)}`: {exc}") from exc
 

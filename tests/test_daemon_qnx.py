@@ -1,0 +1,416 @@
+"""The whole daemon with ``backend = "qnx"`` on qnx-sim: APS partitions through the real
+``aps``/``on`` simulators, real cgroup v1 cpu, real workers, the real control socket.
+
+The backend's own tests (test_qnx_backend.py) drive ``QnxBackend`` directly; these go
+through config files, admission, start-up, the supervisor and shutdown, in-process and
+as ``supervisord-qnx`` subprocesses, as an operator on QNX would run it.
+
+Each test gets its own qnx-sim state directory and cgroup root and ends with the
+simulator's reboot (``qnx-sim-reset --kill``), after the daemon has stopped. Its group
+partition has a unique name too, not the usual ``tenants``: the user-space accounting
+finds a partition's processes by their ``SUPERVISORD_QNX_LEAF`` tag, which names the
+partition path but not the daemon, so daemons of concurrent test runs on this machine
+with the same paths would count (and at shutdown kill) each other's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import textwrap
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisord_qnx.control.client import Client
+from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
+from tests.test_cli import DAEMON, DaemonProc
+from tests.test_qnx_backend import aps_partitions, cpu_ticks
+from tests.test_qnx_sim import CPU, SIM_BIN, cgroup_cpu_or_skip
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+def group_partition(name: str, share: int = 90) -> str:
+    """The group every tenant here belongs to: its budget is carved from System, the
+    tenants' from it."""
+    return textwrap.dedent(
+        f"""
+        [[partition]]
+        name = "{name}"
+        flags = ["hierarchical"]
+        cpu = {{ budget = {share} }}
+        """
+    )
+
+
+BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")
+
+
+@dataclass
+class Sim:
+    cgroup: Path  # the cgroup root of the simulated APS partitions
+    group: str  # the group partition's name (= its APS name)
+
+    def tenant(self, cfg: ConfigDir, name: str, body: str) -> None:
+        cfg.tenant(name, f'parent = "{self.group}"\n' + textwrap.dedent(body))
+
+    def aps(self, tenant: str) -> str:
+        return f"{self.group}.{tenant}"
+
+
+@pytest.fixture
+def qnx_sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cfg: ConfigDir) -> Iterator[Sim]:
+    """qnx-sim first on PATH, a private simulator state and cgroup root, and a uniquely
+    named group partition with a budget.
+
+    The daemon (in-process or subprocess) inherits these variables; the qnx backend
+    passes ``QNX_SIM_*`` on to ``on`` so workers find the same simulated partitions.
+    """
+    cgroup = f"qnx-daemon-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("PATH", f"{SIM_BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("QNX_SIM_STATE", str(tmp_path / "qnx-state"))
+    monkeypatch.setenv("QNX_SIM_CGROUP", cgroup)
+    sim = Sim(CPU / cgroup, f"q{uuid.uuid4().hex[:7]}")
+    cfg.partitions = group_partition(sim.group)
+    yield sim
+    # The reboot: kills whatever a failed test left in a partition, removes the cgroups.
+    subprocess.run([PY, str(SIM_BIN / "qnx-sim-reset"), "--kill"], check=False, timeout=30)
+
+
+def toml_list(argv: list[str]) -> str:
+    return json.dumps(argv)
+
+
+def budget(rows: dict[str, dict[str, str]], name: str) -> str:
+    return rows[name]["budget"]
+
+
+# -- CPU budgets ---------------------------------------------------------------------
+
+SPIN = ["taskset", "-c", "0", PY, "-c", "while True: pass"]
+
+
+async def test_cpu_shares_follow_budgets_20_and_60_through_the_daemon(
+    qnx_sim: Sim, cfg: ConfigDir, start_daemon
+) -> None:
+    cgroup_cpu_or_skip()
+    for name, share in (("low", 20), ("high", 60)):
+        qnx_sim.tenant(
+            cfg,
+            name,
+            f"""
+            cpu = {{ budget = {share} }}
+            [[worker]]
+            name = "spin"
+            command = {toml_list(SPIN)}
+            """,
+        )
+    d = await start_daemon(backend="qnx")
+    assert (await d.call("version"))["backend"] == "qnx"
+    pids = {}
+    for name in ("low", "high"):
+        w = await d.wait_for(f"{name}:spin-0", lambda w: w["state"] == "running")
+        pids[name] = w["pid"]
+    # The daemon made the APS partitions: the group from System, the tenants from it.
+    rows, group = aps_partitions(), qnx_sim.group
+    assert budget(rows, "System") == "10%" and budget(rows, group) == "10%"
+    assert budget(rows, qnx_sim.aps("low")) == "20%" and budget(rows, qnx_sim.aps("high")) == "60%"
+    assert rows[qnx_sim.aps("low")]["parent"] == rows[group]["id"]
+    await trio.sleep(0.5)  # both spinning and pinned before measuring
+    for name, pid in pids.items():
+        # `on` and taskset exec, so the pid the daemon reports is the spinner itself.
+        cgroup = f":/{qnx_sim.cgroup.name}/{qnx_sim.aps(name)}\n"
+        assert cgroup in Path(f"/proc/{pid}/cgroup").read_text()
+        assert os.sched_getaffinity(pid) == {0}
+    before = {n: cpu_ticks(p) for n, p in pids.items()}
+    await trio.sleep(3.0)
+    used = {n: cpu_ticks(p) - before[n] for n, p in pids.items()}
+    print(f"CPU ticks over 3 s on CPU 0 through the daemon: {used} (budgets 20:60)")
+    assert used["low"] > 0, "a budget is a guaranteed minimum: the 20% tenant must not starve"
+    # cpu.shares 2000:6000 is 1:3; other engineers' load on CPU 0 blurs it, hence the band.
+    ratio = used["high"] / used["low"]
+    assert 2.0 <= ratio <= 4.5, f"high/low = {ratio:.2f}, outside 2..4.5"
+    report = await d.call("partitions")
+    tenants = {c["path"]: c for c in report["tree"]["children"][0]["children"]}
+    os_name = tenants[f"{group}/high"]["os_name"]
+    assert os_name.startswith(f"APS partition {qnx_sim.aps('high')} (budget 60%"), os_name
+
+
+# -- memory ----------------------------------------------------------------------------
+
+
+async def test_memory_hog_killed_at_max_sibling_keeps_running(
+    qnx_sim: Sim, cfg: ConfigDir, start_daemon
+) -> None:
+    # 4 MiB every 50 ms: past max (96 MiB) well before RLIMIT_DATA (2 x max) would make
+    # the allocation fail, so the sampler, not the rlimit, ends it.
+    hog = worker_py(
+        "import time\n"
+        "chunks = []\n"
+        "while True:\n"
+        "    chunks.append(bytearray(4 << 20)); time.sleep(0.05)\n"
+    )
+    qnx_sim.tenant(
+        cfg,
+        "hog",
+        f"""
+        memory = {{ max = "96MiB", reserved = "16MiB" }}
+        cpu = {{ budget = 10 }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "grow"
+        command = {hog}
+        """,
+    )
+    qnx_sim.tenant(
+        cfg,
+        "calm",
+        f"""
+        memory = {{ max = "96MiB" }}
+        cpu = {{ budget = 10 }}
+        [[worker]]
+        name = "beat"
+        command = {BEAT}
+        """,
+    )
+    d = await start_daemon(backend="qnx")
+    calm = await d.wait_for("calm:beat-0", lambda w: w["state"] == "running")
+    w = await d.wait_for("hog:grow-0", lambda w: w["state"] == "exited", timeout=30)
+    assert w["exit_reason"] == "memory-limit"
+    kinds = [e["kind"] for e in await d.call("events", limit=1000)]
+    assert "memory-pressure" in kinds and "memory-limit" in kinds
+    after = await d.worker("calm:beat-0")
+    assert after["state"] == "running" and after["pid"] == calm["pid"]
+    assert pid_alive(calm["pid"])
+
+
+async def test_worker_limits_show_rlimit_data_twice_the_max(
+    qnx_sim: Sim, cfg: ConfigDir, start_daemon
+) -> None:
+    show = worker_py(
+        "import time\nprint(open('/proc/self/limits').read(), flush=True)\ntime.sleep(600)\n"
+    )
+    qnx_sim.tenant(
+        cfg,
+        "lim",
+        f"""
+        flags = ["memory-isolation"]
+        memory = {{ max = "96MiB" }}
+        cpu = {{ budget = 10 }}
+        [[worker]]
+        name = "show"
+        command = {show}
+        """,
+    )
+    d = await start_daemon(backend="qnx")
+    await d.wait_for("lim:show-0", lambda w: w["state"] == "running")
+    with trio.fail_after(15):
+        while "Max data size" not in (
+            text := "\n".join((await d.call("logs", tenant="lim"))[0]["lines"])
+        ):
+            await trio.sleep(0.05)
+    limits = {
+        m.group(1).strip(): (m.group(2), m.group(3))
+        for m in re.finditer(r"^(Max [a-z ]+?)\s{2,}(\S+)\s+(\S+)", text, re.MULTILINE)
+    }
+    cap = str(2 * 96 * MiB)  # RLIMIT_SLACK x memory.max, soft and hard, set by `on -L`
+    assert limits["Max data size"] == (cap, cap), text
+    assert limits["Max core file size"] == ("0", "0"), "memory-isolation: no core dumps"
+
+
+# -- lifecycle of the APS partitions ----------------------------------------------------
+
+
+def two_beat_tenants(qnx_sim: Sim, cfg: ConfigDir) -> None:
+    for name, share in (("alpha", 20), ("bravo", 60)):
+        qnx_sim.tenant(
+            cfg,
+            name,
+            f"""
+            cpu = {{ budget = {share} }}
+            memory = {{ max = "128MiB" }}
+            [[worker]]
+            name = "beat"
+            command = {BEAT}
+            """,
+        )
+
+
+async def running_pids(d: Any) -> dict[str, int]:
+    out = {}
+    for name in ("alpha:beat-0", "bravo:beat-0"):
+        out[name] = (await d.wait_for(name, lambda w: w["state"] == "running"))["pid"]
+    return out
+
+
+def plain_show_budget(name: str) -> str:
+    """The budget column of ``aps show`` (no options, the usage view) for one partition."""
+    out = subprocess.run(["aps", "show"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.split() and line.split()[0] == name:
+            return line.split("|")[1].strip()
+    raise AssertionError(f"{name} not in `aps show`:\n{out}")
+
+
+async def test_shutdown_gives_budgets_back_and_a_restart_reuses_the_partitions(
+    qnx_sim: Sim, cfg: ConfigDir, start_daemon
+) -> None:
+    two_beat_tenants(qnx_sim, cfg)
+    first = await start_daemon(backend="qnx")
+    old = await running_pids(first)
+    assert budget(aps_partitions(), "System") == "10%"
+    first.daemon.request_shutdown()
+    with trio.fail_after(30):
+        await first.daemon.stopped.wait()
+    # APS partitions outlive the daemon (no delete before reboot) but hold no budget.
+    ours = [qnx_sim.group, qnx_sim.aps("alpha"), qnx_sim.aps("bravo")]
+    rows = aps_partitions()
+    assert set(ours) <= set(rows)
+    assert budget(rows, "System") == "100%" and plain_show_budget("System") == "100%"
+    assert {budget(rows, n) for n in ours} == {"0%"}
+    for pid in old.values():
+        assert not pid_alive(pid)
+    # The next start finds them by name and reconfigures them instead of failing.
+    second = await start_daemon(backend="qnx")
+    new = await running_pids(second)
+    assert set(new.values()).isdisjoint(old.values())
+    rows = aps_partitions()
+    assert [budget(rows, n) for n in ["System", *ours]] == ["10%", "10%", "20%", "60%"]
+    assert len(rows) == 4, "no duplicate partitions"
+
+
+def test_restart_after_sigkill_over_leftover_partitions(
+    qnx_sim: Sim, cfg: ConfigDir, tmp_path: Path
+) -> None:
+    """A daemon killed outright leaves its partitions with their budgets, its workers
+    running in them and a stale socket; the next daemon must start over all of that."""
+    two_beat_tenants(qnx_sim, cfg)
+    cfg.write(backend="qnx")
+    first = DaemonProc(cfg)
+    try:
+        orphans = _status_pids(cfg)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    finally:
+        first.log.close()
+    assert cfg.socket.exists(), "SIGKILL leaves the socket behind"
+    assert all(pid_alive(p) for p in orphans.values()), "and the workers running"
+    assert budget(aps_partitions(), "System") == "10%"
+
+    second = DaemonProc(cfg)
+    try:
+        fresh = _status_pids(cfg)
+        assert set(fresh.values()).isdisjoint(orphans.values())
+        rows = aps_partitions()
+        assert budget(rows, "System") == "10%" and budget(rows, qnx_sim.aps("bravo")) == "60%"
+        assert "error" not in second.output().lower()
+        assert second.stop() == 0
+    finally:
+        if second.proc.poll() is None:
+            second.proc.kill()
+            second.proc.wait()
+    assert budget(aps_partitions(), "System") == "100%"
+    # The orphans still carried their partition tag, so the second daemon's shutdown
+    # took them down with its own workers.
+    wait_until(lambda: not any(pid_alive(p) for p in orphans.values()), 10, "orphans to die")
+
+
+def _status_pids(cfg: ConfigDir) -> dict[str, int]:
+    def all_running() -> bool:
+        with Client(cfg.socket) as c:
+            return {w["state"] for w in c.call("status")} == {"running"}
+
+    wait_until(all_running, 30, "every worker running")
+    with Client(cfg.socket) as c:
+        return {w["name"]: w["pid"] for w in c.call("status")}
+
+
+# -- the daemon as a subprocess with the poll(2) I/O back end ---------------------------
+
+
+def test_subprocess_daemon_on_poll_io_reports_it(
+    qnx_sim: Sim, cfg: ConfigDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on QNX: no epoll there, so the daemon runs trio on poll(2) with the qnx backend.
+    monkeypatch.setenv("SUPERVISORD_QNX_IO", "poll")
+    two_beat_tenants(qnx_sim, cfg)
+    cfg.write(backend="qnx")
+    d = DaemonProc(cfg)
+    try:
+        with Client(cfg.socket) as c:
+            version = c.call("version")
+        assert version["io"] == "poll" and version["backend"] == "qnx"
+        assert len(_status_pids(cfg)) == 2
+        assert d.stop() == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+# -- admission through the CLI ----------------------------------------------------------
+
+
+def _check(cfg: ConfigDir) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DAEMON, "--config", str(cfg.path), "--check", "--backend", "qnx"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+
+
+def test_check_refuses_a_partition_name_aps_cannot_take(qnx_sim: Sim, cfg: ConfigDir) -> None:
+    cfg.partitions = group_partition(qnx_sim.group) + textwrap.dedent(
+        """
+        [[partition]]
+        name = "System"
+        cpu = { budget = 5 }
+        """
+    )
+    cfg.write(backend="portable")  # --backend qnx overrides it
+    proc = _check(cfg)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{cfg.path}: daemon.backend=qnx:" in proc.stderr
+    assert "partition 'System' has no valid APS partition name" in proc.stderr
+    assert "boot partition" in proc.stderr
+    assert "nothing was started" in proc.stderr
+    assert set(aps_partitions()) == {"System"}, "--check creates no partition"
+
+
+def test_check_refuses_more_partitions_than_aps_allows(qnx_sim: Sim, cfg: ConfigDir) -> None:
+    # 32 budgeted tenants + the budgeted group = 33, plus System: over QNX 7's 32.
+    for i in range(32):
+        qnx_sim.tenant(
+            cfg,
+            f"t{i:02d}",
+            f"""
+            cpu = {{ budget = 2 }}
+            [[worker]]
+            name = "beat"
+            command = {BEAT}
+            """,
+        )
+    cfg.partitions = group_partition(qnx_sim.group, 70)
+    cfg.write(backend="qnx")
+    proc = _check(cfg)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "33 partitions set cpu.budget" in proc.stderr
+    assert "at most 32 including System" in proc.stderr
+    assert "1 problem;" in proc.stderr
+    # The same config with two tenants left passes: the limit was the only problem.
+    for i in range(2, 32):
+        (cfg.root / "tenants.d" / f"t{i:02d}.toml").unlink()
+    assert _check(cfg).returncode == 0
