@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import uuid
 import xml.parsers.expat
 from pathlib import Path
@@ -22,6 +24,8 @@ DOCKERFILE = REPO / "Dockerfile.qnx-sim"
 UNIT = REPO / "systemd-like" / "supervisord-qnx.service"
 SLM = REPO / "systemd-like" / "supervisord-qnx.slm.xml"
 RC = REPO / "systemd-like" / "rc.supervisord-qnx"
+CONTAINER_CONFIG = REPO / "config" / "container.toml"
+EXAMPLE_CONFIG = REPO / "config" / "supervisord.toml"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
 
@@ -59,14 +63,58 @@ def test_every_copy_source_exists_in_the_repo() -> None:
         assert any(matched.values()), f"COPY {rest!r} copies nothing"
 
 
-def test_dockerfile_runs_the_daemon_with_the_qnx_backend_and_a_healthcheck() -> None:
-    instr = dict(_instructions(DOCKERFILE.read_text()))
+def test_dockerfile_runs_the_daemon_on_the_container_config_with_a_healthcheck() -> None:
+    every = _instructions(DOCKERFILE.read_text())
+    instr = dict(every)
     assert instr["FROM"].startswith("python:3.11-slim")
-    assert '"--backend", "qnx"' in instr["ENTRYPOINT"]
-    assert "/etc/supervisord-qnx/supervisord.toml" in instr["ENTRYPOINT"]
-    assert '"ping"' in instr["HEALTHCHECK"]
-    assert "/run/supervisord-qnx/control.sock" in instr["HEALTHCHECK"]
-    assert "/run/supervisord-qnx" in instr["VOLUME"]
+    # config/ is copied to /etc/supervisord-qnx, so container.toml lands there.
+    assert ("COPY", "config/ /etc/supervisord-qnx/") in every
+    assert json.loads(instr["ENTRYPOINT"]) == [
+        "supervisord-qnx",
+        "--config",
+        "/etc/supervisord-qnx/container.toml",
+    ]
+    daemon = tomllib.loads(CONTAINER_CONFIG.read_text())["daemon"]
+    assert daemon["backend"] == "qnx"
+    # The healthcheck pings the socket the config serves, on the exported volume.
+    assert json.loads(instr["HEALTHCHECK"].split("CMD", 1)[1])[2] == daemon["socket"]
+    assert json.loads(instr["VOLUME"]) == [str(Path(daemon["socket"]).parent)]
+    runs = [rest for kw, rest in every if kw == "RUN"]
+    assert not any("sed " in r for r in runs), "the image's config is a file, not an edit"
+
+
+def test_container_config_is_the_example_at_service_paths() -> None:
+    container = tomllib.loads(CONTAINER_CONFIG.read_text())
+    example = tomllib.loads(EXAMPLE_CONFIG.read_text())
+    # Same tenants and the same partition tables: only where files go (and the
+    # backend) differ, so the image runs what `make run` runs.
+    assert container["partition"] == example["partition"]
+    assert container["daemon"]["tenants"] == example["daemon"]["tenants"]
+    daemon = container["daemon"]
+    assert daemon["socket"] == "/run/supervisord-qnx/control.sock"
+    assert daemon["state_dir"] == "/var/lib/supervisord-qnx"
+    assert daemon["log_dir"] == "/var/log/supervisord-qnx"
+
+
+def test_container_config_checks_clean_on_qnx_sim(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PATH": f"{SIM_BIN}{os.pathsep}{os.environ['PATH']}",
+        "QNX_SIM_STATE": str(tmp_path / "state"),
+        "QNX_SIM_CGROUP": f"qnx-container-test-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+    }
+    daemon = Path(sys.executable).parent / "supervisord-qnx"
+    proc = subprocess.run(
+        [str(daemon), "--config", str(CONTAINER_CONFIG), "--check", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["backend"] == "qnx"
+    assert report["os_names"]["tenants"].startswith("APS partition tenants (budget 80%")
 
 
 def _verify(unit_text: str, tmp_path: Path) -> str:
