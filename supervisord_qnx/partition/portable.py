@@ -127,9 +127,18 @@ class PortableBackend(Backend):
     def detach(self, pid: int) -> None:
         self._attached.pop(pid, None)
 
+    def _ours(self, procs: dict[int, accounting.ProcInfo]) -> dict[int, accounting.ProcInfo]:
+        """Only the daemon's own descendants (and attached processes) can be ours: another
+        daemon's workers may carry the same tag. As child subreaper the daemon keeps even
+        a worker's orphans in its subtree."""
+        own = os.getpid()
+        keep = accounting.members(procs, [own, *self._attached]) - {own}
+        return {pid: procs[pid] for pid in keep}
+
     def _members(
         self, procs: dict[int, accounting.ProcInfo], path: str, leaf: str | None
     ) -> set[int]:
+        procs = self._ours(procs)
         if leaf is not None:
             exact = accounting.tag_value(path, leaf)
             return accounting.members(procs, (), lambda tag: tag == exact)
@@ -174,9 +183,7 @@ class PortableBackend(Backend):
         """One accounting pass: usage per partition, kills at max; returns the events."""
         events: list[BackendEvent] = []
         procs = accounting.snapshot()
-        own = os.getpid()
-        descendants = accounting.members(procs, [own]) - {own}
-        descendants |= {pid for pid in self._attached if pid in procs}
+        descendants = set(self._ours(procs))
         usage: dict[str, int] = {}
         leaves: dict[str, set[tuple[str, int]]] = {}
         for pid in descendants:
