@@ -107,7 +107,13 @@ class ChildReaper:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self.register(proc.pid)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # A hung helper must not outlive the call: kill it and collect it.
+                proc.kill()
+                proc.communicate()
+                raise
         finally:
             with self._lock:
                 self._own.discard(proc.pid)
