@@ -148,13 +148,14 @@ class ChildReaper:
     def sweep(self) -> None:
         """Collect every ended child: waited-for workers first, then adopted orphans."""
         if not _child_waitable():
-            # Nothing has ended (a coalesced or stale SIGCHLD): skip the per-worker waitpid
-            # calls and the /proc scan, which were a fifth of the event loop's time while
-            # 100 workers were stopped and restarted (bench/bench_supervisor.py).
-            return
+            return  # nothing has ended (a coalesced or stale SIGCHLD)
         for pid, slot in list(self._slots.items()):
             self._collect(pid, slot)
-        self._reap_orphans()
+        if _child_waitable():
+            # Only a zombie that is not a waited-for worker can be an orphan: the /proc
+            # scan below was a fifth of the event loop's time while 100 workers were
+            # stopped and SIGKILLed (bench/bench_supervisor.py), almost always for none.
+            self._reap_orphans()
 
     def _reap_orphans(self) -> None:
         with self._lock:
