@@ -10,10 +10,14 @@ contention:
 * ``cold``: the daemon's compiled-module cache (``<state_dir>/wasm-cache``) is
   emptied before each start, so every runner compiles with Cranelift;
 * ``cached``: the same starts again with the cache warm (deserialize only);
-* ``preinit-proto``: *not through the daemon*: a prototype of the pre-initialised
-  design in docs/wasm.md, a process that has imported wasmtime and built the
-  engine forks a child per start, and the child loads the cached module and runs
-  it. It sizes what that design could reach; the daemon does not use it yet.
+* ``prefork-cold`` / ``prefork-cached``: the same two, through the daemon's
+  pre-initialised start (``wasm_prefork = true``, the wasm fork server of
+  docs/wasm.md section 7): each worker is forked from a process that has imported
+  wasmtime and the runner, attaches itself, then runs the runner's ``main``.
+  The plain rows run the daemon with ``wasm_prefork = false``.
+* ``preinit-proto``: *not through the daemon*: the earlier prototype, a process
+  that has also built the engine and forks a child that only instantiates and
+  runs (no attach, no runner): a floor for the fork-server rows.
 
 Latency: from just before the ``start`` request on the control socket to the
 first guest line appearing in the worker's log file (polled every 0.5 ms). So it
@@ -60,7 +64,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def write_config(root: Path, tenants: int, backend: str) -> tuple[Path, Path]:
+def write_config(root: Path, tenants: int, backend: str, prefork: bool) -> tuple[Path, Path]:
     sock = Path(f"/tmp/sqnx-bench-{uuid.uuid4().hex[:8]}.sock")
     (root / "tenants.d").mkdir(parents=True)
     (root / "daemon.toml").write_text(
@@ -68,6 +72,7 @@ def write_config(root: Path, tenants: int, backend: str) -> tuple[Path, Path]:
         f'socket = "{sock}"\nstate_dir = "state"\nlog_dir = "log"\n'
         f'backend = "{backend}"\nenforcement = "best-effort"\nlog_level = "warning"\n'
         f'cgroup_root = "sqnx-bench-{os.getpid()}"\n'
+        f"wasm_prefork = {'true' if prefork else 'false'}\n"
         '[[partition]]\nname = "tenants"\nflags = ["hierarchical"]\n'
     )
     for i in range(tenants):
@@ -122,9 +127,9 @@ def partition_usage(report: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def run_daemon_scenarios(tenants: int, backend: str) -> dict[str, Any]:
+def run_daemon_scenarios(tenants: int, backend: str, prefork: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="sqnx-bench-"))
-    config, sock = write_config(tmp, tenants, backend)
+    config, sock = write_config(tmp, tenants, backend, prefork)
     proc = subprocess.Popen(
         [DAEMON, "--config", str(config)],
         stdout=subprocess.DEVNULL,
@@ -284,20 +289,25 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     opts = ap.parse_args()
 
-    d = run_daemon_scenarios(opts.tenants, opts.backend)
+    d = run_daemon_scenarios(opts.tenants, opts.backend, prefork=False)
+    f = run_daemon_scenarios(opts.tenants, opts.backend, prefork=True)
     p = run_preinit_proto(opts.tenants)
     rows = [
         row("cold", d["cold_ms"], [], []),
         row("cached", d["cached_ms"], d["rss_kib"], d["pss_kib"]),
+        row("prefork-cold", f["cold_ms"], [], []),
+        row("prefork-cached", f["cached_ms"], f["rss_kib"], f["pss_kib"]),
         row("preinit-proto", p["preinit_ms"], p["rss_kib"], p["pss_kib"]),
     ]
     part = d["partition_bytes"]
     partition_mib = round(statistics.median(part) / MIB, 1) if part else None
-    cached, proto = rows[1], rows[2]
+    fpart = f["partition_bytes"]
+    prefork_partition_mib = round(statistics.median(fpart) / MIB, 1) if fpart else None
+    cached, prefork = rows[1], rows[3]
     targets = {
         "cached_p50_le_30ms": cached["p50_ms"] <= 30,
         "cached_rss_le_25mib": cached["rss_mib"] is not None and cached["rss_mib"] <= 25,
-        "preinit_p50_le_10ms": proto["p50_ms"] <= 10,
+        "preinit_p50_le_10ms": prefork["p50_ms"] <= 10,
     }
     result = {
         "backend": d["backend"],
@@ -306,8 +316,10 @@ def main() -> None:
         "rows": rows,
         "runner_load_ms_median": round(statistics.median(d["runner_load_ms"]), 1),
         "partition_memory_mib_median": partition_mib,
+        "prefork_partition_memory_mib_median": prefork_partition_mib,
+        "prefork_runner_load_ms_median": round(statistics.median(f["runner_load_ms"]), 1),
         "targets_met": targets,
-        "raw": {"daemon": d, "preinit": p},
+        "raw": {"daemon": d, "prefork": f, "preinit": p},
     }
     if opts.json:
         print(json.dumps(result, indent=2))
@@ -322,8 +334,11 @@ def main() -> None:
             f"{r['rss_mib'] or '-':>9}{r['pss_mib'] or '-':>9}"
         )
     print(f"runner's own load_ms (import -> _start), cached: {result['runner_load_ms_median']}")
+    print(f"same, prefork-cached (fork -> _start): {result['prefork_runner_load_ms_median']}")
     if partition_mib is not None:
         print(f"partition memory_current per cached worker (median): {partition_mib} MiB")
+    if prefork_partition_mib is not None:
+        print(f"same, prefork-cached: {prefork_partition_mib} MiB")
     for k, ok in targets.items():
         print(f"target {k}: {'met' if ok else 'NOT met'}")
 

@@ -241,6 +241,18 @@ def test_attach_goes_to_a_leaf(backend: FakeCgroup2Backend) -> None:
     assert (backend.root / "g/cgroup.procs").read_text() == ""
 
 
+def test_attach_plan_prepares_the_leaf_and_names_its_procs_file(
+    backend: FakeCgroup2Backend,
+) -> None:
+    # What the wasm fork server's worker writes its own pid into (docs/wasm.md, 7.).
+    make_tree(backend, ("tenants", TENANTS), ("tenants/web", WEB))
+    plan = backend.attach_plan(request("tenants/web", "web-0", ["unused"]))
+    leaf = backend.root / "tenants/web/@web-0"
+    assert plan.procs == (str(leaf / "cgroup.procs"),)
+    assert plan.rlimits == () and dict(plan.env) == {}
+    assert (leaf / "memory.oom.group").read_text() == "1"
+
+
 async def test_oom_and_pressure_counters_become_events_and_reasons(
     backend: FakeCgroup2Backend,
 ) -> None:

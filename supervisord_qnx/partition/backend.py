@@ -98,6 +98,28 @@ class SpawnRequest:
         }
 
 
+@dataclass(frozen=True)
+class AttachPlan:
+    """How a process started outside ``spawn`` puts *itself* into a worker's partition,
+    before running any tenant code (the wasm fork server's workers, ``wasm/forkserver.py``).
+
+    The process applies it in order: writes its own pid into each ``procs`` file
+    (cgroup ``cgroup.procs``), sets each rlimit (soft = hard = value), and adds
+    ``env`` to its environment (the portable backend's leaf tag).
+    """
+
+    procs: tuple[str, ...] = ()
+    rlimits: tuple[tuple[int, int], ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "procs": list(self.procs),
+            "rlimits": [list(r) for r in self.rlimits],
+            "env": dict(self.env),
+        }
+
+
 @dataclass
 class PartitionStats:
     """Live figures for one partition, as the kernel (or the daemon's accounting) reports them.
@@ -170,6 +192,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         """Start a worker process already inside its partition. Blocking: call from a thread."""
+
+    def attach_plan(self, request: SpawnRequest) -> AttachPlan | None:
+        """Prepare the request's leaf as ``spawn`` would, and say how a process started by
+        someone else attaches itself to it; ``None`` (the default) when this backend can
+        only attach through ``spawn`` (QNX APS joins through ``on``). Blocking."""
+        return None
 
     @abc.abstractmethod
     def attach(self, path: str, pid: int) -> None:

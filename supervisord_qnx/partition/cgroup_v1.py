@@ -96,6 +96,7 @@ from typing import Any, ClassVar, Literal
 
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
+    AttachPlan,
     BackendError,
     BackendUnavailable,
     Control,
@@ -382,6 +383,11 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             # Measured alternative only (bench/bench_spawn.py); see the module docstring.
             return subprocess.Popen(argv, preexec_fn=_preexec_attach(procs), **kwargs)
         return _spawn_shim(argv, procs, kwargs)
+
+    def attach_plan(self, request: SpawnRequest) -> AttachPlan:
+        self.ensure_leaf(request.partition, request.leaf)
+        dirs = self._dirs(request.partition, request.leaf)
+        return AttachPlan(procs=tuple(str(d / "cgroup.procs") for d in dirs))
 
     def _spawn_moved_thread(
         self, dirs: list[Path], argv: list[str], kwargs: dict[str, Any], path: str

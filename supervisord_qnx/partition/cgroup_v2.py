@@ -78,6 +78,7 @@ from typing import ClassVar, Literal
 
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
+    AttachPlan,
     BackendError,
     BackendUnavailable,
     Control,
@@ -366,6 +367,10 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         if self.spawn_strategy == "preexec":
             return subprocess.Popen(list(request.argv), preexec_fn=_preexec_attach(procs), **kwargs)
         return _spawn_shim(list(request.argv), procs, kwargs)
+
+    def attach_plan(self, request: SpawnRequest) -> AttachPlan:
+        self.ensure_leaf(request.partition, request.leaf)
+        return AttachPlan(procs=(str(self._dir(request.partition, request.leaf) / "cgroup.procs"),))
 
     def attach(self, path: str, pid: int) -> None:
         if path not in self._partitions:

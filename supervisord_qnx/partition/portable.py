@@ -28,6 +28,7 @@ import trio
 
 from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.backend import (
+    AttachPlan,
     Backend,
     BackendEvent,
     Control,
@@ -97,7 +98,9 @@ class PortableBackend(Backend):
             if p == path or p.startswith(path + "/"):
                 self._partitions.pop(p, None)
 
-    def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
+    def _prepare(self, request: SpawnRequest) -> tuple[list[tuple[int, int]], dict[str, str]]:
+        """The rlimits and the leaf tag a new worker gets, however it is started; forgets
+        an earlier limit kill of the leaf (a new run begins)."""
         node = self._partitions[request.partition]
         limits: list[tuple[int, int]] = []
         cap = node.effective_memory_max
@@ -105,15 +108,22 @@ class PortableBackend(Backend):
             limits.append((resource.RLIMIT_DATA, cap * RLIMIT_SLACK))
         if any("memory-isolation" in p.flags for p in (node, *node.ancestors())):
             limits.append((resource.RLIMIT_CORE, 0))
-        env = dict(request.env)
-        env[accounting.TAG] = accounting.tag_value(request.partition, request.leaf)
+        tag = {accounting.TAG: accounting.tag_value(request.partition, request.leaf)}
         with self._lock:
             self._limit_killed.discard((request.partition, request.leaf))
+        return limits, tag
+
+    def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
+        limits, tag = self._prepare(request)
         return subprocess.Popen(
             list(request.argv),
             preexec_fn=_preexec(limits) if limits else None,
-            **request.popen_kwargs(env),
+            **request.popen_kwargs({**request.env, **tag}),
         )
+
+    def attach_plan(self, request: SpawnRequest) -> AttachPlan:
+        limits, tag = self._prepare(request)
+        return AttachPlan(rlimits=tuple(limits), env=tag)
 
     def attach(self, path: str, pid: int) -> None:
         if path not in self._partitions:
