@@ -265,3 +265,46 @@ async def test_shutdown_stops_in_reverse_start_order(cfg: ConfigDir, start_daemo
     ]
     assert stops[-2:] == ["alpha:beat-0", "bravo:beat-0"]
     assert not os.path.exists(cfg.socket)
+
+
+async def test_missing_program_is_spawn_failed_not_a_restart_loop(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    cfg.tenant(
+        "ghost",
+        """
+        memory = { max = "64MiB" }
+        restart = { policy = "always", backoff_initial = 0.01 }
+        [[worker]]
+        name = "w"
+        command = ["/nonexistent/program", "--flag"]
+        """,
+    )
+    d = await start_daemon()
+    w = await d.wait_for("ghost:w-0", lambda w: w["state"] == "fatal")
+    assert w["exit_reason"] == "spawn-failed: no such program: /nonexistent/program"
+    assert w["restarts"] == 0
+
+
+async def test_portable_rlimits_are_in_force_before_the_program_runs(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    cfg.tenant(
+        "limited",
+        """
+        flags = ["memory-isolation"]
+        memory = { max = "96MiB" }
+        restart = { policy = "never" }
+        [[worker]]
+        name = "cat"
+        command = ["cat", "/proc/self/limits"]
+        """,
+    )
+    d = await start_daemon()
+    w = await d.wait_for("limited:cat-0", lambda w: w["state"] == "exited")
+    assert w["exit_reason"] == "exit:0"
+    limits = (cfg.log_dir / "limited.cat-0.log").read_text()
+    data = next(line for line in limits.splitlines() if line.startswith("Max data size"))
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert data.split()[3:5] == [str(2 * 96 << 20)] * 2  # soft and hard: 2 x max
+    assert core.split()[4:6] == ["0", "0"]

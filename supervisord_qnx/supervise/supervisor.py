@@ -11,7 +11,9 @@ always changes in one place per instance.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import signal
 import sys
 import time
@@ -335,6 +337,7 @@ class Supervisor:
                     return pid
 
             def spawn_blocking() -> int:
+                _require_program(request)
                 with self.reaper.spawning():
                     popen = self.backend.spawn(request)
                     self.reaper.register(popen.pid)
@@ -605,6 +608,24 @@ def _unrunnable(inst: Instance) -> bool:
 
     reason = inst.exit_reason or ""
     return isinstance(inst.spec, WasmWorker) and reason.startswith(REASON_INVALID_PREFIX)
+
+
+def _require_program(request: SpawnRequest) -> None:
+    """Raise ``FileNotFoundError``/``PermissionError`` for a program that cannot run.
+
+    Backends start workers behind an exec shim (it keeps spawning on the vfork path), so
+    a missing program would otherwise show up as the shim's ``exit:127`` and a restart
+    loop instead of a ``spawn-failed`` worker that tells the operator what is wrong.
+    """
+    program = request.argv[0]
+    if "/" in program:
+        path: str | None = os.path.join(request.cwd or os.getcwd(), program)
+    else:
+        path = shutil.which(program, path=request.env.get("PATH", os.defpath))
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, f"no such program: {program}", program)
+    if not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, f"not executable: {path}", path)
 
 
 def _denials(report: dict[str, Any]) -> int:
