@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= config/supervisord.toml
 PYTEST_ARGS ?=
 
-.PHONY: help run check test lint typecheck unit bench clean system-deps venv
+.PHONY: help run check test lint typecheck unit bench clean system-deps test-deps venv
 
 help:
 	@echo "make run     start the daemon in the foreground on $(CONFIG) (runtime files in ./run/)"
@@ -15,22 +15,33 @@ help:
 	@echo "make check   validate $(CONFIG) and print the partition tree"
 	@echo "make clean   remove .venv and ./run"
 
-# System packages a fresh machine may lack: venv support for python3, and
-# procps/util-linux for the tests' process inspection. Root installs them;
-# others are told what is missing.
-system-deps:
-	@missing=""; \
-	$(PY) -c "import venv, ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
-	command -v ps >/dev/null || missing="$$missing procps"; \
-	command -v taskset >/dev/null || missing="$$missing util-linux"; \
+# System packages a fresh machine may lack. Running needs only venv support
+# for python3; the tests also use procps/util-linux (ps, taskset) and systemd
+# (`systemd-analyze verify` of the service unit). Root installs what is
+# missing (apt-get update first); others are told what to install.
+define apt_install
+	@missing=""; for pair in $(1); do \
+	  check=$${pair%%:*}; pkg=$${pair#*:}; \
+	  sh -c "$$check" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "missing system packages:$$missing (install them as root: apt-get install$$missing)"; exit 1; \
+	    echo "missing system packages:$$missing (as root: apt-get install$$missing)"; exit 1; \
 	  fi; \
 	fi
+endef
+
+RUN_DEPS  := "$(PY) -c 'import venv, ensurepip':python3-venv"
+TEST_DEPS := "command -v ps:procps" "command -v taskset:util-linux" "command -v systemd-analyze:systemd"
+
+system-deps:
+	$(call apt_install,$(RUN_DEPS))
+
+test-deps:
+	$(call apt_install,$(TEST_DEPS))
 
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
@@ -55,7 +66,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy supervisord_qnx
 
-test: lint typecheck
+test: test-deps lint typecheck
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
