@@ -86,7 +86,7 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
-from supervisord_qnx.partition.cgroup_v1 import _preexec_attach, _spawn_shim
+from supervisord_qnx.partition.cgroup_v1 import _preexec_attach, _spawn_shim, quota_for
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 WANTED = ("memory", "cpu", "pids")
@@ -102,9 +102,9 @@ def weight_for(budget: float | None) -> int | None:
 
 
 def cpu_max_for(cpu_max: float | None, ncpu: int, period: int = fs.CFS_PERIOD_US) -> str | None:
-    if cpu_max is None:
-        return None
-    return f"{max(1000, round(cpu_max / 100 * ncpu * period))} {period}"
+    """``cpu.max`` ("quota period"): the same CFS quota as cgroup v1's ``cfs_quota_us``."""
+    quota = quota_for(cpu_max, ncpu, period)
+    return None if quota is None else f"{quota} {period}"
 
 
 def _find_mount(mountinfo: str | None) -> fs.Mount | None:
