@@ -17,7 +17,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ from supervisord_qnx.partition.backend import Backend, BackendEvent, SpawnReques
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus
 from supervisord_qnx.supervise.policy import Decision, RestartTracker, Verdict
+from supervisord_qnx.supervise.prefork import ForkServerKeeper
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.supervise.worker import SETTLED_AFTER_START, Event, State, next_state
-from supervisord_qnx.wasm.forkserver import ForkServerClient, ForkServerGone
+from supervisord_qnx.wasm.forkserver import ForkServerGone
 
 log = structlog.get_logger("supervisord_qnx.supervisor")
 
@@ -133,9 +133,7 @@ class Supervisor:
         # Set by the daemon: whether it is a child subreaper. The wasm fork server's
         # workers reach the daemon as its children only then (docs/wasm.md, 7.).
         self.subreaper = False
-        self._forkserver: ForkServerClient | None = None
-        self._forkserver_exits: dict[int, trio.Event] = {}  # server pid -> reaped
-        self._forkserver_lock = trio.Lock()
+        self.forkserver = ForkServerKeeper(reaper, self.log_dir / "wasm-forkserver.log")
         for spec in config.tenants:
             self.tenants[spec.name] = Tenant(
                 spec,
@@ -152,11 +150,11 @@ class Supervisor:
         """Own every instance task; returns only when cancelled."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = self.forkserver.nursery = nursery
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._kill_forkserver()
+            self.forkserver.kill()
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant (config order); wait until each settled."""
@@ -357,8 +355,10 @@ class Supervisor:
 
     @property
     def forkserver_pid(self) -> int | None:
-        server = self._forkserver
-        return server.pid if server is not None and server.alive else None
+        return self.forkserver.pid
+
+    async def stop_forkserver(self) -> None:
+        await self.forkserver.stop()
 
     async def _spawn_preforked(self, inst: Instance, request: SpawnRequest) -> int | None:
         """Start a wasm worker from the fork server; ``None``: use the plain runner.
@@ -368,7 +368,7 @@ class Supervisor:
         plan = await trio.to_thread.run_sync(self.backend.attach_plan, request)
         if plan is None:
             return None
-        server = await self._forkserver_ready()
+        server = await self.forkserver.ready()
         if server is None:
             return None
         argv = list(request.argv)
@@ -390,91 +390,6 @@ class Supervisor:
             # brings a new server up.
             log.warning("wasm fork server lost; plain runner for this start", error=str(exc))
             return None
-
-    async def _forkserver_ready(self) -> ForkServerClient | None:
-        async with self._forkserver_lock:
-            server = self._forkserver
-            if server is not None and server.alive:
-                return server
-            if server is not None:
-                log.warning("wasm fork server is gone; starting a new one", pid=server.pid)
-                # The old process may still be alive (a lost connection, a hang): end
-                # it; its watcher task reaps it.
-                self._kill_forkserver_pid(server.pid)
-            server = ForkServerClient(self.log_dir / "wasm-forkserver.log")
-
-            def spawn_child(popen: Callable[[], int]) -> int:
-                with self.reaper.spawning():
-                    pid = popen()
-                    self.reaper.register(pid)
-                    return pid
-
-            try:
-                pid = await trio.to_thread.run_sync(server.start, spawn_child)
-            except (OSError, ForkServerGone) as exc:
-                log.warning("wasm fork server did not start; plain runner", error=str(exc))
-                if server.pid is not None:
-                    self._watch_forkserver(server)
-                    self._kill_forkserver_pid(server.pid)
-                return None
-            log.info("wasm fork server started", pid=pid)
-            self._forkserver = server
-            self._watch_forkserver(server)
-            return server
-
-    def _kill_forkserver_pid(self, pid: int | None) -> None:
-        exited = self._forkserver_exits.get(pid) if pid is not None else None
-        if pid is not None and exited is not None and not exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    def _watch_forkserver(self, server: ForkServerClient) -> None:
-        assert self._nursery is not None and server.pid is not None
-        pid = server.pid
-        exited = self._forkserver_exits[pid] = trio.Event()
-
-        async def watch() -> None:
-            status = await self.reaper.wait(pid)
-            server.close()
-            exited.set()
-            level = log.info if server is not self._forkserver else log.warning
-            level("wasm fork server exited", pid=pid, status=describe_status(status))
-
-        self._nursery.start_soon(watch)
-
-    async def stop_forkserver(self, timeout: float = 5.0) -> None:
-        """Stop the fork server at daemon shutdown: close its connection (it exits on
-        end-of-file), then SIGTERM, then SIGKILL; wait until the reaper collected it."""
-        server, self._forkserver = self._forkserver, None
-        if server is None or server.pid is None:
-            return
-        exited = self._forkserver_exits.get(server.pid)
-        server.close()
-        if exited is None:
-            return
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(server.pid, sig)
-            with trio.move_on_after(timeout):
-                await exited.wait()
-            if exited.is_set():
-                return
-
-    def _kill_forkserver(self) -> None:
-        """Last resort when the supervisor is torn down without ``stop_forkserver``: the
-        server must not outlive the daemon."""
-        server, self._forkserver = self._forkserver, None
-        if server is None or server.pid is None:
-            return
-        exited = self._forkserver_exits.get(server.pid)
-        if exited is None or exited.is_set():
-            return
-        server.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(server.pid, 0)
 
     def _env(self, inst: Instance) -> dict[str, str]:
         # Workers get a small, predictable environment, not the daemon's own.

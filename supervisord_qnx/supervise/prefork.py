@@ -1,0 +1,125 @@
+"""The wasm fork server's lifecycle, as the supervisor sees it (docs/wasm.md, 7.).
+
+One ``ForkServerKeeper`` per supervisor owns at most one live fork server: it
+starts one lazily on the first wasm start, through the child reaper so its exit
+is collected like any worker's; notices when it died (a task waits on it) and
+starts a new one on the next use; and ends it at shutdown. Starting a worker
+through it is the supervisor's business; this module only keeps the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import trio
+
+from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
+from supervisord_qnx.wasm.forkserver import ForkServerClient, ForkServerGone
+
+log = structlog.get_logger("supervisord_qnx.prefork")
+
+
+class ForkServerKeeper:
+    def __init__(self, reaper: ChildReaper, log_path: Path) -> None:
+        self.reaper = reaper
+        self.log_path = log_path
+        self.nursery: trio.Nursery | None = None  # set by the supervisor's run()
+        self._server: ForkServerClient | None = None
+        self._exits: dict[int, trio.Event] = {}  # server pid -> reaped
+        self._lock = trio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        server = self._server
+        return server.pid if server is not None and server.alive else None
+
+    async def ready(self) -> ForkServerClient | None:
+        """The live server, started if need be; ``None`` if it cannot start."""
+        async with self._lock:
+            server = self._server
+            if server is not None and server.alive:
+                return server
+            if server is not None:
+                log.warning("wasm fork server is gone; starting a new one", pid=server.pid)
+                # The old process may still be alive (a lost connection, a hang): end
+                # it; its watcher task reaps it.
+                self._kill_pid(server.pid)
+            server = ForkServerClient(self.log_path)
+
+            def spawn_child(popen: Callable[[], int]) -> int:
+                with self.reaper.spawning():
+                    pid = popen()
+                    self.reaper.register(pid)
+                    return pid
+
+            try:
+                pid = await trio.to_thread.run_sync(server.start, spawn_child)
+            except (OSError, ForkServerGone) as exc:
+                log.warning("wasm fork server did not start; plain runner", error=str(exc))
+                if server.pid is not None:
+                    self._watch(server)
+                    self._kill_pid(server.pid)
+                return None
+            log.info("wasm fork server started", pid=pid)
+            self._server = server
+            self._watch(server)
+            return server
+
+    def _kill_pid(self, pid: int | None) -> None:
+        exited = self._exits.get(pid) if pid is not None else None
+        if pid is not None and exited is not None and not exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _watch(self, server: ForkServerClient) -> None:
+        assert self.nursery is not None and server.pid is not None
+        pid = server.pid
+        exited = self._exits[pid] = trio.Event()
+
+        async def watch() -> None:
+            status = await self.reaper.wait(pid)
+            server.close()
+            exited.set()
+            level = log.info if server is not self._server else log.warning
+            level("wasm fork server exited", pid=pid, status=describe_status(status))
+
+        self.nursery.start_soon(watch)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """At daemon shutdown: close its connection (it exits on end-of-file), then
+        SIGTERM, then SIGKILL; wait until the reaper collected it."""
+        server, self._server = self._server, None
+        if server is None or server.pid is None:
+            return
+        exited = self._exits.get(server.pid)
+        server.close()
+        if exited is None:
+            return
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.pid, sig)
+            with trio.move_on_after(timeout):
+                await exited.wait()
+            if exited.is_set():
+                return
+
+    def kill(self) -> None:
+        """Last resort when the supervisor is torn down without ``stop``: the server must
+        not outlive the daemon."""
+        server, self._server = self._server, None
+        if server is None or server.pid is None:
+            return
+        exited = self._exits.get(server.pid)
+        if exited is None or exited.is_set():
+            return
+        server.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(server.pid, 0)
