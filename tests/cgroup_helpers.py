@@ -12,13 +12,17 @@ that ``ManagedPartition.run`` starts inside small memory partitions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
+from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 
 REQUIRE_ENV = "SUPERVISORD_QNX_REQUIRE_CGROUPS"
 
@@ -95,6 +99,23 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
+
+
+B = TypeVar("B", Cgroup1Backend, Cgroup2Backend)
+
+
+@contextlib.contextmanager
+def cleaned(backend: B) -> Iterator[B]:
+    """Hand out a real backend; afterwards reap and close it, and fail the test if any
+    cgroup directory of its root is left behind."""
+    try:
+        yield backend
+    finally:
+        try:
+            backend.reap_leftovers()
+        finally:
+            backend.close()
+        assert not list(tree_dirs(backend.roots)), "the test left cgroup directories behind"
 
 
 def tree_dirs(roots: list[Path]) -> Iterator[Path]:

@@ -34,7 +34,14 @@ from supervisord_qnx.partition.backend import (
 )
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.tree import Partition, PartitionTree
-from tests.cgroup_helpers import alive, require_cgroup1, tree_dirs, unique_instance, wait_for
+from tests.cgroup_helpers import (
+    alive,
+    cleaned,
+    require_cgroup1,
+    tree_dirs,
+    unique_instance,
+    wait_for,
+)
 
 MiB = 1 << 20
 HIER = frozenset({"hierarchical"})
@@ -48,15 +55,8 @@ def instance() -> str:
 @pytest.fixture
 def backend(instance: str) -> Iterator[Cgroup1Backend]:
     require_cgroup1()
-    b = Cgroup1Backend(instance=instance, sample_interval=0.05)
-    try:
+    with cleaned(Cgroup1Backend(instance=instance, sample_interval=0.05)) as b:
         yield b
-    finally:
-        try:
-            b.reap_leftovers()
-        finally:
-            b.close()
-        assert not list(tree_dirs(b.roots)), "the test left cgroup directories behind"
 
 
 def make_tree(backend: Cgroup1Backend, *nodes: tuple[str, dict[str, object]]) -> PartitionTree:

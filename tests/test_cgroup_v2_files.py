@@ -44,7 +44,7 @@ from supervisord_qnx.partition.backend import (
 )
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend, cpu_max_for, weight_for
 from supervisord_qnx.partition.tree import Partition, PartitionTree
-from tests.cgroup_helpers import alive, require_cgroup2, tree_dirs, unique_instance
+from tests.cgroup_helpers import alive, cleaned, require_cgroup2, tree_dirs, unique_instance
 
 MiB = 1 << 20
 HIER = frozenset({"hierarchical"})
@@ -350,15 +350,8 @@ def test_forcing_cgroup2_without_its_memory_controller_says_so() -> None:
 @pytest.fixture
 def real_v2() -> Iterator[Cgroup2Backend]:
     require_cgroup2()  # skips here: the v2 memory controller is absent
-    b = Cgroup2Backend(instance=unique_instance("v2"), sample_interval=0.05)
-    try:
+    with cleaned(Cgroup2Backend(instance=unique_instance("v2"), sample_interval=0.05)) as b:
         yield b
-    finally:
-        try:
-            b.reap_leftovers()
-        finally:
-            b.close()
-        assert not list(tree_dirs(b.roots))
 
 
 def test_real_attach_before_exec(real_v2: Cgroup2Backend) -> None:

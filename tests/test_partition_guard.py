@@ -26,7 +26,7 @@ from supervisord_qnx.partition.guard import (
     PartitionMemoryExceeded,
 )
 from tests import cgroup_helpers as helpers
-from tests.cgroup_helpers import alive, require_cgroup1, tree_dirs, unique_instance
+from tests.cgroup_helpers import alive, cleaned, require_cgroup1, unique_instance
 
 MiB = 1 << 20
 
@@ -34,15 +34,8 @@ MiB = 1 << 20
 @pytest.fixture
 def backend() -> Iterator[Cgroup1Backend]:
     require_cgroup1()
-    b = Cgroup1Backend(instance=unique_instance("guard"))
-    try:
+    with cleaned(Cgroup1Backend(instance=unique_instance("guard"))) as b:
         yield b
-    finally:
-        try:
-            b.reap_leftovers()
-        finally:
-            b.close()
-        assert not list(tree_dirs(b.roots))
 
 
 @pytest.fixture
