@@ -235,16 +235,7 @@ class ManagedPartition:
         """
         self._alive()
         return self.backend.spawn(
-            SpawnRequest(
-                partition=self.path,
-                leaf=leaf,
-                argv=list(argv),
-                cwd=cwd,
-                env=dict(os.environ if env is None else env),
-                stdout=1 if stdout is None else stdout,
-                stderr=2 if stderr is None else stderr,
-                pass_fds=tuple(pass_fds),
-            )
+            _request(self.path, leaf, argv, cwd, env, stdout, stderr, pass_fds)
         )
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -374,16 +365,32 @@ def spawn(
         return part.spawn(
             argv, leaf=leaf, cwd=cwd, env=env, stdout=stdout, stderr=stderr, pass_fds=pass_fds
         )
-    return subprocess.Popen(
-        list(argv),
+    # The same settings a backend starts a worker with, minus the partition.
+    outside = _request("", leaf, argv, cwd, env, stdout, stderr, pass_fds)
+    return subprocess.Popen(list(argv), **outside.popen_kwargs())
+
+
+def _request(
+    path: str,
+    leaf: str,
+    argv: Sequence[str],
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    stdout: int | None,
+    stderr: int | None,
+    pass_fds: Iterable[int],
+) -> SpawnRequest:
+    """The guard API's conventions as a ``SpawnRequest``: the caller's environment and
+    its own stdout/stderr unless told otherwise."""
+    return SpawnRequest(
+        partition=path,
+        leaf=leaf,
+        argv=list(argv),
         cwd=cwd,
-        env=None if env is None else dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
+        env=dict(os.environ if env is None else env),
+        stdout=1 if stdout is None else stdout,
+        stderr=2 if stderr is None else stderr,
         pass_fds=tuple(pass_fds),
-        close_fds=True,
-        start_new_session=True,
     )
 
 
