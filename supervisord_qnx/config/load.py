@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec
+from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec, WasmWorker
 from supervisord_qnx.partition import tree as ptree
 
 
@@ -135,6 +135,10 @@ def load(config_path: str | Path) -> Config:
                 )
             )
             continue
+        module_problems = _wasm_module_problems(tenant, tpath)
+        if module_problems:
+            problems.extend(module_problems)
+            continue
         tenants.append(tenant)
         tenant_files[tenant.name] = tpath
 
@@ -150,6 +154,26 @@ def load(config_path: str | Path) -> Config:
         tenants=tenants,
         tenant_files=tenant_files,
     )
+
+
+def _wasm_module_problems(tenant: TenantSpec, file: Path) -> list[Located]:
+    """A wasm worker's module must exist and decode, so that a bad module is a config
+    error naming the file rather than a worker that fails at every start."""
+    out = []
+    for i, worker in enumerate(tenant.worker):
+        if not isinstance(worker, WasmWorker):
+            continue
+        key, module = f"worker[{i}].wasm", worker.wasm
+        if not module.is_file():
+            out.append(Located(str(file), key, f"{module}: no such module file"))
+            continue
+        # Imported here: loading a config without wasm workers never pays for wasmtime.
+        from supervisord_qnx.wasm.validate import module_problem
+
+        problem = module_problem(module)
+        if problem is not None:
+            out.append(Located(str(file), key, f"{module}: {problem}"))
+    return out
 
 
 def _locate_tree_problem(

@@ -166,19 +166,11 @@ class WasmWorker(WorkerBase):
 
     @field_validator("wasm")
     @classmethod
-    def _module_exists(cls, value: Path) -> Path:
+    def _module_kind(cls, value: Path) -> Path:
         if value.suffix not in (".wasm", ".wat"):
             raise ValueError(f"{value}: a module must be a .wasm binary or a .wat text file")
-        if not value.is_file():
-            raise ValueError(f"{value}: no such module file")
-        # Decode (not compile) the module now, so a corrupt file is a config error that
-        # names it; imported here so that loading a config without wasm workers never
-        # pays for wasmtime.
-        from supervisord_qnx.wasm.validate import module_problem
-
-        problem = module_problem(value)
-        if problem is not None:
-            raise ValueError(f"{value}: {problem}")
+        # Whether the file exists and decodes is checked by the loader (load.py): the
+        # models stay free of file I/O.
         return value
 
 
