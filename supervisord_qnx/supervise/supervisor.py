@@ -71,6 +71,7 @@ class Instance:
     exited: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope | None = None
     wasm_denials: int = 0
+    wasm_report_stamp: int = 0  # mtime of the report when wasm_denials was read
 
     @property
     def leaf(self) -> str:
@@ -475,7 +476,16 @@ class Supervisor:
         for tenant in self.tenants.values():
             for inst in tenant.instances:
                 if isinstance(inst.spec, WasmWorker) and inst.state is State.RUNNING:
-                    inst.wasm_denials = _denials(read_report(self.wasm_report_path(inst)))
+                    path = self.wasm_report_path(inst)
+                    try:
+                        stamp = path.stat().st_mtime_ns
+                    except FileNotFoundError:
+                        continue
+                    # status is a hot path: re-read a report only when the runner wrote
+                    # to it since the last look (it coalesces denials to ~1 line a second).
+                    if stamp != inst.wasm_report_stamp:
+                        inst.wasm_report_stamp = stamp
+                        inst.wasm_denials = _denials(read_report(path))
 
     async def _stop_instance(self, inst: Instance) -> None:
         if inst.state is State.BACKOFF:
