@@ -14,14 +14,6 @@ from supervisord_qnx.config.model import RestartSpec
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Control
 from supervisord_qnx.supervise.policy import RestartTracker, Verdict
-from supervisord_qnx.supervise.worker import (
-    TRANSITIONS,
-    Event,
-    IllegalTransition,
-    State,
-    next_state,
-    transition_table,
-)
 from supervisord_qnx.units import format_size, parse_size
 
 # -- sizes -------------------------------------------------------------------------
@@ -222,23 +214,7 @@ def test_admission_matches_the_rules(
     assert (t.admit() == []) == ok
 
 
-# -- worker state table and restart policy -----------------------------------------
-
-
-def test_every_state_can_reach_stopped_or_is_terminal_on_stop() -> None:
-    for state in State:
-        assert (state, Event.STOP) in TRANSITIONS, f"{state} cannot be stopped"
-
-
-def test_illegal_transition_is_an_error() -> None:
-    with pytest.raises(IllegalTransition):
-        next_state(State.STOPPED, Event.SPAWNED)
-
-
-def test_transition_table_prints() -> None:
-    table = transition_table()
-    assert table.splitlines()[0].split() == ["state", "event", "next"]
-    assert len(table.splitlines()) == len(TRANSITIONS) + 1
+# -- restart policy -----------------------------------------
 
 
 def test_backoff_doubles_and_caps_then_fatal() -> None:
@@ -265,8 +241,3 @@ def test_window_slides_and_stable_run_resets_backoff() -> None:
 def test_policies(policy: str, reason: str, verdict: Verdict) -> None:
     t = RestartTracker(RestartSpec(policy=policy))  # type: ignore[arg-type]
     assert t.decide(reason, 0, 1).verdict is verdict
-
-
-def test_lifecycle_doc_shows_the_table_in_force() -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "lifecycle.md").read_text()
-    assert transition_table() in doc

@@ -185,6 +185,14 @@ class Backend(abc.ABC):
     def create(self, partition: Partition) -> None:
         """Create and configure one partition; its parent already exists."""
 
+    def recreate(self, chain: Sequence[Partition]) -> bool:
+        """Create again partitions that vanished from outside (removed by hand while the
+        daemon ran). ``chain`` is in creation order: the worker's partition's ancestors,
+        the partition, its descendants. Returns whether anything was missing (and is now
+        back); ``False`` (the default, for backends whose partitions cannot vanish behind
+        the daemon's back) tells the caller the failure had another cause."""
+        return False
+
     @abc.abstractmethod
     def destroy(self, path: str) -> None:
         """Kill every process left in the partition's subtree and remove it, deepest first."""

@@ -248,6 +248,9 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def _dirs(self, path: str, leaf: str | None = None) -> list[Path]:
         return [self._dir(h, path, leaf) for h in self._hier]
 
+    def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        return self._dirs(path, leaf)
+
     def _mem(self, path: str, leaf: str | None = None) -> Path:
         return self._dir(self._by_ctrl["memory"], path, leaf)
 

@@ -210,6 +210,9 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     def roots(self) -> list[Path]:
         return [self.root]
 
+    def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        return [self._dir(path, leaf)]
+
     def _dir(self, path: str, leaf: str | None = None) -> Path:
         d = self.root / path if path else self.root
         return d / f"{fs.LEAF_PREFIX}{leaf}" if leaf is not None else d
