@@ -191,7 +191,7 @@ class Daemon:
                     await trio.to_thread.run_sync(self.backend.create, node)
                     self.created.append(node.path)
                 await nursery.start(self.supervisor.run)
-                nursery.start_soon(self.backend.watch, self.tree, self.supervisor.on_backend_event)
+                nursery.start_soon(self.supervisor.watch_backend)
                 methods = _methods(self)
                 await nursery.start(
                     lambda task_status: serve(

@@ -187,10 +187,11 @@ async def test_symlink_at_a_log_path_is_refused(
 
 
 class FailOnce:
-    """The real backend, with one named call raising once: a backend that fails."""
+    """The real backend, with one named call raising once (for the first call whose
+    arguments mention ``about``): a backend that fails."""
 
-    def __init__(self, real: Any, method: str, exc: Exception) -> None:
-        self._real, self._method, self._exc = real, method, exc
+    def __init__(self, real: Any, method: str, exc: Exception, about: str = "") -> None:
+        self._real, self._method, self._exc, self._about = real, method, exc, about
         self.failed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -199,7 +200,7 @@ class FailOnce:
             return attr
 
         def once(*args: Any, **kwargs: Any) -> Any:
-            if not self.failed:
+            if not self.failed and self._about in repr(args):
                 self.failed = True
                 raise self._exc
             return attr(*args, **kwargs)
@@ -225,7 +226,7 @@ async def test_a_failing_backend_call_fails_one_worker(
     wrappers: list[FailOnce] = []
 
     def make_backend(config: Any) -> Any:
-        wrappers.append(FailOnce(real_make_backend(config), method, exc))
+        wrappers.append(FailOnce(real_make_backend(config), method, exc, about="victim"))
         return wrappers[-1]
 
     real_make_backend = conftest.make_backend
@@ -287,3 +288,37 @@ async def test_partition_removed_during_backoff_is_recreated(
     assert "partition-recreated" in kinds
     assert (await d.worker("calm:w-0"))["pid"] == calm["pid"]
     assert await d.call("ping") == "pong"
+
+
+async def test_backend_watcher_failure_is_contained_and_it_comes_back(
+    cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The portable backend's watcher is what kills a partition at its max: after it
+    # failed once, it must be running again (the hog still dies at its limit).
+    real_make_backend = conftest.make_backend
+    monkeypatch.setattr(
+        conftest,
+        "make_backend",
+        lambda config: FailOnce(real_make_backend(config), "watch", RuntimeError("injected")),
+    )
+    hog = worker_py(
+        "import time\nchunks = []\n"
+        "while True:\n    chunks.append(bytearray(8 << 20)); time.sleep(0.05)\n"
+    )
+    tenant(cfg, "calm", SLEEPER)
+    cfg.tenant(
+        "hog",
+        f"""
+        memory = {{ max = "96MiB" }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "grow"
+        command = {hog}
+        """,
+    )
+    d = await start_daemon()
+    w = await d.wait_for("hog:grow-0", lambda w: w["state"] == "exited", timeout=30)
+    assert w["exit_reason"] == "memory-limit"
+    failed = await d.call("events", kind="backend-watch-failed")
+    assert failed and failed[0]["error"] == "RuntimeError: injected"
+    assert (await d.worker("calm:w-0"))["state"] == "running"

@@ -69,6 +69,7 @@ class Run:
 
     pid: int
     status: int | None = None  # the wait status, once the process ended
+    failure: Exception | None = None  # waiting for it failed (raised in the task)
 
 
 @dataclass(eq=False)
@@ -286,6 +287,19 @@ class Supervisor:
             raise NotFound(f"tenant {tenant!r} has no worker {worker!r}")
         return found
 
+    async def watch_backend(self) -> None:
+        """Run the backend's event source for the daemon's life. A failure boundary: if
+        it fails (a notification fd gone bad, a sampling error), pressure and OOM events
+        pause for a second while it starts again; supervision itself never depends on it."""
+        while True:
+            try:
+                await self.backend.watch(self.tree, self.on_backend_event)
+                return  # a backend with nothing to watch
+            except Exception as exc:  # the failure boundary of the backend's watcher
+                log.error("backend event watch failed; restarting it", error=repr(exc))
+                self.events.emit("backend-watch-failed", error=f"{type(exc).__name__}: {exc}")
+            await trio.sleep(1.0)
+
     def on_backend_event(self, event: BackendEvent) -> None:
         self.events.emit(
             str(event.kind),
@@ -321,7 +335,7 @@ class Supervisor:
     def _has_work(self, inst: Instance) -> bool:
         run = inst.run
         return (
-            (run is not None and run.status is not None)
+            (run is not None and (run.status is not None or run.failure is not None))
             or inst.lc.has_actions
             or inst.lc.timer_due(time.monotonic())
         )
@@ -351,6 +365,9 @@ class Supervisor:
 
     async def _step(self, inst: Instance) -> None:
         lc, run = inst.lc, inst.run
+        if run is not None and run.failure is not None:
+            inst.run = None
+            raise run.failure
         if run is not None and run.status is not None:
             inst.run = None
             if lc.pid == run.pid:  # not a run the lifecycle already gave up on
@@ -438,7 +455,10 @@ class Supervisor:
         self._nursery.start_soon(self._watch_exit, inst, run)
 
     async def _watch_exit(self, inst: Instance, run: Run) -> None:
-        run.status = await self.reaper.wait(run.pid)
+        try:
+            run.status = await self.reaper.wait(run.pid)
+        except Exception as exc:  # handed to the instance's task, whose boundary rules
+            run.failure = exc
         inst.wake.set()
 
     async def _spawn_in_partition(self, inst: Instance) -> int:
@@ -452,10 +472,12 @@ class Supervisor:
     async def _spawn(self, inst: Instance) -> int:
         fd = await trio.to_thread.run_sync(_open_log, self.log_dir, self.log_path(inst))
         try:
+            # In a thread: a wasm worker's argv clears its report file first.
+            argv = await trio.to_thread.run_sync(self._argv, inst)
             request = SpawnRequest(
                 partition=inst.partition,
                 leaf=inst.leaf,
-                argv=self._argv(inst),
+                argv=argv,
                 cwd=str(inst.spec.cwd) if inst.spec.cwd else None,
                 env=self._env(inst),
                 stdout=fd,
@@ -608,7 +630,7 @@ class Supervisor:
                 return reason, reason.startswith(REASON_INVALID_PREFIX)
         return describe_status(status), False
 
-    def refresh_wasm_counters(self) -> None:
+    async def refresh_wasm_counters(self) -> None:
         """Read live wasm runner counters (memory.grow denials) for ``status``."""
         from supervisord_qnx.wasm.outcome import read_report
 
@@ -618,13 +640,15 @@ class Supervisor:
                     path = self.wasm_report_path(inst)
                     try:
                         stamp = path.stat().st_mtime_ns
-                    except FileNotFoundError:
+                    except OSError:
                         continue
                     # status is a hot path: re-read a report only when the runner wrote
-                    # to it since the last look (it coalesces denials to ~1 line a second).
+                    # to it since the last look (it coalesces denials to ~1 line a second),
+                    # and then in a thread: the event loop never reads a tenant's file.
                     if stamp != inst.wasm_report_stamp:
                         inst.wasm_report_stamp = stamp
-                        inst.wasm_denials = _denials(read_report(path))
+                        report = await trio.to_thread.run_sync(read_report, path)
+                        inst.wasm_denials = _denials(report)
 
     async def _clear_leaf(self, inst: Instance) -> None:
         """Kill whatever the worker left in its partition leaf (grandchildren included)."""
