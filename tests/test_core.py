@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from supervisord_qnx.config.load import ConfigError, load
 from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Control
 from supervisord_qnx.supervise.policy import RestartTracker, Verdict
@@ -219,17 +220,17 @@ def test_admission_matches_the_rules(
 
 def test_backoff_doubles_and_caps_then_fatal() -> None:
     t = RestartTracker(RestartSpec(backoff_initial=0.1, backoff_max=0.5, max_restarts=4, window=60))
-    delays = [t.decide("exit:1", now=i, uptime=0.01).delay for i in range(4)]
+    delays = [t.decide(ExitReason.parse("exit:1"), now=i, uptime=0.01).delay for i in range(4)]
     assert delays == [0.1, 0.2, 0.4, 0.5]
-    assert t.decide("exit:1", now=5, uptime=0.01).verdict is Verdict.FATAL
+    assert t.decide(ExitReason.parse("exit:1"), now=5, uptime=0.01).verdict is Verdict.FATAL
 
 
 def test_window_slides_and_stable_run_resets_backoff() -> None:
     t = RestartTracker(RestartSpec(backoff_initial=1, backoff_max=4, max_restarts=2, window=10))
-    assert t.decide("signal:SIGKILL", 0, 0.1).verdict is Verdict.RESTART
-    assert t.decide("signal:SIGKILL", 1, 0.1).verdict is Verdict.RESTART
+    assert t.decide(ExitReason.parse("signal:SIGKILL"), 0, 0.1).verdict is Verdict.RESTART
+    assert t.decide(ExitReason.parse("signal:SIGKILL"), 1, 0.1).verdict is Verdict.RESTART
     # Both earlier restarts fell out of the window; a long run resets the delay.
-    d = t.decide("signal:SIGKILL", 20, uptime=100)
+    d = t.decide(ExitReason.parse("signal:SIGKILL"), 20, uptime=100)
     assert d.verdict is Verdict.RESTART and d.delay == 1
 
 
@@ -240,4 +241,4 @@ def test_window_slides_and_stable_run_resets_backoff() -> None:
 )  # fmt: skip
 def test_policies(policy: str, reason: str, verdict: Verdict) -> None:
     t = RestartTracker(RestartSpec(policy=policy))  # type: ignore[arg-type]
-    assert t.decide(reason, 0, 1).verdict is verdict
+    assert t.decide(ExitReason.parse(reason), 0, 1).verdict is verdict

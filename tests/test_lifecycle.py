@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.supervise.policy import backoff_delay
 from supervisord_qnx.supervise.worker import (
     LIVE,
@@ -89,7 +90,7 @@ def test_ten_thousand_restarts_in_a_loop_raise_nothing() -> None:
     running(lc, 1, now)
     for pid in range(2, 10_002):
         now += 2.0  # ran 2 s: shorter than backoff_max, so the streak never resets
-        lc.exited("exit:1", now)
+        lc.exited(ExitReason.parse("exit:1"), now)
         assert lc.state is State.BACKOFF, lc.exit_reason
         assert lc.deadline == pytest.approx(now + lc.backoff_delay)
         assert lc.backoff_delay <= 30
@@ -106,7 +107,7 @@ def test_ten_thousand_restarts_in_a_loop_raise_nothing() -> None:
 
 def test_stop_during_backoff_then_start_leaves_one_run() -> None:
     lc = running(Lifecycle(SPEC, stop_timeout=1))
-    lc.exited("exit:1", 1.0)
+    lc.exited(ExitReason.parse("exit:1"), 1.0)
     drain(lc)
     assert lc.state is State.BACKOFF
     lc.stop(1.01)
@@ -124,7 +125,7 @@ def test_start_while_stopping_is_answered_after_the_stop() -> None:
     stop_seq = lc.intent_seq
     lc.start(1.1)  # the later intent wins
     assert lc.state is State.STOPPING and lc.intent_seq > stop_seq
-    lc.exited("signal:SIGTERM", 1.2)
+    lc.exited(ExitReason.parse("signal:SIGTERM"), 1.2)
     assert lc.state is State.STARTING
     assert drain(lc) == [Action.CLEAR_LEAF, Action.RELEASE_LEAF, Action.SPAWN]
 
@@ -153,7 +154,8 @@ def test_transient_spawn_failure_goes_through_the_policy() -> None:
     lc.start(0)
     drain(lc)
     lc.spawn_failed("Too many open files", 0.0, transient=True)
-    assert lc.state is State.BACKOFF and lc.exit_reason == "spawn-failed: Too many open files"
+    assert lc.state is State.BACKOFF
+    assert str(lc.exit_reason) == "spawn-failed: Too many open files"
     lc.timer(lc.deadline or 0)
     assert lc.state is State.STARTING
 
@@ -168,25 +170,26 @@ def test_missing_program_is_fatal_at_once() -> None:
 
 def test_failure_while_running_kills_and_is_fatal() -> None:
     lc = running(Lifecycle(SPEC, stop_timeout=1))
-    lc.fail("internal: RuntimeError: boom", 1.0)
+    lc.fail(ExitReason(ExitKind.INTERNAL, "RuntimeError: boom"), 1.0)
     assert (lc.state, lc.pid, drain(lc)) == (State.FATAL, None, [Action.KILL, Action.CLEAR_LEAF])
-    assert lc.exit_reason == "internal: RuntimeError: boom"
+    assert str(lc.exit_reason) == "internal: RuntimeError: boom"
 
 
 def test_unrunnable_exit_is_fatal_without_a_restart_loop() -> None:
     lc = running(Lifecycle(SPEC, stop_timeout=1))
-    lc.exited("invalid-module: bad magic", 0.5, unrunnable=True)
+    lc.exited(ExitReason(ExitKind.INVALID_MODULE, "bad magic"), 0.5)
     assert lc.state is State.FATAL
 
 
 # -- everything, in any order (hypothesis) ----------------------------------------------
 
 EXITS = {
-    "clean": "exit:0",
-    "failed": "exit:3",
-    "killed": "signal:SIGKILL",
-    "oom": "oom-killed",
-    "limit": "memory-limit",
+    "clean": ExitReason.exited(0),
+    "failed": ExitReason.exited(3),
+    "killed": ExitReason.signalled(9),
+    "oom": ExitReason(ExitKind.OOM_KILLED),
+    "limit": ExitReason(ExitKind.MEMORY_LIMIT),
+    "trap": ExitReason(ExitKind.TRAP, "unreachable"),
 }
 
 
@@ -243,13 +246,13 @@ class LifecycleMachine(RuleBasedStateMachine):
                     spawning = True
                 elif a in (Action.SIGNAL, Action.KILL) and run is not None:
                     if lc.pid == run:
-                        lc.exited("signal:SIGTERM", now)
+                        lc.exited(ExitReason.parse("signal:SIGTERM"), now)
                     run = None
             elif lc.deadline is not None:
                 now = max(now, lc.deadline)
                 lc.timer(now)
             elif run is not None and lc.pid == run:
-                lc.exited("exit:1", now)
+                lc.exited(ExitReason.parse("exit:1"), now)
                 run = None
         raise AssertionError(f"not answered: stuck in {lc.state}")
 
@@ -300,7 +303,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule()
     def failure(self) -> None:
         self.spawning = False
-        self.lc.fail("internal: boom", self.now)
+        self.lc.fail(ExitReason(ExitKind.INTERNAL, "boom"), self.now)
 
     # promises
     @invariant()

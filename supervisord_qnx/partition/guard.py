@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import (
     Backend,
     BackendError,
@@ -67,6 +68,13 @@ class PartitionFlags(enum.StrEnum):
 
 class PartitionConfigError(ValueError):
     """The builder's figures break an admission rule (the message lists every problem)."""
+
+
+# The exit reasons that mean "killed for its memory", and who did it.
+_MEMORY_KILLERS = {
+    ExitKind.OOM_KILLED: "the kernel OOM killer",
+    ExitKind.MEMORY_LIMIT: "the supervisor's memory accounting",
+}
 
 
 class PartitionMemoryExceeded(MemoryError):
@@ -294,10 +302,11 @@ class ManagedPartition:
                 proc.kill()
             proc.wait()
             self.backend.release_leaf(self.path, leaf)
-        if reason == "oom-killed":
+        killer = _MEMORY_KILLERS.get(ExitReason.parse(reason).kind) if reason else None
+        if killer is not None:
             raise PartitionMemoryExceeded(
                 f"partition '{self.path}': {getattr(fn, '__qualname__', fn)!r} was killed "
-                f"by the kernel OOM killer at memory.max {self.node.effective_memory_max} bytes"
+                f"by {killer} at memory.max {self.node.effective_memory_max} bytes"
             )
         blob = b"".join(out)
         if returncode != 0 or not blob:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitReason
 
 
 class Verdict(enum.StrEnum):
@@ -40,21 +41,16 @@ def backoff_delay(initial: float, maximum: float, streak: int) -> float:
     return min(maximum, initial * float(2 ** min(streak, _MAX_DOUBLINGS)))
 
 
-def is_failure(exit_reason: str) -> bool:
-    """A clean exit is ``exit:0``; everything else (codes, signals, limits, traps) failed."""
-    return exit_reason != "exit:0"
-
-
 @dataclass
 class RestartTracker:
     spec: RestartSpec
     _recent: deque[float] = field(default_factory=deque)
     _streak: int = 0
 
-    def decide(self, exit_reason: str, now: float, uptime: float) -> Decision:
+    def decide(self, exit_reason: ExitReason, now: float, uptime: float) -> Decision:
         """Decide what happens to a worker that ended with ``exit_reason`` after ``uptime`` s."""
         policy = self.spec.policy
-        if policy == "never" or (policy == "on-failure" and not is_failure(exit_reason)):
+        if policy == "never" or (policy == "on-failure" and not exit_reason.failure):
             return Decision(Verdict.FINAL)
         while self._recent and now - self._recent[0] > self.spec.window:
             self._recent.popleft()

@@ -31,6 +31,7 @@ import structlog
 import trio
 
 from supervisord_qnx.config.model import Config, TenantSpec, WasmWorker, WorkerBase
+from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus
@@ -132,7 +133,7 @@ class Instance:
             "pid": lc.pid,
             "partition": self.partition,
             "restarts": lc.restarts,
-            "exit_reason": lc.exit_reason,
+            "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
             "uptime": uptime,
         }
         if isinstance(self.spec, WasmWorker):
@@ -322,7 +323,7 @@ class Supervisor:
             old=str(before),
             new=str(lc.state),
             pid=lc.pid,
-            exit_reason=lc.exit_reason,
+            exit_reason=None if lc.exit_reason is None else str(lc.exit_reason),
         )
         if lc.state is State.FATAL:
             self.events.emit("fatal", worker=inst.name, **lc.fatal_detail)
@@ -371,9 +372,9 @@ class Supervisor:
         if run is not None and run.status is not None:
             inst.run = None
             if lc.pid == run.pid:  # not a run the lifecycle already gave up on
-                reason, unrunnable = await self._exit_reason(inst, run.status)
+                reason = await self._exit_reason(inst, run.status)
                 now = time.monotonic()
-                self._feed(inst, lambda: lc.exited(reason, now, unrunnable=unrunnable))
+                self._feed(inst, lambda: lc.exited(reason, now))
             return
         now = time.monotonic()
         if lc.timer_due(now):
@@ -389,7 +390,11 @@ class Supervisor:
         inst.failures_in_a_row += 1
         summary = f"{type(exc).__name__}: {exc}"
         log.error("worker task failed", worker=inst.name, error=summary, exc_info=exc)
-        reason = f"backend: {exc}" if isinstance(exc, BackendError) else f"internal: {summary}"
+        reason = (
+            ExitReason(ExitKind.BACKEND, str(exc))
+            if isinstance(exc, BackendError)
+            else ExitReason(ExitKind.INTERNAL, summary)
+        )
         self._feed(inst, lambda: inst.lc.fail(reason, time.monotonic()))
         if inst.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             # Its own clean-up keeps failing: stop trying until an operator calls.
@@ -605,10 +610,9 @@ class Supervisor:
         # Whole wasm pages: memory.grow works in pages, so a partial page is never usable.
         return max(WASM_PAGE, (share - WASM_RUNNER_OVERHEAD) // WASM_PAGE * WASM_PAGE)
 
-    async def _exit_reason(self, inst: Instance, status: int) -> tuple[str, bool]:
-        """The most specific reason (the backend's ``oom-killed``/``memory-limit`` over the
-        wasm runner's report over the raw wait status), and whether the worker can never
-        run (a module that cannot be compiled or instantiated fails every try alike)."""
+    async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:
+        """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
+        wasm runner's report over the raw wait status."""
         try:
             reason = await trio.to_thread.run_sync(
                 self.backend.leaf_exit_reason, inst.partition, inst.leaf
@@ -619,16 +623,15 @@ class Supervisor:
             log.warning("backend exit reason unavailable", worker=inst.name, error=str(exc))
             reason = None
         if reason is not None:
-            return reason, False
+            return ExitReason.parse(reason)
         if isinstance(inst.spec, WasmWorker):
-            from supervisord_qnx.wasm.outcome import REASON_INVALID_PREFIX, read_report
+            from supervisord_qnx.wasm.outcome import read_report
 
             report = await trio.to_thread.run_sync(read_report, self.wasm_report_path(inst))
             inst.wasm_denials = _denials(report)
             if report["exit"] and report["exit"].get("reason"):
-                reason = str(report["exit"]["reason"])
-                return reason, reason.startswith(REASON_INVALID_PREFIX)
-        return describe_status(status), False
+                return ExitReason.parse(str(report["exit"]["reason"]))
+        return describe_status(status)
 
     async def refresh_wasm_counters(self) -> None:
         """Read live wasm runner counters (memory.grow denials) for ``status``."""

@@ -38,6 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.supervise.policy import RestartTracker, Verdict
 
 
@@ -133,8 +134,6 @@ LIVE = frozenset({S.STARTING, S.RUNNING, S.STOPPING})
 SETTLED_AFTER_START = frozenset({S.RUNNING, S.EXITED, S.FATAL, S.STOPPED})
 # States a `stop --wait` settles on.
 SETTLED_AFTER_STOP = frozenset({S.STOPPED, S.EXITED, S.FATAL})
-# Wait-status descriptions a stop adds to: "stopped (signal:SIGTERM)".
-STOPPED_PREFIX = "stopped"
 
 
 class IllegalTransition(Exception):
@@ -184,7 +183,7 @@ class Lifecycle:
     intent_seq: int = 0
     pid: int | None = None
     started_at: float | None = None  # monotonic, of the current run
-    exit_reason: str | None = None
+    exit_reason: ExitReason | None = None
     restarts: int = 0
     deadline: float | None = None  # backoff delay or stop timeout, monotonic
     backoff_delay: float = 0.0
@@ -219,8 +218,8 @@ class Lifecycle:
         self.pid, self.started_at = pid, now
         self._apply(E.SPAWNED, now)
 
-    def spawn_failed(self, reason: str, now: float, *, transient: bool) -> None:
-        self.exit_reason = f"spawn-failed: {reason}"
+    def spawn_failed(self, why: str, now: float, *, transient: bool) -> None:
+        self.exit_reason = ExitReason(ExitKind.SPAWN_FAILED, why)
         event = E.SPAWN_FATAL
         if transient and self.state is S.STARTING:
             decision = self.tracker.decide(self.exit_reason, now, 0.0)
@@ -228,22 +227,19 @@ class Lifecycle:
                 event, self.backoff_delay = E.SPAWN_RETRY, decision.delay
         self._apply(event, now)
 
-    def exited(self, reason: str, now: float, *, unrunnable: bool = False) -> None:
-        """The current run's process ended with ``reason``; ``unrunnable``: it will fail
-        the same way on every try (a module that cannot be instantiated)."""
+    def exited(self, reason: ExitReason, now: float) -> None:
+        """The current run's process ended with ``reason``."""
         uptime = now - self.started_at if self.started_at is not None else 0.0
         self.pid = None
         if self.state is S.STOPPING:
-            self.exit_reason = (
-                reason if reason.startswith(STOPPED_PREFIX) else f"{STOPPED_PREFIX} ({reason})"
-            )
+            self.exit_reason = reason.as_stopped()
             self._apply(E.EXIT_STOPPED, now)
             return
         self.exit_reason = reason
         if self.state is not S.RUNNING:
             raise IllegalTransition(self.state, E.EXIT_FINAL)
         decision = self.tracker.decide(reason, now, uptime)
-        if decision.verdict is Verdict.RESTART and unrunnable:
+        if decision.verdict is Verdict.RESTART and reason.permanent:
             self._apply(E.EXIT_FATAL, now)
         elif decision.verdict is Verdict.RESTART:
             self.backoff_delay = decision.delay
@@ -265,7 +261,7 @@ class Lifecycle:
             self.restarts += 1
         self._apply(E.TIMER, now)
 
-    def fail(self, reason: str, now: float) -> None:
+    def fail(self, reason: ExitReason, now: float) -> None:
         """Give up on this instance (``internal: …`` or ``backend: …``); the daemon goes on."""
         self.exit_reason = reason
         self.pid = None
@@ -286,7 +282,7 @@ class Lifecycle:
     def fatal_detail(self) -> dict[str, object]:
         """The one set of fields every ``fatal`` event carries."""
         return {
-            "exit_reason": self.exit_reason,
+            "exit_reason": None if self.exit_reason is None else str(self.exit_reason),
             "restarts": self.restarts,
             "window": self.policy.window,
         }
