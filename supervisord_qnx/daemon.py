@@ -178,7 +178,7 @@ class Daemon:
         _refuse_if_live(Path(cfg.socket))
         for w in self.warnings:
             log.warning("unenforced control", detail=w)
-        self.supervisor.subreaper = become_subreaper()
+        self.supervisor.launchers.enable_prefork(become_subreaper())
         for d in (cfg.state_dir, cfg.log_dir):
             Path(d).mkdir(parents=True, exist_ok=True)
         reaped = await trio.to_thread.run_sync(self.backend.reap_leftovers)
@@ -220,7 +220,7 @@ class Daemon:
                 log.info("shutting down")
                 _notify("STOPPING=1")
                 await self.supervisor.stop_all()
-                await self.supervisor.stop_forkserver()
+                await self.supervisor.launchers.stop()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

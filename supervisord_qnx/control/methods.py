@@ -101,7 +101,7 @@ class Methods:
     async def status(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         p = _params(params, tenant=(str, False))
         sup = self.daemon.supervisor
-        await sup.refresh_wasm_counters()
+        await sup.refresh_counters()
         return sup.status(p.get("tenant"))
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -96,6 +96,13 @@ class ChildReaper:
         with self._lock:
             self._own.add(pid)
 
+    def adopt(self, popen: subprocess.Popen[bytes]) -> int:
+        """Take over a child started with ``subprocess`` (inside ``spawning()``): the reaper
+        owns its status from here on, and ``Popen`` must never wait on (and steal) it."""
+        self.register(popen.pid)
+        popen.returncode = 0
+        return popen.pid
+
     def run_utility(
         self, argv: Sequence[str], *, timeout: float = 30.0
     ) -> subprocess.CompletedProcess[str]:

@@ -17,10 +17,8 @@ import contextlib
 import errno
 import math
 import os
-import shutil
 import signal
 import stat
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,12 +28,12 @@ from typing import Any
 import structlog
 import trio
 
-from supervisord_qnx.config.model import Config, TenantSpec, WasmWorker, WorkerBase
+from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus
-from supervisord_qnx.supervise.prefork import ForkServerKeeper
+from supervisord_qnx.supervise.launch import Launcher, Launchers, LaunchTarget
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
@@ -44,20 +42,8 @@ from supervisord_qnx.supervise.worker import (
     Lifecycle,
     State,
 )
-from supervisord_qnx.wasm.forkserver import ForkServerGone
 
 log = structlog.get_logger("supervisord_qnx.supervisor")
-
-
-# Resident size of a wasm runner itself (interpreter + wasmtime + compiled code),
-# subtracted from a partition's max for the default linear-memory cap.
-# bench/bench_wasm.py measured 28 MiB with a warm cache and 35 MiB while compiling
-# (Cranelift's peak); bench/bench_wasm_tenants.py measured the same through the daemon.
-# A constant rather than a measurement at start: the peak that matters is the
-# compile, which a warm daemon no longer sees, and a cap must not change between
-# restarts. 40 = the 35 MiB compile peak + 5 MiB for the store's own allocations.
-WASM_RUNNER_OVERHEAD = 40 << 20
-WASM_PAGE = 64 * 1024
 
 
 class NotFound(Exception):
@@ -76,13 +62,14 @@ class Run:
 @dataclass(eq=False)
 class Instance:
     """One copy of a worker (``instances = 3`` gives three) and the task state around
-    its ``Lifecycle``: the current process, the wake-up event, wasm counters."""
+    its ``Lifecycle``: the current process, the wake-up event, its launch target."""
 
     tenant: str
     partition: str
     spec: WorkerBase
     index: int
     lc: Lifecycle
+    target: LaunchTarget
     run: Run | None = None
     # Set whenever something the performing task must look at happened (an operator
     # call, an exit); replaced by the task each time it goes to sleep.
@@ -92,8 +79,6 @@ class Instance:
     changed: trio.Event = field(default_factory=trio.Event)
     performing: bool = False
     failures_in_a_row: int = 0
-    wasm_denials: int = 0
-    wasm_report_stamp: int = 0  # mtime of the report when wasm_denials was read
 
     @property
     def leaf(self) -> str:
@@ -116,7 +101,7 @@ class Instance:
         self.changed.set()
         self.changed = trio.Event()
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
         lc = self.lc
         uptime = (
             round(time.monotonic() - lc.started_at, 3)
@@ -136,8 +121,7 @@ class Instance:
             "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
             "uptime": uptime,
         }
-        if isinstance(self.spec, WasmWorker):
-            out["memory_denied"] = self.wasm_denials
+        out.update(extra)
         return out
 
 
@@ -174,19 +158,30 @@ class Supervisor:
         self.tenants: dict[str, Tenant] = {}
         self._order = 0
         self._nursery: trio.Nursery | None = None
-        # Set by the daemon: whether it is a child subreaper. The wasm fork server's
-        # workers reach the daemon as its children only then (docs/wasm.md, 7.).
-        self.subreaper = False
-        self.forkserver = ForkServerKeeper(reaper, self.log_dir / "wasm-forkserver.log")
+        self.launchers = Launchers(backend, reaper, tree, config.daemon)
         for spec in config.tenants:
+            count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
                 spec,
                 [
-                    Instance(spec.name, spec.path, w, i, Lifecycle(spec.restart, w.stop_timeout))
+                    Instance(
+                        spec.name,
+                        spec.path,
+                        w,
+                        i,
+                        Lifecycle(spec.restart, w.stop_timeout),
+                        LaunchTarget(spec.name, spec.path, w, i, count),
+                    )
                     for w in spec.worker
                     for i in range(w.instances)
                 ],
             )
+
+    def _launcher(self, inst: Instance) -> Launcher:
+        return self.launchers.for_spec(inst.spec)
+
+    def _describe(self, inst: Instance) -> dict[str, Any]:
+        return inst.as_dict(self._launcher(inst).status_fields(inst.target))
 
     # -- lifecycle of the whole supervisor -------------------------------------------
 
@@ -194,14 +189,15 @@ class Supervisor:
         """Own every instance's task; returns only when cancelled."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = self.forkserver.nursery = nursery
+                self._nursery = nursery
+                self.launchers.bind(nursery)
                 for tenant in self.tenants.values():
                     for inst in tenant.instances:
                         nursery.start_soon(self._drive, inst)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self.forkserver.kill()
+            self.launchers.kill()
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant (config order); wait until each settled."""
@@ -240,7 +236,7 @@ class Supervisor:
         seqs = [self._call(inst, inst.lc.start) for inst in tenant.instances]
         if wait:
             await self._answer(tenant, seqs, SETTLED_AFTER_START)
-        return [i.as_dict() for i in tenant.instances]
+        return [self._describe(i) for i in tenant.instances]
 
     async def stop(self, name: str, wait: bool = True) -> list[dict[str, Any]]:
         tenant = self.tenant(name)
@@ -249,7 +245,7 @@ class Supervisor:
             await self._answer(tenant, seqs, SETTLED_AFTER_STOP)
         else:
             await trio.lowlevel.checkpoint()
-        return [i.as_dict() for i in tenant.instances]
+        return [self._describe(i) for i in tenant.instances]
 
     async def restart(self, name: str, wait: bool = False) -> list[dict[str, Any]]:
         """Stop the current runs, then start again; returns once the old runs are gone
@@ -260,7 +256,7 @@ class Supervisor:
         seqs = [self._call(inst, inst.lc.restart) for inst in tenant.instances]
         not_stopping = frozenset(State) - {State.STOPPING}
         await self._answer(tenant, seqs, SETTLED_AFTER_START if wait else not_stopping)
-        return [i.as_dict() for i in tenant.instances]
+        return [self._describe(i) for i in tenant.instances]
 
     def _call(self, inst: Instance, call: Callable[[float], None]) -> int:
         before = inst.lc.state
@@ -276,7 +272,7 @@ class Supervisor:
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         tenants = [self.tenant(name)] if name is not None else list(self.tenants.values())
-        return [i.as_dict() for t in tenants for i in t.instances]
+        return [self._describe(i) for t in tenants for i in t.instances]
 
     def log_path(self, inst: Instance) -> Path:
         return self.log_dir / f"{inst.tenant}.{inst.leaf}.log"
@@ -477,8 +473,9 @@ class Supervisor:
     async def _spawn(self, inst: Instance) -> int:
         fd = await trio.to_thread.run_sync(_open_log, self.log_dir, self.log_path(inst))
         try:
-            # In a thread: a wasm worker's argv clears its report file first.
-            argv = await trio.to_thread.run_sync(self._argv, inst)
+            launcher = self._launcher(inst)
+            # In a thread: a launcher may prepare files first.
+            argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
             request = SpawnRequest(
                 partition=inst.partition,
                 leaf=inst.leaf,
@@ -488,67 +485,9 @@ class Supervisor:
                 stdout=fd,
                 stderr=fd,
             )
-            if isinstance(inst.spec, WasmWorker) and self._prefork_possible():
-                pid = await self._spawn_preforked(inst, request)
-                if pid is not None:
-                    return pid
-
-            def spawn_blocking() -> int:
-                _require_program(request)
-                with self.reaper.spawning():
-                    popen = self.backend.spawn(request)
-                    self.reaper.register(popen.pid)
-                    # The reaper owns the status from here on; keep subprocess from
-                    # ever waiting on (and stealing) it.
-                    popen.returncode = 0
-                    return popen.pid
-
-            return await trio.to_thread.run_sync(spawn_blocking)
+            return await launcher.spawn(inst.target, request)
         finally:
             os.close(fd)
-
-    # -- wasm fork server (docs/wasm.md, 7.) ------------------------------------------
-
-    def _prefork_possible(self) -> bool:
-        return self.config.daemon.wasm_prefork and self.subreaper
-
-    @property
-    def forkserver_pid(self) -> int | None:
-        return self.forkserver.pid
-
-    async def stop_forkserver(self) -> None:
-        await self.forkserver.stop()
-
-    async def _spawn_preforked(self, inst: Instance, request: SpawnRequest) -> int | None:
-        """Start a wasm worker from the fork server; ``None``: use the plain runner.
-
-        Raises ``OSError`` (spawn-failed, like ``backend.spawn``) when the server ran
-        the start but the worker could not attach itself."""
-        plan = await trio.to_thread.run_sync(self.backend.attach_plan, request)
-        if plan is None:
-            return None
-        server = await self.forkserver.ready()
-        if server is None:
-            return None
-        argv = list(request.argv)
-        runner_argv = argv[3:]  # after "<python> -m supervisord_qnx.wasm.runner"
-        cwd = request.cwd or os.getcwd()
-
-        def spawn_blocking() -> int:
-            # The orphan sweep stays off for the whole request: the worker becomes the
-            # daemon's child before the server answers, and may already have ended.
-            with self.reaper.spawning():
-                pid = server.spawn(runner_argv, request.env, cwd, request.stdout, plan.as_dict())
-                self.reaper.register(pid)
-                return pid
-
-        try:
-            return await trio.to_thread.run_sync(spawn_blocking)
-        except ForkServerGone as exc:
-            # Slower, never stopped: this start uses the plain runner; the next start
-            # brings a new server up.
-            log.warning("wasm fork server lost; plain runner for this start", error=str(exc))
-            return None
 
     def _env(self, inst: Instance) -> dict[str, str]:
         # Workers get a small, predictable environment, not the daemon's own.
@@ -563,56 +502,9 @@ class Supervisor:
         env.update(inst.spec.env)
         return env
 
-    def _argv(self, inst: Instance) -> list[str]:
-        spec = inst.spec
-        if isinstance(spec, WasmWorker):
-            return self._wasm_argv(inst, spec)
-        return list(getattr(spec, "command"))  # noqa: B009 - CommandWorker
-
-    def wasm_report_path(self, inst: Instance) -> Path:
-        return self.state_dir / "wasm" / f"{inst.tenant}.{inst.leaf}.report"
-
-    def _wasm_argv(self, inst: Instance, spec: WasmWorker) -> list[str]:
-        report = self.wasm_report_path(inst)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            report.unlink()
-        argv = [sys.executable, "-m", "supervisord_qnx.wasm.runner", "--module", str(spec.wasm)]
-        for a in spec.args:
-            argv += ["--arg", a]
-        for k, v in spec.env.items():
-            argv += ["--env", f"{k}={v}"]
-        for guest, host in spec.preopen.items():
-            argv += ["--preopen", f"{guest}={host}"]
-        limits = spec.limits
-        memory = limits.memory if limits.memory is not None else self._default_wasm_memory(inst)
-        if memory is not None:
-            argv += ["--memory", str(memory)]
-        for flag, value in (
-            ("--tables", limits.tables),
-            ("--instances", limits.instances),
-            ("--fuel", limits.fuel),
-            ("--timeout", limits.timeout),
-        ):
-            if value is not None:
-                argv += [flag, str(value)]
-        argv += ["--cache-dir", str(self.state_dir / "wasm-cache"), "--report", str(report)]
-        return argv
-
-    def _default_wasm_memory(self, inst: Instance) -> int | None:
-        """The partition's max, shared among the tenant's instances, less what the runner
-        process itself occupies, so the module meets a failed ``memory.grow`` before the
-        OS partition has to kill the whole process."""
-        cap = self.tree[inst.partition].effective_memory_max
-        if cap is None:
-            return None
-        share = cap // max(1, sum(w.instances for w in self.tenant(inst.tenant).spec.worker))
-        # Whole wasm pages: memory.grow works in pages, so a partial page is never usable.
-        return max(WASM_PAGE, (share - WASM_RUNNER_OVERHEAD) // WASM_PAGE * WASM_PAGE)
-
     async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:
         """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
-        wasm runner's report over the raw wait status."""
+        launcher's own word (the wasm runner's report) over the raw wait status."""
         try:
             reason = await trio.to_thread.run_sync(
                 self.backend.leaf_exit_reason, inst.partition, inst.leaf
@@ -624,34 +516,17 @@ class Supervisor:
             reason = None
         if reason is not None:
             return ExitReason.parse(reason)
-        if isinstance(inst.spec, WasmWorker):
-            from supervisord_qnx.wasm.outcome import read_report
-
-            report = await trio.to_thread.run_sync(read_report, self.wasm_report_path(inst))
-            inst.wasm_denials = _denials(report)
-            if report["exit"] and report["exit"].get("reason"):
-                return ExitReason.parse(str(report["exit"]["reason"]))
+        told = await self._launcher(inst).exit_reason(inst.target, status)
+        if told is not None:
+            return told
         return describe_status(status)
 
-    async def refresh_wasm_counters(self) -> None:
-        """Read live wasm runner counters (memory.grow denials) for ``status``."""
-        from supervisord_qnx.wasm.outcome import read_report
-
+    async def refresh_counters(self) -> None:
+        """Re-read live counters running workers report (for ``status``)."""
         for tenant in self.tenants.values():
             for inst in tenant.instances:
-                if isinstance(inst.spec, WasmWorker) and inst.state is State.RUNNING:
-                    path = self.wasm_report_path(inst)
-                    try:
-                        stamp = path.stat().st_mtime_ns
-                    except OSError:
-                        continue
-                    # status is a hot path: re-read a report only when the runner wrote
-                    # to it since the last look (it coalesces denials to ~1 line a second),
-                    # and then in a thread: the event loop never reads a tenant's file.
-                    if stamp != inst.wasm_report_stamp:
-                        inst.wasm_report_stamp = stamp
-                        report = await trio.to_thread.run_sync(read_report, path)
-                        inst.wasm_denials = _denials(report)
+                if inst.state is State.RUNNING:
+                    await self._launcher(inst).refresh(inst.target)
 
     async def _clear_leaf(self, inst: Instance) -> None:
         """Kill whatever the worker left in its partition leaf (grandchildren included)."""
@@ -689,29 +564,6 @@ def _open_log(log_dir: Path, path: Path) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _require_program(request: SpawnRequest) -> None:
-    """Raise ``FileNotFoundError``/``PermissionError`` for a program that cannot run.
-
-    Backends start workers behind an exec shim (it keeps spawning on the vfork path), so
-    a missing program would otherwise show up as the shim's ``exit:127`` and a restart
-    loop instead of a ``spawn-failed`` worker that tells the operator what is wrong.
-    """
-    program = request.argv[0]
-    if "/" in program:
-        path: str | None = os.path.join(request.cwd or os.getcwd(), program)
-    else:
-        path = shutil.which(program, path=request.env.get("PATH", os.defpath))
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, f"no such program: {program}", program)
-    if not os.access(path, os.X_OK):
-        raise PermissionError(errno.EACCES, f"not executable: {path}", path)
-
-
-def _denials(report: dict[str, Any]) -> int:
-    denied = report.get("memory_denied") or {}
-    return int(denied.get("count") or 0)
 
 
 def _signal_group(pid: int, sig: int) -> None:
