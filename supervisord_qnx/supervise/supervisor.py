@@ -32,7 +32,15 @@ from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise.events import EventBus
+from supervisord_qnx.supervise.events import (
+    BackendWatchFailed,
+    EventBus,
+    PartitionCondition,
+    PartitionRecreated,
+    StateChanged,
+    WorkerFatal,
+    WorkerRestarting,
+)
 from supervisord_qnx.supervise.launch import Launcher, Launchers, LaunchTarget
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.supervise.worker import (
@@ -294,15 +302,12 @@ class Supervisor:
                 return  # a backend with nothing to watch
             except Exception as exc:  # the failure boundary of the backend's watcher
                 log.error("backend event watch failed; restarting it", error=repr(exc))
-                self.events.emit("backend-watch-failed", error=f"{type(exc).__name__}: {exc}")
+                self.events.emit(BackendWatchFailed(f"{type(exc).__name__}: {exc}"))
             await trio.sleep(1.0)
 
     def on_backend_event(self, event: BackendEvent) -> None:
         self.events.emit(
-            str(event.kind),
-            partition=event.partition,
-            leaf=event.leaf,
-            **{k: v for k, v in event.detail.items() if k not in ("partition", "leaf")},
+            PartitionCondition(str(event.kind), event.partition, event.leaf, event.detail)
         )
 
     # -- one instance: the task that performs its lifecycle's actions ---------------
@@ -313,16 +318,10 @@ class Supervisor:
         if lc.state is before:
             return
         inst.progressed()
-        self.events.emit(
-            "state",
-            worker=inst.name,
-            old=str(before),
-            new=str(lc.state),
-            pid=lc.pid,
-            exit_reason=None if lc.exit_reason is None else str(lc.exit_reason),
-        )
+        reason = None if lc.exit_reason is None else str(lc.exit_reason)
+        self.events.emit(StateChanged(inst.name, str(before), str(lc.state), lc.pid, reason))
         if lc.state is State.FATAL:
-            self.events.emit("fatal", worker=inst.name, **lc.fatal_detail)
+            self.events.emit(WorkerFatal(inst.name, reason, lc.restarts, lc.policy.window))
 
     def _feed(self, inst: Instance, fact: Callable[[], None]) -> None:
         before = inst.lc.state
@@ -376,7 +375,7 @@ class Supervisor:
         if lc.timer_due(now):
             self._feed(inst, lambda: lc.timer(now))
             if lc.state is State.STARTING:
-                self.events.emit("restart", worker=inst.name, after=lc.backoff_delay)
+                self.events.emit(WorkerRestarting(inst.name, lc.backoff_delay))
             return
         action = lc.next_action()
         if action is not None:
@@ -434,9 +433,7 @@ class Supervisor:
         recreated = await trio.to_thread.run_sync(self.backend.recreate, chain)
         if recreated:
             log.warning("partition re-created", partition=inst.partition, cause=str(cause))
-            self.events.emit(
-                "partition-recreated", partition=inst.partition, worker=inst.name, cause=str(cause)
-            )
+            self.events.emit(PartitionRecreated(inst.partition, inst.name, str(cause)))
         return recreated
 
     async def _start_run(self, inst: Instance) -> None:

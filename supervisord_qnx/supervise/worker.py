@@ -278,15 +278,6 @@ class Lifecycle:
     def has_actions(self) -> bool:
         return bool(self._actions)
 
-    @property
-    def fatal_detail(self) -> dict[str, object]:
-        """The one set of fields every ``fatal`` event carries."""
-        return {
-            "exit_reason": None if self.exit_reason is None else str(self.exit_reason),
-            "restarts": self.restarts,
-            "window": self.policy.window,
-        }
-
     # -- internals --------------------------------------------------------------------
 
     def _intent(self, run: bool) -> None:
