@@ -9,6 +9,7 @@ exit reasons, pids in /proc and the kernel's files."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from pathlib import Path
 from typing import Any
@@ -322,3 +323,36 @@ async def test_backend_watcher_failure_is_contained_and_it_comes_back(
     failed = await d.call("events", kind="backend-watch-failed")
     assert failed and failed[0]["error"] == "RuntimeError: injected"
     assert (await d.worker("calm:w-0"))["state"] == "running"
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def test_waiting_out_a_backoff_or_a_stop_timeout_does_not_spin(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    # The daemon runs in this process: its CPU time is ours. A timer wait that returned
+    # at once (a deadline on the wrong clock) would burn a whole core while it waits.
+    tenant(
+        cfg,
+        "slow",
+        '["false"]',
+        "restart = { policy = 'always', backoff_initial = 3, backoff_max = 3 }",
+    )
+    tenant(cfg, "stub", STUBBORN, worker="stop_timeout = 3")
+    d = await start_daemon()
+    await d.wait_for("slow:w-0", lambda w: w["state"] == "backoff")
+    await d.wait_for("stub:w-0", lambda w: w["state"] == "running")
+    with trio.fail_after(15):  # its SIGTERM handler is in place once it said so
+        while "up" not in (cfg.log_dir / "stub.w-0.log").read_text():
+            await trio.sleep(0.02)
+    await d.call("stop", tenant="stub", wait=False)
+    assert (await d.worker("stub:w-0"))["state"] == "stopping"
+    before = _cpu_seconds()
+    await trio.sleep(1.0)
+    used = _cpu_seconds() - before
+    assert used < 0.2, f"{used:.2f} s of CPU in 1 s of waiting"
+    assert (await d.worker("slow:w-0"))["state"] == "backoff"
+    assert (await d.worker("stub:w-0"))["state"] == "stopping"

@@ -346,7 +346,10 @@ class Supervisor:
         while True:
             if not self._has_work(inst):
                 inst.wake = trio.Event()
-                with trio.move_on_at(inst.lc.deadline or math.inf):
+                # The lifecycle's clock is time.monotonic(); trio's has its own offset.
+                deadline = inst.lc.deadline
+                delay = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+                with trio.move_on_after(delay):
                     await inst.wake.wait()
                 continue
             inst.performing = True
