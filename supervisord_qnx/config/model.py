@@ -26,11 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.units import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 Percent = Annotated[float, Field(gt=0, le=100)]
-Flag = Literal["hierarchical", "memory-isolation", "container"]
 BackendName = Literal["auto", "portable", "cgroup1", "cgroup2", "qnx"]
 
 # Partition and worker names become path components (cgroup directories, APS

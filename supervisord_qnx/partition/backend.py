@@ -31,29 +31,13 @@ import enum
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from supervisord_qnx.partition.tree import Partition, PartitionTree
+from supervisord_qnx.partition.controls import Control, Enforcement
+from supervisord_qnx.partition.tree import Partition, PartitionTree
 
-
-class Control(enum.StrEnum):
-    """A resource control a tenant file can ask for (systemd's vocabulary where it fits)."""
-
-    MEMORY_MIN = "memory.min"  # guaranteed minimum (MemoryMin)
-    MEMORY_MAX = "memory.max"  # hard cap (MemoryMax)
-    MEMORY_RESERVED = "memory.reserved"  # pressure band below max (MemoryHigh = max - reserved)
-    CPU_BUDGET = "cpu.budget"  # guaranteed share, may borrow idle CPU (CPUWeight / APS budget)
-    CPU_MAX = "cpu.max"  # hard ceiling (CPUQuota / APS max)
-    PIDS = "pids"  # number of tasks (TasksMax)
-    MEMORY_ISOLATION = "memory-isolation"  # flag: separate address spaces, no shared dumps
-    CONTAINER = "container"  # flag: namespaces
-
-
-class Enforcement(enum.StrEnum):
-    KERNEL = "kernel"  # the kernel refuses or kills; no window
-    SUPERVISED = "supervised"  # the daemon measures and acts; a fast tenant can overshoot
-    NONE = "none"  # accepted in the file, not enforced by this backend
+# Control and Enforcement are part of this interface's words; they live in controls.py.
+__all__ = ["Control", "Enforcement"]
 
 
 class BackendUnavailable(Exception):

@@ -37,7 +37,6 @@ Two deliberate differences:
 from __future__ import annotations
 
 import contextvars
-import enum
 import itertools
 import os
 import pickle
@@ -55,15 +54,14 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 T = TypeVar("T")
 
 
-class PartitionFlags(enum.StrEnum):
-    HIERARCHICAL = "hierarchical"
-    MEMORY_ISOLATION = "memory-isolation"
-    CONTAINER = "container"
+# The seed design's name for the flag vocabulary.
+PartitionFlags = Flag
 
 
 class PartitionConfigError(ValueError):

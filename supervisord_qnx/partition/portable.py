@@ -38,6 +38,7 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 RLIMIT_SLACK = 2  # RLIMIT_DATA = slack * max: the ceiling on overshoot between samples
@@ -114,7 +115,7 @@ class PortableBackend(Backend):
         cap = node.effective_memory_max
         if cap is not None:
             limits.append((resource.RLIMIT_DATA, cap * RLIMIT_SLACK))
-        if any("memory-isolation" in p.flags for p in (node, *node.ancestors())):
+        if any(Flag.MEMORY_ISOLATION in p.flags for p in (node, *node.ancestors())):
             limits.append((resource.RLIMIT_CORE, 0))
         tag = {accounting.TAG: accounting.tag_value(request.partition, request.leaf)}
         with self._lock:

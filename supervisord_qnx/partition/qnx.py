@@ -64,6 +64,7 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.portable import RLIMIT_SLACK, PortableBackend
 from supervisord_qnx.partition.qnx_names import SYSTEM, UnmappablePath, aps_name, collisions
 from supervisord_qnx.partition.tree import Partition, PartitionTree
@@ -309,7 +310,7 @@ class QnxBackend(Backend):
         if cap is not None:
             limit = cap * RLIMIT_SLACK
             options += ["-L", f"DATA:{limit}:{limit}"]
-        if any("memory-isolation" in p.flags for p in (node, *node.ancestors())):
+        if any(Flag.MEMORY_ISOLATION in p.flags for p in (node, *node.ancestors())):
             options += ["-L", "CORE:0:0"]  # a crash must not dump tenant memory
         if not options:
             return list(argv)
