@@ -30,6 +30,7 @@ from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     Backend,
+    BackendError,
     BackendEvent,
     Control,
     Enforcement,
@@ -130,17 +131,31 @@ class PortableBackend(Backend):
         limits, tag = self._prepare(request)
         return AttachPlan(rlimits=tuple(limits), env=tag)
 
-    def attach(self, path: str, pid: int) -> None:
+    def attach(self, path: str, pid: int) -> list[int] | None:
+        """Count the process (and its descendants) towards ``path`` and give it the
+        partition's ``RLIMIT_DATA``; returns the limit it had, for ``detach``. A tag
+        cannot be added to a running process's environment, so membership is ours alone."""
         if path not in self._partitions:
-            raise KeyError(path)
+            raise BackendError(f"partition '{path}' was not created by this backend")
         node = self._partitions[path]
         cap = node.effective_memory_max
+        before = None
         if cap is not None:
-            resource.prlimit(pid, resource.RLIMIT_DATA, (cap * RLIMIT_SLACK,) * 2)
+            old = resource.prlimit(pid, resource.RLIMIT_DATA, (cap * RLIMIT_SLACK,) * 2)
+            before = [int(old[0]), int(old[1])]
         self._attached[pid] = path
+        return before
 
-    def detach(self, pid: int) -> None:
+    def detach(self, pid: int, previous: object = None) -> None:
         self._attached.pop(pid, None)
+        if isinstance(previous, list | tuple) and len(previous) == 2:
+            soft, hard = (int(v) for v in previous)
+            try:
+                resource.prlimit(pid, resource.RLIMIT_DATA, (soft, hard))
+            except PermissionError:
+                # Raising a hard limit back needs privilege (CAP_SYS_RESOURCE); without
+                # it the process keeps the partition's limit, which attach set as both.
+                pass
 
     def _ours(self, procs: dict[int, accounting.ProcInfo]) -> dict[int, accounting.ProcInfo]:
         """Only the daemon's own descendants (and attached processes) can be ours: another
