@@ -333,13 +333,14 @@ class _Shedder:
     client hears "connection closed" instead of waiting in the backlog, and idle
     clients never take the descriptors spawns and backends need. If ``accept`` fails
     with ``EMFILE`` anyway (descriptors used elsewhere), one descriptor kept in reserve
-    is freed for the moment it takes to accept and close the oldest waiting connection,
-    so the backlog drains instead of the loop waking up on it again and again; then
-    the loop sleeps a little. Each burst is logged once, when it starts and ends.
+    is freed for the moment it takes to accept and close the connections waiting in
+    the backlog, so they drain instead of the loop waking up on them again and again;
+    then the loop sleeps a little. Each burst is logged once, when it starts and ends.
     """
 
     def __init__(self, raw: socket.socket) -> None:
         self._raw = raw
+        raw.setblocking(False)  # trio wants it so too; an accept here must never block
         self._reserve: int | None = None
         self.open_connections = 0
         self.shed = 0
@@ -365,11 +366,13 @@ class _Shedder:
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
-        try:
-            sock, _ = self._raw.accept()
-        except OSError:
-            pass
-        else:
+        # Drain the backlog: each client waiting there hears "closed" now rather than
+        # after its own timeout. One descriptor is enough, reused for each.
+        for _ in range(_LISTEN_BACKLOG):
+            try:
+                sock, _ = self._raw.accept()
+            except OSError:
+                break
             sock.close()
             self.shed += 1
         self._reserve_fd()
