@@ -60,6 +60,18 @@ def _shim(argv: list[str], limits: list[tuple[int, int]]) -> list[str]:
     return ["/bin/sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh", *argv]
 
 
+def _can_raise_limits() -> bool:
+    """Does this process hold CAP_SYS_RESOURCE (needed to raise another's hard limit)?"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE = 24
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 class PortableBackend(Backend):
     name = "portable"
 
@@ -141,8 +153,17 @@ class PortableBackend(Backend):
         cap = node.effective_memory_max
         before = None
         if cap is not None:
-            old = resource.prlimit(pid, resource.RLIMIT_DATA, (cap * RLIMIT_SLACK,) * 2)
-            before = [int(old[0]), int(old[1])]
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_DATA)
+            limit = cap * RLIMIT_SLACK
+            if _can_raise_limits():
+                new = (limit, limit)
+            else:
+                # Lowering a hard limit cannot be undone without CAP_SYS_RESOURCE, and
+                # detach must give the process its limits back: only the soft one then
+                # (the sampled accounting still kills the partition at max).
+                new = (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
+            resource.prlimit(pid, resource.RLIMIT_DATA, new)
+            before = [int(soft), int(hard)]
         self._attached[pid] = path
         return before
 
@@ -153,9 +174,12 @@ class PortableBackend(Backend):
             try:
                 resource.prlimit(pid, resource.RLIMIT_DATA, (soft, hard))
             except PermissionError:
-                # Raising a hard limit back needs privilege (CAP_SYS_RESOURCE); without
-                # it the process keeps the partition's limit, which attach set as both.
-                pass
+                # Raising a hard limit needs CAP_SYS_RESOURCE, which attach checked before
+                # lowering one; lost since (capabilities dropped): restore the soft limit.
+                _, now = resource.prlimit(pid, resource.RLIMIT_DATA)
+                if now != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > now):
+                    soft = now
+                resource.prlimit(pid, resource.RLIMIT_DATA, (soft, now))
 
     def _ours(self, procs: dict[int, accounting.ProcInfo]) -> dict[int, accounting.ProcInfo]:
         """Only the daemon's own descendants (and attached processes) can be ours: another
