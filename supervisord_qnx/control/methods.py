@@ -153,15 +153,20 @@ class Methods:
         partition, pid, own = p["partition"], p["pid"], p.get("own", False)
         if not partition or partition not in self.daemon.tree:
             raise RpcError(ErrorCode.NOT_FOUND, f"no partition {partition!r}")
-        async with self._attach_lock:
-            return await self.daemon.blocking(self._attach_blocking, partition, pid, own)
-
-    def _attach_blocking(self, partition: str, pid: int, own: bool) -> dict[str, Any]:
-        registry = self.daemon.attached
+        # Read on the trio thread: the supervisor's state is not for worker threads.
         supervised = [w["pid"] for w in self.daemon.supervisor.status() if w.get("pid")]
         forkserver = self.daemon.supervisor.forkserver_pid
         if forkserver:
             supervised.append(forkserver)
+        async with self._attach_lock:
+            return await self.daemon.blocking(
+                self._attach_blocking, partition, pid, own, supervised
+            )
+
+    def _attach_blocking(
+        self, partition: str, pid: int, own: bool, supervised: list[int]
+    ) -> dict[str, Any]:
+        registry = self.daemon.attached
         try:
             info = attached.check(pid, supervised)
         except attached.Refused as exc:
