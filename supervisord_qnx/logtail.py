@@ -7,10 +7,10 @@ A tenant writes its own log, so everything about the file is hostile input:
   opens at once instead of waiting for a writer) and ``O_CLOEXEC``, then refused unless
   ``fstat`` says it is a regular file. Callers run this in a worker thread, never on the
   event loop.
-* **How long a line is.** Reading backwards stops as soon as the earliest line seen is
-  longer than ``max_line`` bytes: that line is the earliest one returned, shown as its
-  last ``max_line`` bytes behind a marker (``TRUNCATED``), so fewer lines than asked
-  may come back. Work is therefore at most what is returned plus one ``max_line`` and
+* **How long a line is.** A line longer than ``max_line`` bytes is shown as its last
+  ``max_line`` bytes behind a marker (``TRUNCATED``), and reading backwards (a block at
+  a time) stops as soon as the earliest line seen is that long: it is then the
+  earliest line returned, and fewer lines than asked may come back. Work is therefore at most what is returned plus one ``max_line`` and
   one block, whatever the file holds: a 20 MB line costs two 64 KiB reads.
 * **How much in total.** ``budget`` bytes at most are read; the earliest line returned
   then is cut the same way. The daemon sizes the budget to fit the reply in one message.
@@ -80,11 +80,13 @@ def tail_fd(fd: int, lines: int, *, budget: int, max_line: int = MAX_LINE) -> li
     read = 0
     last_byte_seen = False
     ends_with_newline = False
+    restarts = 3  # the worker holds the file open for writing and may truncate it
     while pos > 0 and read < budget:
         n = min(BLOCK, pos, budget - read)
         chunk = os.pread(fd, n, pos - n)
         if len(chunk) != n:  # the file shrank under us: start again from its new end
-            pos = os.fstat(fd).st_size
+            restarts -= 1
+            pos = os.fstat(fd).st_size if restarts > 0 else 0
             chunks, newlines, earliest, read, last_byte_seen = [], 0, 0, 0, False
             continue
         pos -= n

@@ -419,3 +419,50 @@ def test_the_daemon_raises_its_soft_descriptor_limit(cfg: ConfigDir) -> None:
         proc.terminate()
         assert proc.wait(30) == 0
     assert not pid_alive(proc.pid)
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+@pytest.mark.parametrize(
+    ("content", "lines", "expected"),
+    [
+        (b"", 5, []),
+        (b"a\nb\nc\n", 2, ["b", "c"]),
+        (b"a\nb\nc", 2, ["b", "c"]),  # a last line still being written counts
+        (b"a\nb\nc\n", 10, ["a", "b", "c"]),
+        (b"\n\n", 5, ["", ""]),
+        (b"ok\n\xff\xfe\n", 5, ["ok", "\ufffd\ufffd"]),
+    ],
+)
+def test_tail_of_ordinary_files(tmp_path: Path, content: bytes, lines: int, expected) -> None:
+    from supervisord_qnx.logtail import tail
+
+    path = tmp_path / "w.log"
+    path.write_bytes(content)
+    assert tail(path, lines, budget=1 << 20) == expected
+
+
+def test_tail_stops_at_a_long_line_and_within_its_budget(tmp_path: Path) -> None:
+    from supervisord_qnx.logtail import tail
+
+    path = tmp_path / "w.log"
+    # A line over max_line read whole (all in one block) is cut to its end.
+    path.write_bytes(b"early\n" + b"y" * 300 + b"\nlate 1\nlate 2\n")
+    assert tail(path, 10, budget=1 << 20, max_line=100) == [
+        "early",
+        TRUNCATED + "y" * 100,
+        "late 1",
+        "late 2",
+    ]
+    # One longer than a block ends the reading: nothing before it is read.
+    path.write_bytes(b"early\n" + b"y" * 200_000 + b"\nlate 1\nlate 2\n")
+    assert tail(path, 10, budget=1 << 20, max_line=100) == [
+        TRUNCATED + "y" * 100,
+        "late 1",
+        "late 2",
+    ]
+    # The budget cuts the earliest line it reaches, marked the same way.
+    path.write_bytes(b"".join(b"line %03d\n" % i for i in range(100)))
+    got = tail(path, 100, budget=25, max_line=1000)
+    assert got == [TRUNCATED + "7", "line 098", "line 099"]
