@@ -10,8 +10,9 @@ A tenant writes its own log, so everything about the file is hostile input:
 * **How long a line is.** A line longer than ``max_line`` bytes is shown as its last
   ``max_line`` bytes behind a marker (``TRUNCATED``), and reading backwards (a block at
   a time) stops as soon as the earliest line seen is that long: it is then the
-  earliest line returned, and fewer lines than asked may come back. Work is therefore at most what is returned plus one ``max_line`` and
-  one block, whatever the file holds: a 20 MB line costs two 64 KiB reads.
+  earliest line returned, and fewer lines than asked may come back. Work is therefore
+  at most what is returned plus one ``max_line`` and one block, whatever the file
+  holds: a 20 MB line costs two 64 KiB reads.
 * **How much in total.** ``budget`` bytes at most are read; the earliest line returned
   then is cut the same way. The daemon sizes the budget to fit the reply in one message.
 """
