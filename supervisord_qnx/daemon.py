@@ -111,6 +111,9 @@ FDS_BASE = 64
 FDS_CONNECTIONS = 256
 FDS_PER_WORKER = {"cgroup1": 3, "cgroup2": 2}
 FDS_PER_PARTITION = {"cgroup1": 2, "cgroup2": 1}
+# However many descriptors there are, more control clients than this at once is a leak
+# or an attack, not operators; each one costs a task and buffers.
+MAX_CONNECTIONS = 4096
 
 
 def fd_needs(config: Config, backend_name: str, partitions: int) -> int:
@@ -342,7 +345,7 @@ class Daemon:
         if problem:
             log.warning("descriptor limit too low", detail=problem)
         own = fd_needs(self.config, self.backend.name, len(self.tree)) - FDS_CONNECTIONS
-        self.max_connections = max(8, min(soft - own, 4 * FDS_CONNECTIONS))
+        self.max_connections = max(8, min(soft - own, MAX_CONNECTIONS))
 
     def _give_back_attached(self) -> None:
         """Processes a crashed predecessor attached are not leftovers: detach them (back
