@@ -138,6 +138,10 @@ class BackendEvent:
 
 EventSink = Callable[[BackendEvent], None]
 
+# Where a process sat before ``attach`` moved it: JSON-able (lists, dicts, strings,
+# numbers or None), because the daemon persists it to restore the process after a crash.
+Placement = Any
+
 
 class Backend(abc.ABC):
     """Turns partitions into enforced OS resources. See the module docstring for the rules."""
@@ -192,12 +196,18 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def attach(self, path: str, pid: int) -> None:
-        """Move a running process into a partition (the seed's ``attach_process``)."""
+    def attach(self, path: str, pid: int) -> Placement:
+        """Move a running process into a partition (the seed's ``attach_process``).
+
+        Returns where the process was before (its cgroups, its rlimit): plain JSON data
+        that ``detach`` takes back, which the daemon keeps (and persists) meanwhile.
+        The caller has checked that ``pid`` is a live process it may move."""
 
     @abc.abstractmethod
-    def detach(self, pid: int) -> None:
-        """Move a process back to the daemon's own context (the seed's ``detach_process``)."""
+    def detach(self, pid: int, previous: Placement = None) -> None:
+        """Move a process out of our partitions: back to ``previous`` (what ``attach``
+        returned) where the backend can, else to the daemon's own context (the seed's
+        ``detach_process``)."""
 
     @abc.abstractmethod
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
