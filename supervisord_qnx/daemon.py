@@ -36,7 +36,8 @@ import trio
 from supervisord_qnx import attached, sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
-from supervisord_qnx.control.server import AlreadyRunning, ServeError
+from supervisord_qnx.control.methods import Methods
+from supervisord_qnx.control.server import AlreadyRunning, ServeError, serve
 from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
@@ -199,10 +200,6 @@ def _file_for(config: Config, path: str) -> str:
     return str(config.path)
 
 
-def enforcement_table(backend: Backend) -> dict[str, str]:
-    return {str(c): str(e) for c, e in backend.enforcement().items()}
-
-
 class Daemon:
     def __init__(
         self, config: Config, backend: Backend, tree: ptree.PartitionTree, warnings: list[str]
@@ -238,38 +235,7 @@ class Daemon:
             functools.partial(fn, *args, **kwargs), limiter=self.slow_io
         )
 
-    async def partitions_report(self) -> dict[str, Any]:
-        stats = {}
-        for node in self.tree:
-            try:
-                s = await self.blocking(self.backend.stats, node.path)
-            except Exception as exc:  # a stats failure must not break the report
-                stats[node.path] = {"error": str(exc)}
-                continue
-            figures = {k: v for k, v in vars(s).items() if k != "pids"}
-            figures["pids"] = s.pids[:64]
-            stats[node.path] = figures
-        mapping = self.backend.describe(self.tree)
-        unenforced_list = [
-            {"partition": p, "control": str(c)} for p, c in unenforced(self.backend, self.tree)
-        ]
-
-        def decorate(node: dict[str, Any]) -> dict[str, Any]:
-            node["usage"] = stats.get(node["path"])
-            node["os_name"] = mapping.get(node["path"])
-            node["children"] = [decorate(c) for c in node["children"]]
-            return node
-
-        return {
-            "backend": self.backend.name,
-            "enforcement": enforcement_table(self.backend),
-            "unenforced": unenforced_list,
-            "tree": decorate(self.tree.as_dict()),
-        }
-
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        from supervisord_qnx.control.server import serve
-
         cfg = self.config.daemon
         # Before touching any partition: a live daemon on our socket owns them, and so
         # does whoever holds the locks (reaping "leftovers" would kill its workers).
@@ -298,7 +264,7 @@ class Daemon:
                     self.created.append(node.path)
                 await nursery.start(self.supervisor.run)
                 nursery.start_soon(self.supervisor.watch_backend)
-                methods = _methods(self)
+                methods = Methods(self)
                 await nursery.start(
                     lambda task_status: serve(
                         Path(cfg.socket),
@@ -416,12 +382,6 @@ def _refuse_if_live(path: Path) -> None:
     finally:
         s.close()
     raise AlreadyRunning(path)
-
-
-def _methods(daemon: Daemon) -> Any:
-    from supervisord_qnx.control.methods import Methods
-
-    return Methods(daemon)
 
 
 _notify_failures: set[str] = set()

@@ -142,7 +142,7 @@ def _report_problems(exc: Any, as_json: bool) -> int:
 
 
 def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_json: bool) -> None:
-    from supervisord_qnx.daemon import enforcement_table
+    from supervisord_qnx.control.report import enforcement_table
     from supervisord_qnx.units import format_size
 
     mapping = backend.describe(tree)

@@ -10,18 +10,41 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import trio
 
 from supervisord_qnx import __version__, attached, logtail
+from supervisord_qnx.config.model import Config
+from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
-from supervisord_qnx.partition.backend import BackendError
-from supervisord_qnx.supervise.supervisor import NotFound
+from supervisord_qnx.partition.backend import Backend, BackendError
+from supervisord_qnx.partition.tree import PartitionTree
+from supervisord_qnx.supervise.events import EventBus
+from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
-if TYPE_CHECKING:
-    from supervisord_qnx.daemon import Daemon
+T = TypeVar("T")
+
+
+class DaemonView(Protocol):
+    """What the control methods use of the daemon, and nothing more (the daemon wires
+    them up; they never import it)."""
+
+    config: Config
+    backend: Backend
+    tree: PartitionTree
+    supervisor: Supervisor
+    events: EventBus
+    attached: attached.Registry
+    io_backend: str
+
+    async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run slow backend work or file I/O in the daemon's limited pool for it."""
+        ...
+
+    def request_shutdown(self) -> None: ...
+
 
 log = structlog.get_logger("supervisord_qnx.control")
 
@@ -56,7 +79,7 @@ def _params(params: dict[str, Any], **spec: tuple[type, bool]) -> dict[str, Any]
 class Methods:
     """The method table the control server dispatches to."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonView) -> None:
         self.daemon = daemon
         # attach/detach read and update the attached-process records: one at a time.
         self._attach_lock = trio.Lock()
@@ -110,7 +133,7 @@ class Methods:
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)
-        return await self.daemon.partitions_report()
+        return await partitions_report(self.daemon.backend, self.daemon.tree, self.daemon.blocking)
 
     async def start(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         p = _params(params, tenant=(str, True), wait=(bool, False))
