@@ -159,16 +159,14 @@ def fd_limit_problem(config: Config, backend_name: str, partitions: int) -> str 
 
 
 def admit(config: Config, backend: Backend) -> tuple[ptree.PartitionTree, list[str]]:
-    """Build the tree and run the backend's own checks and the enforcement policy.
+    """Run the backend's own checks and the enforcement policy on the tree ``load``
+    admitted.
 
     Returns the tree and warnings (unenforced controls under best-effort);
     raises ``ConfigError`` when the daemon must not start.
     """
-    tree, problems = ptree.build(config.partitions, config.tenants)
+    tree = config.tree
     located = [
-        Located(str(config.path), f"partition '{p.partition}'.{p.key}", p.reason) for p in problems
-    ]
-    located += [
         Located(str(config.path), f"daemon.backend={backend.name}", reason)
         for reason in backend.check(tree)
     ]
@@ -181,7 +179,7 @@ def admit(config: Config, backend: Backend) -> tuple[ptree.PartitionTree, list[s
         if config.daemon.enforcement == "strict":
             located.append(
                 Located(
-                    _file_for(config, path),
+                    str(config.file_for(path)),
                     str(control),
                     message + ' (set [daemon] enforcement = "best-effort" to run anyway)',
                 )
@@ -191,13 +189,6 @@ def admit(config: Config, backend: Backend) -> tuple[ptree.PartitionTree, list[s
     if located:
         raise ConfigError(located)
     return tree, warnings
-
-
-def _file_for(config: Config, path: str) -> str:
-    for t in config.tenants:
-        if t.path == path:
-            return str(config.tenant_files[t.name])
-    return str(config.path)
 
 
 class Daemon:
