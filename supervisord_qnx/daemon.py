@@ -277,12 +277,12 @@ class Daemon:
                 )
                 await self.supervisor.start_autostart()
                 self.ready.set()
-                _notify("READY=1\nSTATUS=tenants started")
+                _notify(f"{sdnotify.READY}\nSTATUS=tenants started")
                 nursery.start_soon(_watchdog)
                 task_status.started(self)
                 await self._shutdown.wait()
                 log.info("shutting down")
-                _notify("STOPPING=1")
+                _notify(sdnotify.STOPPING)
                 await self.supervisor.stop_all()
                 await self.supervisor.launchers.stop()
                 nursery.cancel_scope.cancel()
@@ -350,8 +350,8 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    _notify("RELOADING=1")
-                    _notify("READY=1")
+                    _notify(sdnotify.RELOADING)
+                    _notify(sdnotify.READY)
                     log.warning("reload (SIGHUP) is not implemented yet; configuration unchanged")
                     continue
                 log.info("signal received", signal=signal.Signals(signum).name)
@@ -403,7 +403,7 @@ async def _watchdog() -> None:
     if not period:
         return
     while True:
-        _notify("WATCHDOG=1")
+        _notify(sdnotify.WATCHDOG)
         await trio.sleep(period)
 
 

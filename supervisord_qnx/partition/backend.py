@@ -197,7 +197,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, path: str, pid: int) -> Placement:
-        """Move a running process into a partition (the seed's ``attach_process``).
+        """Move a running process into a partition (the origin design's ``attach_process``).
 
         Returns where the process was before (its cgroups, its rlimit): plain JSON data
         that ``detach`` takes back, which the daemon keeps (and persists) meanwhile.
@@ -206,7 +206,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def detach(self, pid: int, previous: Placement = None) -> None:
         """Move a process out of our partitions: back to ``previous`` (what ``attach``
-        returned) where the backend can, else to the daemon's own context (the seed's
+        returned) where the backend can, else to the daemon's own context (the origin design's
         ``detach_process``)."""
 
     @abc.abstractmethod

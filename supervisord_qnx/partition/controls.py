@@ -12,7 +12,7 @@ import enum
 
 
 class Flag(enum.StrEnum):
-    """A partition flag (the seed design's ``PartitionFlags``)."""
+    """A partition flag (the origin design note's ``PartitionFlags``)."""
 
     HIERARCHICAL = "hierarchical"  # may hold child partitions
     MEMORY_ISOLATION = "memory-isolation"  # separate address spaces, no shared dumps

@@ -1,9 +1,10 @@
-"""Parity with the seed's ``QnxMemoryPartition`` API, on top of any ``Backend``.
+"""Parity with the origin design's ``QnxMemoryPartition`` API, on top of any ``Backend``.
 
-The seed (a Rust crate for QNX) offers a builder, an RAII partition that is removed on
-``Drop``, ``attach_process``/``detach_process``, a ``PartitionGuard`` that makes a partition
-"current" for a scope, and ``with_partition(f)`` that runs code inside the partition. Their
-Python shapes here:
+"The seed" below is the design note this product started from: a Rust crate for QNX
+memory partitions serving a WebAssembly runtime. It offers a builder, an RAII partition
+that is removed on ``Drop``, ``attach_process``/``detach_process``, a ``PartitionGuard``
+that makes a partition "current" for a scope, and ``with_partition(f)`` that runs code
+inside the partition. Their Python shapes here:
 
 =====================================  ==============================================
 seed                                   here
@@ -95,7 +96,7 @@ def current_partition() -> ManagedPartition | None:
 
 
 class PartitionBuilder:
-    """Fluent configuration of one partition (the seed's ``QnxMemoryPartitionBuilder``)."""
+    """Fluent configuration of one partition (the origin design's ``QnxMemoryPartitionBuilder``)."""
 
     def __init__(self) -> None:
         self._name: str | None = None

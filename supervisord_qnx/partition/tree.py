@@ -173,9 +173,6 @@ class PartitionTree:
     def __getitem__(self, path: str) -> Partition:
         return self._nodes[path]
 
-    def get(self, path: str) -> Partition | None:
-        return self._nodes.get(path)
-
     def __iter__(self) -> Iterator[Partition]:
         """Every partition but the root, parents before children (creation order)."""
         return iter(sorted((p for p in self._nodes.values() if p.path), key=_depth_order))
