@@ -14,7 +14,7 @@ def test_protocol_doc_lists_exactly_the_methods_the_daemon_serves() -> None:
     class NoDaemon:  # the table is built from the methods alone; none is called here
         pass
 
-    served = set(Methods(NoDaemon()).table)  # type: ignore[arg-type]
+    served = set(Methods(NoDaemon()).table.names())  # type: ignore[arg-type]
     doc = DOC.read_text()
     section = doc[doc.index("## Methods") :]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M))

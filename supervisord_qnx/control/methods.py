@@ -19,6 +19,8 @@ from supervisord_qnx import __version__, attached, logtail
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from supervisord_qnx.control.server import Connection, MethodTable
+from supervisord_qnx.control.server import Handler as ServerHandler
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus
@@ -76,6 +78,21 @@ def _params(params: dict[str, Any], **spec: tuple[type, bool]) -> dict[str, Any]
     return params
 
 
+def _translated(handler: Handler) -> ServerHandler:
+    """A method as the server calls it, with the supervisor's and the backend's own
+    errors answered as the protocol's codes."""
+
+    async def call(params: dict[str, Any], conn: Connection) -> Any:
+        try:
+            return await handler(params)
+        except NotFound as exc:
+            raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
+        except BackendError as exc:
+            raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
+
+    return call
+
+
 class Methods:
     """The method table the control server dispatches to."""
 
@@ -83,7 +100,7 @@ class Methods:
         self.daemon = daemon
         # attach/detach read and update the attached-process records: one at a time.
         self._attach_lock = trio.Lock()
-        self.table: dict[str, Handler] = {
+        handlers: dict[str, Handler] = {
             "ping": self.ping,
             "version": self.version,
             "status": self.status,
@@ -97,20 +114,10 @@ class Methods:
             "events": self.recent_events,
             "shutdown": self.shutdown,
         }
+        self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
 
-    async def dispatch(self, method: str, params: dict[str, Any], conn: object = None) -> Any:
-        handler = self.table.get(method)
-        if handler is None:
-            raise RpcError(
-                ErrorCode.UNKNOWN_METHOD,
-                f"no method {method!r}; methods: {', '.join(sorted(self.table))}",
-            )
-        try:
-            return await handler(params)
-        except NotFound as exc:
-            raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
-        except BackendError as exc:
-            raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
+    async def dispatch(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
+        return await self.table(method, params, conn)
 
     async def ping(self, params: dict[str, Any]) -> str:
         _params(params)

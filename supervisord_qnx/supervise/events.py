@@ -1,10 +1,11 @@
 """The daemon's one internal event path.
 
-Every state change, exit reason, restart, fatal, memory pressure, OOM kill
-and limit kill goes through ``EventBus.emit``: it is logged, kept in a bounded
-history, and fanned out to subscribers (the future ``subscribe`` method) over
-bounded queues. A slow subscriber loses events (and is told how many) rather
-than ever blocking the daemon.
+Every state change, exit reason, restart, fatal, memory pressure, OOM kill and limit
+kill is a typed event (one class per kind, one set of fields each) that goes through
+``EventBus.emit``: it is logged, kept in a bounded history (the ``events`` method),
+and fanned out to subscribers over bounded queues (``subscribe``, taken up by the
+live-events work). A slow subscriber loses events (and is told how many) rather than
+ever blocking the daemon.
 """
 
 from __future__ import annotations
