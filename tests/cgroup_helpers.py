@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition.backend import Backend, SpawnRequest
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
+from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 REQUIRE_ENV = "SUPERVISORD_QNX_REQUIRE_CGROUPS"
 # Set by the VM runner (tests/vm/): the guest kernel has full cgroup2, so any cgroup2 test
@@ -112,6 +115,23 @@ def cgroup2_core() -> tuple[Path, str]:
     if mount.read_only or not os.access(own_dir, os.W_OK):
         skip_v2(f"the cgroup2 hierarchy at {own_dir} is not writable here")
     return mount.mountpoint, own
+
+
+def make_tree(backend: Backend, *nodes: tuple[str, dict[str, Any]]) -> PartitionTree:
+    """Admit ``(path, Partition keywords)`` nodes as one tree and create them in order."""
+    tree = PartitionTree()
+    for path, kw in nodes:
+        tree.add(Partition(path, **kw), path.rpartition("/")[0])
+    assert tree.admit() == []
+    for node in tree:
+        backend.create(node)
+    return tree
+
+
+def spawn_request(
+    partition: str, leaf: str, argv: list[str], stdout: int = subprocess.DEVNULL
+) -> SpawnRequest:
+    return SpawnRequest(partition, leaf, argv, None, dict(os.environ), stdout, 2)
 
 
 def unique_instance(tag: str = "t") -> str:
