@@ -430,8 +430,10 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
         started.append(second)
         # ... until the next start: old workers killed, partitions built afresh.
         wait_until(lambda: not any(pid_alive(p) for p in old.values()), 60, "old workers gone")
+        wait_until(
+            lambda: {w["state"] for w in second.call("status")} == {"running"}, 60, "new workers"
+        )
         new = {w["name"]: w for w in second.call("status")}
-        assert {w["state"] for w in new.values()} == {"running"}
         assert all(new[n]["pid"] != old[n] for n in old)
         assert alpha.stat().st_ino != old_ino
         assert fs.read_procs(alpha / "@w-0") == [new["alpha:w-0"]["pid"]]
