@@ -86,7 +86,7 @@ $(VM_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,vm]'
 	touch $(VM_STAMP)
 
-# The cgroup2 scenarios on a real kernel: ~4.5 minutes under software emulation.
+# The cgroup2 scenarios on a real kernel: 3 to 4.5 minutes under software emulation.
 test-cgroup2: vm-deps test-deps $(VM_STAMP)
 	tests/vm/run.sh $(PYTEST_ARGS)
 
