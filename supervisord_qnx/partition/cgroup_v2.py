@@ -98,7 +98,6 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
-from supervisord_qnx.partition.cgroup_v1 import _preexec_attach, _spawn_shim, quota_for
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 WANTED = ("memory", "cpu", "pids")
@@ -115,7 +114,7 @@ def weight_for(budget: float | None) -> int | None:
 
 def cpu_max_for(cpu_max: float | None, ncpu: int, period: int = fs.CFS_PERIOD_US) -> str | None:
     """``cpu.max`` ("quota period"): the same CFS quota as cgroup v1's ``cfs_quota_us``."""
-    quota = quota_for(cpu_max, ncpu, period)
+    quota = fs.quota_for(cpu_max, ncpu, period)
     return None if quota is None else f"{quota} {period}"
 
 
@@ -388,8 +387,10 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         procs = [str(self._dir(request.partition, request.leaf) / "cgroup.procs")]
         kwargs = request.popen_kwargs()
         if self.spawn_strategy == "preexec":
-            return subprocess.Popen(list(request.argv), preexec_fn=_preexec_attach(procs), **kwargs)
-        return _spawn_shim(list(request.argv), procs, kwargs)
+            return subprocess.Popen(
+                list(request.argv), preexec_fn=fs.preexec_attach(procs), **kwargs
+            )
+        return fs.spawn_shim(list(request.argv), procs, kwargs)
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         self.ensure_leaf(request.partition, request.leaf)
