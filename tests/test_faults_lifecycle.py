@@ -212,7 +212,7 @@ class FailOnce:
 @pytest.mark.parametrize(
     "method,exc,reason",
     [
-        ("pids", RuntimeError("injected"), "internal: RuntimeError: injected"),
+        ("kill_leaf", RuntimeError("injected"), "internal: RuntimeError: injected"),
         ("spawn", BackendError("injected spawn failure"), "backend: injected spawn failure"),
     ],
 )
@@ -232,7 +232,7 @@ async def test_a_failing_backend_call_fails_one_worker(
 
     real_make_backend = conftest.make_backend
     monkeypatch.setattr(conftest, "make_backend", make_backend)
-    # `pids` runs when a run's leaf is cleared: after an exit. `spawn` runs at start.
+    # `kill_leaf` runs when a run's leaf is cleared: after an exit. `spawn` runs at start.
     tenant(cfg, "victim", '["sh", "-c", "sleep 0.2; exit 3"]', "autostart = true")
     tenant(cfg, "calm", SLEEPER)
     d = await start_daemon()

@@ -27,17 +27,27 @@ and the supervisor calls the slow ones (``spawn``) from a worker thread.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import trio
 
 from supervisord_qnx.partition.controls import Control, Enforcement
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 # Control and Enforcement are part of this interface's words; they live in controls.py.
 __all__ = ["Control", "Enforcement"]
+
+
+# How long kill_leaf waits for a leaf to empty after SIGKILL.
+KILL_LEAF_TIMEOUT = 2.0
 
 
 class BackendUnavailable(Exception):
@@ -224,6 +234,30 @@ class Backend(abc.ABC):
         reused; return ``None`` when the backend has nothing to add.
         """
         return None
+
+    async def kill_leaf(self, path: str, leaf: str) -> list[int]:
+        """SIGKILL every process in a worker's leaf (grandchildren that left its session
+        included) and return once the leaf is empty. Returns the pids still there after
+        ``KILL_LEAF_TIMEOUT`` (a process stuck in uninterruptible sleep): the caller
+        logs them; the leaf is then not reused until they are gone. Async: the waiting
+        happens in a worker thread, never on the event loop."""
+        return await trio.to_thread.run_sync(self._kill_leaf_blocking, path, leaf)
+
+    def _kill_leaf_blocking(self, path: str, leaf: str) -> list[int]:
+        me = os.getpid()  # never: a daemon thread can sit in a leaf mid-spawn
+        deadline = time.monotonic() + KILL_LEAF_TIMEOUT
+        delay = 0.0005
+        while True:
+            pids = [pid for pid in self.pids(path, leaf) if pid != me]
+            if not pids:
+                return []
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                return pids
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def release_leaf(self, path: str, leaf: str) -> None:
         """The worker instance is gone for good (tenant stopped); drop its leaf if it has one."""

@@ -276,16 +276,16 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         if not present:
             return reaped
         with self._lock:
-            fs.kill_subtree(lambda: [d for h in present for d in fs.subtree_dirs(h.root)], "")
-            for h in present:
-                for d in fs.subtree_dirs(h.root):
-                    if d == h.root:
-                        continue
-                    rel = str(d.relative_to(h.root))
-                    fs.rmdir_retry(d, rel)
-                    if rel not in reaped:
-                        reaped.append(rel)
             self._forget("")
+        fs.kill_subtree(lambda: [d for h in present for d in fs.subtree_dirs(h.root)], "")
+        for h in present:
+            for d in fs.subtree_dirs(h.root):
+                if d == h.root:
+                    continue
+                rel = str(d.relative_to(h.root))
+                fs.rmdir_retry(d, rel)
+                if rel not in reaped:
+                    reaped.append(rel)
         return reaped
 
     def create(self, partition: Partition) -> None:
@@ -331,11 +331,12 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def destroy(self, path: str) -> None:
         if not path:
             raise BackendError("destroy('') would remove the root; destroy its children")
+        tops = self._dirs(path)
         with self._lock:
-            tops = self._dirs(path)
-            fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
             self._forget(path)
-            self._remove_subtree(tops, path)
+        # Kills and rmdir outside the lock (see CgroupBackendBase.release_leaf).
+        fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
+        self._remove_subtree(tops, path)
 
     def _remove_subtree(self, tops: Sequence[Path], path: str) -> None:
         for top in tops:

@@ -295,14 +295,15 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         if not self.root.is_dir():
             return []
         with self._lock:
-            self._kill(self.root, "")
-            reaped = []
-            for d in fs.subtree_dirs(self.root):
-                if d != self.root:
-                    rel = str(d.relative_to(self.root))
-                    self._rmdir(d, rel)
-                    reaped.append(rel)
             self._forget("")
+        # Kills and rmdir outside the lock (see CgroupBackendBase.release_leaf).
+        self._kill(self.root, "")
+        reaped = []
+        for d in fs.subtree_dirs(self.root):
+            if d != self.root:
+                rel = str(d.relative_to(self.root))
+                self._rmdir(d, rel)
+                reaped.append(rel)
         return reaped
 
     def _kill(self, top: Path, partition: str) -> None:
@@ -350,12 +351,16 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     def destroy(self, path: str) -> None:
         if not path:
             raise BackendError("destroy('') would remove the root; destroy its children")
+        top = self._dir(path)
         with self._lock:
-            top = self._dir(path)
-            self._kill(top, path)
             self._forget(path)
-            for d in fs.subtree_dirs(top):
-                self._rmdir(d, path)
+        self._kill(top, path)
+        for d in fs.subtree_dirs(top):
+            self._rmdir(d, path)
+
+    def _kill_file(self, path: str, leaf: str) -> Path | None:
+        kill = self._dir(path, leaf) / "cgroup.kill"
+        return kill if kill.exists() else None
 
     def _make_leaf_dirs(self, path: str, leaf: str) -> None:
         d = self._dir(path, leaf)

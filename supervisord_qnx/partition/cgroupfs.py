@@ -552,10 +552,26 @@ class CgroupBackendBase(Backend):
             except BackendError:
                 gone = 0
             self._retired_ooms[path] = self._retired_ooms.get(path, 0) + gone
-            self._remove_dirs(path, leaf)
             self._leaves.discard((path, leaf))
             self._oom_base.pop((path, leaf), None)
             self._oom_seen.pop((path, leaf), None)
+        # Outside the lock: a process in uninterruptible sleep can make the kills and the
+        # rmdir wait, and nothing else (status's stats, another worker's spawn) may wait
+        # behind it.
+        self._remove_dirs(path, leaf)
+
+    def _kill_leaf_blocking(self, path: str, leaf: str) -> list[int]:
+        kill = self._kill_file(path, leaf)
+        if kill is not None:
+            # cgroup.kill (v2, Linux 5.14+): the kernel kills the whole leaf at once,
+            # forks racing the kill included.
+            with contextlib.suppress(OSError):
+                write_text(kill, "1", path)
+        return super()._kill_leaf_blocking(path, leaf)
+
+    def _kill_file(self, path: str, leaf: str) -> Path | None:
+        """The leaf's ``cgroup.kill`` where the kernel has one."""
+        return None
 
     def recreate(self, chain: Sequence[Partition]) -> bool:
         missing = next((i for i, n in enumerate(chain) if not self._present(n.path)), None)

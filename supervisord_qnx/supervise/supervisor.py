@@ -530,16 +530,9 @@ class Supervisor:
 
     async def _clear_leaf(self, inst: Instance) -> None:
         """Kill whatever the worker left in its partition leaf (grandchildren included)."""
-        pids: list[int] = []
-        for _ in range(50):
-            pids = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await trio.sleep(0.01)
-        log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=pids)
+        survivors = await self.backend.kill_leaf(inst.partition, inst.leaf)
+        if survivors:
+            log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=survivors)
 
 
 def _open_log(log_dir: Path, path: Path) -> int:
