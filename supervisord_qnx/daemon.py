@@ -203,9 +203,7 @@ class Daemon:
         self.reaper = ChildReaper()
         # A backend that runs helper commands (QNX's aps/on) must run them through the
         # reaper, whose orphan sweep would otherwise take their exit statuses.
-        set_runner = getattr(backend, "set_utility_runner", None)
-        if set_runner is not None:
-            set_runner(self.reaper.run_utility)
+        backend.use_utility_runner(self.reaper.run_utility)
         self.supervisor = Supervisor(config, tree, backend, self.reaper, self.events)
         self.io_backend = "native"
         self._shutdown = trio.Event()
@@ -231,7 +229,7 @@ class Daemon:
         # Before touching any partition: a live daemon on our socket owns them, and so
         # does whoever holds the locks (reaping "leftovers" would kill its workers).
         _refuse_if_live(Path(cfg.socket))
-        roots: list[Path] = list(getattr(self.backend, "roots", []))
+        roots = self.backend.lock_paths()
         await trio.to_thread.run_sync(self.ownership.take, Path(cfg.state_dir), roots)
         try:
             self._size_fds()

@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition.backend import BackendOptions
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
@@ -137,7 +138,7 @@ async def test_auto_picks_cgroup1_and_shutdown_leaves_nothing(
 def test_forced_cgroup2_refuses_to_start_naming_the_memory_controller(
     cg: CgroupRoot, cfg: ConfigDir
 ) -> None:
-    if Cgroup2Backend.probe(cgroup_root=cg.name) is None:
+    if Cgroup2Backend.probe(BackendOptions(cgroup_root=cg.name)) is None:
         pytest.skip("cgroup2 with a memory controller is usable here; nothing to refuse")
     cfg.tenant("alpha", f"[[worker]]\nname = 'w'\ncommand = {SLEEPER}\n")
     cfg.write(backend="auto", cgroup_root=cg.name)

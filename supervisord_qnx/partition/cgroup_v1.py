@@ -97,6 +97,7 @@ from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     BackendError,
+    BackendOptions,
     BackendUnavailable,
     Control,
     Enforcement,
@@ -179,7 +180,15 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     # ------------------------------------------------------------------ discovery
 
     @classmethod
-    def probe(cls) -> str | None:
+    def from_options(cls, options: BackendOptions) -> Cgroup1Backend:
+        return cls(
+            options.cgroup_root,
+            instance=options.instance,
+            sample_interval=options.sample_interval,
+        )
+
+    @classmethod
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008
         if os.geteuid() != 0 and not os.access("/proc/self/cgroup", os.R_OK):
             return "cannot read /proc/self/cgroup"
         try:
@@ -225,6 +234,9 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         return {
             node.path: " ".join(str(self._dir(h, node.path)) for h in self._hier) for node in tree
         }
+
+    def lock_paths(self) -> list[Path]:
+        return self.roots
 
     @property
     def roots(self) -> list[Path]:

@@ -32,6 +32,7 @@ from supervisord_qnx.partition.backend import (
     Backend,
     BackendError,
     BackendEvent,
+    BackendOptions,
     Control,
     Enforcement,
     EventKind,
@@ -88,7 +89,11 @@ class PortableBackend(Backend):
         self._lock = threading.Lock()
 
     @classmethod
-    def probe(cls) -> str | None:
+    def from_options(cls, options: BackendOptions) -> PortableBackend:
+        return cls(sample_interval=options.sample_interval)
+
+    @classmethod
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008
         return None if os.path.isdir("/proc/self") else "no /proc to account processes from"
 
     def enforcement(self) -> Mapping[Control, Enforcement]:
