@@ -194,11 +194,12 @@ def serve(fd: int) -> None:
     import ctypes  # noqa: F401 - imported before forking, used by the workers
     import resource  # noqa: F401
 
-    from supervisord_qnx.wasm import runner  # imports wasmtime
+    from supervisord_qnx.wasm import runner  # noqa: F401 - imports wasmtime
+    from supervisord_qnx.wasm.runner_args import RunnerArgs
 
     # Also pre-paid: argparse's first use (regex compiles, gettext look-ups) is a few
     # ms in every child otherwise. Pure Python state, no threads.
-    runner.build_parser().parse_args(["--module", "warm-up.wasm", "--env", "K=V"])
+    RunnerArgs.parse(["--module", "warm-up.wasm", "--env", "K=V"])
     # Objects that exist now live as long as the server: keep the collector from
     # touching them in every child, which would copy their pages (docs of gc.freeze).
     gc.freeze()
