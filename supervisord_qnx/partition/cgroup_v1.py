@@ -188,7 +188,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         )
 
     @classmethod
-    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008, ARG003
         if os.geteuid() != 0 and not os.access("/proc/self/cgroup", os.R_OK):
             return "cannot read /proc/self/cgroup"
         try:

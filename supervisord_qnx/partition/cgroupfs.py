@@ -569,8 +569,8 @@ class CgroupBackendBase(Backend):
                 write_text(kill, "1", path)
         return super()._kill_leaf_blocking(path, leaf)
 
-    def _kill_file(self, path: str, leaf: str) -> Path | None:
-        """The leaf's ``cgroup.kill`` where the kernel has one."""
+    def _kill_file(self, path: str, leaf: str) -> Path | None:  # noqa: ARG002 - v2 overrides
+        """The leaf's ``cgroup.kill`` where the kernel has one (v1 has none)."""
         return None
 
     def recreate(self, chain: Sequence[Partition]) -> bool:

@@ -149,7 +149,7 @@ class QnxBackend(Backend):
         return backend
 
     @classmethod
-    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008, ARG003
         for tool in ("aps", "on"):
             if shutil.which(tool) is None:
                 return (
