@@ -119,7 +119,7 @@ class Running:
         async with AsyncClient(self.socket) as client:
             try:
                 result = await client.call(method, **params)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - re-raised below, as it was
                 # Raised outside the client's nursery, so it is not wrapped in a group.
                 error = exc
         if error is not None:

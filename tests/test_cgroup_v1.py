@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,8 @@ async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) ->
     try:
         for leaf, proc in procs.items():
             # The default shim attaches itself just after Popen returns (before exec).
-            assert wait_for(lambda p=proc: "@" in Path(f"/proc/{p.pid}/cgroup").read_text())
+            cgroup_file = Path(f"/proc/{proc.pid}/cgroup")
+            assert wait_for(partial(lambda f: "@" in f.read_text(), cgroup_file))
             mem = cgroup_lines(Path(f"/proc/{proc.pid}/cgroup").read_text())["memory"]
             assert mem.endswith(f"/tenants/web/@{leaf}")
             assert backend.pids("tenants/web", leaf) == [proc.pid]
@@ -362,8 +364,12 @@ def test_child_bigger_than_parent_is_rejected_before_any_cgroup_exists(
     backend: Cgroup1Backend,
 ) -> None:
     specs = [
-        PartitionSpec(name="group", flags=["hierarchical"], memory={"max": "64MiB"}),
-        PartitionSpec(name="big", parent="group", memory={"max": "128MiB"}),
+        PartitionSpec.model_validate(
+            {"name": "group", "flags": ["hierarchical"], "memory": {"max": "64MiB"}}
+        ),
+        PartitionSpec.model_validate(
+            {"name": "big", "parent": "group", "memory": {"max": "128MiB"}}
+        ),
     ]
     tree, problems = ptree.build(specs, [])
     assert [(p.partition, p.key) for p in problems] == [("group/big", "memory.max")]

@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -118,8 +119,9 @@ async def test_auto_picks_cgroup1_and_shutdown_leaves_nothing(
     assert w["state"] == "running"
     # The worker sits in its leaf (the spawn shim attaches it just after the daemon saw
     # the pid, before the program runs) and the partition carries the configured cap.
+    pid = w["pid"]
     for leaf in leaf_dirs(cg, "tenants/alpha", "w-0"):
-        wait_until(lambda leaf=leaf: w["pid"] in fs.read_procs(leaf), 5, f"pid in {leaf}")
+        wait_until(partial(lambda d: pid in fs.read_procs(d), leaf), 5, f"pid in {leaf}")
     assert read_int(cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")) == 64 * MiB
     report = await d.call("partitions")
     assert report["backend"] == "cgroup1"

@@ -129,7 +129,10 @@ async def test_pipelined_stop_start_stop_in_backoff_ends_stopped(
     )
     d = await start_daemon()
     await d.wait_for("loop:w-0", lambda w: w["state"] == "backoff")
-    calls = [("stop", {"tenant": "loop"}), ("start", {"tenant": "loop"})] * 3
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("stop", {"tenant": "loop"}),
+        ("start", {"tenant": "loop"}),
+    ] * 3
     calls.append(("stop", {"tenant": "loop", "wait": True}))
     answers = await trio.to_thread.run_sync(pipelined, d.socket, calls)
     assert all(a[2] is None for a in answers), answers  # no error answers

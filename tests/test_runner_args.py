@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from supervisord_qnx.wasm.runner_args import RunnerArgs
 
-text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12)
+text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), max_size=12)
 key = text.filter(lambda k: k and "=" not in k and not k.startswith("-"))
 positive = st.none() | st.integers(min_value=1, max_value=1 << 40)
 
