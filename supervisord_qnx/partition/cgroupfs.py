@@ -68,7 +68,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,10 +407,6 @@ class Notifier:
     def fileno(self) -> int:
         return self._epoll.fileno()
 
-    def has(self, key: Key) -> bool:
-        with self._lock:
-            return key in self._by_key or key in self.polled
-
     def add(self, key: Key, fd: int, *, eventfd: bool, extra_fds: Iterable[int] = ()) -> None:
         """Watch ``fd`` for ``key``; ``extra_fds`` are closed with it. Takes ownership."""
         mask = select.EPOLLIN if eventfd else select.EPOLLPRI
@@ -427,10 +423,6 @@ class Notifier:
                 return
             self._by_fd[fd] = (key, eventfd)
             self._by_key.setdefault(key, []).extend([fd, *extra_fds])
-
-    def add_polled(self, key: Key) -> None:
-        with self._lock:
-            self.polled.add(key)
 
     def remove(self, match: Callable[[Key], bool]) -> None:
         with self._lock:
@@ -688,7 +680,3 @@ class CgroupBackendBase(Backend):
 
     def close(self) -> None:
         self._notifier.close()
-
-
-def iter_leaf_keys(leaves: Iterable[tuple[str, str]], top: str) -> Iterator[tuple[str, str]]:
-    return (lf for lf in leaves if under(lf[0], top))
