@@ -504,7 +504,7 @@ class Supervisor:
 
     async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:
         """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
-        launcher's own word (the wasm runner's report) over the raw wait status."""
+        launcher's own word (what the worker's runner reported) over the raw wait status."""
         try:
             reason = await trio.to_thread.run_sync(
                 self.backend.leaf_exit_reason, inst.partition, inst.leaf
