@@ -200,3 +200,30 @@ def allocate(megabytes: int) -> int:
     """Touch ``megabytes`` MiB of anonymous memory (bytearray zero-fills every page)."""
     hoard = [bytearray(1 << 20) for _ in range(megabytes)]
     return len(hoard)
+
+
+class CgroupRoot:
+    """One test's cgroup root: its name for the config and its directory per hierarchy."""
+
+    def __init__(self) -> None:
+        self.name = f"sqnx-dtest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Constructed only to learn the directories; it creates nothing until ``create``.
+        probe = Cgroup1Backend(self.name)
+        try:
+            self.by_ctrl = {c: h.root for c, h in probe._by_ctrl.items()}
+            self.roots = probe.roots
+        finally:
+            probe.close()
+
+    def dir(self, controller: str, *parts: str) -> Path:
+        return self.by_ctrl[controller].joinpath(*parts)
+
+    def leftovers(self) -> list[Path]:
+        return list(tree_dirs(self.roots))
+
+    def reap(self) -> None:
+        b = Cgroup1Backend(self.name)
+        try:
+            b.reap_leftovers()
+        finally:
+            b.close()

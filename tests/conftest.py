@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import textwrap
@@ -21,12 +22,14 @@ IO_BACKEND = select_io_backend()
 
 # ruff: noqa: E402 - the imports below must come after the I/O back end is chosen
 
+import msgpack
 import pytest
 import trio
 
 from supervisord_qnx.config.load import load
 from supervisord_qnx.control.client import AsyncClient
 from supervisord_qnx.daemon import Daemon, admit, make_backend
+from tests.cgroup_helpers import CgroupRoot, require_cgroup1
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -193,3 +196,39 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def cg() -> Iterator[CgroupRoot]:
+    """A unique cgroup v1 root for one test; fails the test if anything is left under it.
+
+    Request it before ``start_daemon`` so that it is torn down after the daemon stopped."""
+    require_cgroup1()
+    root = CgroupRoot()
+    yield root
+    left = root.leftovers()
+    if left:
+        root.reap()
+    assert not left, f"cgroup directories left behind: {left}"
+
+
+def pipelined(path: Path, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    """Send every request in one write, then read every answer (blocking: run it in a
+    thread). A request left unanswered when the daemon closes the connection is None."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(str(path))
+    try:
+        s.sendall(b"".join(msgpack.packb([0, i, m, [p]]) for i, (m, p) in enumerate(calls)))
+        unpacker = msgpack.Unpacker(raw=False)
+        answers: dict[int, Any] = {}
+        while len(answers) < len(calls):
+            data = s.recv(65536)
+            if not data:
+                break
+            unpacker.feed(data)
+            for msg in unpacker:
+                answers[msg[1]] = msg
+        return [answers.get(i) for i in range(len(calls))]
+    finally:
+        s.close()

@@ -17,8 +17,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -27,10 +25,9 @@ import trio
 
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import BackendOptions
-from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
-from tests.cgroup_helpers import require_cgroup1, tree_dirs
+from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import DAEMON, DaemonProc, ctl
 
@@ -39,45 +36,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 SLEEPER = '["sleep", "1000"]'
-
-
-class CgroupRoot:
-    """One test's cgroup root: its name for the config and its directory per hierarchy."""
-
-    def __init__(self) -> None:
-        self.name = f"sqnx-dtest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        # Constructed only to learn the directories; it creates nothing until ``create``.
-        probe = Cgroup1Backend(self.name)
-        try:
-            self.by_ctrl = {c: h.root for c, h in probe._by_ctrl.items()}
-            self.roots = probe.roots
-        finally:
-            probe.close()
-
-    def dir(self, controller: str, *parts: str) -> Path:
-        return self.by_ctrl[controller].joinpath(*parts)
-
-    def leftovers(self) -> list[Path]:
-        return list(tree_dirs(self.roots))
-
-    def reap(self) -> None:
-        b = Cgroup1Backend(self.name)
-        try:
-            b.reap_leftovers()
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def cg() -> Iterator[CgroupRoot]:
-    """Requested before ``start_daemon``, so it is torn down after the daemon stopped."""
-    require_cgroup1()
-    root = CgroupRoot()
-    yield root
-    left = root.leftovers()
-    if left:
-        root.reap()
-    assert not left, f"cgroup directories left behind: {left}"
 
 
 def read_int(path: Path) -> int:

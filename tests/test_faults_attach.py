@@ -25,10 +25,9 @@ import trio
 
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.partition import cgroupfs as fs
-from tests.cgroup_helpers import require_cgroup1
+from tests.cgroup_helpers import CgroupRoot, require_cgroup1
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import DAEMON, ctl
-from tests.test_daemon_cgroup import CgroupRoot
 
 pytestmark = pytest.mark.integration
 
@@ -337,25 +336,14 @@ async def test_attached_process_survives_shutdown_and_owned_one_does_not(
         owned.wait()
 
 
-@pytest.fixture
-def cgroup1() -> Iterator[CgroupRoot]:
-    require_cgroup1()
-    root = CgroupRoot()
-    yield root
-    left = root.leftovers()
-    if left:
-        root.reap()
-    assert not left, f"cgroup directories left behind: {left}"
-
-
 def test_attached_process_survives_a_crash_and_the_next_start(
-    cgroup1: CgroupRoot, cfg: ConfigDir, child: subprocess.Popen[bytes]
+    cg: CgroupRoot, cfg: ConfigDir, child: subprocess.Popen[bytes]
 ) -> None:
     """The daemon is SIGKILLed while a process is attached: the next start's reaping
     used to SIGKILL it with the leftovers. It gets it back where it was instead. (cgroup
     v1 only: the portable backend reaps nothing at start.)"""
     alpha(cfg)
-    cfg.write(backend="cgroup1", cgroup_root=cgroup1.name)
+    cfg.write(backend="cgroup1", cgroup_root=cg.name)
     own = OwnCgroup()
     own.enter(child.pid)
     before = cgroups_of(child.pid)

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import trio
 
 from supervisord_qnx.control.client import AsyncClient
 from supervisord_qnx.partition.backend import BackendError
 from tests import conftest
-from tests.conftest import ConfigDir, pid_alive, worker_py
-from tests.test_daemon_cgroup import CgroupRoot, cg, leaf_dirs, read_int  # noqa: F401
+from tests.cgroup_helpers import CgroupRoot
+from tests.conftest import ConfigDir, pid_alive, pipelined, worker_py
+from tests.test_daemon_cgroup import leaf_dirs, read_int
 
 pytestmark = pytest.mark.integration
 
@@ -96,27 +95,6 @@ async def test_stop_and_start_in_one_nursery_during_backoff(cfg: ConfigDir, star
     assert await d.call("ping") == "pong"
 
 
-def pipelined(sock_path: Path, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    """Send every request in one write, then read every answer (in a thread)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(60)
-    s.connect(str(sock_path))
-    try:
-        s.sendall(b"".join(msgpack.packb([0, i, m, [p]]) for i, (m, p) in enumerate(calls)))
-        unpacker = msgpack.Unpacker(raw=False)
-        answers: dict[int, Any] = {}
-        while len(answers) < len(calls):
-            data = s.recv(65536)
-            assert data, f"connection closed after {len(answers)} of {len(calls)} answers"
-            unpacker.feed(data)
-            for msg in unpacker:
-                assert msg[0] == 1
-                answers[msg[1]] = msg
-        return [answers[i] for i in range(len(calls))]
-    finally:
-        s.close()
-
-
 async def test_pipelined_stop_start_stop_in_backoff_ends_stopped(
     cfg: ConfigDir, start_daemon
 ) -> None:
@@ -135,7 +113,7 @@ async def test_pipelined_stop_start_stop_in_backoff_ends_stopped(
     ] * 3
     calls.append(("stop", {"tenant": "loop", "wait": True}))
     answers = await trio.to_thread.run_sync(pipelined, d.socket, calls)
-    assert all(a[2] is None for a in answers), answers  # no error answers
+    assert all(a is not None and a[2] is None for a in answers), answers  # all answered, no error
     await trio.sleep(0.5)
     w = await d.worker("loop:w-0")
     assert (w["state"], w["pid"]) == ("stopped", None)
@@ -253,7 +231,7 @@ async def test_a_failing_backend_call_fails_one_worker(
 
 
 async def test_partition_removed_during_backoff_is_recreated(
-    cg: CgroupRoot,  # noqa: F811 - the fixture imported above
+    cg: CgroupRoot,
     cfg: ConfigDir,
     start_daemon,
     tmp_path: Path,

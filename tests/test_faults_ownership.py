@@ -25,27 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroup_helpers import require_cgroup1
+from tests.cgroup_helpers import CgroupRoot, require_cgroup1
 from tests.conftest import REPO, ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import DAEMON, ctl
-from tests.test_daemon_cgroup import CgroupRoot
 
 pytestmark = pytest.mark.integration
 
 EXIT_CANNOT_START = 3  # supervisord-qnx --help: another daemon owns socket, state or root
 SLEEPER = worker_py("import time\nprint('up', flush=True)\ntime.sleep(1000)")
-
-
-@pytest.fixture
-def cg() -> Iterator[CgroupRoot]:
-    """A unique cgroup root; fails the test if anything is left under it afterwards."""
-    require_cgroup1()
-    root = CgroupRoot()
-    yield root
-    left = root.leftovers()
-    if left:
-        root.reap()
-    assert not left, f"cgroup directories left behind: {left}"
 
 
 class Daemons:

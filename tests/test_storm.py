@@ -9,17 +9,14 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
-from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import trio
 
 from supervisord_qnx.control.client import AsyncClient
-from tests.conftest import ConfigDir, pid_alive, worker_py
-from tests.test_daemon_cgroup import CgroupRoot, cg  # noqa: F401
+from tests.cgroup_helpers import CgroupRoot
+from tests.conftest import ConfigDir, pid_alive, pipelined, worker_py
 
 pytestmark = pytest.mark.integration
 
@@ -58,27 +55,6 @@ def write_tenants(cfg: ConfigDir) -> None:
     )
     for name in ("healthy", "untouched"):
         cfg.tenant(name, '[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n')
-
-
-def pipelined(path: Path, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    """All requests in one write, then every answer (blocking; run in a thread)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(60)
-    s.connect(str(path))
-    try:
-        s.sendall(b"".join(msgpack.packb([0, i, m, [p]]) for i, (m, p) in enumerate(calls)))
-        unpacker = msgpack.Unpacker(raw=False)
-        answers: dict[int, Any] = {}
-        while len(answers) < len(calls):
-            data = s.recv(65536)
-            if not data:
-                break
-            unpacker.feed(data)
-            for msg in unpacker:
-                answers[msg[1]] = msg
-        return [answers.get(i) for i in range(len(calls))]
-    finally:
-        s.close()
 
 
 def random_call(rng: random.Random) -> tuple[str, dict[str, Any]]:
