@@ -93,7 +93,7 @@ def run_capture(backend: Cgroup1Backend, partition: str, leaf: str, argv: list[s
         os.close(w)
     with os.fdopen(r, "rb") as f:
         out = f.read().decode()
-    proc.wait()
+    proc.wait(timeout=30)
     return out
 
 
@@ -149,7 +149,7 @@ async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) ->
     finally:
         backend.destroy("tenants/web")
         for p in procs.values():
-            p.wait()
+            p.wait(timeout=30)
     assert all(p.returncode == -signal.SIGKILL for p in procs.values())
 
 
@@ -164,7 +164,7 @@ def test_attach_and_detach_running_process(backend: Cgroup1Backend) -> None:
         assert alive(proc.pid)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -210,7 +210,7 @@ async def test_oom_kill_is_attributed_to_the_leaf_and_spares_the_sibling(
     # A restart in the same leaf starts from a fresh baseline.
     assert backend.leaf_exit_reason("tenants/a", "a-0") is None
     backend.destroy("tenants/a")
-    sibling.wait()
+    sibling.wait(timeout=30)
 
 
 async def test_memory_pressure_event_when_usage_crosses_max_minus_reserved(
@@ -239,7 +239,7 @@ async def test_memory_pressure_event_when_usage_crosses_max_minus_reserved(
     assert backend.stats("p").memory_pressure_events == 1
     assert proc.poll() is None  # pressure is a warning, not a kill
     backend.destroy("p")
-    proc.wait()
+    proc.wait(timeout=30)
 
 
 def test_limits_are_written_to_the_kernel_files(backend: Cgroup1Backend) -> None:
@@ -298,7 +298,7 @@ def test_stats_report_kernel_figures(backend: Cgroup1Backend) -> None:
         assert st.cpu_throttled_ns == 0
     finally:
         backend.destroy("s")
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- pids, cpu
@@ -328,7 +328,7 @@ def test_fork_bomb_stops_at_pids_max(backend: Cgroup1Backend) -> None:
             assert sum(refused) > 0, "no fork was refused: the bomb was not bounded"
     finally:
         backend.destroy("b")
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_cpu_max_caps_a_spinner(backend: Cgroup1Backend) -> None:
@@ -352,7 +352,7 @@ def test_cpu_max_caps_a_spinner(backend: Cgroup1Backend) -> None:
         assert (backend.stats("c").cpu_throttled_ns or 0) > 0
     finally:
         backend.destroy("c")
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- admission
@@ -402,7 +402,7 @@ def test_release_leaf_kills_stragglers_and_removes_the_leaf(backend: Cgroup1Back
     make_tree(backend, ("r", {}))
     # The worker's main process exits at once, leaving a grandchild behind in the leaf.
     proc = backend.spawn(request("r", "r-0", ["/bin/sh", "-c", "sleep 30 & exit 0"]))
-    assert proc.wait() == 0
+    assert proc.wait(timeout=30) == 0
     assert wait_for(lambda: len(backend.pids("r", "r-0")) == 1)
     (straggler,) = backend.pids("r", "r-0")
     backend.release_leaf("r", "r-0")
@@ -471,7 +471,7 @@ def test_reap_never_touches_other_roots(backend: Cgroup1Backend) -> None:
     finally:
         other.destroy("keep")
         other.close()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_root_holding_the_daemon_is_refused() -> None:

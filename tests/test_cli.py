@@ -80,7 +80,7 @@ def daemon(cfg: ConfigDir) -> Iterator[type[DaemonProc]]:
                 d.stop()
             except subprocess.TimeoutExpired:
                 d.proc.kill()
-                d.proc.wait()
+                d.proc.wait(timeout=30)
 
 
 BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")
@@ -244,7 +244,7 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
     )
     cfg.write()
     res = subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr
@@ -258,7 +258,9 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
     )
     assert "nothing was started" in err
     # And starting for real refuses the same way, starting nothing.
-    res = subprocess.run([DAEMON, "--config", str(cfg.path)], capture_output=True, text=True)
+    res = subprocess.run(
+        [DAEMON, "--config", str(cfg.path)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2 and not cfg.socket.exists()
 
 
@@ -266,7 +268,7 @@ def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:
     beat_tenant(cfg, "alpha")
     cfg.write()
     res = subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
     assert "backend: portable" in res.stdout
@@ -277,6 +279,7 @@ def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:
             [DAEMON, "--config", str(cfg.path), "--check", "--json"],
             capture_output=True,
             text=True,
+            timeout=60,
         ).stdout
     )
     assert data["ok"] and data["enforcement"]["memory.min"] == "none"
@@ -287,6 +290,7 @@ def test_example_config_checks_clean() -> None:
         [DAEMON, "--config", str(REPO / "config" / "supervisord.toml"), "--check"],
         capture_output=True,
         text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     assert len([line for line in res.stdout.splitlines() if "(tenant)" in line]) >= 3
@@ -294,7 +298,7 @@ def test_example_config_checks_clean() -> None:
 
 def test_help_teaches(tmp_path: Path) -> None:
     for cmd in (DAEMON, CTL):
-        res = subprocess.run([cmd, "--help"], capture_output=True, text=True)
+        res = subprocess.run([cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and "exit codes" in res.stdout and "example" in res.stdout
 
 
@@ -304,7 +308,7 @@ def test_ctl_starts_fast_without_trio() -> None:
         "import supervisord_qnx.cli.ctl;"
         "print('trio' in sys.modules, 'pydantic' in sys.modules)"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.stdout.split() == ["False", "False"]
 
 

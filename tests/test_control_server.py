@@ -481,4 +481,4 @@ def test_client_module_does_not_import_trio() -> None:
         "assert 'trio' not in sys.modules, 'trio imported'\n"
         "assert 'structlog' not in sys.modules, 'structlog imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

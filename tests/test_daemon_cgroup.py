@@ -508,7 +508,7 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
         for d in (first, second):
             if d is not None and d.proc.poll() is None:
                 d.proc.kill()
-                d.proc.wait()
+                d.proc.wait(timeout=30)
             if d is not None and not d.log.closed:
                 d.log.close()
 

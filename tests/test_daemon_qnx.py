@@ -258,7 +258,9 @@ async def running_pids(d: Any) -> dict[str, int]:
 
 def plain_show_budget(name: str) -> str:
     """The budget column of ``aps show`` (no options, the usage view) for one partition."""
-    out = subprocess.run(["aps", "show"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["aps", "show"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     for line in out.splitlines():
         if line.split() and line.split()[0] == name:
             return line.split("|")[1].strip()
@@ -321,7 +323,7 @@ def test_restart_after_sigkill_over_leftover_partitions(
     finally:
         if second.proc.poll() is None:
             second.proc.kill()
-            second.proc.wait()
+            second.proc.wait(timeout=30)
     assert budget(aps_partitions(), "System") == "100%"
     # The first daemon's orphans are not the second's: not its descendants, and their
     # tag names a partition path, not a daemon, so it leaves them (reap_leftovers). The
@@ -363,7 +365,7 @@ def test_subprocess_daemon_on_poll_io_reports_it(
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
-            d.proc.wait()
+            d.proc.wait(timeout=30)
 
 
 # -- admission through the CLI ----------------------------------------------------------

@@ -60,7 +60,7 @@ def capture(argv: list[str]) -> str:
         os.close(w)
     with os.fdopen(r, "rb") as f:
         out = f.read().decode()
-    proc.wait()
+    proc.wait(timeout=30)
     return out
 
 
@@ -149,7 +149,7 @@ def test_attach_and_detach_process(partition: ManagedPartition) -> None:
         assert partition.pids() == []
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_run_returns_results_and_reraises(partition: ManagedPartition) -> None:

@@ -395,5 +395,5 @@ def test_runner_overhead_constant_matches_a_measured_runner() -> None:
         hwm = next(int(line.split()[1]) for line in status.splitlines() if "VmHWM" in line)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     assert hwm * 1024 < WASM_RUNNER_OVERHEAD, f"runner peak {hwm} KiB"
