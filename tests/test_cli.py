@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,11 +210,11 @@ def _ppid(pid: int) -> int:
         return -1
 
 
-def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
+def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir, tmp_path: Path) -> None:
     cfg.partitions += (
         '[[partition]]\nname = "small"\nparent = "tenants"\nmemory = { max = "64MiB" }\n'
     )
-    cfg.tenant(
+    typo = cfg.tenant(
         "typo",
         """
         memroy = { max = "1GiB" }
@@ -222,7 +223,7 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
         command = ["true"]
         """,
     )
-    cfg.tenant(
+    toobig = cfg.tenant(
         "toobig",
         """
         parent = "tenants/small"
@@ -232,8 +233,8 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
         command = ["true"]
         """,
     )
-    cfg.tenant("broken", "this is = = not toml\n")
-    cfg.tenant(
+    broken = cfg.tenant("broken", "this is = = not toml\n")
+    wrongtype = cfg.tenant(
         "wrongtype",
         """
         [[worker]]
@@ -242,26 +243,53 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
         instances = "many"
         """,
     )
+    # A valid tenant beside the broken ones: "nothing was started" must hold for it too.
+    # Its worker leaves a mark the moment it runs.
+    mark = tmp_path / "good-ran"
+    good = f"good-{uuid.uuid4().hex[:6]}"
+    cfg.tenant(
+        good,
+        f"""
+        [[worker]]
+        name = "w"
+        command = {worker_py(f"open({str(mark)!r}, 'w').close()")}
+        """,
+    )
     cfg.write()
     res = subprocess.run(
         [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2, res.stdout + res.stderr
-    err = res.stderr
-    assert f"{cfg.root}/tenants.d/typo.toml: memroy: unknown key" in err
-    assert f"{cfg.root}/tenants.d/broken.toml: TOML syntax error" in err
-    assert f"{cfg.root}/tenants.d/wrongtype.toml: worker[0].command:" in err
-    assert f"{cfg.root}/tenants.d/wrongtype.toml: worker[0].instances:" in err
-    # The admission rule names both partitions and both numbers.
-    assert (
-        "128MiB of 'tenants/small/toobig' exceeds the max 64MiB in force at 'tenants/small'" in err
-    )
-    assert "nothing was started" in err
-    # And starting for real refuses the same way, starting nothing.
+    # Exactly these problems, each on one line that starts with the file to edit; the
+    # admission rule names both partitions and both numbers.
+    problems = [
+        f"{broken}: TOML syntax error: ",
+        f"{typo}: memroy: unknown key ",
+        f"{wrongtype}: worker[0].instances: ",
+        f"{wrongtype}: worker[0].command: ",
+        f"{toobig}: parent: 'tenants/small' is not 'hierarchical'",
+        f"{toobig}: memory.max: max 128MiB of 'tenants/small/toobig' exceeds the max 64MiB "
+        "in force at 'tenants/small'",
+    ]
+
+    def check_problems(stderr: str) -> None:
+        lines = [line for line in stderr.splitlines() if line.startswith(str(cfg.root))]
+        assert len(lines) == len(problems), stderr
+        for start in problems:
+            assert [line for line in lines if line.startswith(start)], (start, stderr)
+        assert f"{len(problems)} problems; nothing was started." in stderr.splitlines()
+
+    check_problems(res.stderr)
+    # And starting for real refuses the same way, starting nothing: not the valid tenant,
+    # not the control socket.
     res = subprocess.run(
         [DAEMON, "--config", str(cfg.path)], capture_output=True, text=True, timeout=60
     )
-    assert res.returncode == 2 and not cfg.socket.exists()
+    assert res.returncode == 2, res.stdout + res.stderr
+    check_problems(res.stderr)
+    assert not cfg.socket.exists()
+    assert not mark.exists()
+    assert not (cfg.log_dir / f"{good}.w-0.log").exists()
 
 
 def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:

@@ -406,10 +406,21 @@ name = "tenants"
 flags = ["hierarchical"]
 memory = { max = "64MiB" }
 """
-    cfg.tenant(
+    greedy = cfg.tenant(
         "greedy",
         f"""
         memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "w"
+        command = {SLEEPER}
+        """,
+    )
+    # A tenant that fits, beside it: a daemon that started the valid tenants would
+    # create the cgroup roots for it, so "no root exists" can fail.
+    cfg.tenant(
+        "modest",
+        f"""
+        memory = {{ max = "32MiB" }}
         [[worker]]
         name = "w"
         command = {SLEEPER}
@@ -425,9 +436,15 @@ memory = { max = "64MiB" }
             env=cli_env(),
         )
         assert proc.returncode == 2, (extra, proc.stdout, proc.stderr)
-        assert "tenants/greedy" in proc.stderr and "memory.max" in proc.stderr, proc.stderr
-        assert "nothing was started" in proc.stderr
+        # One problem, on the line of the file to edit.
+        located = [line for line in proc.stderr.splitlines() if line.startswith(f"{cfg.root}/")]
+        assert located == [
+            f"{greedy}: memory.max: max 128MiB of 'tenants/greedy' exceeds the max 64MiB "
+            "in force at 'tenants'"
+        ], proc.stderr
+        assert "1 problem; nothing was started." in proc.stderr.splitlines(), proc.stderr
         assert not [r for r in cg.roots if r.exists()], extra
+        assert not (cfg.log_dir / "modest.w-0.log").exists()
 
 
 # --------------------------------------------------------------------------- teardown

@@ -371,9 +371,10 @@ def test_subprocess_daemon_on_poll_io_reports_it(
 # -- admission through the CLI ----------------------------------------------------------
 
 
-def _check(cfg: ConfigDir) -> subprocess.CompletedProcess[str]:
+def _check(cfg: ConfigDir, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``--check`` as an operator runs it, or (``check=False``) a real start."""
     return subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check", "--backend", "qnx"],
+        [DAEMON, "--config", str(cfg.path), *(["--check"] if check else []), "--backend", "qnx"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -389,14 +390,29 @@ def test_check_refuses_a_partition_name_aps_cannot_take(qnx_sim: Sim, cfg: Confi
         cpu = { budget = 5 }
         """
     )
+    # A valid tenant beside the bad partition: a daemon that started what it could
+    # would create the group's and this tenant's APS partitions.
+    qnx_sim.tenant(
+        cfg,
+        "fine",
+        f"""
+        cpu = {{ budget = 10 }}
+        [[worker]]
+        name = "beat"
+        command = {BEAT}
+        """,
+    )
     cfg.write(backend="portable")  # --backend qnx overrides it
-    proc = _check(cfg)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"{cfg.path}: daemon.backend=qnx:" in proc.stderr
-    assert "partition 'System' has no valid APS partition name" in proc.stderr
-    assert "boot partition" in proc.stderr
-    assert "nothing was started" in proc.stderr
-    assert set(aps_partitions()) == {"System"}, "--check creates no partition"
+    for started in (_check(cfg), _check(cfg, check=False)):
+        assert started.returncode == 2, started.stdout + started.stderr
+        located = [line for line in started.stderr.splitlines() if line.startswith("/")]
+        assert len(located) == 1, started.stderr
+        assert located[0].startswith(f"{cfg.path}: daemon.backend=qnx: ")
+        assert "partition 'System' has no valid APS partition name" in located[0]
+        assert "boot partition" in located[0]
+        assert "1 problem; nothing was started." in started.stderr.splitlines()
+        assert set(aps_partitions()) == {"System"}, "no partition was created"
+        assert not cfg.socket.exists()
 
 
 def test_check_refuses_more_partitions_than_aps_allows(qnx_sim: Sim, cfg: ConfigDir) -> None:
