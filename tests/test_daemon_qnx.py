@@ -35,6 +35,7 @@ import trio
 from supervisord_qnx.control.client import Client
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import DAEMON, DaemonProc
+from tests.test_daemon_socket import epoll_fds
 from tests.test_qnx_backend import aps_partitions, cpu_ticks
 from tests.test_qnx_sim import CPU, SIM_BIN, cgroup_cpu_or_skip
 
@@ -360,6 +361,8 @@ def test_subprocess_daemon_on_poll_io_reports_it(
         with Client(cfg.socket) as c:
             version = c.call("version")
         assert version["io"] == "poll" and version["backend"] == "qnx"
+        # What trio runs, seen from outside: no epoll instance in the daemon.
+        assert epoll_fds(d.proc.pid) == 0
         assert len(_status_pids(cfg)) == 2
         assert d.stop() == 0
     finally:
