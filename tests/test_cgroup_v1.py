@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisord_qnx.config.model import PartitionSpec
+from supervisord_qnx.config.load import ConfigError, load
+from supervisord_qnx.daemon import admit
 from supervisord_qnx.partition import cgroupfs as fs
-from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import (
     BackendEvent,
     BackendUnavailable,
@@ -358,20 +358,36 @@ def test_cpu_max_caps_a_spinner(backend: Cgroup1Backend) -> None:
 # ---------------------------------------------------------------------------- admission
 
 
-def test_child_bigger_than_parent_is_rejected_before_any_cgroup_exists(
-    backend: Cgroup1Backend,
+def test_a_name_cgroupfs_cannot_take_is_refused_before_any_cgroup_exists(
+    backend: Cgroup1Backend, tmp_path: Path
 ) -> None:
-    specs = [
-        PartitionSpec(name="group", flags=["hierarchical"], memory={"max": "64MiB"}),
-        PartitionSpec(name="big", parent="group", memory={"max": "128MiB"}),
+    # A tenant file the config model accepts but this backend cannot map ("memory.big"
+    # would sit among the memory controller's files), beside a valid one. The daemon's
+    # gate, as its CLI runs it (load, then admit with the backend's own checks), refuses
+    # it with the located problem, and nothing it ran created a cgroup.
+    tenants = tmp_path / "tenants.d"
+    tenants.mkdir()
+    for name in ("memory.big", "fits"):
+        (tenants / f"{name}.toml").write_text(
+            'memory = { max = "32MiB" }\n[[worker]]\nname = "w"\ncommand = ["true"]\n'
+        )
+    daemon_file = tmp_path / "d.toml"
+    daemon_file.write_text(
+        '[daemon]\nbackend = "cgroup1"\n'
+        '[[partition]]\nname = "tenants"\nflags = ["hierarchical"]\nmemory = { max = "64MiB" }\n'
+    )
+    config = load(daemon_file)
+    with pytest.raises(ConfigError) as info:
+        admit(config, backend)
+    assert [str(p) for p in info.value.problems] == [
+        f"{daemon_file}: daemon.backend=cgroup1: partition 'tenants/memory.big': the name "
+        "'memory.big' clashes with cgroup control files; rename the partition"
     ]
-    tree, problems = ptree.build(specs, [])
-    assert [(p.partition, p.key) for p in problems] == [("group/big", "memory.max")]
-    # The daemon hands a tree to the backend only when it has no problems.
-    if not problems:  # pragma: no cover - the point of the test
-        for node in tree:
-            backend.create(node)
     assert not any(r.exists() for r in backend.roots)
+    # The same check sees directories when there are some: the valid part of the tree,
+    # created, shows up under the roots (and the fixture removes it).
+    backend.create(Partition("tenants", flags=HIER, memory_max=64 * MiB))
+    assert all(r.exists() for r in backend.roots)
 
 
 # ---------------------------------------------------------------------------- cleanup
