@@ -6,13 +6,14 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= config/supervisord.toml
 PYTEST_ARGS ?=
 
-.PHONY: help run check test lint typecheck unit bench clean system-deps test-deps venv
+.PHONY: help run check test lint typecheck unit bench mutate clean system-deps test-deps venv
 
 help:
 	@echo "make run     start the daemon in the foreground on $(CONFIG) (runtime files in ./run/)"
 	@echo "make test    install everything, lint, type-check and run the whole test suite"
 	@echo "make bench   run the benchmarks in bench/ and print the figures"
 	@echo "make check   validate $(CONFIG) and print the partition tree"
+	@echo "make mutate  mutation-test the pure core (about 8 min; see docs/testing.md)"
 	@echo "make clean   remove .venv and ./run"
 
 # System packages a fresh machine may lack. Running needs only venv support
@@ -72,5 +73,14 @@ test: test-deps lint typecheck
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# Mutation testing of the pure core against its fast unit tests; configured in
+# pyproject.toml ([tool.mutmut]). Not part of `make test`: it takes minutes. Starts
+# from scratch each time (mutants/ is mutmut's working copy and cache).
+mutate: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/python -m tests.mutation_report
+
 clean:
-	rm -rf $(VENV) run build *.egg-info
+	rm -rf $(VENV) run build mutants *.egg-info
