@@ -548,7 +548,7 @@ def test_encoding_sets_and_refusing_the_unknown() -> None:
 
 def test_reprs_name_what_they_are() -> None:
     assert repr(NEED_DATA) == "NEED_DATA"
-    assert repr(RpcError("x", "m", a=1)) == "RpcError('x', 'm', a=1)"
+    assert repr(RpcError("x", "m", a=1, b=[2])) == "RpcError('x', 'm', a=1, b=[2])"
 
 
 def test_an_error_whose_data_cannot_be_encoded_keeps_its_code() -> None:
