@@ -4,32 +4,41 @@ Start-up order matters and is the same every time:
 
 1. validate everything (config, admission, backend checks, enforcement) and
    refuse to start on any problem: nothing is created from a bad config;
-2. reap what a previous, dead daemon left behind in our own partitions;
-3. create the partitions, parents first;
-4. serve the control socket (refusing if another daemon is live on it);
-5. start autostart tenants, then tell the service manager we are ready.
+2. take exclusive ownership of the state directory and the partition root
+   (``ownership.py``): a second daemon on either refuses here, having touched nothing;
+3. give back processes a crashed predecessor had attached (``attached.py``), then
+   reap what it left behind in our own partitions;
+4. create the partitions, parents first;
+5. serve the control socket (refusing if another daemon is live on it);
+6. start autostart tenants, then tell the service manager we are ready.
 
 Shutdown (SIGTERM, SIGINT or the ``shutdown`` method) runs it backwards:
-tenants stopped in reverse start order within their timeouts, partitions
-removed deepest first, socket removed, exit 0.
+tenants stopped in reverse start order within their timeouts, attached
+processes given back (not killed, unless attached with ``own``), partitions
+removed deepest first, socket removed, locks released, exit 0.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import resource
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import trio
 
-from supervisord_qnx import sdnotify
+from supervisord_qnx import attached, sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
-from supervisord_qnx.control.server import AlreadyRunning, ServeError
+from supervisord_qnx.control.methods import Methods
+from supervisord_qnx.control.server import AlreadyRunning, ServeError, serve
+from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
 from supervisord_qnx.supervise.events import EventBus
@@ -37,6 +46,14 @@ from supervisord_qnx.supervise.reaper import ChildReaper, become_subreaper
 from supervisord_qnx.supervise.supervisor import Supervisor
 
 log = structlog.get_logger("supervisord_qnx.daemon")
+
+T = TypeVar("T")
+
+# Threads for slow backend calls and file reads made on behalf of control requests
+# (logs, partitions, attach, detach): their own small pool, so that a burst of such
+# requests waits here and never takes the threads that spawns and stops run in
+# (trio's default limiter).
+SLOW_IO_THREADS = 4
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
@@ -59,28 +76,97 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     )
 
 
+CONFIG_HASH = "{config_hash}"
+
+
+def cgroup_root(config: Config) -> str | None:
+    """``daemon.cgroup_root`` with ``{config_hash}`` replaced by 8 hex digits of the
+    SHA-256 of the config file's resolved directory: two checkouts of one config (two
+    ``make run``) then get different roots, while one checkout always gets the same."""
+    root = config.daemon.cgroup_root
+    if root is None or CONFIG_HASH not in root:
+        return root
+    import hashlib
+
+    where = str(Path(config.path).resolve().parent).encode()
+    return root.replace(CONFIG_HASH, hashlib.sha256(where).hexdigest()[:8])
+
+
 def make_backend(config: Config, override: str | None = None) -> Backend:
     """Pick and construct the backend (raises ``BackendUnavailable`` with the reason)."""
     from supervisord_qnx.partition.detect import choose_backend
 
     return choose_backend(
         override or config.daemon.backend,
-        cgroup_root=config.daemon.cgroup_root,
+        cgroup_root=cgroup_root(config),
         sample_interval=config.daemon.sample_interval,
     )
 
 
+# Descriptors, estimated generously: the daemon's own (epoll, signals, wake-up pipes,
+# the listening socket, a spawn's log file and pipes in flight), one per control
+# connection we allow, and what the backend keeps open per partition and per worker
+# (cgroup1: an eventfd per watched file, OOM for each leaf and partition plus a pressure
+# threshold; cgroup2: an open memory.events per leaf and partition; portable/qnx: none).
+FDS_BASE = 64
+FDS_CONNECTIONS = 256
+FDS_PER_WORKER = {"cgroup1": 3, "cgroup2": 2}
+FDS_PER_PARTITION = {"cgroup1": 2, "cgroup2": 1}
+# However many descriptors there are, more control clients than this at once is a leak
+# or an attack, not operators; each one costs a task and buffers.
+MAX_CONNECTIONS = 4096
+
+
+def fd_needs(config: Config, backend_name: str, partitions: int) -> int:
+    """How many descriptors the daemon may hold at once for ``config`` (an estimate)."""
+    workers = sum(w.instances for t in config.tenants for w in t.worker)
+    per_worker = FDS_PER_WORKER.get(backend_name, 0) + 1  # + the log fd during a spawn
+    return (
+        FDS_BASE
+        + FDS_CONNECTIONS
+        + workers * per_worker
+        + partitions * FDS_PER_PARTITION.get(backend_name, 0)
+    )
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the new (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. a hard limit over the kernel's nr_open
+            log.warning("could not raise the descriptor limit", soft=soft, hard=hard,
+                        error=str(exc))  # fmt: skip
+    return soft, hard
+
+
+def fd_limit_problem(config: Config, backend_name: str, partitions: int) -> str | None:
+    """A warning when the hard ``RLIMIT_NOFILE`` is below what ``config`` needs."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = fd_needs(config, backend_name, partitions)
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        return None
+    workers = sum(w.instances for t in config.tenants for w in t.worker)
+    return (
+        f"the descriptor limit (RLIMIT_NOFILE, hard) is {hard}, below the about {need} "
+        f"this config needs ({workers} workers and {partitions} partitions on "
+        f"{backend_name}, plus {FDS_CONNECTIONS} control connections and {FDS_BASE} for "
+        f"the daemon); raise it (systemd LimitNOFILE=, ulimit -Hn) or spawns and control "
+        f"connections will fail with 'Too many open files'"
+    )
+
+
 def admit(config: Config, backend: Backend) -> tuple[ptree.PartitionTree, list[str]]:
-    """Build the tree and run the backend's own checks and the enforcement policy.
+    """Run the backend's own checks and the enforcement policy on the tree ``load``
+    admitted.
 
     Returns the tree and warnings (unenforced controls under best-effort);
     raises ``ConfigError`` when the daemon must not start.
     """
-    tree, problems = ptree.build(config.partitions, config.tenants)
+    tree = config.tree
     located = [
-        Located(str(config.path), f"partition '{p.partition}'.{p.key}", p.reason) for p in problems
-    ]
-    located += [
         Located(str(config.path), f"daemon.backend={backend.name}", reason)
         for reason in backend.check(tree)
     ]
@@ -93,7 +179,7 @@ def admit(config: Config, backend: Backend) -> tuple[ptree.PartitionTree, list[s
         if config.daemon.enforcement == "strict":
             located.append(
                 Located(
-                    _file_for(config, path),
+                    str(config.file_for(path)),
                     str(control),
                     message + ' (set [daemon] enforcement = "best-effort" to run anyway)',
                 )
@@ -103,17 +189,6 @@ def admit(config: Config, backend: Backend) -> tuple[ptree.PartitionTree, list[s
     if located:
         raise ConfigError(located)
     return tree, warnings
-
-
-def _file_for(config: Config, path: str) -> str:
-    for t in config.tenants:
-        if t.path == path:
-            return str(config.tenant_files[t.name])
-    return str(config.path)
-
-
-def enforcement_table(backend: Backend) -> dict[str, str]:
-    return {str(c): str(e) for c, e in backend.enforcement().items()}
 
 
 class Daemon:
@@ -137,51 +212,39 @@ class Daemon:
         self.ready = trio.Event()
         self.stopped = trio.Event()
         self.created: list[str] = []
+        self.slow_io = trio.CapacityLimiter(SLOW_IO_THREADS)
+        self.attached = attached.Registry(Path(config.daemon.state_dir))
+        self.ownership = Ownership()
+        self.max_connections: int | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
-    async def partitions_report(self) -> dict[str, Any]:
-        stats = {}
-        for node in self.tree:
-            try:
-                s = await trio.to_thread.run_sync(self.backend.stats, node.path)
-            except Exception as exc:  # a stats failure must not break the report
-                stats[node.path] = {"error": str(exc)}
-                continue
-            figures = {k: v for k, v in vars(s).items() if k != "pids"}
-            figures["pids"] = s.pids[:64]
-            stats[node.path] = figures
-        mapping = self.backend.describe(self.tree)
-        unenforced_list = [
-            {"partition": p, "control": str(c)} for p, c in unenforced(self.backend, self.tree)
-        ]
-
-        def decorate(node: dict[str, Any]) -> dict[str, Any]:
-            node["usage"] = stats.get(node["path"])
-            node["os_name"] = mapping.get(node["path"])
-            node["children"] = [decorate(c) for c in node["children"]]
-            return node
-
-        return {
-            "backend": self.backend.name,
-            "enforcement": enforcement_table(self.backend),
-            "unenforced": unenforced_list,
-            "tree": decorate(self.tree.as_dict()),
-        }
+    async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run slow backend work or file I/O for a control request in the ``slow_io`` pool."""
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self.slow_io
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        from supervisord_qnx.control.server import serve
-
         cfg = self.config.daemon
-        # Before touching any partition: a live daemon on our socket owns them.
+        # Before touching any partition: a live daemon on our socket owns them, and so
+        # does whoever holds the locks (reaping "leftovers" would kill its workers).
         _refuse_if_live(Path(cfg.socket))
-        for w in self.warnings:
-            log.warning("unenforced control", detail=w)
-        self.supervisor.subreaper = become_subreaper()
-        for d in (cfg.state_dir, cfg.log_dir):
-            Path(d).mkdir(parents=True, exist_ok=True)
-        reaped = await trio.to_thread.run_sync(self.backend.reap_leftovers)
+        roots: list[Path] = list(getattr(self.backend, "roots", []))
+        await trio.to_thread.run_sync(self.ownership.take, Path(cfg.state_dir), roots)
+        try:
+            self._size_fds()
+            for w in self.warnings:
+                log.warning("unenforced control", detail=w)
+            self.supervisor.launchers.enable_prefork(become_subreaper())
+            for d in (cfg.state_dir, cfg.log_dir):
+                Path(d).mkdir(parents=True, exist_ok=True)
+            await trio.to_thread.run_sync(self._give_back_attached)
+            reaped = await trio.to_thread.run_sync(self.backend.reap_leftovers)
+        except BaseException:
+            self.ownership.release()
+            raise
         if reaped:
             log.warning("reaped leftovers of a previous run", partitions=reaped)
         try:
@@ -191,14 +254,15 @@ class Daemon:
                     await trio.to_thread.run_sync(self.backend.create, node)
                     self.created.append(node.path)
                 await nursery.start(self.supervisor.run)
-                nursery.start_soon(self.backend.watch, self.tree, self.supervisor.on_backend_event)
-                methods = _methods(self)
+                nursery.start_soon(self.supervisor.watch_backend)
+                methods = Methods(self)
                 await nursery.start(
                     lambda task_status: serve(
                         Path(cfg.socket),
                         methods.dispatch,
                         mode=cfg.socket_mode,
                         max_message_bytes=cfg.max_message_bytes,
+                        max_connections=self.max_connections,
                         task_status=task_status,
                     )
                 )
@@ -213,23 +277,68 @@ class Daemon:
                 )
                 await self.supervisor.start_autostart()
                 self.ready.set()
-                _notify("READY=1\nSTATUS=tenants started")
+                _notify(f"{sdnotify.READY}\nSTATUS=tenants started")
                 nursery.start_soon(_watchdog)
                 task_status.started(self)
                 await self._shutdown.wait()
                 log.info("shutting down")
-                _notify("STOPPING=1")
+                _notify(sdnotify.STOPPING)
                 await self.supervisor.stop_all()
-                await self.supervisor.stop_forkserver()
+                await self.supervisor.launchers.stop()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._destroy_partitions)
                 self.backend.close()
+                self.ownership.release()
             self.stopped.set()
             log.info("daemon stopped")
 
+    def _size_fds(self) -> None:
+        """Raise the descriptor limit, warn if it is still short, and cap connections so
+        that idle clients can never take the descriptors spawns and backends need."""
+        soft, _ = raise_fd_limit()
+        problem = fd_limit_problem(self.config, self.backend.name, len(self.tree))
+        if problem:
+            log.warning("descriptor limit too low", detail=problem)
+        own = fd_needs(self.config, self.backend.name, len(self.tree)) - FDS_CONNECTIONS
+        self.max_connections = max(8, min(soft - own, MAX_CONNECTIONS))
+
+    def _give_back_attached(self) -> None:
+        """Processes a crashed predecessor attached are not leftovers: detach them (back
+        where they were) before reaping, unless they were handed over with ``own``."""
+        for entry in self.attached.load():
+            if entry.own or not entry.same_process():
+                continue
+            try:
+                self.backend.detach(entry.pid, entry.previous)
+                log.warning("gave back a process attached by a previous run", pid=entry.pid,
+                            partition=entry.partition)  # fmt: skip
+            except Exception as exc:
+                log.error("could not detach a process attached by a previous run",
+                          pid=entry.pid, error=str(exc))  # fmt: skip
+        self.attached.entries.clear()
+        self.attached.save()
+
+    def _release_attached(self) -> None:
+        """At shutdown: attached processes go back where they were, alive; those attached
+        with ``own`` stay, and are killed with their partition."""
+        for entry in list(self.attached.entries.values()):
+            if entry.own:
+                continue
+            if entry.same_process():
+                try:
+                    self.backend.detach(entry.pid, entry.previous)
+                    log.info("detached an attached process", pid=entry.pid,
+                             partition=entry.partition)  # fmt: skip
+                except Exception as exc:
+                    log.error("could not detach an attached process", pid=entry.pid,
+                              error=str(exc))  # fmt: skip
+                    continue
+            self.attached.drop(entry.pid)
+
     def _destroy_partitions(self) -> None:
+        self._release_attached()
         for node in self.tree.deepest_first():
             if node.path in self.created:
                 try:
@@ -241,8 +350,8 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    _notify("RELOADING=1")
-                    _notify("READY=1")
+                    _notify(sdnotify.RELOADING)
+                    _notify(sdnotify.READY)
                     log.warning("reload (SIGHUP) is not implemented yet; configuration unchanged")
                     continue
                 log.info("signal received", signal=signal.Signals(signum).name)
@@ -266,17 +375,27 @@ def _refuse_if_live(path: Path) -> None:
     raise AlreadyRunning(path)
 
 
-def _methods(daemon: Daemon) -> Any:
-    from supervisord_qnx.control.methods import Methods
-
-    return Methods(daemon)
+_notify_failures: set[str] = set()
 
 
 def _notify(state: str) -> None:
+    """Tell the service manager ``state``; a manager we cannot reach is worth a warning,
+    never an exit (the tenants are running either way). Each distinct failure is logged
+    once, so a watchdog ping every few seconds does not flood the log."""
     try:
         sdnotify.notify(state)
-    except OSError as exc:  # the service manager went away; keep supervising
-        log.warning("sd_notify failed", state=state, error=str(exc))
+    except (OSError, ValueError) as exc:
+        # OSError: the manager went away or the path is unusable; ValueError
+        # (sdnotify.UnsupportedAddress): e.g. a vsock: address systemd gives a VM's service.
+        if str(exc) not in _notify_failures:
+            _notify_failures.add(str(exc))
+            log.warning(
+                "sd_notify failed; the service manager will not hear from this daemon",
+                state=state.splitlines()[0],
+                error=str(exc),
+            )
+    else:
+        _notify_failures.clear()
 
 
 async def _watchdog() -> None:
@@ -284,7 +403,7 @@ async def _watchdog() -> None:
     if not period:
         return
     while True:
-        _notify("WATCHDOG=1")
+        _notify(sdnotify.WATCHDOG)
         await trio.sleep(period)
 
 
@@ -293,6 +412,7 @@ __all__ = [
     "ConfigError",
     "Daemon",
     "Enforcement",
+    "InUse",
     "ServeError",
     "admit",
     "configure_logging",

@@ -35,6 +35,11 @@ WATCHDOG = "WATCHDOG=1"
 MANAGER_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+class UnsupportedAddress(ValueError):
+    """``$NOTIFY_SOCKET`` holds an address this module cannot send to (``vsock:``, a
+    relative path). Readiness cannot be reported; the service itself is fine."""
+
+
 def status(text: str) -> str:
     """A ``STATUS=`` line; a newline would start a new assignment, so it becomes a space."""
     return "STATUS=" + " ".join(text.splitlines())
@@ -49,15 +54,19 @@ def socket_address(env: Mapping[str, str] | None = None) -> str | None:
         return "\0" + value[1:]
     if value.startswith("/"):
         return value
-    # systemd also knows vsock: addresses; a daemon on QNX or in a container never gets one.
-    raise ValueError(f"NOTIFY_SOCKET={value!r}: only a path or an @abstract name is supported")
+    # systemd also gives vsock: addresses (a service in a VM); we speak only AF_UNIX. The
+    # caller must treat this as "cannot notify", never as a reason to stop (daemon._notify).
+    raise UnsupportedAddress(
+        f"NOTIFY_SOCKET={value!r}: only a path or an @abstract name is supported"
+    )
 
 
 def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     """Send one message (e.g. ``READY=1`` or ``"\\n".join([READY, status("up")])``).
 
     Returns ``False`` when no manager listens (``$NOTIFY_SOCKET`` unset), ``True`` once
-    sent; raises ``OSError`` when the socket is set but the send fails, so the caller
+    sent; raises ``OSError`` when the socket is set but the send fails, and
+    ``UnsupportedAddress`` when it names an address family we cannot use, so the caller
     can log that the manager will consider us not ready.
     """
     address = socket_address(env)

@@ -11,17 +11,10 @@ from hypothesis import strategies as st
 
 from supervisord_qnx.config.load import ConfigError, load
 from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Control
 from supervisord_qnx.supervise.policy import RestartTracker, Verdict
-from supervisord_qnx.supervise.worker import (
-    TRANSITIONS,
-    Event,
-    IllegalTransition,
-    State,
-    next_state,
-    transition_table,
-)
 from supervisord_qnx.units import format_size, parse_size
 
 # -- sizes -------------------------------------------------------------------------
@@ -240,38 +233,22 @@ def test_admission_matches_the_rules(
     assert (t.admit() == []) == ok
 
 
-# -- worker state table and restart policy -----------------------------------------
-
-
-def test_every_state_can_reach_stopped_or_is_terminal_on_stop() -> None:
-    for state in State:
-        assert (state, Event.STOP) in TRANSITIONS, f"{state} cannot be stopped"
-
-
-def test_illegal_transition_is_an_error() -> None:
-    with pytest.raises(IllegalTransition):
-        next_state(State.STOPPED, Event.SPAWNED)
-
-
-def test_transition_table_prints() -> None:
-    table = transition_table()
-    assert table.splitlines()[0].split() == ["state", "event", "next"]
-    assert len(table.splitlines()) == len(TRANSITIONS) + 1
+# -- restart policy -----------------------------------------
 
 
 def test_backoff_doubles_and_caps_then_fatal() -> None:
     t = RestartTracker(RestartSpec(backoff_initial=0.1, backoff_max=0.5, max_restarts=4, window=60))
-    delays = [t.decide("exit:1", now=i, uptime=0.01).delay for i in range(4)]
+    delays = [t.decide(ExitReason.parse("exit:1"), now=i, uptime=0.01).delay for i in range(4)]
     assert delays == [0.1, 0.2, 0.4, 0.5]
-    assert t.decide("exit:1", now=5, uptime=0.01).verdict is Verdict.FATAL
+    assert t.decide(ExitReason.parse("exit:1"), now=5, uptime=0.01).verdict is Verdict.FATAL
 
 
 def test_window_slides_and_stable_run_resets_backoff() -> None:
     t = RestartTracker(RestartSpec(backoff_initial=1, backoff_max=4, max_restarts=2, window=10))
-    assert t.decide("signal:SIGKILL", 0, 0.1).verdict is Verdict.RESTART
-    assert t.decide("signal:SIGKILL", 1, 0.1).verdict is Verdict.RESTART
+    assert t.decide(ExitReason.parse("signal:SIGKILL"), 0, 0.1).verdict is Verdict.RESTART
+    assert t.decide(ExitReason.parse("signal:SIGKILL"), 1, 0.1).verdict is Verdict.RESTART
     # Both earlier restarts fell out of the window; a long run resets the delay.
-    d = t.decide("signal:SIGKILL", 20, uptime=100)
+    d = t.decide(ExitReason.parse("signal:SIGKILL"), 20, uptime=100)
     assert d.verdict is Verdict.RESTART and d.delay == 1
 
 
@@ -282,9 +259,4 @@ def test_window_slides_and_stable_run_resets_backoff() -> None:
 )  # fmt: skip
 def test_policies(policy: str, reason: str, verdict: Verdict) -> None:
     t = RestartTracker(RestartSpec(policy=policy))  # type: ignore[arg-type]
-    assert t.decide(reason, 0, 1).verdict is verdict
-
-
-def test_lifecycle_doc_shows_the_table_in_force() -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "lifecycle.md").read_text()
-    assert transition_table() in doc
+    assert t.decide(ExitReason.parse(reason), 0, 1).verdict is verdict

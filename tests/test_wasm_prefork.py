@@ -73,7 +73,7 @@ async def exercise(cfg: ConfigDir, start_daemon, name: str, **daemon_opts) -> di
     log = cfg.log_dir / f"{name}.w-0.log"
     await first_beat(log)
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
-    server = sup.forkserver_pid
+    server = sup.launchers.forkserver_pid
     assert server is not None and pid_alive(server)
     assert ppid(w["pid"]) == os.getpid()  # the daemon's child, not the server's
     assert os.getsid(w["pid"]) == w["pid"]  # its own session: stop signals its group
@@ -95,7 +95,7 @@ async def exercise(cfg: ConfigDir, start_daemon, name: str, **daemon_opts) -> di
     )
     assert again["restarts"] == 1 and again["exit_reason"] == "signal:SIGKILL"
     await first_beat(log, after=beats)
-    assert sup.forkserver_pid == server  # one server serves every start
+    assert sup.launchers.forkserver_pid == server  # one server serves every start
 
     stopped = await d.call("stop", tenant=name, wait=True)
     assert stopped[0]["state"] == "stopped"
@@ -132,7 +132,7 @@ async def test_prefork_cgroup1_attaches_before_the_runner(cfg: ConfigDir, start_
         memory = [line for line in text.splitlines() if ":memory:" in line]
         assert memory and memory[0].endswith(leaf), text
     assert ppid(w["pid"]) == os.getpid()
-    assert d.daemon.supervisor.forkserver_pid is not None
+    assert d.daemon.supervisor.launchers.forkserver_pid is not None
     assert w["pid"] in d.daemon.backend.pids(w["partition"], "w-0")
 
 
@@ -150,7 +150,7 @@ async def test_prefork_off_uses_the_plain_runner(cfg: ConfigDir, start_daemon) -
     d = await start_daemon(wasm_prefork=False)
     await first_beat(cfg.log_dir / f"{name}.w-0.log")
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
-    assert d.daemon.supervisor.forkserver_pid is None
+    assert d.daemon.supervisor.launchers.forkserver_pid is None
     assert not probe.exists()  # the hook lives only in the fork server's worker path
     cmdline = Path(f"/proc/{w['pid']}/cmdline").read_bytes().split(b"\0")
     assert b"supervisord_qnx.wasm.runner" in cmdline
@@ -166,7 +166,7 @@ async def test_a_dead_fork_server_is_replaced_on_the_next_start(
     log = cfg.log_dir / f"{name}.w-0.log"
     await first_beat(log)
     first = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
-    old = sup.forkserver_pid
+    old = sup.launchers.forkserver_pid
     assert old is not None
     os.kill(old, signal.SIGKILL)
     await wait_gone(old)  # reaped by the daemon, not left a zombie
@@ -175,7 +175,7 @@ async def test_a_dead_fork_server_is_replaced_on_the_next_start(
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
     assert w["pid"] != first["pid"]
     with trio.fail_after(10):
-        while sup.forkserver_pid in (None, old):
+        while sup.launchers.forkserver_pid in (None, old):
             await trio.sleep(0.02)
     assert ppid(w["pid"]) == os.getpid()
     text = (cfg.log_dir / "wasm-forkserver.log").read_text()
@@ -203,4 +203,4 @@ async def test_portable_accounting_counts_and_limits_a_preforked_worker(
     d = await start_daemon()
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] not in ("starting", "running"))
     assert w["exit_reason"] == "memory-limit"
-    assert d.daemon.supervisor.forkserver_pid is not None
+    assert d.daemon.supervisor.launchers.forkserver_pid is not None

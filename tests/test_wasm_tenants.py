@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisord_qnx.supervise.supervisor import WASM_RUNNER_OVERHEAD
+from supervisord_qnx.supervise.launch import WASM_RUNNER_OVERHEAD
 from supervisord_qnx.wasm import cache, outcome
 from tests import cgroup_helpers as cg
 from tests.conftest import REPO, ConfigDir, pid_alive
@@ -81,7 +81,7 @@ async def wait_for_line(path: Path, needle: str, timeout: float = 15.0) -> str:
 def report_of(d, tenant: str, leaf: str) -> dict:
     sup = d.daemon.supervisor
     (inst,) = [i for i in sup.tenant(tenant).instances if i.leaf == leaf]
-    return outcome.read_report(sup.wasm_report_path(inst))
+    return outcome.read_report(sup.launchers.wasm.report_path(inst.target))
 
 
 async def started_event(d, tenant: str, leaf: str, timeout: float = 15.0) -> dict:

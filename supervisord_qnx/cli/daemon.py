@@ -1,8 +1,9 @@
 """``supervisord-qnx``: run the daemon, or ``--check`` a configuration.
 
 Exit codes: 0 ok; 2 the configuration (or the chosen backend) has problems,
-each printed as ``file: key: reason``; 3 another daemon already serves the
-socket; 1 anything else.
+each printed as ``file: key: reason``; 3 cannot start because another daemon
+owns the socket, the state directory or the partition root (it is left
+untouched); 1 anything else.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
             "  supervisord-qnx --config config/supervisord.toml          run in the foreground\n"
             "  supervisord-qnx --config config/supervisord.toml --check  validate, show the tree\n"
             "  supervisord-qnx --check --json | jq .tree                 the same, for scripts\n"
-            "\nexit codes: 0 ok, 2 configuration problems, 3 already running, 1 other errors.\n"
+            "\nexit codes: 0 ok, 2 configuration problems, 3 cannot start: another daemon owns\n"
+            "the control socket, the state directory or the cgroup root (it is left\n"
+            "untouched), 1 other errors.\n"
             "Control a running daemon with supervisorctl-qnx."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return _report_problems(exc, args.json)
 
     if args.check:
-        _print_check(config, backend, tree, warnings, args.json)
+        # The daemon raises its soft limit to the hard one at start: the hard one counts.
+        problem = d.fd_limit_problem(config, backend.name, len(tree))
+        _print_check(config, backend, tree, [*warnings, *([problem] if problem else [])], args.json)
         return EXIT_OK
 
     import trio
@@ -99,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     daemon.io_backend = io_backend
     try:
         trio.run(daemon.run)
-    except d.AlreadyRunning as exc:
+    except (d.AlreadyRunning, d.InUse) as exc:
         print(f"supervisord-qnx: {exc}", file=sys.stderr)
         return EXIT_RUNNING
     except BaseExceptionGroup as group:
         # Failures inside the daemon's nursery arrive grouped; report the operator's
         # kind (socket taken, socket path unusable) plainly, re-raise anything else.
-        running, rest = group.split(d.AlreadyRunning)
+        running, rest = group.split((d.AlreadyRunning, d.InUse))
         if running is not None:
             print(f"supervisord-qnx: {running.exceptions[0]}", file=sys.stderr)
             return EXIT_RUNNING
@@ -137,7 +142,7 @@ def _report_problems(exc: Any, as_json: bool) -> int:
 
 
 def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_json: bool) -> None:
-    from supervisord_qnx.daemon import enforcement_table
+    from supervisord_qnx.control.report import enforcement_table
     from supervisord_qnx.units import format_size
 
     mapping = backend.describe(tree)

@@ -142,18 +142,29 @@ def load(config_path: str | Path) -> Config:
         tenants.append(tenant)
         tenant_files[tenant.name] = tpath
 
-    _, tree_problems = ptree.build(daemon_file.partition, tenants)
-    for p in tree_problems:
-        problems.append(_locate_tree_problem(p, path, tenants, tenant_files))
-    if problems:
-        raise ConfigError(problems)
-    return Config(
+    tree, tree_problems = ptree.build(daemon_file.partition, tenants)
+    config = Config(
         path=path,
         daemon=daemon_file.daemon,
         partitions=daemon_file.partition,
         tenants=tenants,
         tenant_files=tenant_files,
+        tree=tree,
     )
+    problems += [locate(config, p.partition, p.key, p.reason) for p in tree_problems]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def locate(config: Config, partition: str, key: str, reason: str) -> Located:
+    """Point a problem with a partition at the file that declares it: a tenant's own
+    partition at its tenant file (keys as written there), any other at the daemon file."""
+    file = config.file_for(partition)
+    if file != config.path:
+        return Located(str(file), key, reason)
+    label = f"partition '{partition}'" if partition else "partition (root)"
+    return Located(str(file), f"{label}.{key}", reason)
 
 
 def _wasm_module_problems(tenant: TenantSpec, file: Path) -> list[Located]:
@@ -174,14 +185,3 @@ def _wasm_module_problems(tenant: TenantSpec, file: Path) -> list[Located]:
         if problem is not None:
             out.append(Located(str(file), key, f"{module}: {problem}"))
     return out
-
-
-def _locate_tree_problem(
-    problem: ptree.Problem, config_path: Path, tenants: list[TenantSpec], files: dict[str, Path]
-) -> Located:
-    """Point an admission problem at the file that declares the partition it names."""
-    for t in tenants:
-        if t.path == problem.partition:
-            return Located(str(files[t.name]), problem.key, problem.reason)
-    label = f"partition '{problem.partition}'" if problem.partition else "partition (root)"
-    return Located(str(config_path), f"{label}.{problem.key}", problem.reason)

@@ -26,11 +26,12 @@ from pydantic import (
     model_validator,
 )
 
+from supervisord_qnx.partition.controls import Flag
+from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.units import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 Percent = Annotated[float, Field(gt=0, le=100)]
-Flag = Literal["hierarchical", "memory-isolation", "container"]
 BackendName = Literal["auto", "portable", "cgroup1", "cgroup2", "qnx"]
 
 # Partition and worker names become path components (cgroup directories, APS
@@ -255,18 +256,21 @@ class DaemonFile(Strict):
 
 
 class Config(BaseModel):
-    """The whole validated configuration: what the rest of the daemon works from."""
+    """The whole validated configuration: what the rest of the daemon works from, with
+    its admitted partition tree (``load`` builds it once)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     path: Path
     daemon: DaemonSpec
     partitions: list[PartitionSpec]
     tenants: list[TenantSpec]
     tenant_files: dict[str, Path]  # tenant name -> file, for error messages and reload
+    tree: PartitionTree
 
-    def tenant(self, name: str) -> TenantSpec | None:
+    def file_for(self, partition: str) -> Path:
+        """The file that declares a partition: its tenant's file, else the daemon's."""
         for t in self.tenants:
-            if t.name == name:
-                return t
-        return None
+            if t.path == partition:
+                return self.tenant_files[t.name]
+        return self.path

@@ -103,7 +103,8 @@ def _connect_error(path: str, exc: OSError) -> DaemonUnreachable:
 def _lost(method: str) -> ConnectionLost:
     return ConnectionLost(
         f"the daemon closed the connection before answering {method!r} "
-        f"(it may have stopped or crashed; check its log)"
+        f"(it may be at its limit of control connections, or have stopped or crashed; "
+        f"check its log)"
     )
 
 

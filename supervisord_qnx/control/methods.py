@@ -10,18 +10,45 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
+import structlog
 import trio
 
-from supervisord_qnx import __version__
+from supervisord_qnx import __version__, attached, logtail
+from supervisord_qnx.config.model import Config
+from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
-from supervisord_qnx.partition.backend import BackendError
-from supervisord_qnx.supervise.supervisor import NotFound
+from supervisord_qnx.control.server import Connection, MethodTable
+from supervisord_qnx.control.server import Handler as ServerHandler
+from supervisord_qnx.partition.backend import Backend, BackendError
+from supervisord_qnx.partition.tree import PartitionTree
+from supervisord_qnx.supervise.events import EventBus
+from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
-if TYPE_CHECKING:
-    from supervisord_qnx.daemon import Daemon
+T = TypeVar("T")
+
+
+class DaemonView(Protocol):
+    """What the control methods use of the daemon, and nothing more (the daemon wires
+    them up; they never import it)."""
+
+    config: Config
+    backend: Backend
+    tree: PartitionTree
+    supervisor: Supervisor
+    events: EventBus
+    attached: attached.Registry
+    io_backend: str
+
+    async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run slow backend work or file I/O in the daemon's limited pool for it."""
+        ...
+
+    def request_shutdown(self) -> None: ...
+
+
+log = structlog.get_logger("supervisord_qnx.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -51,12 +78,29 @@ def _params(params: dict[str, Any], **spec: tuple[type, bool]) -> dict[str, Any]
     return params
 
 
+def _translated(handler: Handler) -> ServerHandler:
+    """A method as the server calls it, with the supervisor's and the backend's own
+    errors answered as the protocol's codes."""
+
+    async def call(params: dict[str, Any], conn: Connection) -> Any:
+        try:
+            return await handler(params)
+        except NotFound as exc:
+            raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
+        except BackendError as exc:
+            raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
+
+    return call
+
+
 class Methods:
     """The method table the control server dispatches to."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonView) -> None:
         self.daemon = daemon
-        self.table: dict[str, Handler] = {
+        # attach/detach read and update the attached-process records: one at a time.
+        self._attach_lock = trio.Lock()
+        handlers: dict[str, Handler] = {
             "ping": self.ping,
             "version": self.version,
             "status": self.status,
@@ -70,20 +114,10 @@ class Methods:
             "events": self.recent_events,
             "shutdown": self.shutdown,
         }
+        self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
 
-    async def dispatch(self, method: str, params: dict[str, Any], conn: object = None) -> Any:
-        handler = self.table.get(method)
-        if handler is None:
-            raise RpcError(
-                ErrorCode.UNKNOWN_METHOD,
-                f"no method {method!r}; methods: {', '.join(sorted(self.table))}",
-            )
-        try:
-            return await handler(params)
-        except NotFound as exc:
-            raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
-        except BackendError as exc:
-            raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
+    async def dispatch(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
+        return await self.table(method, params, conn)
 
     async def ping(self, params: dict[str, Any]) -> str:
         _params(params)
@@ -101,12 +135,12 @@ class Methods:
     async def status(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         p = _params(params, tenant=(str, False))
         sup = self.daemon.supervisor
-        sup.refresh_wasm_counters()
+        await sup.refresh_counters()
         return sup.status(p.get("tenant"))
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)
-        return await self.daemon.partitions_report()
+        return await partitions_report(self.daemon.backend, self.daemon.tree, self.daemon.blocking)
 
     async def start(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         p = _params(params, tenant=(str, True), wait=(bool, False))
@@ -126,34 +160,93 @@ class Methods:
         if not 0 < lines <= 10_000:
             raise RpcError(ErrorCode.BAD_REQUEST, "parameter 'lines' must be 1..10000")
         sup = self.daemon.supervisor
+        instances = sup.find_instances(p["tenant"], p.get("worker"))
+        # Every worker's tail together must fit in one reply; leave room for the framing.
+        budget = max(4096, self.daemon.config.daemon.max_message_bytes * 3 // 4)
+        budget //= max(1, len(instances))
         out = []
-        for inst in sup.find_instances(p["tenant"], p.get("worker")):
+        for inst in instances:
             path = sup.log_path(inst)
-            text = await trio.to_thread.run_sync(_tail, path, lines)
+            try:
+                text = await self.daemon.blocking(logtail.tail, path, lines, budget=budget)
+            except logtail.NotRegular as exc:
+                raise RpcError(ErrorCode.INVALID_STATE, f"log of {inst.name}: {exc}") from None
+            except OSError as exc:
+                raise RpcError(
+                    ErrorCode.BACKEND_ERROR, f"log of {inst.name}: cannot read {path}: {exc}"
+                ) from None
             out.append({"worker": inst.name, "file": str(path), "lines": text})
         return out
 
     async def attach(self, params: dict[str, Any]) -> dict[str, Any]:
-        p = _params(params, partition=(str, True), pid=(int, True))
-        if p["partition"] not in self.daemon.tree or not p["partition"]:
-            raise RpcError(ErrorCode.NOT_FOUND, f"no partition {p['partition']!r}")
+        p = _params(params, partition=(str, True), pid=(int, True), own=(bool, False))
+        partition, pid, own = p["partition"], p["pid"], p.get("own", False)
+        if not partition or partition not in self.daemon.tree:
+            raise RpcError(ErrorCode.NOT_FOUND, f"no partition {partition!r}")
+        # Read on the trio thread: the supervisor's state is not for worker threads.
+        supervised = [w["pid"] for w in self.daemon.supervisor.status() if w.get("pid")]
+        forkserver = self.daemon.supervisor.launchers.forkserver_pid
+        if forkserver:
+            supervised.append(forkserver)
+        async with self._attach_lock:
+            return await self.daemon.blocking(
+                self._attach_blocking, partition, pid, own, supervised
+            )
+
+    def _attach_blocking(
+        self, partition: str, pid: int, own: bool, supervised: list[int]
+    ) -> dict[str, Any]:
+        registry = self.daemon.attached
         try:
-            await trio.to_thread.run_sync(self.daemon.backend.attach, p["partition"], p["pid"])
+            info = attached.check(pid, supervised)
+        except attached.Refused as exc:
+            raise RpcError(_REFUSAL[exc.kind], str(exc)) from None
+        earlier = registry.get(pid)
+        if earlier is not None and earlier.started != info.started:
+            registry.drop(pid)  # that process is gone; this pid is another one
+            earlier = None
+        try:
+            before = self.daemon.backend.attach(partition, pid)
         except ProcessLookupError:
-            raise RpcError(ErrorCode.NOT_FOUND, f"no process {p['pid']}") from None
+            raise RpcError(ErrorCode.NOT_FOUND, f"no process {pid}") from None
         except OSError as exc:
-            raise RpcError(ErrorCode.BACKEND_ERROR, f"attach {p['pid']}: {exc}") from None
-        return {"partition": p["partition"], "pid": p["pid"]}
+            raise RpcError(ErrorCode.BACKEND_ERROR, f"attach {pid}: {exc}") from None
+        # Moved again: where it was before the *first* attach is where detach returns it.
+        previous = earlier.previous if earlier is not None else before
+        registry.put(attached.Attached(pid, partition, info.started, own, previous))
+        log.info("process attached", pid=pid, partition=partition, own=own)
+        return {"partition": partition, "pid": pid, "own": own}
 
     async def detach(self, params: dict[str, Any]) -> dict[str, Any]:
         p = _params(params, pid=(int, True))
+        pid = p["pid"]
+        if pid <= 0:
+            raise RpcError(ErrorCode.BAD_REQUEST, f"pid must be a positive process id, got {pid}")
+        async with self._attach_lock:
+            return await self.daemon.blocking(self._detach_blocking, pid)
+
+    def _detach_blocking(self, pid: int) -> dict[str, Any]:
+        registry = self.daemon.attached
+        entry = registry.get(pid)
+        if entry is None:
+            raise RpcError(
+                ErrorCode.INVALID_STATE,
+                f"pid {pid} is not attached (only processes put into a partition with "
+                f"attach can be detached)",
+            )
+        if not entry.same_process():
+            registry.drop(pid)
+            raise RpcError(ErrorCode.NOT_FOUND, f"process {pid} has exited; it is forgotten")
         try:
-            await trio.to_thread.run_sync(self.daemon.backend.detach, p["pid"])
+            self.daemon.backend.detach(pid, entry.previous)
         except ProcessLookupError:
-            raise RpcError(ErrorCode.NOT_FOUND, f"no process {p['pid']}") from None
+            registry.drop(pid)
+            raise RpcError(ErrorCode.NOT_FOUND, f"process {pid} has exited") from None
         except OSError as exc:
-            raise RpcError(ErrorCode.BACKEND_ERROR, f"detach {p['pid']}: {exc}") from None
-        return {"pid": p["pid"]}
+            raise RpcError(ErrorCode.BACKEND_ERROR, f"detach {pid}: {exc}") from None
+        registry.drop(pid)
+        log.info("process detached", pid=pid, partition=entry.partition)
+        return {"pid": pid, "partition": entry.partition}
 
     async def recent_events(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         p = _params(params, limit=(int, False), kind=(str, False))
@@ -168,19 +261,8 @@ class Methods:
         return "shutting down"
 
 
-def _tail(path: Path, lines: int) -> list[str]:
-    """The last ``lines`` lines of a log file, reading backwards from the end in blocks."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            end = f.tell()
-            block, data = 8192, b""
-            while end > 0 and data.count(b"\n") <= lines:
-                start = max(0, end - block)
-                f.seek(start)
-                data = f.read(end - start) + data
-                end = start
-    except FileNotFoundError:
-        return []
-    text = data.decode("utf-8", "replace").splitlines()
-    return text[-lines:]
+_REFUSAL = {
+    "bad_request": ErrorCode.BAD_REQUEST,
+    "not_found": ErrorCode.NOT_FOUND,
+    "refused": ErrorCode.PERMISSION_DENIED,
+}

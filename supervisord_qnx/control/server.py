@@ -323,6 +323,80 @@ class _Limits:
     max_message_bytes: int
     max_in_flight: int
     partial_frame_timeout: float
+    max_connections: int | None = None
+
+
+class _Shedder:
+    """Turns away connections when the daemon cannot (or must not) take more.
+
+    Over ``max_connections`` a new connection is accepted and closed at once: its
+    client hears "connection closed" instead of waiting in the backlog, and idle
+    clients never take the descriptors spawns and backends need. If ``accept`` fails
+    with ``EMFILE`` anyway (descriptors used elsewhere), one descriptor kept in reserve
+    is freed for the moment it takes to accept and close the connections waiting in
+    the backlog, so they drain instead of the loop waking up on them again and again;
+    then the loop sleeps a little. Each burst is logged once, when it starts and ends.
+    """
+
+    def __init__(self, raw: socket.socket) -> None:
+        self._raw = raw
+        raw.setblocking(False)  # trio wants it so too; an accept here must never block
+        self._reserve: int | None = None
+        self.open_connections = 0
+        self.shed = 0
+        self.starved = False
+        self._reserve_fd()
+
+    def _reserve_fd(self) -> None:
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve = None
+
+    def out_of_descriptors(self, exc: OSError) -> None:
+        if not self.starved:
+            self.starved = True
+            log.error(
+                "out of descriptors: new control connections are closed until some are "
+                "released (raise RLIMIT_NOFILE or close idle clients)",
+                error=str(exc),
+                open_connections=self.open_connections,
+            )
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+        # Drain the backlog: each client waiting there hears "closed" now rather than
+        # after its own timeout. One descriptor is enough, reused for each.
+        for _ in range(_LISTEN_BACKLOG):
+            try:
+                sock, _ = self._raw.accept()
+            except OSError:
+                break
+            sock.close()
+            self.shed += 1
+        self._reserve_fd()
+
+    def over_limit(self, limit: int | None) -> bool:
+        if limit is None or self.open_connections < limit:
+            if self.starved:
+                self.starved = False
+                log.warning("accepting control connections again", shed=self.shed)
+                self.shed = 0
+            return False
+        if not self.starved:
+            self.starved = True
+            log.error(
+                "too many control connections: new ones are closed until some end",
+                limit=limit,
+            )
+        self.shed += 1
+        return True
+
+    def close(self) -> None:
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
 
 
 async def serve(
@@ -333,6 +407,7 @@ async def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control socket at ``path`` until cancelled.
@@ -340,7 +415,9 @@ async def serve(
     Raises :class:`AlreadyRunning` or :class:`ServeError` before listening if
     the path cannot be taken; ``task_status.started(path)`` is called once
     clients can connect. ``partial_frame_timeout`` also bounds how long a
-    response may wait for a client that does not read.
+    response may wait for a client that does not read. Beyond
+    ``max_connections`` open connections (``None``: no limit but the
+    descriptor limit) a new connection is closed as soon as it is accepted.
     """
     path = Path(path)
     if max_in_flight < 1:
@@ -354,14 +431,16 @@ async def serve(
     listener = _bind(path, mode)
     st = os.lstat(path)
     identity = (st.st_dev, st.st_ino)
-    limits = _Limits(max_message_bytes, max_in_flight, partial_frame_timeout)
+    limits = _Limits(max_message_bytes, max_in_flight, partial_frame_timeout, max_connections)
+    shedder = _Shedder(listener)
     try:
         trio_listener = trio.socket.from_stdlib_socket(listener)
         log.info("control socket listening", path=str(path), mode=oct(mode))
         async with trio.open_nursery() as nursery:
             task_status.started(path)
-            await _accept_loop(trio_listener, dispatch, limits, nursery)
+            await _accept_loop(trio_listener, dispatch, limits, nursery, shedder)
     finally:
+        shedder.close()
         listener.close()
         _remove_if_ours(path, identity)
 
@@ -371,6 +450,7 @@ async def _accept_loop(
     dispatch: Dispatch,
     limits: _Limits,
     nursery: trio.Nursery,
+    shedder: _Shedder,
 ) -> None:
     ids = count(1)
     while True:
@@ -378,19 +458,33 @@ async def _accept_loop(
             sock, _ = await listener.accept()
         except OSError as exc:
             if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                log.error("cannot accept control connections, retrying", error=str(exc))
+                # Not a spin: shed one waiting client, then wait before trying again.
+                shedder.out_of_descriptors(exc)
                 await trio.sleep(0.1)
                 continue
             if exc.errno in _ACCEPT_SKIP_ERRNOS:
                 continue
             raise
+        if shedder.over_limit(limits.max_connections):
+            sock.close()
+            continue
         conn = Connection(
             trio.SocketStream(sock),
             conn_id=next(ids),
             peer=_peer_credentials(sock),
             write_timeout=limits.partial_frame_timeout,
         )
-        nursery.start_soon(_serve_connection, conn, dispatch, limits)
+        shedder.open_connections += 1
+        nursery.start_soon(_serve_counted, conn, dispatch, limits, shedder)
+
+
+async def _serve_counted(
+    conn: Connection, dispatch: Dispatch, limits: _Limits, shedder: _Shedder
+) -> None:
+    try:
+        await _serve_connection(conn, dispatch, limits)
+    finally:
+        shedder.open_connections -= 1
 
 
 async def _serve_connection(conn: Connection, dispatch: Dispatch, limits: _Limits) -> None:

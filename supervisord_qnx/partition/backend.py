@@ -31,29 +31,13 @@ import enum
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from supervisord_qnx.partition.tree import Partition, PartitionTree
+from supervisord_qnx.partition.controls import Control, Enforcement
+from supervisord_qnx.partition.tree import Partition, PartitionTree
 
-
-class Control(enum.StrEnum):
-    """A resource control a tenant file can ask for (systemd's vocabulary where it fits)."""
-
-    MEMORY_MIN = "memory.min"  # guaranteed minimum (MemoryMin)
-    MEMORY_MAX = "memory.max"  # hard cap (MemoryMax)
-    MEMORY_RESERVED = "memory.reserved"  # pressure band below max (MemoryHigh = max - reserved)
-    CPU_BUDGET = "cpu.budget"  # guaranteed share, may borrow idle CPU (CPUWeight / APS budget)
-    CPU_MAX = "cpu.max"  # hard ceiling (CPUQuota / APS max)
-    PIDS = "pids"  # number of tasks (TasksMax)
-    MEMORY_ISOLATION = "memory-isolation"  # flag: separate address spaces, no shared dumps
-    CONTAINER = "container"  # flag: namespaces
-
-
-class Enforcement(enum.StrEnum):
-    KERNEL = "kernel"  # the kernel refuses or kills; no window
-    SUPERVISED = "supervised"  # the daemon measures and acts; a fast tenant can overshoot
-    NONE = "none"  # accepted in the file, not enforced by this backend
+# Control and Enforcement are part of this interface's words; they live in controls.py.
+__all__ = ["Control", "Enforcement"]
 
 
 class BackendUnavailable(Exception):
@@ -154,6 +138,10 @@ class BackendEvent:
 
 EventSink = Callable[[BackendEvent], None]
 
+# Where a process sat before ``attach`` moved it: JSON-able (lists, dicts, strings,
+# numbers or None), because the daemon persists it to restore the process after a crash.
+Placement = Any
+
 
 class Backend(abc.ABC):
     """Turns partitions into enforced OS resources. See the module docstring for the rules."""
@@ -185,6 +173,14 @@ class Backend(abc.ABC):
     def create(self, partition: Partition) -> None:
         """Create and configure one partition; its parent already exists."""
 
+    def recreate(self, chain: Sequence[Partition]) -> bool:
+        """Create again partitions that vanished from outside (removed by hand while the
+        daemon ran). ``chain`` is in creation order: the worker's partition's ancestors,
+        the partition, its descendants. Returns whether anything was missing (and is now
+        back); ``False`` (the default, for backends whose partitions cannot vanish behind
+        the daemon's back) tells the caller the failure had another cause."""
+        return False
+
     @abc.abstractmethod
     def destroy(self, path: str) -> None:
         """Kill every process left in the partition's subtree and remove it, deepest first."""
@@ -200,12 +196,18 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def attach(self, path: str, pid: int) -> None:
-        """Move a running process into a partition (the seed's ``attach_process``)."""
+    def attach(self, path: str, pid: int) -> Placement:
+        """Move a running process into a partition (the origin design's ``attach_process``).
+
+        Returns where the process was before (its cgroups, its rlimit): plain JSON data
+        that ``detach`` takes back, which the daemon keeps (and persists) meanwhile.
+        The caller has checked that ``pid`` is a live process it may move."""
 
     @abc.abstractmethod
-    def detach(self, pid: int) -> None:
-        """Move a process back to the daemon's own context (the seed's ``detach_process``)."""
+    def detach(self, pid: int, previous: Placement = None) -> None:
+        """Move a process out of our partitions: back to ``previous`` (what ``attach``
+        returned) where the backend can, else to the daemon's own context (the origin design's
+        ``detach_process``)."""
 
     @abc.abstractmethod
     def pids(self, path: str, leaf: str | None = None) -> list[int]:

@@ -248,6 +248,9 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def _dirs(self, path: str, leaf: str | None = None) -> list[Path]:
         return [self._dir(h, path, leaf) for h in self._hier]
 
+    def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        return self._dirs(path, leaf)
+
     def _mem(self, path: str, leaf: str | None = None) -> Path:
         return self._dir(self._by_ctrl["memory"], path, leaf)
 
@@ -409,7 +412,11 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def _thread_home(self) -> dict[Path, Path]:
         """This thread's current cgroup directory in every hierarchy we use."""
         with open(f"/proc/self/task/{threading.get_native_id()}/cgroup") as f:
-            mine = fs.own_cgroups(f.read())
+            return self._placement_of(f.read())
+
+    def _placement_of(self, proc_cgroup: str) -> dict[Path, Path]:
+        """Mount point -> cgroup directory, per hierarchy we use, from a /proc/*/cgroup text."""
+        mine = fs.own_cgroups(proc_cgroup)
         out = {}
         for h in self._hier:
             c = next(iter(h.controllers))
@@ -417,16 +424,34 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             out[h.mount.mountpoint] = h.mount.mountpoint / rel.lstrip("/")
         return out
 
-    def attach(self, path: str, pid: int) -> None:
+    def attach(self, path: str, pid: int) -> dict[str, str]:
         if path not in self._partitions:
             raise BackendError(f"partition '{path}' was not created by this backend")
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                before = self._placement_of(f.read())
+        except FileNotFoundError:
+            raise ProcessLookupError(f"no process {pid}") from None
         for d in self._dirs(path):
             fs.write_text(d / "cgroup.procs", str(pid), path)
+        return {str(mount): str(d) for mount, d in before.items()}
 
-    def detach(self, pid: int) -> None:
+    def detach(self, pid: int, previous: Any = None) -> None:
+        # Back where attach found it, hierarchy by hierarchy; to the daemon's own cgroup
+        # where that is gone, unknown, or inside our root (it will be removed).
         home = self._thread_home()
+        recorded = previous if isinstance(previous, dict) else {}
         for h in self._hier:
-            fs.write_text(home[h.mount.mountpoint] / "cgroup.procs", str(pid), "")
+            mount = h.mount.mountpoint
+            target = Path(recorded.get(str(mount), home[mount]))
+            if target == h.root or h.root in target.parents or not target.is_dir():
+                target = home[mount]
+            try:
+                fs.write_text(target / "cgroup.procs", str(pid), "")
+            except BackendError:
+                if target == home[mount]:
+                    raise
+                fs.write_text(home[mount] / "cgroup.procs", str(pid), "")
 
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
         return fs.subtree_procs(self._mem(path, leaf))

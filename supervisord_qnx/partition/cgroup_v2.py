@@ -210,6 +210,9 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     def roots(self) -> list[Path]:
         return [self.root]
 
+    def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        return [self._dir(path, leaf)]
+
     def _dir(self, path: str, leaf: str | None = None) -> Path:
         d = self.root / path if path else self.root
         return d / f"{fs.LEAF_PREFIX}{leaf}" if leaf is not None else d
@@ -372,15 +375,33 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         self.ensure_leaf(request.partition, request.leaf)
         return AttachPlan(procs=(str(self._dir(request.partition, request.leaf) / "cgroup.procs"),))
 
-    def attach(self, path: str, pid: int) -> None:
+    def attach(self, path: str, pid: int) -> str | None:
         if path not in self._partitions:
             raise BackendError(f"partition '{path}' was not created by this backend")
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                before: str | None = fs.own_cgroups(f.read()).get("")
+        except OSError:
+            before = None  # unknown: detach sends it to the daemon's own cgroup
         self.ensure_leaf(path, ATTACHED_LEAF)
         fs.write_text(self._dir(path, ATTACHED_LEAF) / "cgroup.procs", str(pid), path)
+        return before
 
-    def detach(self, pid: int) -> None:
-        mine = fs.own_cgroups().get("", "/")
-        fs.write_text(self.mount / mine.lstrip("/") / "cgroup.procs", str(pid), "")
+    def detach(self, pid: int, previous: object = None) -> None:
+        home = self.mount / fs.own_cgroups().get("", "/").lstrip("/")
+        target = home
+        if isinstance(previous, str):
+            # Back where attach found it, unless that is gone or inside our root.
+            before = self.mount / previous.lstrip("/")
+            if before.is_dir() and before != self.root and self.root not in before.parents:
+                target = before
+        try:
+            fs.write_text(target / "cgroup.procs", str(pid), "")
+        except BackendError:
+            if target == home:
+                raise
+            # e.g. the old cgroup now has children with controllers (no internal processes)
+            fs.write_text(home / "cgroup.procs", str(pid), "")
 
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
         return fs.subtree_procs(self._dir(path, leaf))

@@ -66,7 +66,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,6 +511,34 @@ class CgroupBackendBase(Backend):
             self._leaves.discard((path, leaf))
             self._oom_base.pop((path, leaf), None)
             self._oom_seen.pop((path, leaf), None)
+
+    def recreate(self, chain: Sequence[Partition]) -> bool:
+        missing = next((i for i, n in enumerate(chain) if not self._present(n.path)), None)
+        if missing is not None:
+            with self._lock:
+                # Its notification fds and OOM baselines belong to the directories that
+                # are gone; start the vanished subtree's bookkeeping afresh.
+                self._forget(chain[missing].path)
+            for node in chain[missing:]:
+                self.create(node)
+            return True
+        # Only worker leaves went: forget them, and the next spawn makes them again.
+        paths = {n.path for n in chain}
+        with self._lock:
+            gone = {lf for lf in self._leaves if lf[0] in paths and not self._present(*lf)}
+            self._notifier.remove(lambda k: (k[1], k[2]) in gone)
+            for lf in gone:
+                self._leaves.discard(lf)
+                self._oom_base.pop(lf, None)
+                self._oom_seen.pop(lf, None)
+        return bool(gone)
+
+    def _present(self, path: str, leaf: str | None = None) -> bool:
+        return all(d.is_dir() for d in self._cgroup_dirs(path, leaf))
+
+    def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        """The directories of a partition (or of one worker leaf), one per hierarchy."""
+        raise NotImplementedError
 
     def _forget(self, top: str) -> None:
         """Drop bookkeeping (and close notification fds) for a subtree before rmdir."""

@@ -1,9 +1,10 @@
-"""Parity with the seed's ``QnxMemoryPartition`` API, on top of any ``Backend``.
+"""Parity with the origin design's ``QnxMemoryPartition`` API, on top of any ``Backend``.
 
-The seed (a Rust crate for QNX) offers a builder, an RAII partition that is removed on
-``Drop``, ``attach_process``/``detach_process``, a ``PartitionGuard`` that makes a partition
-"current" for a scope, and ``with_partition(f)`` that runs code inside the partition. Their
-Python shapes here:
+"The seed" below is the design note this product started from: a Rust crate for QNX
+memory partitions serving a WebAssembly runtime. It offers a builder, an RAII partition
+that is removed on ``Drop``, ``attach_process``/``detach_process``, a ``PartitionGuard``
+that makes a partition "current" for a scope, and ``with_partition(f)`` that runs code
+inside the partition. Their Python shapes here:
 
 =====================================  ==============================================
 seed                                   here
@@ -37,7 +38,6 @@ Two deliberate differences:
 from __future__ import annotations
 
 import contextvars
-import enum
 import itertools
 import os
 import pickle
@@ -48,25 +48,32 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import (
     Backend,
     BackendError,
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 T = TypeVar("T")
 
 
-class PartitionFlags(enum.StrEnum):
-    HIERARCHICAL = "hierarchical"
-    MEMORY_ISOLATION = "memory-isolation"
-    CONTAINER = "container"
+# The seed design's name for the flag vocabulary.
+PartitionFlags = Flag
 
 
 class PartitionConfigError(ValueError):
     """The builder's figures break an admission rule (the message lists every problem)."""
+
+
+# The exit reasons that mean "killed for its memory", and who did it.
+_MEMORY_KILLERS = {
+    ExitKind.OOM_KILLED: "the kernel OOM killer",
+    ExitKind.MEMORY_LIMIT: "the supervisor's memory accounting",
+}
 
 
 class PartitionMemoryExceeded(MemoryError):
@@ -89,7 +96,7 @@ def current_partition() -> ManagedPartition | None:
 
 
 class PartitionBuilder:
-    """Fluent configuration of one partition (the seed's ``QnxMemoryPartitionBuilder``)."""
+    """Fluent configuration of one partition (the origin design's ``QnxMemoryPartitionBuilder``)."""
 
     def __init__(self) -> None:
         self._name: str | None = None
@@ -294,10 +301,11 @@ class ManagedPartition:
                 proc.kill()
             proc.wait()
             self.backend.release_leaf(self.path, leaf)
-        if reason == "oom-killed":
+        killer = _MEMORY_KILLERS.get(ExitReason.parse(reason).kind) if reason else None
+        if killer is not None:
             raise PartitionMemoryExceeded(
                 f"partition '{self.path}': {getattr(fn, '__qualname__', fn)!r} was killed "
-                f"by the kernel OOM killer at memory.max {self.node.effective_memory_max} bytes"
+                f"by {killer} at memory.max {self.node.effective_memory_max} bytes"
             )
         blob = b"".join(out)
         if returncode != 0 or not blob:

@@ -30,6 +30,7 @@ from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     Backend,
+    BackendError,
     BackendEvent,
     Control,
     Enforcement,
@@ -38,6 +39,7 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 RLIMIT_SLACK = 2  # RLIMIT_DATA = slack * max: the ceiling on overshoot between samples
@@ -57,6 +59,18 @@ def _shim(argv: list[str], limits: list[tuple[int, int]]) -> list[str]:
         f"ulimit {_ULIMIT_FLAG[res][0]} {value // _ULIMIT_FLAG[res][1]}" for res, value in limits
     ]
     return ["/bin/sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh", *argv]
+
+
+def _can_raise_limits() -> bool:
+    """Does this process hold CAP_SYS_RESOURCE (needed to raise another's hard limit)?"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE = 24
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 class PortableBackend(Backend):
@@ -114,7 +128,7 @@ class PortableBackend(Backend):
         cap = node.effective_memory_max
         if cap is not None:
             limits.append((resource.RLIMIT_DATA, cap * RLIMIT_SLACK))
-        if any("memory-isolation" in p.flags for p in (node, *node.ancestors())):
+        if any(Flag.MEMORY_ISOLATION in p.flags for p in (node, *node.ancestors())):
             limits.append((resource.RLIMIT_CORE, 0))
         tag = {accounting.TAG: accounting.tag_value(request.partition, request.leaf)}
         with self._lock:
@@ -130,17 +144,43 @@ class PortableBackend(Backend):
         limits, tag = self._prepare(request)
         return AttachPlan(rlimits=tuple(limits), env=tag)
 
-    def attach(self, path: str, pid: int) -> None:
+    def attach(self, path: str, pid: int) -> list[int] | None:
+        """Count the process (and its descendants) towards ``path`` and give it the
+        partition's ``RLIMIT_DATA``; returns the limit it had, for ``detach``. A tag
+        cannot be added to a running process's environment, so membership is ours alone."""
         if path not in self._partitions:
-            raise KeyError(path)
+            raise BackendError(f"partition '{path}' was not created by this backend")
         node = self._partitions[path]
         cap = node.effective_memory_max
+        before = None
         if cap is not None:
-            resource.prlimit(pid, resource.RLIMIT_DATA, (cap * RLIMIT_SLACK,) * 2)
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_DATA)
+            limit = cap * RLIMIT_SLACK
+            if _can_raise_limits():
+                new = (limit, limit)
+            else:
+                # Lowering a hard limit cannot be undone without CAP_SYS_RESOURCE, and
+                # detach must give the process its limits back: only the soft one then
+                # (the sampled accounting still kills the partition at max).
+                new = (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
+            resource.prlimit(pid, resource.RLIMIT_DATA, new)
+            before = [int(soft), int(hard)]
         self._attached[pid] = path
+        return before
 
-    def detach(self, pid: int) -> None:
+    def detach(self, pid: int, previous: object = None) -> None:
         self._attached.pop(pid, None)
+        if isinstance(previous, list | tuple) and len(previous) == 2:
+            soft, hard = (int(v) for v in previous)
+            try:
+                resource.prlimit(pid, resource.RLIMIT_DATA, (soft, hard))
+            except PermissionError:
+                # Raising a hard limit needs CAP_SYS_RESOURCE, which attach checked before
+                # lowering one; lost since (capabilities dropped): restore the soft limit.
+                _, now = resource.prlimit(pid, resource.RLIMIT_DATA)
+                if now != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > now):
+                    soft = now
+                resource.prlimit(pid, resource.RLIMIT_DATA, (soft, now))
 
     def _ours(self, procs: dict[int, accounting.ProcInfo]) -> dict[int, accounting.ProcInfo]:
         """Only the daemon's own descendants (and attached processes) can be ours: another

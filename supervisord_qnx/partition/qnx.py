@@ -64,6 +64,7 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.portable import RLIMIT_SLACK, PortableBackend
 from supervisord_qnx.partition.qnx_names import SYSTEM, UnmappablePath, aps_name, collisions
 from supervisord_qnx.partition.tree import Partition, PartitionTree
@@ -309,27 +310,32 @@ class QnxBackend(Backend):
         if cap is not None:
             limit = cap * RLIMIT_SLACK
             options += ["-L", f"DATA:{limit}:{limit}"]
-        if any("memory-isolation" in p.flags for p in (node, *node.ancestors())):
+        if any(Flag.MEMORY_ISOLATION in p.flags for p in (node, *node.ancestors())):
             options += ["-L", "CORE:0:0"]  # a crash must not dump tenant memory
         if not options:
             return list(argv)
         return [self._tool(self._on), *options, "--", *argv]
 
-    def attach(self, path: str, pid: int) -> None:
-        node = self._partitions[path]
+    def attach(self, path: str, pid: int) -> list[int] | None:
+        node = self._partitions.get(path)
+        if node is None:
+            raise BackendError(f"partition '{path}' was not created by this backend")
         home = self._aps_home(node)
         if home is not None:
             self._run([self._tool(self._aps), "join", "-p", str(pid), home], node)
         if hasattr(resource, "prlimit"):
-            self._accounting.attach(path, pid)
+            return self._accounting.attach(path, pid)
+        return None
 
-    def detach(self, pid: int) -> None:
+    def detach(self, pid: int, previous: object = None) -> None:
+        # APS does not say which partition a process was in before, so it goes to the
+        # daemon's home partition; the rlimit attach changed is restored.
         cmd = [self._tool(self._aps), "join", "-p", str(pid), self.home_partition]
         try:
             proc = self._run_utility(cmd)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendError(f"pid {pid}: `{shlex.join(cmd)}`: {exc}") from exc
-        self._accounting.detach(pid)
+        self._accounting.detach(pid, previous if hasattr(resource, "prlimit") else None)
         if proc.returncode != 0:
             raise BackendError(
                 f"pid {pid}: `{shlex.join(cmd)}` failed (exit {proc.returncode}): "

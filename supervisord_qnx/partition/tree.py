@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from supervisord_qnx.partition.backend import Control
+from supervisord_qnx.partition.controls import Control, Flag
 from supervisord_qnx.units import format_size
 
 ROOT = ""
@@ -95,7 +95,7 @@ class Partition:
 
     @property
     def hierarchical(self) -> bool:
-        return self.path == ROOT or "hierarchical" in self.flags
+        return self.path == ROOT or Flag.HIERARCHICAL in self.flags
 
     def ancestors(self) -> Iterator[Partition]:
         node = self.parent
@@ -141,9 +141,9 @@ class Partition:
             wanted.append(Control.CPU_MAX)
         if self.pids_max is not None:
             wanted.append(Control.PIDS)
-        if "memory-isolation" in self.flags:
+        if Flag.MEMORY_ISOLATION in self.flags:
             wanted.append(Control.MEMORY_ISOLATION)
-        if "container" in self.flags:
+        if Flag.CONTAINER in self.flags:
             wanted.append(Control.CONTAINER)
         return wanted
 
@@ -164,7 +164,7 @@ class PartitionTree:
     """All partitions, addressed by path, parents before children in iteration order."""
 
     def __init__(self) -> None:
-        self.root = Partition(ROOT, flags=frozenset({"hierarchical"}), cpu_budget=100.0)
+        self.root = Partition(ROOT, flags=frozenset({Flag.HIERARCHICAL}), cpu_budget=100.0)
         self._nodes: dict[str, Partition] = {ROOT: self.root}
 
     def __contains__(self, path: str) -> bool:
@@ -172,9 +172,6 @@ class PartitionTree:
 
     def __getitem__(self, path: str) -> Partition:
         return self._nodes[path]
-
-    def get(self, path: str) -> Partition | None:
-        return self._nodes.get(path)
 
     def __iter__(self) -> Iterator[Partition]:
         """Every partition but the root, parents before children (creation order)."""

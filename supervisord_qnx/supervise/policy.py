@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitReason
 
 
 class Verdict(enum.StrEnum):
@@ -30,9 +31,14 @@ class Decision:
     delay: float = 0.0
 
 
-def is_failure(exit_reason: str) -> bool:
-    """A clean exit is ``exit:0``; everything else (codes, signals, limits, traps) failed."""
-    return exit_reason != "exit:0"
+# 2**64 times any positive initial delay is past every sane backoff_max; a cap on the
+# exponent keeps the arithmetic in range (float overflow at 2**1024 once stopped the daemon).
+_MAX_DOUBLINGS = 64
+
+
+def backoff_delay(initial: float, maximum: float, streak: int) -> float:
+    """``initial`` doubled ``streak`` times, never above ``maximum``; bounded arithmetic."""
+    return min(maximum, initial * float(2 ** min(streak, _MAX_DOUBLINGS)))
 
 
 @dataclass
@@ -41,10 +47,10 @@ class RestartTracker:
     _recent: deque[float] = field(default_factory=deque)
     _streak: int = 0
 
-    def decide(self, exit_reason: str, now: float, uptime: float) -> Decision:
+    def decide(self, exit_reason: ExitReason, now: float, uptime: float) -> Decision:
         """Decide what happens to a worker that ended with ``exit_reason`` after ``uptime`` s."""
         policy = self.spec.policy
-        if policy == "never" or (policy == "on-failure" and not is_failure(exit_reason)):
+        if policy == "never" or (policy == "on-failure" and not exit_reason.failure):
             return Decision(Verdict.FINAL)
         while self._recent and now - self._recent[0] > self.spec.window:
             self._recent.popleft()
@@ -53,15 +59,13 @@ class RestartTracker:
         self._recent.append(now)
         if uptime > self.spec.backoff_max:
             self._streak = 0
-        delay = min(self.spec.backoff_max, self.spec.backoff_initial * (2**self._streak))
-        self._streak += 1
+        delay = backoff_delay(self.spec.backoff_initial, self.spec.backoff_max, self._streak)
+        # The streak only needs to reach the cap: counting on would grow without bound
+        # in a loop that stays under the intensity limit for hours.
+        self._streak = min(self._streak + 1, _MAX_DOUBLINGS)
         return Decision(Verdict.RESTART, delay)
 
     def reset(self) -> None:
         """An operator start clears the history: they asked for a fresh try."""
         self._recent.clear()
         self._streak = 0
-
-    @property
-    def restarts_in_window(self) -> int:
-        return len(self._recent)

@@ -86,7 +86,7 @@ class ForkServerKeeper:
             server.close()
             exited.set()
             level = log.info if server is not self._server else log.warning
-            level("wasm fork server exited", pid=pid, status=describe_status(status))
+            level("wasm fork server exited", pid=pid, status=str(describe_status(status)))
 
         self.nursery.start_soon(watch)
 

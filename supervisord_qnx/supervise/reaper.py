@@ -38,6 +38,8 @@ from pathlib import Path
 
 import trio
 
+from supervisord_qnx.exits import ExitReason
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -52,17 +54,12 @@ def become_subreaper() -> bool:
         return False
 
 
-def describe_status(status: int) -> str:
+def describe_status(status: int) -> ExitReason:
     """Turn a raw wait status into an exit reason: ``exit:N`` or ``signal:SIGNAME``."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            return f"signal:{signal.Signals(sig).name}"
-        except ValueError:
-            return f"signal:{sig}"
-    if os.WIFEXITED(status):
-        return f"exit:{os.WEXITSTATUS(status)}"
-    return f"status:{status}"
+        return ExitReason.signalled(os.WTERMSIG(status))
+    # Only ended children are collected, so anything not signalled exited.
+    return ExitReason.exited(os.WEXITSTATUS(status))
 
 
 class _Slot:
@@ -98,6 +95,13 @@ class ChildReaper:
         """Claim ``pid`` (call inside ``spawning()``, before it exits). Thread-safe."""
         with self._lock:
             self._own.add(pid)
+
+    def adopt(self, popen: subprocess.Popen[bytes]) -> int:
+        """Take over a child started with ``subprocess`` (inside ``spawning()``): the reaper
+        owns its status from here on, and ``Popen`` must never wait on (and steal) it."""
+        self.register(popen.pid)
+        popen.returncode = 0
+        return popen.pid
 
     def run_utility(
         self, argv: Sequence[str], *, timeout: float = 30.0

@@ -1,22 +1,26 @@
-"""The supervisor: one task per worker instance, driving the state table in ``worker.py``
-with the decisions of ``policy.py``, spawning through the backend.
+"""The supervisor: one task per worker instance performing what its ``Lifecycle``
+(``worker.py``) decides, spawning through the backend.
 
-Ownership (structured concurrency): the supervisor's nursery owns every
-instance task; an instance task owns its process for as long as it runs.
-Stopping is a request the instance task notices (``stop_requested``) plus
-signals to the process; the task itself records the final state, so state
-always changes in one place per instance.
+Ownership (structured concurrency): the supervisor's nursery owns one task per
+instance for the daemon's whole life, and an exit watcher per process. Operator
+calls never change a state themselves: they tell the instance's ``Lifecycle``
+what the operator wants, wake its task, and wait for the state that answers
+them. The task is the only one that feeds the lifecycle facts (spawned, exited,
+timer) and the only one that performs actions (spawn, signal, clear the leaf),
+so one worker is never driven by two tasks. Each task is a failure boundary:
+an exception in it makes that worker ``fatal``, never the daemon exit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
-import shutil
 import signal
-import sys
+import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,28 +28,30 @@ from typing import Any
 import structlog
 import trio
 
-from supervisord_qnx.config.model import Config, TenantSpec, WasmWorker, WorkerBase
-from supervisord_qnx.partition.backend import Backend, BackendEvent, SpawnRequest
+from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
+from supervisord_qnx.exits import ExitKind, ExitReason
+from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise.events import EventBus
-from supervisord_qnx.supervise.policy import Decision, RestartTracker, Verdict
-from supervisord_qnx.supervise.prefork import ForkServerKeeper
+from supervisord_qnx.supervise.events import (
+    BackendWatchFailed,
+    EventBus,
+    PartitionCondition,
+    PartitionRecreated,
+    StateChanged,
+    WorkerFatal,
+    WorkerRestarting,
+)
+from supervisord_qnx.supervise.launch import Launcher, Launchers, LaunchTarget
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
-from supervisord_qnx.supervise.worker import SETTLED_AFTER_START, Event, State, next_state
-from supervisord_qnx.wasm.forkserver import ForkServerGone
+from supervisord_qnx.supervise.worker import (
+    SETTLED_AFTER_START,
+    SETTLED_AFTER_STOP,
+    Action,
+    Lifecycle,
+    State,
+)
 
 log = structlog.get_logger("supervisord_qnx.supervisor")
-
-
-# Resident size of a wasm runner itself (interpreter + wasmtime + compiled code),
-# subtracted from a partition's max for the default linear-memory cap.
-# bench/bench_wasm.py measured 28 MiB with a warm cache and 35 MiB while compiling
-# (Cranelift's peak); bench/bench_wasm_tenants.py measured the same through the daemon.
-# A constant rather than a measurement at start: the peak that matters is the
-# compile, which a warm daemon no longer sees, and a cap must not change between
-# restarts. 40 = the 35 MiB compile peak + 5 MiB for the store's own allocations.
-WASM_RUNNER_OVERHEAD = 40 << 20
-WASM_PAGE = 64 * 1024
 
 
 class NotFound(Exception):
@@ -53,25 +59,34 @@ class NotFound(Exception):
 
 
 @dataclass(eq=False)
+class Run:
+    """One process of an instance: what the exit watcher fills in when it ends."""
+
+    pid: int
+    status: int | None = None  # the wait status, once the process ended
+    failure: Exception | None = None  # waiting for it failed (raised in the task)
+
+
+@dataclass(eq=False)
 class Instance:
-    """One running copy of a worker (``instances = 3`` gives three)."""
+    """One copy of a worker (``instances = 3`` gives three) and the task state around
+    its ``Lifecycle``: the current process, the wake-up event, its launch target."""
 
     tenant: str
     partition: str
     spec: WorkerBase
     index: int
-    tracker: RestartTracker
-    state: State = State.STOPPED
-    pid: int | None = None
-    started_at: float | None = None  # monotonic
-    exit_reason: str | None = None
-    restarts: int = 0
-    stop_requested: bool = False
+    lc: Lifecycle
+    target: LaunchTarget
+    run: Run | None = None
+    # Set whenever something the performing task must look at happened (an operator
+    # call, an exit); replaced by the task each time it goes to sleep.
+    wake: trio.Event = field(default_factory=trio.Event)
+    # Set and replaced on every state change and after every step of the task, for
+    # callers waiting for a state whose actions have been performed.
     changed: trio.Event = field(default_factory=trio.Event)
-    exited: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope | None = None
-    wasm_denials: int = 0
-    wasm_report_stamp: int = 0  # mtime of the report when wasm_denials was read
+    performing: bool = False
+    failures_in_a_row: int = 0
 
     @property
     def leaf(self) -> str:
@@ -81,10 +96,24 @@ class Instance:
     def name(self) -> str:
         return f"{self.tenant}:{self.leaf}"
 
-    def as_dict(self) -> dict[str, Any]:
+    @property
+    def state(self) -> State:
+        return self.lc.state
+
+    def settled_in(self, states: frozenset[State]) -> bool:
+        """In one of ``states`` with that state's actions done (a stopped worker's leaf
+        is empty and released before ``stop`` answers)."""
+        return self.lc.state in states and not self.lc.has_actions and not self.performing
+
+    def progressed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def as_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
+        lc = self.lc
         uptime = (
-            round(time.monotonic() - self.started_at, 3)
-            if self.started_at is not None and self.state is State.RUNNING
+            round(time.monotonic() - lc.started_at, 3)
+            if lc.started_at is not None and lc.state is State.RUNNING
             else None
         )
         out: dict[str, Any] = {
@@ -93,15 +122,14 @@ class Instance:
             "instance": self.index,
             "name": self.name,
             "kind": getattr(self.spec, "kind", "command"),
-            "state": str(self.state),
-            "pid": self.pid,
+            "state": str(lc.state),
+            "pid": lc.pid,
             "partition": self.partition,
-            "restarts": self.restarts,
-            "exit_reason": self.exit_reason,
+            "restarts": lc.restarts,
+            "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
             "uptime": uptime,
         }
-        if isinstance(self.spec, WasmWorker):
-            out["memory_denied"] = self.wasm_denials
+        out.update(extra)
         return out
 
 
@@ -110,6 +138,13 @@ class Tenant:
     spec: TenantSpec
     instances: list[Instance]
     start_order: int = 0
+
+
+# Spawn errors that say "not now" rather than "never": the restart policy retries them.
+TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+# After this many failures in a row without a clean step, an instance's task stops
+# retrying its queued actions and sleeps until the operator calls again.
+MAX_FAILURES_IN_A_ROW = 3
 
 
 class Supervisor:
@@ -131,31 +166,46 @@ class Supervisor:
         self.tenants: dict[str, Tenant] = {}
         self._order = 0
         self._nursery: trio.Nursery | None = None
-        # Set by the daemon: whether it is a child subreaper. The wasm fork server's
-        # workers reach the daemon as its children only then (docs/wasm.md, 7.).
-        self.subreaper = False
-        self.forkserver = ForkServerKeeper(reaper, self.log_dir / "wasm-forkserver.log")
+        self.launchers = Launchers(backend, reaper, tree, config.daemon)
         for spec in config.tenants:
+            count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
                 spec,
                 [
-                    Instance(spec.name, spec.path, w, i, RestartTracker(spec.restart))
+                    Instance(
+                        spec.name,
+                        spec.path,
+                        w,
+                        i,
+                        Lifecycle(spec.restart, w.stop_timeout),
+                        LaunchTarget(spec.name, spec.path, w, i, count),
+                    )
                     for w in spec.worker
                     for i in range(w.instances)
                 ],
             )
 
+    def _launcher(self, inst: Instance) -> Launcher:
+        return self.launchers.for_spec(inst.spec)
+
+    def _describe(self, inst: Instance) -> dict[str, Any]:
+        return inst.as_dict(self._launcher(inst).status_fields(inst.target))
+
     # -- lifecycle of the whole supervisor -------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own every instance task; returns only when cancelled."""
+        """Own every instance's task; returns only when cancelled."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = self.forkserver.nursery = nursery
+                self._nursery = nursery
+                self.launchers.bind(nursery)
+                for tenant in self.tenants.values():
+                    for inst in tenant.instances:
+                        nursery.start_soon(self._drive, inst)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self.forkserver.kill()
+            self.launchers.kill()
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant (config order); wait until each settled."""
@@ -165,11 +215,20 @@ class Supervisor:
                     nursery.start_soon(self.start, tenant.spec.name, True)
 
     async def stop_all(self) -> None:
-        """Stop every tenant, most recently started first (OTP's reverse start order)."""
+        """Stop every tenant, most recently started first (OTP's reverse start order).
+
+        Carries on past a tenant whose stop fails: the others still deserve their stop."""
         for tenant in sorted(self.tenants.values(), key=lambda t: -t.start_order):
-            await self.stop(tenant.spec.name, wait=True)
+            try:
+                await self.stop(tenant.spec.name, wait=True)
+            except Exception:  # shutdown must reach every tenant
+                log.exception("stopping a tenant failed; carrying on", tenant=tenant.spec.name)
 
     # -- operator commands ---------------------------------------------------------
+    #
+    # They only change an instance's intent (through its Lifecycle) and wake its task;
+    # then they wait, if asked, for the state that answers them or for a later call
+    # that overrules them. Nothing here performs an action.
 
     def tenant(self, name: str) -> Tenant:
         try:
@@ -182,47 +241,46 @@ class Supervisor:
         tenant = self.tenant(name)
         self._order += 1
         tenant.start_order = self._order
-        for inst in tenant.instances:
-            if inst.state in (State.STOPPED, State.EXITED, State.FATAL):
-                inst.tracker.reset()
-                inst.stop_requested = False
-                self._transition(inst, Event.START)
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_instance, inst)
-            elif inst.state is State.STOPPING:
-                # Stop in progress: let it finish, then start afresh.
-                await inst.exited.wait()
-                await self._await_state(inst, {State.STOPPED})
-                return await self.start(name, wait)
+        seqs = [self._call(inst, inst.lc.start) for inst in tenant.instances]
         if wait:
-            for inst in tenant.instances:
-                await self._await_state(inst, SETTLED_AFTER_START)
-        return [i.as_dict() for i in tenant.instances]
+            await self._answer(tenant, seqs, SETTLED_AFTER_START)
+        return [self._describe(i) for i in tenant.instances]
 
     async def stop(self, name: str, wait: bool = True) -> list[dict[str, Any]]:
         tenant = self.tenant(name)
-        if not wait:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._stop_tenant, tenant)
-            await trio.lowlevel.checkpoint()
+        seqs = [self._call(inst, inst.lc.stop) for inst in tenant.instances]
+        if wait:
+            await self._answer(tenant, seqs, SETTLED_AFTER_STOP)
         else:
-            await self._stop_tenant(tenant)
-        return [i.as_dict() for i in tenant.instances]
-
-    async def _stop_tenant(self, tenant: Tenant) -> None:
-        async with trio.open_nursery() as nursery:
-            for inst in tenant.instances:
-                nursery.start_soon(self._stop_instance, inst)
-        for inst in tenant.instances:
-            await trio.to_thread.run_sync(self.backend.release_leaf, inst.partition, inst.leaf)
+            await trio.lowlevel.checkpoint()
+        return [self._describe(i) for i in tenant.instances]
 
     async def restart(self, name: str, wait: bool = False) -> list[dict[str, Any]]:
-        await self.stop(name, wait=True)
-        return await self.start(name, wait)
+        """Stop the current runs, then start again; returns once the old runs are gone
+        (and, with ``wait``, once the new ones settled)."""
+        tenant = self.tenant(name)
+        self._order += 1
+        tenant.start_order = self._order
+        seqs = [self._call(inst, inst.lc.restart) for inst in tenant.instances]
+        not_stopping = frozenset(State) - {State.STOPPING}
+        await self._answer(tenant, seqs, SETTLED_AFTER_START if wait else not_stopping)
+        return [self._describe(i) for i in tenant.instances]
+
+    def _call(self, inst: Instance, call: Callable[[float], None]) -> int:
+        before = inst.lc.state
+        call(time.monotonic())
+        self._changed(inst, before)
+        inst.wake.set()
+        return inst.lc.intent_seq
+
+    async def _answer(self, tenant: Tenant, seqs: list[int], states: frozenset[State]) -> None:
+        for inst, seq in zip(tenant.instances, seqs, strict=True):
+            while not inst.settled_in(states) and inst.lc.intent_seq == seq:
+                await inst.changed.wait()
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         tenants = [self.tenant(name)] if name is not None else list(self.tenants.values())
-        return [i.as_dict() for t in tenants for i in t.instances]
+        return [self._describe(i) for t in tenants for i in t.instances]
 
     def log_path(self, inst: Instance) -> Path:
         return self.log_dir / f"{inst.tenant}.{inst.leaf}.log"
@@ -234,163 +292,202 @@ class Supervisor:
             raise NotFound(f"tenant {tenant!r} has no worker {worker!r}")
         return found
 
-    def on_backend_event(self, event: BackendEvent) -> None:
-        self.events.emit(
-            str(event.kind),
-            partition=event.partition,
-            leaf=event.leaf,
-            **{k: v for k, v in event.detail.items() if k not in ("partition", "leaf")},
-        )
-
-    # -- one instance ---------------------------------------------------------------
-
-    def _transition(self, inst: Instance, event: Event) -> None:
-        old = inst.state
-        inst.state = next_state(old, event)
-        if inst.state is not old:
-            inst.changed.set()
-            inst.changed = trio.Event()
-            self.events.emit(
-                "state",
-                worker=inst.name,
-                old=str(old),
-                new=str(inst.state),
-                pid=inst.pid,
-                exit_reason=inst.exit_reason,
-            )
-
-    async def _await_state(self, inst: Instance, states: frozenset[State] | set[State]) -> None:
-        while inst.state not in states:
-            await inst.changed.wait()
-
-    async def _run_instance(self, inst: Instance) -> None:
-        with trio.CancelScope() as scope:
-            inst.scope = scope
-            try:
-                await self._instance_loop(inst)
-            finally:
-                inst.scope = None
-
-    async def _instance_loop(self, inst: Instance) -> None:
+    async def watch_backend(self) -> None:
+        """Run the backend's event source for the daemon's life. A failure boundary: if
+        it fails (a notification fd gone bad, a sampling error), pressure and OOM events
+        pause for a second while it starts again; supervision itself never depends on it."""
         while True:
             try:
-                pid = await self._spawn(inst)
-            except OSError as exc:
-                inst.exit_reason = f"spawn-failed: {exc.strerror or exc}"
-                self._transition(inst, Event.SPAWN_FAILED)
-                self.events.emit("fatal", worker=inst.name, exit_reason=inst.exit_reason)
-                return
-            inst.pid = pid
-            inst.started_at = time.monotonic()
-            inst.exited = trio.Event()
-            self._transition(inst, Event.SPAWNED)
-            status = await self.reaper.wait(pid)
-            uptime = time.monotonic() - inst.started_at
-            inst.exit_reason = await self._exit_reason(inst, status)
-            inst.exited.set()
-            if inst.stop_requested:
-                return  # _stop_instance finishes the job (leftovers, final state)
-            decision = inst.tracker.decide(inst.exit_reason, time.monotonic(), uptime)
-            if decision.verdict is Verdict.RESTART and _unrunnable(inst):
-                # A module that cannot be compiled or instantiated fails the same way on
-                # every try: no restart loop, straight to fatal.
-                decision = Decision(Verdict.FATAL)
-            if decision.verdict is Verdict.FINAL:
-                self._transition(inst, Event.EXIT_FINAL)
-                await self._clear_leaf(inst)
-                return
-            if decision.verdict is Verdict.FATAL:
-                self._transition(inst, Event.EXIT_FATAL)
-                self.events.emit(
-                    "fatal",
-                    worker=inst.name,
-                    exit_reason=inst.exit_reason,
-                    restarts=inst.restarts,
-                    window=inst.tracker.spec.window,
-                )
-                await self._clear_leaf(inst)
-                return
-            self._transition(inst, Event.EXIT_RESTART)
-            await self._clear_leaf(inst)
-            await trio.sleep(decision.delay)
-            inst.restarts += 1
-            self.events.emit("restart", worker=inst.name, after=decision.delay)
-            self._transition(inst, Event.BACKOFF_DONE)
+                await self.backend.watch(self.tree, self.on_backend_event)
+                return  # a backend with nothing to watch
+            except Exception as exc:  # the failure boundary of the backend's watcher
+                log.error("backend event watch failed; restarting it", error=repr(exc))
+                self.events.emit(BackendWatchFailed(f"{type(exc).__name__}: {exc}"))
+            await trio.sleep(1.0)
+
+    def on_backend_event(self, event: BackendEvent) -> None:
+        self.events.emit(
+            PartitionCondition(str(event.kind), event.partition, event.leaf, event.detail)
+        )
+
+    # -- one instance: the task that performs its lifecycle's actions ---------------
+
+    def _changed(self, inst: Instance, before: State) -> None:
+        """Tell waiters and the event log about a state change the lifecycle made."""
+        lc = inst.lc
+        if lc.state is before:
+            return
+        inst.progressed()
+        reason = None if lc.exit_reason is None else str(lc.exit_reason)
+        self.events.emit(StateChanged(inst.name, str(before), str(lc.state), lc.pid, reason))
+        if lc.state is State.FATAL:
+            self.events.emit(WorkerFatal(inst.name, reason, lc.restarts, lc.policy.window))
+
+    def _feed(self, inst: Instance, fact: Callable[[], None]) -> None:
+        before = inst.lc.state
+        fact()
+        self._changed(inst, before)
+
+    def _has_work(self, inst: Instance) -> bool:
+        run = inst.run
+        return (
+            (run is not None and (run.status is not None or run.failure is not None))
+            or inst.lc.has_actions
+            or inst.lc.timer_due(time.monotonic())
+        )
+
+    async def _drive(self, inst: Instance) -> None:
+        """The one task that changes this instance: it turns exits and timers into
+        lifecycle facts and performs the actions the lifecycle answers with.
+
+        It is a failure boundary: whatever escapes a step makes this worker ``fatal``
+        (``internal: …``), is logged once with its traceback, and the task goes on
+        serving operator calls. The daemon and every other worker carry on."""
+        while True:
+            if not self._has_work(inst):
+                inst.wake = trio.Event()
+                # The lifecycle's clock is time.monotonic(); trio's has its own offset.
+                deadline = inst.lc.deadline
+                delay = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+                with trio.move_on_after(delay):
+                    await inst.wake.wait()
+                continue
+            inst.performing = True
+            try:
+                await self._step(inst)
+                inst.failures_in_a_row = 0
+            except Exception as exc:  # the failure boundary of one worker
+                self._internal_failure(inst, exc)
+            finally:
+                inst.performing = False
+                inst.progressed()
+
+    async def _step(self, inst: Instance) -> None:
+        lc, run = inst.lc, inst.run
+        if run is not None and run.failure is not None:
+            inst.run = None
+            raise run.failure
+        if run is not None and run.status is not None:
+            inst.run = None
+            if lc.pid == run.pid:  # not a run the lifecycle already gave up on
+                reason = await self._exit_reason(inst, run.status)
+                now = time.monotonic()
+                self._feed(inst, lambda: lc.exited(reason, now))
+            return
+        now = time.monotonic()
+        if lc.timer_due(now):
+            self._feed(inst, lambda: lc.timer(now))
+            if lc.state is State.STARTING:
+                self.events.emit(WorkerRestarting(inst.name, lc.backoff_delay))
+            return
+        action = lc.next_action()
+        if action is not None:
+            await self._perform(inst, action, run)
+
+    def _internal_failure(self, inst: Instance, exc: BaseException) -> None:
+        inst.failures_in_a_row += 1
+        summary = f"{type(exc).__name__}: {exc}"
+        log.error("worker task failed", worker=inst.name, error=summary, exc_info=exc)
+        reason = (
+            ExitReason(ExitKind.BACKEND, str(exc))
+            if isinstance(exc, BackendError)
+            else ExitReason(ExitKind.INTERNAL, summary)
+        )
+        self._feed(inst, lambda: inst.lc.fail(reason, time.monotonic()))
+        if inst.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            # Its own clean-up keeps failing: stop trying until an operator calls.
+            while inst.lc.next_action() is not None:
+                pass
+
+    async def _perform(self, inst: Instance, action: Action, run: Run | None) -> None:
+        if action is Action.SPAWN:
+            await self._start_run(inst)
+        elif action is Action.SIGNAL:
+            if run is not None and run.status is None:
+                _signal_group(run.pid, inst.spec.stop_signal)
+        elif action is Action.KILL:
+            if run is not None and run.status is None:
+                _signal_group(run.pid, signal.SIGKILL)
+        elif action is Action.CLEAR_LEAF:
+            await self._with_partition(inst, lambda: self._clear_leaf(inst))
+        elif action is Action.RELEASE_LEAF:
+            await self._with_partition(
+                inst,
+                lambda: trio.to_thread.run_sync(
+                    self.backend.release_leaf, inst.partition, inst.leaf
+                ),
+            )
+
+    async def _with_partition(self, inst: Instance, op: Callable[[], Awaitable[object]]) -> None:
+        """Run a backend operation for this worker; if it fails because the partition
+        vanished (removed from outside), re-create the partition from the tree and try
+        once more. A second failure escapes to the boundary: ``fatal``, ``backend: …``."""
+        try:
+            await op()
+        except BackendError as exc:
+            if not await self._recreate_partition(inst, exc):
+                raise
+            await op()
+
+    async def _recreate_partition(self, inst: Instance, cause: BackendError) -> bool:
+        node = self.tree[inst.partition]
+        chain = [*reversed(list(node.ancestors())), *self.tree.deepest_first(node.path)[::-1]]
+        chain = [n for n in chain if n.path]  # the root is the backend's own, never re-made
+        recreated = await trio.to_thread.run_sync(self.backend.recreate, chain)
+        if recreated:
+            log.warning("partition re-created", partition=inst.partition, cause=str(cause))
+            self.events.emit(PartitionRecreated(inst.partition, inst.name, str(cause)))
+        return recreated
+
+    async def _start_run(self, inst: Instance) -> None:
+        lc = inst.lc
+        try:
+            pid = await self._spawn_in_partition(inst)
+        except BackendError:
+            raise
+        except OSError as exc:
+            transient = exc.errno in TRANSIENT_SPAWN_ERRORS
+            why = exc.strerror or str(exc)
+            self._feed(inst, lambda: lc.spawn_failed(why, time.monotonic(), transient=transient))
+            return
+        run = inst.run = Run(pid)
+        self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_exit, inst, run)
+
+    async def _watch_exit(self, inst: Instance, run: Run) -> None:
+        try:
+            run.status = await self.reaper.wait(run.pid)
+        except Exception as exc:  # handed to the instance's task, whose boundary rules
+            run.failure = exc
+        inst.wake.set()
+
+    async def _spawn_in_partition(self, inst: Instance) -> int:
+        try:
+            return await self._spawn(inst)
+        except BackendError as exc:
+            if not await self._recreate_partition(inst, exc):
+                raise
+            return await self._spawn(inst)
 
     async def _spawn(self, inst: Instance) -> int:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.log_path(inst), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = await trio.to_thread.run_sync(_open_log, self.log_dir, self.log_path(inst))
         try:
+            launcher = self._launcher(inst)
+            # In a thread: a launcher may prepare files first.
+            argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
             request = SpawnRequest(
                 partition=inst.partition,
                 leaf=inst.leaf,
-                argv=self._argv(inst),
+                argv=argv,
                 cwd=str(inst.spec.cwd) if inst.spec.cwd else None,
                 env=self._env(inst),
                 stdout=fd,
                 stderr=fd,
             )
-            if isinstance(inst.spec, WasmWorker) and self._prefork_possible():
-                pid = await self._spawn_preforked(inst, request)
-                if pid is not None:
-                    return pid
-
-            def spawn_blocking() -> int:
-                _require_program(request)
-                with self.reaper.spawning():
-                    popen = self.backend.spawn(request)
-                    self.reaper.register(popen.pid)
-                    # The reaper owns the status from here on; keep subprocess from
-                    # ever waiting on (and stealing) it.
-                    popen.returncode = 0
-                    return popen.pid
-
-            return await trio.to_thread.run_sync(spawn_blocking)
+            return await launcher.spawn(inst.target, request)
         finally:
             os.close(fd)
-
-    # -- wasm fork server (docs/wasm.md, 7.) ------------------------------------------
-
-    def _prefork_possible(self) -> bool:
-        return self.config.daemon.wasm_prefork and self.subreaper
-
-    @property
-    def forkserver_pid(self) -> int | None:
-        return self.forkserver.pid
-
-    async def stop_forkserver(self) -> None:
-        await self.forkserver.stop()
-
-    async def _spawn_preforked(self, inst: Instance, request: SpawnRequest) -> int | None:
-        """Start a wasm worker from the fork server; ``None``: use the plain runner.
-
-        Raises ``OSError`` (spawn-failed, like ``backend.spawn``) when the server ran
-        the start but the worker could not attach itself."""
-        plan = await trio.to_thread.run_sync(self.backend.attach_plan, request)
-        if plan is None:
-            return None
-        server = await self.forkserver.ready()
-        if server is None:
-            return None
-        argv = list(request.argv)
-        runner_argv = argv[3:]  # after "<python> -m supervisord_qnx.wasm.runner"
-        cwd = request.cwd or os.getcwd()
-
-        def spawn_blocking() -> int:
-            # The orphan sweep stays off for the whole request: the worker becomes the
-            # daemon's child before the server answers, and may already have ended.
-            with self.reaper.spawning():
-                pid = server.spawn(runner_argv, request.env, cwd, request.stdout, plan.as_dict())
-                self.reaper.register(pid)
-                return pid
-
-        try:
-            return await trio.to_thread.run_sync(spawn_blocking)
-        except ForkServerGone as exc:
-            # Slower, never stopped: this start uses the plain runner; the next start
-            # brings a new server up.
-            log.warning("wasm fork server lost; plain runner for this start", error=str(exc))
-            return None
 
     def _env(self, inst: Instance) -> dict[str, str]:
         # Workers get a small, predictable environment, not the daemon's own.
@@ -405,118 +502,35 @@ class Supervisor:
         env.update(inst.spec.env)
         return env
 
-    def _argv(self, inst: Instance) -> list[str]:
-        spec = inst.spec
-        if isinstance(spec, WasmWorker):
-            return self._wasm_argv(inst, spec)
-        return list(getattr(spec, "command"))  # noqa: B009 - CommandWorker
-
-    def wasm_report_path(self, inst: Instance) -> Path:
-        return self.state_dir / "wasm" / f"{inst.tenant}.{inst.leaf}.report"
-
-    def _wasm_argv(self, inst: Instance, spec: WasmWorker) -> list[str]:
-        report = self.wasm_report_path(inst)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            report.unlink()
-        argv = [sys.executable, "-m", "supervisord_qnx.wasm.runner", "--module", str(spec.wasm)]
-        for a in spec.args:
-            argv += ["--arg", a]
-        for k, v in spec.env.items():
-            argv += ["--env", f"{k}={v}"]
-        for guest, host in spec.preopen.items():
-            argv += ["--preopen", f"{guest}={host}"]
-        limits = spec.limits
-        memory = limits.memory if limits.memory is not None else self._default_wasm_memory(inst)
-        if memory is not None:
-            argv += ["--memory", str(memory)]
-        for flag, value in (
-            ("--tables", limits.tables),
-            ("--instances", limits.instances),
-            ("--fuel", limits.fuel),
-            ("--timeout", limits.timeout),
-        ):
-            if value is not None:
-                argv += [flag, str(value)]
-        argv += ["--cache-dir", str(self.state_dir / "wasm-cache"), "--report", str(report)]
-        return argv
-
-    def _default_wasm_memory(self, inst: Instance) -> int | None:
-        """The partition's max, shared among the tenant's instances, less what the runner
-        process itself occupies, so the module meets a failed ``memory.grow`` before the
-        OS partition has to kill the whole process."""
-        cap = self.tree[inst.partition].effective_memory_max
-        if cap is None:
-            return None
-        share = cap // max(1, sum(w.instances for w in self.tenant(inst.tenant).spec.worker))
-        # Whole wasm pages: memory.grow works in pages, so a partial page is never usable.
-        return max(WASM_PAGE, (share - WASM_RUNNER_OVERHEAD) // WASM_PAGE * WASM_PAGE)
-
-    async def _exit_reason(self, inst: Instance, status: int) -> str:
-        """The most specific reason: the backend's (oom-killed, memory-limit) over the
-        wasm runner's report (trap, deadline) over the raw wait status."""
-        reason = await trio.to_thread.run_sync(
-            self.backend.leaf_exit_reason, inst.partition, inst.leaf
-        )
+    async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:
+        """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
+        launcher's own word (the wasm runner's report) over the raw wait status."""
+        try:
+            reason = await trio.to_thread.run_sync(
+                self.backend.leaf_exit_reason, inst.partition, inst.leaf
+            )
+        except BackendError as exc:
+            # The leaf's counters are gone (its partition removed from outside): the wait
+            # status still tells how it ended; the next spawn re-creates the partition.
+            log.warning("backend exit reason unavailable", worker=inst.name, error=str(exc))
+            reason = None
         if reason is not None:
-            return reason
-        if isinstance(inst.spec, WasmWorker):
-            from supervisord_qnx.wasm.outcome import read_report
-
-            report = read_report(self.wasm_report_path(inst))
-            inst.wasm_denials = _denials(report)
-            if report["exit"] and report["exit"].get("reason"):
-                return str(report["exit"]["reason"])
+            return ExitReason.parse(reason)
+        told = await self._launcher(inst).exit_reason(inst.target, status)
+        if told is not None:
+            return told
         return describe_status(status)
 
-    def refresh_wasm_counters(self) -> None:
-        """Read live wasm runner counters (memory.grow denials) for ``status``."""
-        from supervisord_qnx.wasm.outcome import read_report
-
+    async def refresh_counters(self) -> None:
+        """Re-read live counters running workers report (for ``status``)."""
         for tenant in self.tenants.values():
             for inst in tenant.instances:
-                if isinstance(inst.spec, WasmWorker) and inst.state is State.RUNNING:
-                    path = self.wasm_report_path(inst)
-                    try:
-                        stamp = path.stat().st_mtime_ns
-                    except FileNotFoundError:
-                        continue
-                    # status is a hot path: re-read a report only when the runner wrote
-                    # to it since the last look (it coalesces denials to ~1 line a second).
-                    if stamp != inst.wasm_report_stamp:
-                        inst.wasm_report_stamp = stamp
-                        inst.wasm_denials = _denials(read_report(path))
-
-    async def _stop_instance(self, inst: Instance) -> None:
-        if inst.state is State.BACKOFF:
-            if inst.scope is not None:
-                inst.scope.cancel()
-            self._transition(inst, Event.STOP)
-            return
-        if inst.state is State.STARTING:
-            inst.stop_requested = True
-            await self._await_state(inst, {State.RUNNING, State.FATAL, State.STOPPED})
-        if inst.state is not State.RUNNING:
-            self._transition(inst, Event.STOP)  # idempotent rows for settled states
-            return
-        inst.stop_requested = True
-        self._transition(inst, Event.STOP)
-        pid = inst.pid
-        assert pid is not None
-        if not inst.exited.is_set():
-            _signal_group(pid, inst.spec.stop_signal)
-            with trio.move_on_after(inst.spec.stop_timeout):
-                await inst.exited.wait()
-        if not inst.exited.is_set():
-            _signal_group(pid, signal.SIGKILL)
-        await self._clear_leaf(inst)
-        await inst.exited.wait()
-        if inst.exit_reason is not None and not inst.exit_reason.startswith("stopped"):
-            inst.exit_reason = f"stopped ({inst.exit_reason})"
-        self._transition(inst, Event.STOPPED)
+                if inst.state is State.RUNNING:
+                    await self._launcher(inst).refresh(inst.target)
 
     async def _clear_leaf(self, inst: Instance) -> None:
         """Kill whatever the worker left in its partition leaf (grandchildren included)."""
+        pids: list[int] = []
         for _ in range(50):
             pids = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
             if not pids:
@@ -528,34 +542,28 @@ class Supervisor:
         log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=pids)
 
 
-def _unrunnable(inst: Instance) -> bool:
-    from supervisord_qnx.wasm.outcome import REASON_INVALID_PREFIX
+def _open_log(log_dir: Path, path: Path) -> int:
+    """Open a worker's log for appending, refusing anything but a regular file.
 
-    reason = inst.exit_reason or ""
-    return isinstance(inst.spec, WasmWorker) and reason.startswith(REASON_INVALID_PREFIX)
-
-
-def _require_program(request: SpawnRequest) -> None:
-    """Raise ``FileNotFoundError``/``PermissionError`` for a program that cannot run.
-
-    Backends start workers behind an exec shim (it keeps spawning on the vfork path), so
-    a missing program would otherwise show up as the shim's ``exit:127`` and a restart
-    loop instead of a ``spawn-failed`` worker that tells the operator what is wrong.
-    """
-    program = request.argv[0]
-    if "/" in program:
-        path: str | None = os.path.join(request.cwd or os.getcwd(), program)
-    else:
-        path = shutil.which(program, path=request.env.get("PATH", os.defpath))
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, f"no such program: {program}", program)
-    if not os.access(path, os.X_OK):
-        raise PermissionError(errno.EACCES, f"not executable: {path}", path)
-
-
-def _denials(report: dict[str, Any]) -> int:
-    denied = report.get("memory_denied") or {}
-    return int(denied.get("count") or 0)
+    Runs in a thread, and opens with ``O_NONBLOCK``: a FIFO planted at the path
+    would otherwise block the open until someone reads it. ``O_NOFOLLOW``: a
+    symlink planted there must not redirect the daemon's writes."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
+            raise OSError(exc.errno, f"log file {path} is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"log file {path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -67,7 +67,6 @@ TAG_SLOT = "." * 1024
 #: ``main``, i.e. after the attach plan was applied and before any tenant code.
 PROBE_ENV = "SUPERVISORD_QNX_FORKSERVER_PROBE"
 
-RUNNER_MODULE = "supervisord_qnx.wasm.runner"
 MAX_MESSAGE = 1 << 20
 READY_TIMEOUT_S = 30.0
 REPLY_TIMEOUT_S = 30.0

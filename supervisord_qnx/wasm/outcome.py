@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
 #: A wasm trap (out-of-bounds access, unreachable, stack overflow, ...).
@@ -60,6 +61,29 @@ REASON_EXIT_PREFIX = "exit:"
 REASON_RUNNER_PREFIX = "runner-error: "
 
 
+#: How much of the end of a report file ``read_report`` looks at.
+REPORT_TAIL = 64 * 1024
+
+
+def _tail(path: str | os.PathLike[str], limit: int) -> bytes:
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return b""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return b""
+        start = max(0, info.st_size - limit)
+        data = os.pread(fd, limit, start)
+    finally:
+        os.close(fd)
+    if start > 0:
+        data = data.partition(b"\n")[2]  # the first line is cut: drop it
+    return data
+
+
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Summarise the last run recorded in a report file.
 
@@ -69,15 +93,14 @@ def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     Only events after the last ``started`` event count, so a report path that is
     reused across restarts still describes the latest run. Lines that do not
     parse (a last line cut short by a kill or a full disk) are skipped rather than
-    raised: a partial report is still worth reading. A missing file gives all
-    ``None``.
+    raised: a partial report is still worth reading. A missing file, or anything
+    but a regular file at the path (a FIFO would block the reader, a symlink could
+    point anywhere), gives all ``None``. Only the last ``REPORT_TAIL`` bytes are
+    read: the events that matter are the latest (denial counts are cumulative),
+    and a long run's report must not cost its supervisor an unbounded read.
     """
     result: dict[str, Any] = {"started": None, "exit": None, "memory_denied": None}
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return result
+    data = _tail(path, REPORT_TAIL)
     for raw in data.splitlines():
         try:
             event = json.loads(raw)

@@ -1,6 +1,6 @@
 """Config-time check of a wasm worker's module file: does it decode as WebAssembly?
 
-Called by the config model (``WasmWorker``) so that a tenant file naming a
+Called by the config loader (``config/load.py``) so that a tenant file naming a
 corrupt module is refused by ``--check`` and at load, with the file named,
 instead of starting a worker that can only fail. Only the daemon and the CLI
 import this (and with it wasmtime); the runner never does.

@@ -1,0 +1,51 @@
+"""The ``partitions`` report: the admitted tree with each partition's live figures, its
+name in the OS, and what the backend enforces. Shared by the control method and the
+daemon CLI's ``--check``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from supervisord_qnx.partition.backend import Backend, PartitionStats, unenforced
+from supervisord_qnx.partition.tree import PartitionTree
+
+# How many pids of one partition the report lists (the count is always complete).
+MAX_LISTED_PIDS = 64
+
+
+def enforcement_table(backend: Backend) -> dict[str, str]:
+    return {str(c): str(e) for c, e in backend.enforcement().items()}
+
+
+async def partitions_report(
+    backend: Backend,
+    tree: PartitionTree,
+    blocking: Callable[[Callable[[str], PartitionStats], str], Awaitable[PartitionStats]],
+) -> dict[str, Any]:
+    """``blocking`` runs the backend's (blocking) ``stats`` call off the event loop."""
+    stats: dict[str, Any] = {}
+    for node in tree:
+        try:
+            s = await blocking(backend.stats, node.path)
+        except Exception as exc:  # a stats failure must not break the report
+            stats[node.path] = {"error": str(exc)}
+            continue
+        figures = {k: v for k, v in vars(s).items() if k != "pids"}
+        figures["pids"] = s.pids[:MAX_LISTED_PIDS]
+        stats[node.path] = figures
+    mapping = backend.describe(tree)
+    unenforced_list = [{"partition": p, "control": str(c)} for p, c in unenforced(backend, tree)]
+
+    def decorate(node: dict[str, Any]) -> dict[str, Any]:
+        node["usage"] = stats.get(node["path"])
+        node["os_name"] = mapping.get(node["path"])
+        node["children"] = [decorate(c) for c in node["children"]]
+        return node
+
+    return {
+        "backend": backend.name,
+        "enforcement": enforcement_table(backend),
+        "unenforced": unenforced_list,
+        "tree": decorate(tree.as_dict()),
+    }

@@ -1,0 +1,328 @@
+"""The worker lifecycle object (pure): every operator call, spawn result, exit, timer and
+failure in any order, checked against the promises the supervisor builds on."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.exits import ExitKind, ExitReason
+from supervisord_qnx.supervise.policy import backoff_delay
+from supervisord_qnx.supervise.worker import (
+    LIVE,
+    SETTLED_AFTER_START,
+    SETTLED_AFTER_STOP,
+    TRANSITIONS,
+    Action,
+    Event,
+    IllegalTransition,
+    Lifecycle,
+    State,
+    next_state,
+    transition_table,
+)
+
+SPEC = RestartSpec(backoff_initial=0.1, backoff_max=2.0, max_restarts=3, window=10)
+OPERATOR = (Event.START, Event.STOP, Event.RESTART)
+
+
+def drain(lc: Lifecycle) -> list[Action]:
+    out = []
+    while (a := lc.next_action()) is not None:
+        out.append(a)
+    return out
+
+
+def running(lc: Lifecycle, pid: int = 100, now: float = 0.0) -> Lifecycle:
+    lc.start(now)
+    assert drain(lc) == [Action.SPAWN]
+    lc.spawned(pid, now)
+    assert lc.state is State.RUNNING
+    return lc
+
+
+# -- the table -----------------------------------------------------------------------
+
+
+def test_every_operator_call_is_defined_in_every_state() -> None:
+    # Operator calls arrive at any moment; a missing row would be a fatal worker.
+    missing = [(s, e) for s in State for e in OPERATOR if (s, e) not in TRANSITIONS]
+    assert missing == []
+
+
+def test_illegal_transition_is_an_error() -> None:
+    with pytest.raises(IllegalTransition, match="no transition from stopped on spawned"):
+        next_state(State.STOPPED, Event.SPAWNED)
+
+
+def test_transition_table_prints_every_row_with_its_actions() -> None:
+    lines = transition_table().splitlines()
+    assert lines[0].split() == ["state", "event", "next", "actions"]
+    assert len(lines) == len(TRANSITIONS) + 1
+    assert "running   stop          stopping  signal" in lines
+
+
+def test_lifecycle_doc_shows_the_table_in_force() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "lifecycle.md").read_text()
+    assert transition_table() in doc
+
+
+# -- policy arithmetic -------------------------------------------------------------
+
+
+def test_backoff_is_bounded_for_any_streak() -> None:
+    assert backoff_delay(0.1, 30.0, 10**6) == 30.0
+    assert backoff_delay(0.05, 1e308, 5000) < float("inf")
+
+
+def test_ten_thousand_restarts_in_a_loop_raise_nothing() -> None:
+    # Under the intensity limit for ever (window shorter than the backoff), as the
+    # shipped wasm-spinner example is: the delay must stay at the cap, not overflow.
+    spec = RestartSpec(backoff_initial=0.05, backoff_max=30, max_restarts=10, window=1)
+    lc = Lifecycle(spec, stop_timeout=1)
+    now = 0.0
+    running(lc, 1, now)
+    for pid in range(2, 10_002):
+        now += 2.0  # ran 2 s: shorter than backoff_max, so the streak never resets
+        lc.exited(ExitReason.parse("exit:1"), now)
+        assert lc.state is State.BACKOFF, lc.exit_reason
+        assert lc.deadline == pytest.approx(now + lc.backoff_delay)
+        assert lc.backoff_delay <= 30
+        now = lc.deadline
+        lc.timer(now)
+        assert drain(lc)[-1] is Action.SPAWN
+        lc.spawned(pid, now)
+    assert lc.restarts == 10_000
+    assert lc.backoff_delay == 30
+
+
+# -- races the daemon used to lose -----------------------------------------------------
+
+
+def test_stop_during_backoff_then_start_leaves_one_run() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=1))
+    lc.exited(ExitReason.parse("exit:1"), 1.0)
+    drain(lc)
+    assert lc.state is State.BACKOFF
+    lc.stop(1.01)
+    assert (lc.state, drain(lc), lc.deadline) == (State.STOPPED, [Action.RELEASE_LEAF], None)
+    lc.start(1.02)
+    assert (lc.state, drain(lc)) == (State.STARTING, [Action.SPAWN])
+    # The old delay is gone: no timer can fire into the new run.
+    assert not lc.timer_due(100.0)
+
+
+def test_start_while_stopping_is_answered_after_the_stop() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=5))
+    lc.stop(1.0)
+    assert drain(lc) == [Action.SIGNAL]
+    stop_seq = lc.intent_seq
+    lc.start(1.1)  # the later intent wins
+    assert lc.state is State.STOPPING and lc.intent_seq > stop_seq
+    lc.exited(ExitReason.parse("signal:SIGTERM"), 1.2)
+    assert lc.state is State.STARTING
+    assert drain(lc) == [Action.CLEAR_LEAF, Action.RELEASE_LEAF, Action.SPAWN]
+
+
+def test_stop_during_spawn_signals_what_the_spawn_started() -> None:
+    lc = Lifecycle(SPEC, stop_timeout=5)
+    lc.start(0)
+    assert drain(lc) == [Action.SPAWN]
+    lc.stop(0.001)  # the spawn is still in flight
+    assert lc.state is State.STOPPING and drain(lc) == []
+    lc.spawned(42, 0.002)
+    assert drain(lc) == [Action.SIGNAL] and lc.deadline == pytest.approx(5.002)
+
+
+def test_stop_timeout_escalates_to_kill() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=2))
+    lc.stop(10.0)
+    drain(lc)
+    assert not lc.timer_due(11.9)
+    lc.timer(12.0)
+    assert (lc.state, drain(lc), lc.deadline) == (State.STOPPING, [Action.KILL], None)
+
+
+def test_transient_spawn_failure_goes_through_the_policy() -> None:
+    lc = Lifecycle(SPEC, stop_timeout=1)
+    lc.start(0)
+    drain(lc)
+    lc.spawn_failed("Too many open files", 0.0, transient=True)
+    assert lc.state is State.BACKOFF
+    assert str(lc.exit_reason) == "spawn-failed: Too many open files"
+    lc.timer(lc.deadline or 0)
+    assert lc.state is State.STARTING
+
+
+def test_missing_program_is_fatal_at_once() -> None:
+    lc = Lifecycle(SPEC, stop_timeout=1)
+    lc.start(0)
+    drain(lc)
+    lc.spawn_failed("no such program: nope", 0.0, transient=False)
+    assert lc.state is State.FATAL and lc.pid is None
+
+
+def test_failure_while_running_kills_and_is_fatal() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=1))
+    lc.fail(ExitReason(ExitKind.INTERNAL, "RuntimeError: boom"), 1.0)
+    assert (lc.state, lc.pid, drain(lc)) == (State.FATAL, None, [Action.KILL, Action.CLEAR_LEAF])
+    assert str(lc.exit_reason) == "internal: RuntimeError: boom"
+
+
+def test_unrunnable_exit_is_fatal_without_a_restart_loop() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=1))
+    lc.exited(ExitReason(ExitKind.INVALID_MODULE, "bad magic"), 0.5)
+    assert lc.state is State.FATAL
+
+
+# -- everything, in any order (hypothesis) ----------------------------------------------
+
+EXITS = {
+    "clean": ExitReason.exited(0),
+    "failed": ExitReason.exited(3),
+    "killed": ExitReason.signalled(9),
+    "oom": ExitReason(ExitKind.OOM_KILLED),
+    "limit": ExitReason(ExitKind.MEMORY_LIMIT),
+    "trap": ExitReason(ExitKind.TRAP, "unreachable"),
+}
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    """Random operator calls and facts, with a model of the performing task: a spawn in
+    flight blocks the task's other actions; processes end on their own or when signalled;
+    timers fire once their deadline passes; a failure can hit at any step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = RestartSpec(
+            policy="always", backoff_initial=0.1, backoff_max=1.0, max_restarts=3, window=5
+        )
+        self.lc = Lifecycle(self.spec, stop_timeout=1.0)
+        self.now = 0.0
+        self.next_pid = 1000
+        self.spawning = False
+        self.run: int | None = None  # the live process the task watches
+        self.policy_restarts: list[float] = []  # policy-granted restarts since last op start
+
+    # operator calls: always legal, and always answered
+    def _operator(self, call: str, settled: frozenset[State]) -> None:
+        fresh = (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF)
+        if call != "stop" and self.lc.state in fresh:
+            self.policy_restarts.clear()  # an operator's start is a fresh try
+        getattr(self.lc, call)(self.now)
+        self._answered(settled)
+
+    @rule()
+    def op_start(self) -> None:
+        self._operator("start", SETTLED_AFTER_START)
+
+    @rule()
+    def op_stop(self) -> None:
+        self._operator("stop", SETTLED_AFTER_STOP)
+
+    @rule()
+    def op_restart(self) -> None:
+        self._operator("restart", SETTLED_AFTER_START)
+
+    def _answered(self, settled: frozenset[State]) -> None:
+        """With a cooperative world (spawns succeed, signals end processes, time passes)
+        the call reaches the state that answers it within a few steps."""
+        lc = copy.deepcopy(self.lc)
+        now, run, spawning = self.now, self.run, self.spawning
+        for _ in range(20):
+            if lc.state in settled:
+                return
+            if spawning:
+                lc.spawned(1, now)
+                run, spawning = 1, False
+            elif (a := lc.next_action()) is not None:
+                if a is Action.SPAWN:
+                    spawning = True
+                elif a in (Action.SIGNAL, Action.KILL) and run is not None:
+                    if lc.pid == run:
+                        lc.exited(ExitReason.parse("signal:SIGTERM"), now)
+                    run = None
+            elif lc.deadline is not None:
+                now = max(now, lc.deadline)
+                lc.timer(now)
+            elif run is not None and lc.pid == run:
+                lc.exited(ExitReason.parse("exit:1"), now)
+                run = None
+        raise AssertionError(f"not answered: stuck in {lc.state}")
+
+    # the performing task
+    @precondition(lambda self: self.lc.has_actions and not self.spawning)
+    @rule()
+    def perform(self) -> None:
+        action = self.lc.next_action()
+        if action is Action.SPAWN:
+            assert self.run is None or self.lc.pid is None, "a second run while one is live"
+            self.spawning = True
+
+    @precondition(lambda self: self.spawning)
+    @rule(outcome=st.sampled_from(["ok", "transient", "permanent"]))
+    def spawn_result(self, outcome: str) -> None:
+        self.spawning = False
+        before = self.lc.state
+        if outcome == "ok":
+            self.next_pid += 1
+            self.run = self.next_pid
+            self.lc.spawned(self.run, self.now)
+        else:
+            self.lc.spawn_failed("x", self.now, transient=outcome == "transient")
+            if before is State.STARTING and self.lc.state is State.BACKOFF:
+                self.policy_restarts.append(self.now)
+            self._auto_started(before)
+
+    def _auto_started(self, before: State) -> None:
+        if before is State.STOPPING and self.lc.state is State.STARTING:
+            self.policy_restarts.clear()
+
+    @precondition(lambda self: self.run is not None and not self.spawning)
+    @rule(kind=st.sampled_from(sorted(EXITS)))
+    def process_ends(self, kind: str) -> None:
+        pid, self.run = self.run, None
+        if self.lc.pid == pid:  # the task ignores a run the lifecycle gave up on
+            before = self.lc.state
+            self.lc.exited(EXITS[kind], self.now)
+            if before is State.RUNNING and self.lc.state is State.BACKOFF:
+                self.policy_restarts.append(self.now)
+            self._auto_started(before)
+
+    @rule(dt=st.floats(min_value=0.0, max_value=3.0))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        self.lc.timer(self.now)
+
+    @rule()
+    def failure(self) -> None:
+        self.spawning = False
+        self.lc.fail(ExitReason(ExitKind.INTERNAL, "boom"), self.now)
+
+    # promises
+    @invariant()
+    def settled_states_have_no_pid(self) -> None:
+        if self.lc.state not in LIVE:
+            assert self.lc.pid is None
+        if self.lc.pid is not None:
+            assert self.lc.pid == self.run
+
+    @invariant()
+    def timers_only_while_waiting(self) -> None:
+        if self.lc.deadline is not None:
+            assert self.lc.state in (State.BACKOFF, State.STOPPING)
+
+    @invariant()
+    def intensity_limit_holds(self) -> None:
+        recent = [t for t in self.policy_restarts if self.now - t <= self.spec.window]
+        assert len(recent) <= self.spec.max_restarts
+
+
+TestLifecycleMachine = LifecycleMachine.TestCase
+TestLifecycleMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
