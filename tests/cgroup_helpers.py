@@ -14,21 +14,40 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition.backend import Backend, SpawnRequest
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
+from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 REQUIRE_ENV = "SUPERVISORD_QNX_REQUIRE_CGROUPS"
+# Set by the VM runner (tests/vm/): the guest kernel has full cgroup2, so any cgroup2 test
+# that would skip there is a failure, whatever the probe or the raw check says.
+REQUIRE_V2_ENV = "SUPERVISORD_QNX_REQUIRE_CGROUP2"
 
 
 def required() -> bool:
     return os.environ.get(REQUIRE_ENV) == "1"
+
+
+def required_v2() -> bool:
+    return os.environ.get(REQUIRE_V2_ENV) == "1"
+
+
+def skip_v2(reason: str) -> None:
+    """Skip a cgroup2 test with ``reason``, or fail it inside the VM (``REQUIRE_V2_ENV``)."""
+    import pytest
+
+    if required_v2():
+        pytest.fail(f"{REQUIRE_V2_ENV}=1 (the cgroup2 VM run) but this test would skip: {reason}")
+    pytest.skip(reason)
 
 
 def _raw_v1_memory_writable() -> bool:
@@ -73,9 +92,46 @@ def require_cgroup1() -> None:
 
 
 def require_cgroup2() -> None:
+    """Skip unless the cgroup2 memory controller is usable: on a host whose kernel offers
+    no v2 memory controller (hybrid layout). Fails instead in the VM run, and under CI's
+    require flag where the raw check finds the controller writable."""
     from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 
-    _gate(Cgroup2Backend.probe(), _raw_v2_memory_writable, "cgroup2 memory")
+    why = Cgroup2Backend.probe()
+    if why is not None and required_v2():
+        skip_v2(f"cgroup2 memory not usable: {why}")
+    _gate(why, _raw_v2_memory_writable, "cgroup2 memory")
+
+
+def cgroup2_core() -> tuple[Path, str]:
+    """The cgroup2 mount and this process's cgroup in it, if both are writable (the core
+    needs no controller at all); skips with the reason otherwise."""
+    mount = next((m for m in fs.cgroup_mounts() if m.fstype == "cgroup2"), None)
+    if mount is None:
+        skip_v2("no cgroup2 hierarchy is mounted")
+        raise AssertionError("unreachable")
+    own = fs.relative_to_mount(fs.own_cgroups().get("", "/"), mount)
+    own_dir = mount.mountpoint / own.lstrip("/")
+    if mount.read_only or not os.access(own_dir, os.W_OK):
+        skip_v2(f"the cgroup2 hierarchy at {own_dir} is not writable here")
+    return mount.mountpoint, own
+
+
+def make_tree(backend: Backend, *nodes: tuple[str, dict[str, Any]]) -> PartitionTree:
+    """Admit ``(path, Partition keywords)`` nodes as one tree and create them in order."""
+    tree = PartitionTree()
+    for path, kw in nodes:
+        tree.add(Partition(path, **kw), path.rpartition("/")[0])
+    assert tree.admit() == []
+    for node in tree:
+        backend.create(node)
+    return tree
+
+
+def spawn_request(
+    partition: str, leaf: str, argv: list[str], stdout: int = subprocess.DEVNULL
+) -> SpawnRequest:
+    return SpawnRequest(partition, leaf, argv, None, dict(os.environ), stdout, 2)
 
 
 def unique_instance(tag: str = "t") -> str:

@@ -198,8 +198,9 @@ def test_worker_kinds_signals_and_paths(tmp_path: Path) -> None:
     config = load(path)
     assert config.daemon.log_dir == Path("/var/log/sqnx")  # absolute: kept as written
     assert config.daemon.state_dir == tmp_path / "state"  # relative: to the naming file
-    tenant = config.tenant("t")
-    assert tenant is not None and config.tenant("nope") is None
+    [tenant] = config.tenants
+    assert config.file_for("tenants/t") == tmp_path / "tenants.d" / "t.toml"
+    assert config.file_for("tenants") == path
     wasm, explicit, plain = tenant.worker
     assert isinstance(wasm, WasmWorker) and wasm.kind == "wasm"
     assert wasm.wasm == tmp_path / "m.wat"

@@ -25,8 +25,9 @@ import pytest
 import trio
 
 from supervisord_qnx.partition import cgroupfs as fs
-from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend, quota_for
+from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
+from supervisord_qnx.partition.cgroupfs import quota_for
 from tests.cgroup_helpers import require_cgroup1, tree_dirs
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import DAEMON, DaemonProc, ctl

@@ -86,10 +86,9 @@ cannot mistake the daemon for a tenant - it also refuses to signal its own pid.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -109,8 +108,6 @@ from supervisord_qnx.partition.tree import Partition, PartitionTree
 SpawnStrategy = Literal["thread", "preexec", "shim"]
 CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 
-SHIM = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 126; shift; n=$((n-1)); done; exec "$@"'  # noqa: E501
-
 
 @dataclass(frozen=True)
 class Hierarchy:
@@ -127,13 +124,6 @@ def shares_for(budget: float | None) -> int | None:
     if budget is None:
         return None
     return max(2, min(262_144, round(budget * 1024)))
-
-
-def quota_for(cpu_max: float | None, ncpu: int, period: int = fs.CFS_PERIOD_US) -> int | None:
-    """CFS quota (µs per ``period``) for a ceiling in percent of the whole machine."""
-    if cpu_max is None:
-        return None
-    return max(1000, round(cpu_max / 100 * ncpu * period))
 
 
 def _discover(
@@ -330,7 +320,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             shares = shares_for(node.cpu_budget)
             if shares is not None:
                 fs.write_text(cpu / "cpu.shares", str(shares), p)
-            quota = quota_for(node.cpu_max, self._ncpu)
+            quota = fs.quota_for(node.cpu_max, self._ncpu)
             if quota is not None:
                 fs.write_text(cpu / "cpu.cfs_period_us", str(fs.CFS_PERIOD_US), p)
                 fs.write_text(cpu / "cpu.cfs_quota_us", str(quota), p)
@@ -384,8 +374,8 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         procs = [str(d / "cgroup.procs") for d in dirs]
         if self.spawn_strategy == "preexec":
             # Measured alternative only (bench/bench_spawn.py); see the module docstring.
-            return subprocess.Popen(argv, preexec_fn=_preexec_attach(procs), **kwargs)
-        return _spawn_shim(argv, procs, kwargs)
+            return subprocess.Popen(argv, preexec_fn=fs.preexec_attach(procs), **kwargs)
+        return fs.spawn_shim(argv, procs, kwargs)
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         self.ensure_leaf(request.partition, request.leaf)
@@ -526,29 +516,3 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             pids_current=fs.try_read_int(pids / "pids.current") if pids else None,
             pids=fs.subtree_procs(mem),
         )
-
-
-def _preexec_attach(procs: list[str]) -> Callable[[], None]:
-    data = str  # bound early: nothing is looked up in the child
-
-    def attach() -> None:
-        pid = data(os.getpid()).encode()
-        for p in procs:
-            fd = os.open(p, os.O_WRONLY)
-            os.write(fd, pid)
-            os.close(fd)
-
-    return attach
-
-
-def _spawn_shim(
-    argv: list[str], procs: list[str], kwargs: dict[str, Any]
-) -> subprocess.Popen[bytes]:
-    """Exec ``/bin/sh`` to attach itself, then ``exec`` the worker (same pid)."""
-    env = kwargs.get("env")
-    path_var = env.get("PATH") if isinstance(env, dict) else None
-    # The shell would turn a missing program into exit 127; raise as Popen would.
-    if "/" not in argv[0] and shutil.which(argv[0], path=path_var or os.defpath) is None:
-        raise FileNotFoundError(2, f"No such file or directory: {argv[0]!r}")
-    full = ["/bin/sh", "-c", SHIM, "sh", str(len(procs)), *procs, *argv]
-    return subprocess.Popen(full, **kwargs)

@@ -64,6 +64,18 @@ Events
 registered for ``EPOLLPRI`` in the shared epoll set (see ``cgroupfs``); the kernel marks the
 file modified on every counter change. On a tmpfs laid out like cgroupfs (tests) the fds
 cannot be epolled and the counters are sampled instead.
+
+Without the memory controller
+=============================
+
+``probe`` (and so ``backend = "auto"``) never picks cgroup2 without a memory controller.
+Constructed directly over such a mount (``mount=``: a hybrid layout's
+``/sys/fs/cgroup/unified``, where the tests prove the cgroup2 core for real), the
+backend still does everything the core offers - leaves, moves, ``cgroup.kill``,
+teardown - and declares the memory controls ``none`` in ``enforcement``; a partition
+that asks for a memory limit fails on the missing ``memory.*`` file, naming it. A leaf
+gets ``memory.oom.group`` and an OOM watch only where its ``cgroup.controllers`` lists
+memory.
 """
 
 from __future__ import annotations
@@ -86,7 +98,6 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
-from supervisord_qnx.partition.cgroup_v1 import _preexec_attach, _spawn_shim, quota_for
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 WANTED = ("memory", "cpu", "pids")
@@ -103,7 +114,7 @@ def weight_for(budget: float | None) -> int | None:
 
 def cpu_max_for(cpu_max: float | None, ncpu: int, period: int = fs.CFS_PERIOD_US) -> str | None:
     """``cpu.max`` ("quota period"): the same CFS quota as cgroup v1's ``cfs_quota_us``."""
-    quota = quota_for(cpu_max, ncpu, period)
+    quota = fs.quota_for(cpu_max, ncpu, period)
     return None if quota is None else f"{quota} {period}"
 
 
@@ -116,6 +127,11 @@ def _tokens(path: Path) -> set[str]:
         return {t.lstrip("+") for t in path.read_text().split()}
     except OSError:
         return set()
+
+
+def _has_memory(d: Path) -> bool:
+    """Does cgroup ``d`` have the memory controller (its parent enabled it for it)?"""
+    return "memory" in _tokens(d / "cgroup.controllers")
 
 
 class Cgroup2Backend(fs.CgroupBackendBase):
@@ -185,10 +201,11 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     def enforcement(self) -> Mapping[Control, Enforcement]:
         k, n = Enforcement.KERNEL, Enforcement.NONE
         avail = _tokens(self.own_dir / "cgroup.controllers") | self._controllers
+        memory = k if "memory" in avail else n
         return {
-            Control.MEMORY_MIN: k,
-            Control.MEMORY_MAX: k,
-            Control.MEMORY_RESERVED: k,
+            Control.MEMORY_MIN: memory,
+            Control.MEMORY_MAX: memory,
+            Control.MEMORY_RESERVED: memory,
             Control.CPU_BUDGET: k if "cpu" in avail else n,
             Control.CPU_MAX: k if "cpu" in avail else n,
             Control.PIDS: k if "pids" in avail else n,
@@ -232,6 +249,7 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         offered = _tokens(d / "cgroup.controllers")
         wanted = [c for c in WANTED if c in offered]
         missing = [c for c in wanted if c not in _tokens(d / "cgroup.subtree_control")]
+        self._controllers.update(c for c in wanted if c not in missing)
         if not missing:
             return
         value = " ".join(f"+{c}" for c in missing)
@@ -343,7 +361,8 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         d = self._dir(path, leaf)
         self._mkdir(d, f"{path}/{fs.LEAF_PREFIX}{leaf}")
         # One worker is one unit: an OOM kill takes all of its processes, and only them.
-        fs.write_text(d / "memory.oom.group", "1", path)
+        if _has_memory(d):
+            fs.write_text(d / "memory.oom.group", "1", path)
 
     def _remove_dirs(self, path: str, leaf: str | None) -> list[str]:
         top = self._dir(path, leaf)
@@ -368,8 +387,10 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         procs = [str(self._dir(request.partition, request.leaf) / "cgroup.procs")]
         kwargs = request.popen_kwargs()
         if self.spawn_strategy == "preexec":
-            return subprocess.Popen(list(request.argv), preexec_fn=_preexec_attach(procs), **kwargs)
-        return _spawn_shim(list(request.argv), procs, kwargs)
+            return subprocess.Popen(
+                list(request.argv), preexec_fn=fs.preexec_attach(procs), **kwargs
+            )
+        return fs.spawn_shim(list(request.argv), procs, kwargs)
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         self.ensure_leaf(request.partition, request.leaf)
@@ -410,6 +431,8 @@ class Cgroup2Backend(fs.CgroupBackendBase):
 
     def _oom_count(self, path: str, leaf: str | None) -> int:
         d = self._dir(path, leaf)
+        if not _has_memory(d):
+            return 0  # no memory controller here: nothing can be OOM-killed by a limit
         # A partition's memory.events counts its leaves too; .local is its own share.
         name = "memory.events.local" if leaf is None else "memory.events"
         if leaf is None and not (d / name).exists():
@@ -421,7 +444,9 @@ class Cgroup2Backend(fs.CgroupBackendBase):
 
     def _register(self, path: str, leaf: str | None) -> None:
         d = self._dir(path, leaf)
-        if leaf is not None:
+        if leaf is not None and not _has_memory(d):
+            pass  # no memory.events to watch (see "Without the memory controller")
+        elif leaf is not None:
             self._watch_file(("oom", path, leaf), d / "memory.events")
         else:
             node = self._partitions.get(path)
