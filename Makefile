@@ -74,8 +74,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check supervisord_qnx tests bench qnx-sim
 	$(BIN)/ruff format --check supervisord_qnx tests bench qnx-sim
 
+# The package strictly; tests and benchmarks checked too (pyproject's overrides).
 typecheck: $(STAMP)
 	$(BIN)/mypy supervisord_qnx
+	$(BIN)/mypy tests bench
 
 test: test-deps lint typecheck
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

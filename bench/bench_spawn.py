@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 from supervisord_qnx.partition.backend import SpawnRequest
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
@@ -108,7 +109,7 @@ def main() -> int:
     for strategy in ("thread", "preexec", "shim"):
         for fresh in (True, False):
             label = f"cgroup1 {strategy}" + (" (+ leaf mkdir)" if fresh else " (leaves exist)")
-            variants[label] = lambda s=strategy, f=fresh: with_backend(s, args.count, null, f)
+            variants[label] = partial(with_backend, strategy, args.count, null, fresh)
     # Rounds interleave the variants so machine load drifts hit all of them alike; each
     # variant reports its best round.
     times: dict[str, list[float]] = {k: [] for k in variants}

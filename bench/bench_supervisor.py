@@ -256,9 +256,11 @@ class _UnixTransport(xmlrpc.client.Transport):
         self.path = path
 
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        if self._connection[1] is None:
-            self._connection = (host, _UnixHTTPConnection(self.path))
-        return self._connection[1]
+        conn = self._connection[1]
+        if conn is None:
+            conn = _UnixHTTPConnection(self.path)
+            self._connection = (host, conn)
+        return conn
 
 
 class Supervisord(Tool):
@@ -282,7 +284,10 @@ class Supervisord(Tool):
         config.write_text(text)
         self._spawn([str(binary), "-c", str(config)])
         sock = str(self.dir / "supervisor.sock")
-        self.rpc = xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport(sock))
+        # Any: XML-RPC answers are whatever supervisord's methods return.
+        self.rpc: Any = xmlrpc.client.ServerProxy(
+            "http://localhost", transport=_UnixTransport(sock)
+        )
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

@@ -107,7 +107,7 @@ def main() -> None:
     results = []
     # The floor: an interpreter that prints and then waits (so RSS can be read).
     floor = [sys.executable, "-c", "import sys; print(1, flush=True); sys.stdin.read()"]
-    results.append(scenario("python-floor", opts.runs, lambda i: floor, "1"))
+    results.append(scenario("python-floor", opts.runs, lambda _i: floor, "1"))
     with tempfile.TemporaryDirectory() as tmp:
         cold_dirs = [os.path.join(tmp, f"cold{i}") for i in range(opts.runs)]
         results.append(
@@ -115,7 +115,7 @@ def main() -> None:
         )
         warm = os.path.join(tmp, "warm")
         first_line(runner_cmd(warm))  # fill the cache
-        results.append(scenario("runner-cached", opts.runs, lambda i: runner_cmd(warm), "beat 1"))
+        results.append(scenario("runner-cached", opts.runs, lambda _i: runner_cmd(warm), "beat 1"))
 
     header = f"{'scenario':<16}{'runs':>6}{'p50 ms':>10}{'p95 ms':>10}{'min ms':>10}{'RSS KiB':>10}"
     print(header)

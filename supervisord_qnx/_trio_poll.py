@@ -340,7 +340,8 @@ class PollIOManager:
 
         def abort(_: RaiseCancelT) -> Abort:
             self._forget(fd, waiters, readable=readable)
-            return self._ll.Abort.SUCCEEDED
+            succeeded: Abort = self._ll.Abort.SUCCEEDED
+            return succeeded
 
         await self._ll.wait_task_rescheduled(abort)
 
@@ -376,10 +377,10 @@ class PollIOManager:
     def current_kqueue(self) -> NoReturn:
         _no_kqueue()
 
-    def monitor_kevent(self, ident: int, filter: int) -> NoReturn:
+    def monitor_kevent(self, ident: int, filter: int) -> NoReturn:  # noqa: ARG002
         _no_kqueue()
 
-    async def wait_kevent(self, ident: int, filter: int, abort_func: object) -> NoReturn:
+    async def wait_kevent(self, *_: object) -> NoReturn:  # trio's kqueue hook, refused
         _no_kqueue()
 
 
@@ -453,7 +454,7 @@ def install() -> None:
         # The running loop keeps its manager; swapping now would leave this
         # run on the native back end while claiming otherwise.
         raise RuntimeError("the poll back end must be installed before trio.run() is entered")
-    PollIOManager._trio_package = trio
+    PollIOManager._trio_package = trio  # noqa: SLF001 - our own class, set once at install
     _rebind(run, "TheIOManager", PollIOManager)
     if not native:
         _replace_kqueue_child_watcher(trio)
@@ -538,7 +539,7 @@ def _import_trio_without_native_backend() -> ModuleType:
             delattr(select, _KQUEUE_ATTR)
 
 
-def _replace_kqueue_child_watcher(trio: ModuleType) -> None:
+def _replace_kqueue_child_watcher(trio: ModuleType) -> None:  # noqa: ARG001 - installer hook
     """Point trio's child-exit wait at waitid(WNOWAIT) instead of kqueue.
 
     Only relevant without pidfds (trio uses ``wait_readable(pidfd)`` -- our

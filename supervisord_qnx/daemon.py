@@ -203,9 +203,7 @@ class Daemon:
         self.reaper = ChildReaper()
         # A backend that runs helper commands (QNX's aps/on) must run them through the
         # reaper, whose orphan sweep would otherwise take their exit statuses.
-        set_runner = getattr(backend, "set_utility_runner", None)
-        if set_runner is not None:
-            set_runner(self.reaper.run_utility)
+        backend.use_utility_runner(self.reaper.run_utility)
         self.supervisor = Supervisor(config, tree, backend, self.reaper, self.events)
         self.io_backend = "native"
         self._shutdown = trio.Event()
@@ -231,7 +229,7 @@ class Daemon:
         # Before touching any partition: a live daemon on our socket owns them, and so
         # does whoever holds the locks (reaping "leftovers" would kill its workers).
         _refuse_if_live(Path(cfg.socket))
-        roots: list[Path] = list(getattr(self.backend, "roots", []))
+        roots = self.backend.lock_paths()
         await trio.to_thread.run_sync(self.ownership.take, Path(cfg.state_dir), roots)
         try:
             self._size_fds()
@@ -239,7 +237,7 @@ class Daemon:
                 log.warning("unenforced control", detail=w)
             self.supervisor.launchers.enable_prefork(become_subreaper())
             for d in (cfg.state_dir, cfg.log_dir):
-                Path(d).mkdir(parents=True, exist_ok=True)
+                await trio.Path(d).mkdir(parents=True, exist_ok=True)
             await trio.to_thread.run_sync(self._give_back_attached)
             reaped = await trio.to_thread.run_sync(self.backend.reap_leftovers)
         except BaseException:
@@ -314,7 +312,7 @@ class Daemon:
                 self.backend.detach(entry.pid, entry.previous)
                 log.warning("gave back a process attached by a previous run", pid=entry.pid,
                             partition=entry.partition)  # fmt: skip
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one pid's failure must not stop the rest
                 log.error("could not detach a process attached by a previous run",
                           pid=entry.pid, error=str(exc))  # fmt: skip
         self.attached.entries.clear()
@@ -331,7 +329,7 @@ class Daemon:
                     self.backend.detach(entry.pid, entry.previous)
                     log.info("detached an attached process", pid=entry.pid,
                              partition=entry.partition)  # fmt: skip
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - shutdown gives back every other pid
                     log.error("could not detach an attached process", pid=entry.pid,
                               error=str(exc))  # fmt: skip
                     continue
@@ -343,7 +341,7 @@ class Daemon:
             if node.path in self.created:
                 try:
                     self.backend.destroy(node.path)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - remove every other partition anyway
                     log.error("could not remove partition", partition=node.path, error=str(exc))
 
     async def _signals(self) -> None:

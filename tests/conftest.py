@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -41,7 +42,9 @@ class ConfigDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "tenants.d").mkdir(parents=True, exist_ok=True)
-        self.socket = Path(f"/tmp/sqnx-{uuid.uuid4().hex[:10]}.sock")  # short: sun_path limit
+        # Short (sun_path limit), and in $TMPDIR: the cgroup2 VM points it at a tmpfs,
+        # since a Unix socket cannot live on the 9p share it sees this machine through.
+        self.socket = Path(tempfile.gettempdir()) / f"sqnx-{uuid.uuid4().hex[:10]}.sock"
         self.daemon_extra = ""
         self.partitions = textwrap.dedent(
             """
@@ -119,7 +122,7 @@ class Running:
         async with AsyncClient(self.socket) as client:
             try:
                 result = await client.call(method, **params)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - re-raised below, as it was
                 # Raised outside the client's nursery, so it is not wrapped in a group.
                 error = exc
         if error is not None:

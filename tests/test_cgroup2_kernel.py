@@ -137,7 +137,7 @@ async def test_oom_kill_is_the_hogs_exit_reason_and_its_sibling_lives(v2: Cgroup
             assert fs.read_keyed(v2.root / "tenants/a/@a-1/memory.events")["oom_kill"] == 0
             # memory.events counts killed processes; 6.1 counts an oom.group victim twice
             # (once as the victim, once as a group member), so at least one.
-            assert v2.stats("tenants/a").oom_kills >= 1
+            assert (v2.stats("tenants/a").oom_kills or 0) >= 1
         finally:
             sibling.kill()
             sibling.wait(timeout=30)

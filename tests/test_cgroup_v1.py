@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,8 @@ async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) ->
     try:
         for leaf, proc in procs.items():
             # The default shim attaches itself just after Popen returns (before exec).
-            assert wait_for(lambda p=proc: "@" in Path(f"/proc/{p.pid}/cgroup").read_text())
+            cgroup_file = Path(f"/proc/{proc.pid}/cgroup")
+            assert wait_for(partial(lambda f: "@" in f.read_text(), cgroup_file))
             mem = cgroup_lines(Path(f"/proc/{proc.pid}/cgroup").read_text())["memory"]
             assert mem.endswith(f"/tenants/web/@{leaf}")
             assert backend.pids("tenants/web", leaf) == [proc.pid]

@@ -89,7 +89,7 @@ class FakeCgroup2Backend(Cgroup2Backend):
             f.unlink()
         super()._rmdir(path, partition)
 
-    def _kill(self, top: Path, partition: str) -> None:
+    def _kill(self, top: Path, partition: str) -> None:  # noqa: ARG002 - the override's signature
         # The kernel would kill what cgroup.procs lists. Here it is a plain file and these
         # tests start no process, so a pid in it could only be a stale or foreign one:
         # never signal it, fail instead.

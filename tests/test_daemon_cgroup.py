@@ -19,12 +19,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition.backend import BackendOptions
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
@@ -117,8 +119,9 @@ async def test_auto_picks_cgroup1_and_shutdown_leaves_nothing(
     assert w["state"] == "running"
     # The worker sits in its leaf (the spawn shim attaches it just after the daemon saw
     # the pid, before the program runs) and the partition carries the configured cap.
+    pid = w["pid"]
     for leaf in leaf_dirs(cg, "tenants/alpha", "w-0"):
-        wait_until(lambda leaf=leaf: w["pid"] in fs.read_procs(leaf), 5, f"pid in {leaf}")
+        wait_until(partial(lambda d: pid in fs.read_procs(d), leaf), 5, f"pid in {leaf}")
     assert read_int(cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")) == 64 * MiB
     report = await d.call("partitions")
     assert report["backend"] == "cgroup1"
@@ -137,7 +140,7 @@ async def test_auto_picks_cgroup1_and_shutdown_leaves_nothing(
 def test_forced_cgroup2_refuses_to_start_naming_the_memory_controller(
     cg: CgroupRoot, cfg: ConfigDir
 ) -> None:
-    if Cgroup2Backend.probe(cgroup_root=cg.name) is None:
+    if Cgroup2Backend.probe(BackendOptions(cgroup_root=cg.name)) is None:
         pytest.skip("cgroup2 with a memory controller is usable here; nothing to refuse")
     cfg.tenant("alpha", f"[[worker]]\nname = 'w'\ncommand = {SLEEPER}\n")
     cfg.write(backend="auto", cgroup_root=cg.name)

@@ -420,11 +420,13 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
         old = {w["name"]: w["pid"] for w in first.call("status")}
         alpha = cg.dir("tenants", "alpha")
         old_ino = alpha.stat().st_ino
+        old_pid = old["alpha:w-0"]
+        wait_until(lambda: fs.read_procs(alpha / "@w-0") == [old_pid], 30, "the worker's leaf")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(timeout=30)
         # The dead daemon's workers and cgroups outlive it ...
         assert all(pid_alive(p) for p in old.values())
-        assert fs.read_procs(alpha / "@w-0") == [old["alpha:w-0"]]
+        assert fs.read_procs(alpha / "@w-0") == [old_pid]
 
         second = Daemon(cfg, "second")
         started.append(second)
@@ -436,7 +438,10 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
         new = {w["name"]: w for w in second.call("status")}
         assert all(new[n]["pid"] != old[n] for n in old)
         assert alpha.stat().st_ino != old_ino
-        assert fs.read_procs(alpha / "@w-0") == [new["alpha:w-0"]["pid"]]
+        # "running" as soon as the daemon has the pid; the exec shim joins the leaf just
+        # after, before the program runs.
+        pid = new["alpha:w-0"]["pid"]
+        wait_until(lambda: fs.read_procs(alpha / "@w-0") == [pid], 30, "the new worker's leaf")
         assert read_int(alpha / "pids.current") == 1
         out = second.output()
         assert "reaped leftovers of a previous run" in out

@@ -175,7 +175,7 @@ def test_ready_only_once_every_autostart_tenant_is_up_then_stopping(
     assert sender == d.proc.pid, "NotifyAccess=main: the daemon itself must send READY"
     assert "STATUS=tenants started" in text.splitlines()
     # What a manager that starts dependants on READY would find.
-    status = {w["name"]: w for w in d.call("status")}  # type: ignore[attr-defined]
+    status = {w["name"]: w for w in d.call("status")}
     asked_at = time.monotonic()
     assert status["manual:beat-0"]["state"] == "stopped", "autostart = false stays down"
     up = {n: w for n, w in status.items() if w["tenant"] != "manual"}
@@ -204,7 +204,7 @@ def test_workers_do_not_inherit_the_managers_variables(
     lines: list[str] = []
     while not any(line.startswith("ENV ") for line in lines):
         assert time.monotonic() < deadline, "the env worker printed nothing"
-        (log,) = d.call("logs", tenant="envshow")  # type: ignore[attr-defined]
+        (log,) = d.call("logs", tenant="envshow")
         lines = log["lines"]
         time.sleep(0.05)
     names = next(line for line in lines if line.startswith("ENV ")).split()[1:]
@@ -212,7 +212,7 @@ def test_workers_do_not_inherit_the_managers_variables(
     for key in MANAGER_VARIABLES:
         assert key not in names, f"a worker could speak for the daemon through {key}"
     # The same from outside, for every autostart worker.
-    for w in d.call("status"):  # type: ignore[attr-defined]
+    for w in d.call("status"):
         if w["pid"]:
             env = Path(f"/proc/{w['pid']}/environ").read_bytes().split(b"\0")
             assert not any(e.split(b"=", 1)[0].decode() in MANAGER_VARIABLES for e in env)

@@ -129,7 +129,10 @@ async def test_pipelined_stop_start_stop_in_backoff_ends_stopped(
     )
     d = await start_daemon()
     await d.wait_for("loop:w-0", lambda w: w["state"] == "backoff")
-    calls = [("stop", {"tenant": "loop"}), ("start", {"tenant": "loop"})] * 3
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("stop", {"tenant": "loop"}),
+        ("start", {"tenant": "loop"}),
+    ] * 3
     calls.append(("stop", {"tenant": "loop", "wait": True}))
     answers = await trio.to_thread.run_sync(pipelined, d.socket, calls)
     assert all(a[2] is None for a in answers), answers  # no error answers
@@ -212,7 +215,7 @@ class FailOnce:
 @pytest.mark.parametrize(
     "method,exc,reason",
     [
-        ("pids", RuntimeError("injected"), "internal: RuntimeError: injected"),
+        ("kill_leaf", RuntimeError("injected"), "internal: RuntimeError: injected"),
         ("spawn", BackendError("injected spawn failure"), "backend: injected spawn failure"),
     ],
 )
@@ -232,7 +235,7 @@ async def test_a_failing_backend_call_fails_one_worker(
 
     real_make_backend = conftest.make_backend
     monkeypatch.setattr(conftest, "make_backend", make_backend)
-    # `pids` runs when a run's leaf is cleared: after an exit. `spawn` runs at start.
+    # `kill_leaf` runs when a run's leaf is cleared: after an exit. `spawn` runs at start.
     tenant(cfg, "victim", '["sh", "-c", "sleep 0.2; exit 3"]', "autostart = true")
     tenant(cfg, "calm", SLEEPER)
     d = await start_daemon()

@@ -93,7 +93,7 @@ def one_tenant(cfg: ConfigDir, backend: str, **daemon: object) -> None:
         command = {SLEEPER}
         """,
     )
-    cfg.write(backend=backend, **daemon)  # type: ignore[arg-type]
+    cfg.write(backend=backend, **daemon)
 
 
 def second_config(cfg: ConfigDir, name: str) -> tuple[Path, Path]:

@@ -94,7 +94,7 @@ def test_ten_thousand_restarts_in_a_loop_raise_nothing() -> None:
         assert lc.state is State.BACKOFF, lc.exit_reason
         assert lc.deadline == pytest.approx(now + lc.backoff_delay)
         assert lc.backoff_delay <= 30
-        now = lc.deadline
+        now = now + lc.backoff_delay
         lc.timer(now)
         assert drain(lc)[-1] is Action.SPAWN
         lc.spawned(pid, now)

@@ -177,7 +177,8 @@ def test_run_that_exceeds_memory_raises_and_spares_the_caller(
     assert partition.stats().oom_kills == 1
     assert partition.run(helpers.add, 1, 1) == 2  # still usable afterwards
     # Each run had its own leaf, released afterwards.
-    assert [d.name for d in partition.backend._mem(partition.path).iterdir() if d.is_dir()] == []
+    mem = partition.backend._mem(partition.path)  # type: ignore[attr-defined]
+    assert [d.name for d in mem.iterdir() if d.is_dir()] == []
 
 
 async def test_run_from_trio_through_a_thread(partition: ManagedPartition) -> None:

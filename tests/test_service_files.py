@@ -176,11 +176,13 @@ def test_slm_file_is_well_formed_and_launches_through_the_rc_script() -> None:
     # SLM files use the SLM: prefix without declaring it (as QNX's own examples do),
     # so parse without namespace processing.
     parser = xml.parsers.expat.ParserCreate()
-    parser.StartElementHandler = lambda name, attrs: (
-        elements.append((name, attrs)),
-        current.append(name),
-    )
-    parser.EndElementHandler = lambda name: current.pop()
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        elements.append((name, attrs))
+        current.append(name)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = lambda _name: current.pop()
     parser.CharacterDataHandler = lambda data: texts.__setitem__(
         current[-1], texts.get(current[-1], "") + data
     )

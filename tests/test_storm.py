@@ -103,6 +103,17 @@ def zombies_of(pid: int) -> list[int]:
     return out
 
 
+def unanswered(calls: list[tuple[str, dict[str, Any]]], answers: list[Any]) -> list[str]:
+    """Every call without an answer, or answered with an error."""
+    out = []
+    for call, answer in zip(calls, answers, strict=True):
+        if answer is None:
+            out.append(f"no answer to {call}")
+        elif answer[2] is not None:
+            out.append(f"error answer to {call}: {answer[2]}")
+    return out
+
+
 async def storm(d: Any, seed: int) -> tuple[int, list[str]]:
     """Run the clients and the killer; return (requests sent, problems seen)."""
     sent = 0
@@ -117,18 +128,14 @@ async def storm(d: Any, seed: int) -> tuple[int, list[str]]:
                 calls = [random_call(rng) for _ in range(rng.randint(2, 5))]
                 sent += len(calls)
                 answers = await trio.to_thread.run_sync(pipelined, d.socket, calls)
-                for call, answer in zip(calls, answers, strict=True):
-                    if answer is None:
-                        problems.append(f"no answer to {call}")
-                    elif answer[2] is not None:
-                        problems.append(f"error answer to {call}: {answer[2]}")
+                problems.extend(unanswered(calls, answers))
             else:
                 method, params = random_call(rng)
                 sent += 1
                 async with AsyncClient(d.socket) as c:
                     try:
                         await c.call(method, **params)
-                    except Exception as exc:  # every failure is a finding, listed below
+                    except Exception as exc:  # noqa: BLE001 - every failure is a finding
                         problems.append(f"{method} {params}: {exc!r}")
             await trio.sleep(rng.random() * 0.05)
 

@@ -421,7 +421,7 @@ class _CountIOWaits(trio.abc.Instrument):
     def __init__(self) -> None:
         self.waits = 0
 
-    def before_io_wait(self, timeout: float) -> None:
+    def before_io_wait(self, timeout: float) -> None:  # noqa: ARG002 - trio's hook signature
         self.waits += 1
 
 
@@ -549,13 +549,13 @@ def test_guest_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unverified_trio_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_trio_poll, "_installed", False)
     monkeypatch.setattr(_trio_poll, "_trio_version", lambda: "0.26.2")
-    manager_before = trio_run_module.TheIOManager
+    manager_before = trio_run_module.TheIOManager  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError) as exc_info:
         _trio_poll.install()
     message = str(exc_info.value)
     assert "0.26.2" in message
     assert "0.35.0" in message
-    assert trio_run_module.TheIOManager is manager_before
+    assert trio_run_module.TheIOManager is manager_before  # type: ignore[attr-defined]
 
 
 def test_missing_internal_is_refused() -> None:

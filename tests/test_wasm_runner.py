@@ -403,6 +403,7 @@ def test_runner_imports_stay_light(tmp_path: Path, cache_dir: Path) -> None:
         "supervisord_qnx.wasm",
         "supervisord_qnx.wasm.cache",
         "supervisord_qnx.wasm.outcome",
+        "supervisord_qnx.wasm.runner_args",
     }
 
 

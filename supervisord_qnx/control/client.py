@@ -333,17 +333,9 @@ class AsyncClient:
                     return
                 rpc.receive_data(data)
                 for event in rpc.events():
-                    if isinstance(event, Response):
-                        self._resolve(event.msgid, event.result, event.error)
-                    elif isinstance(event, InvalidMessage) and event.msgid is not None:
-                        self._resolve(event.msgid, None, event.error)
-                    elif isinstance(event, Notification):
-                        try:
-                            self._notify_in.send_nowait(event)
-                        except trio.WouldBlock:
-                            self.dropped_notifications += 1
-                    elif isinstance(event, ConnectionClosed):
+                    if isinstance(event, ConnectionClosed):
                         return
+                    self._handle(event)
         except ProtocolError as exc:
             if exc.kind is MessageKind.RESPONSE and exc.msgid is not None:
                 self._resolve(exc.msgid, None, exc)
@@ -355,6 +347,20 @@ class AsyncClient:
                     pending.error = failure if isinstance(failure, RpcError) else ConnectionLost()
                     pending.done.set()
             self._notify_in.close()
+
+    def _handle(self, event: object) -> None:
+        """One decoded message: an answer to a call, or a notification."""
+        import trio
+
+        if isinstance(event, Response):
+            self._resolve(event.msgid, event.result, event.error)
+        elif isinstance(event, InvalidMessage) and event.msgid is not None:
+            self._resolve(event.msgid, None, event.error)
+        elif isinstance(event, Notification):
+            try:
+                self._notify_in.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped_notifications += 1
 
     def _resolve(self, msgid: int, result: Any, error: RpcError | None) -> None:
         pending = self._state.pending.get(msgid)

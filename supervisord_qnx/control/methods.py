@@ -82,7 +82,7 @@ def _translated(handler: Handler) -> ServerHandler:
     """A method as the server calls it, with the supervisor's and the backend's own
     errors answered as the protocol's codes."""
 
-    async def call(params: dict[str, Any], conn: Connection) -> Any:
+    async def call(params: dict[str, Any], conn: Connection) -> Any:  # noqa: ARG001
         try:
             return await handler(params)
         except NotFound as exc:

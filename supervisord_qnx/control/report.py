@@ -28,7 +28,7 @@ async def partitions_report(
     for node in tree:
         try:
             s = await blocking(backend.stats, node.path)
-        except Exception as exc:  # a stats failure must not break the report
+        except Exception as exc:  # noqa: BLE001 - a stats failure must not break the report
             stats[node.path] = {"error": str(exc)}
             continue
         figures = {k: v for k, v in vars(s).items() if k != "pids"}

@@ -256,7 +256,8 @@ def _default(obj: Any) -> Any:
 def _pack(message: list[Any]) -> bytes:
     # use_bin_type: bytes go out as msgpack bin and str as str, so a peer can
     # tell them apart (the old "raw" encoding could not).
-    return msgpack.packb(message, use_bin_type=True, default=_default)
+    packed: bytes = msgpack.packb(message, use_bin_type=True, default=_default)
+    return packed
 
 
 def _params_field(params: Mapping[str, Any] | None) -> list[Any]:
@@ -338,7 +339,7 @@ def _peek_head(head: bytes) -> tuple[MessageKind | None, int | None]:
         if not _is_int(tag) or tag not in (MessageKind.REQUEST, MessageKind.RESPONSE):
             return None, None
         msgid = unpacker.unpack()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any decoder complaint about a fragment: no msgid
         # Anything the decoder says about a fragment just means "no msgid".
         return None, None
     if not _is_uint32(msgid):
@@ -440,7 +441,7 @@ class RpcConnection:
                 return NEED_DATA
             except ProtocolError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the C decoder's types are undocumented
                 # The C decoder's exception types are not a documented
                 # contract (ValueError, FormatError, StackError,
                 # UnicodeDecodeError, ...). All mean "these bytes are not a

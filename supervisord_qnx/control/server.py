@@ -125,7 +125,7 @@ class Connection:
     ) -> None:
         self.id = conn_id
         self.peer = peer
-        self._stream = stream
+        self.stream = stream
         self._write_timeout = write_timeout
         # Handlers run concurrently and each writes its own response; without
         # the lock two send_all calls could interleave their bytes.
@@ -142,9 +142,9 @@ class Connection:
         Returns ``False`` if the client is gone, so that an event subscription
         can drop it; never raises for a vanished peer.
         """
-        return await self._send(encode_notification(method, params))
+        return await self.send_raw(encode_notification(method, params))
 
-    async def _send(self, data: bytes) -> bool:
+    async def send_raw(self, data: bytes) -> bool:
         if self._closed:
             return False
         async with self._send_lock:
@@ -152,7 +152,7 @@ class Connection:
                 return False
             with trio.move_on_after(self._write_timeout):
                 try:
-                    await self._stream.send_all(data)
+                    await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     # The client disconnected; its responses are dropped silently.
                     self._closed = True
@@ -166,7 +166,7 @@ class Connection:
 
     async def close(self) -> None:
         self._closed = True
-        await trio.aclose_forcefully(self._stream)
+        await trio.aclose_forcefully(self.stream)
 
 
 Dispatch = Callable[[str, dict[str, Any], Connection], Awaitable[Any]]
@@ -510,7 +510,7 @@ async def _read_loop(
 ) -> None:
     rpc = RpcConnection(limits.max_message_bytes)
     in_flight = trio.Semaphore(limits.max_in_flight)
-    stream = conn._stream
+    stream = conn.stream
     while True:
         # Silence between messages is fine (a subscriber waits for
         # notifications); silence in the middle of one is a stuck or hostile
@@ -535,23 +535,29 @@ async def _read_loop(
                     requests.start_soon(
                         _run_request, conn, dispatch, event, in_flight, limits, clog
                     )
-                elif isinstance(event, InvalidMessage):
-                    clog.info("invalid message", kind=event.kind.name, error=event.error.message)
-                    if event.kind is MessageKind.REQUEST and event.msgid is not None:
-                        await conn._send(encode_error(event.msgid, event.error))
-                elif isinstance(event, Notification | Response):
-                    # The server sends no requests and takes no notifications
-                    # yet; ignoring keeps the door open for both directions.
-                    clog.debug("ignoring unexpected message", type=type(event).__name__)
                 elif isinstance(event, ConnectionClosed):
                     if event.partial:
                         clog.info("client closed the connection in the middle of a message")
                     return
+                else:
+                    await _answer_other(conn, event, clog)
         except ProtocolError as exc:
             clog.info("protocol error, closing connection", code=str(exc.code), error=exc.message)
             if exc.kind is MessageKind.REQUEST and exc.msgid is not None:
-                await conn._send(encode_error(exc.msgid, RpcError(exc.code, exc.message)))
+                await conn.send_raw(encode_error(exc.msgid, RpcError(exc.code, exc.message)))
             return
+
+
+async def _answer_other(conn: Connection, event: object, clog: Any) -> None:
+    """A message that is not a request: a malformed one is answered where it has a msgid;
+    notifications and responses are ignored (the server sends no requests and takes no
+    notifications yet; ignoring keeps the door open for both directions)."""
+    if isinstance(event, InvalidMessage):
+        clog.info("invalid message", kind=event.kind.name, error=event.error.message)
+        if event.kind is MessageKind.REQUEST and event.msgid is not None:
+            await conn.send_raw(encode_error(event.msgid, event.error))
+    elif isinstance(event, Notification | Response):
+        clog.debug("ignoring unexpected message", type=type(event).__name__)
 
 
 def _single_rpc_error(exc: BaseException) -> RpcError | None:
@@ -573,7 +579,7 @@ async def _run_request(
     try:
         try:
             result = await dispatch(method, request.params, conn)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a handler's bug is that request's error
             error = _single_rpc_error(exc)
             if error is None:
                 clog.exception("control method failed", method=method)
@@ -606,6 +612,6 @@ async def _run_request(
                         f"(e.g. fewer log lines or one tenant)",
                     ),
                 )
-        await conn._send(data)
+        await conn.send_raw(data)
     finally:
         in_flight.release()

@@ -18,26 +18,73 @@ Rules every backend keeps:
 * **Only its own.** ``destroy`` and ``reap_leftovers`` touch only what this
   daemon created under its own root.
 
-Methods are synchronous: they do file or syscall I/O that completes at once,
-and the supervisor calls the slow ones (``spawn``) from a worker thread.
-``watch`` is the one async method: it is the backend's event source
-(pressure, OOM kills, user-space limit kills) and runs for the daemon's life.
+The interface, in the order the daemon uses it:
+
+==========================  ================================================================
+``probe(options)``          class method: ``None`` if it can work here, else the reason
+``from_options(options)``   class method: build it (``BackendOptions``; one convention)
+``use_utility_runner(run)`` run helper utilities (QNX ``aps``/``on``) through the reaper
+``enforcement()``           control -> kernel / supervised / none
+``check(tree)``             backend-specific admission problems (pure)
+``describe(tree)``          each partition's name in the OS (for ``--check``)
+``lock_paths()``            directories to lock before reaping (ownership)
+``reap_leftovers()``        kill and remove what a dead daemon left under our root
+``create(p)``               make and configure one partition (parent exists)
+``recreate(chain)``         make again partitions removed from outside; ``False``: none was
+``spawn(request)``          start a worker already inside its partition's leaf
+``attach_plan(request)``    how a process started elsewhere attaches itself (fork server)
+``attach(path, pid)``       move a running process in; returns where it was (``Placement``)
+``detach(pid, previous)``   move it back to ``previous`` (or the daemon's own context)
+``pids(path, leaf)``        live processes of a partition or one worker leaf
+``stats(path)``             live figures
+``leaf_exit_reason(..)``    ``oom-killed`` / ``memory-limit`` when the backend knows it
+``kill_leaf(path, leaf)``   async: SIGKILL a worker's leaf until it is empty
+``release_leaf(path, lf)``  the worker is stopped for good: drop its leaf
+``watch(tree, emit)``       async: the event source (pressure, OOM kills, limit kills)
+``destroy(path)``           kill and remove a partition's subtree, deepest first
+``close()``                 release descriptors
+==========================  ================================================================
+
+Threading contract:
+
+* Every synchronous method may block on file or syscall I/O (cgroupfs writes, a
+  helper utility, ``fork``), so the daemon calls them from worker threads
+  (``trio.to_thread``), never on the event loop; the pure ones (``probe``-free
+  ``enforcement``, ``check``, ``describe``, ``lock_paths``) are the exception.
+* Several threads may be inside one backend at once (a spawn, a ``stats`` for
+  ``status``, a ``release_leaf``): a backend guards its own bookkeeping with a
+  lock, and holds that lock only for bookkeeping, never across a kill, a wait or
+  an ``rmdir`` (a process in uninterruptible sleep must not stall everyone else).
+* ``kill_leaf`` and ``watch`` are the async methods; ``kill_leaf`` does its
+  waiting in a worker thread, ``watch`` runs for the daemon's life in its own task
+  (the supervisor restarts it if it fails).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
+
+import trio
 
 from supervisord_qnx.partition.controls import Control, Enforcement
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 # Control and Enforcement are part of this interface's words; they live in controls.py.
 __all__ = ["Control", "Enforcement"]
+
+
+# How long kill_leaf waits for a leaf to empty after SIGKILL.
+KILL_LEAF_TIMEOUT = 2.0
 
 
 class BackendUnavailable(Exception):
@@ -143,6 +190,23 @@ EventSink = Callable[[BackendEvent], None]
 Placement = Any
 
 
+# Runs a helper utility (QNX's ``aps``/``on``) to completion and returns its result.
+UtilityRunner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Everything any backend is built from: one constructor convention for all."""
+
+    cgroup_root: str | None = None  # our root under the daemon's cgroup (cgroup backends)
+    instance: str | None = None  # a suffix that keeps test and parallel roots apart
+    sample_interval: float = 0.25  # how often supervised figures are sampled, seconds
+    # How to run helper utilities. Inside the daemon: the child reaper's ``run_utility``,
+    # because the reaper collects every child it does not know (adopted orphans) and a
+    # plain wait would lose the helper's exit status to it. None: plain subprocess.run.
+    run_utility: UtilityRunner | None = None
+
+
 class Backend(abc.ABC):
     """Turns partitions into enforced OS resources. See the module docstring for the rules."""
 
@@ -150,8 +214,24 @@ class Backend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def probe(cls) -> str | None:
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:
         """Return ``None`` if this backend can work here, else the reason it cannot."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, options: BackendOptions) -> Backend:
+        """Build the backend (after ``probe`` said it can work)."""
+
+    def use_utility_runner(self, runner: UtilityRunner) -> None:
+        """Run helper utilities through ``runner`` from now on. The daemon passes its
+        child reaper's (see ``BackendOptions.run_utility``); backends that run no
+        helpers ignore it."""
+        return None
+
+    def lock_paths(self) -> list[Path]:
+        """Directories whose lock says "this daemon owns what is under them" (the cgroup
+        roots); the daemon locks them before reaping anything. Default: none."""
+        return []
 
     @abc.abstractmethod
     def enforcement(self) -> Mapping[Control, Enforcement]:
@@ -224,6 +304,30 @@ class Backend(abc.ABC):
         reused; return ``None`` when the backend has nothing to add.
         """
         return None
+
+    async def kill_leaf(self, path: str, leaf: str) -> list[int]:
+        """SIGKILL every process in a worker's leaf (grandchildren that left its session
+        included) and return once the leaf is empty. Returns the pids still there after
+        ``KILL_LEAF_TIMEOUT`` (a process stuck in uninterruptible sleep): the caller
+        logs them; the leaf is then not reused until they are gone. Async: the waiting
+        happens in a worker thread, never on the event loop."""
+        return await trio.to_thread.run_sync(self._kill_leaf_blocking, path, leaf)
+
+    def _kill_leaf_blocking(self, path: str, leaf: str) -> list[int]:
+        me = os.getpid()  # never: a daemon thread can sit in a leaf mid-spawn
+        deadline = time.monotonic() + KILL_LEAF_TIMEOUT
+        delay = 0.0005
+        while True:
+            pids = [pid for pid in self.pids(path, leaf) if pid != me]
+            if not pids:
+                return []
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                return pids
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def release_leaf(self, path: str, leaf: str) -> None:
         """The worker instance is gone for good (tenant stopped); drop its leaf if it has one."""

@@ -97,6 +97,7 @@ from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     BackendError,
+    BackendOptions,
     BackendUnavailable,
     Control,
     Enforcement,
@@ -179,7 +180,15 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     # ------------------------------------------------------------------ discovery
 
     @classmethod
-    def probe(cls) -> str | None:
+    def from_options(cls, options: BackendOptions) -> Cgroup1Backend:
+        return cls(
+            options.cgroup_root,
+            instance=options.instance,
+            sample_interval=options.sample_interval,
+        )
+
+    @classmethod
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008, ARG003
         if os.geteuid() != 0 and not os.access("/proc/self/cgroup", os.R_OK):
             return "cannot read /proc/self/cgroup"
         try:
@@ -225,6 +234,9 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         return {
             node.path: " ".join(str(self._dir(h, node.path)) for h in self._hier) for node in tree
         }
+
+    def lock_paths(self) -> list[Path]:
+        return self.roots
 
     @property
     def roots(self) -> list[Path]:
@@ -276,16 +288,16 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         if not present:
             return reaped
         with self._lock:
-            fs.kill_subtree(lambda: [d for h in present for d in fs.subtree_dirs(h.root)], "")
-            for h in present:
-                for d in fs.subtree_dirs(h.root):
-                    if d == h.root:
-                        continue
-                    rel = str(d.relative_to(h.root))
-                    fs.rmdir_retry(d, rel)
-                    if rel not in reaped:
-                        reaped.append(rel)
             self._forget("")
+        fs.kill_subtree(lambda: [d for h in present for d in fs.subtree_dirs(h.root)], "")
+        for h in present:
+            for d in fs.subtree_dirs(h.root):
+                if d == h.root:
+                    continue
+                rel = str(d.relative_to(h.root))
+                fs.rmdir_retry(d, rel)
+                if rel not in reaped:
+                    reaped.append(rel)
         return reaped
 
     def create(self, partition: Partition) -> None:
@@ -331,11 +343,12 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def destroy(self, path: str) -> None:
         if not path:
             raise BackendError("destroy('') would remove the root; destroy its children")
+        tops = self._dirs(path)
         with self._lock:
-            tops = self._dirs(path)
-            fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
             self._forget(path)
-            self._remove_subtree(tops, path)
+        # Kills and rmdir outside the lock (see CgroupBackendBase.release_leaf).
+        fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
+        self._remove_subtree(tops, path)
 
     def _remove_subtree(self, tops: Sequence[Path], path: str) -> None:
         for top in tops:

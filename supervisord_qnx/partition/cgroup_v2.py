@@ -92,6 +92,7 @@ from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     BackendError,
+    BackendOptions,
     BackendUnavailable,
     Control,
     Enforcement,
@@ -173,7 +174,15 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     # ------------------------------------------------------------------ discovery
 
     @classmethod
-    def probe(cls, *, cgroup_root: str | None = None, instance: str | None = None) -> str | None:
+    def from_options(cls, options: BackendOptions) -> Cgroup2Backend:
+        return cls(
+            options.cgroup_root,
+            instance=options.instance,
+            sample_interval=options.sample_interval,
+        )
+
+    @classmethod
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008
         mount = _find_mount(None)
         if mount is None:
             return "no cgroup2 hierarchy is mounted"
@@ -193,7 +202,7 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             who = "not root" if os.geteuid() != 0 else "read-only"
             return f"the daemon's cgroup {own_dir} is not delegated to us ({who}: {control})"
         try:
-            fs.root_dir(mount.mountpoint, own, cgroup_root, instance)
+            fs.root_dir(mount.mountpoint, own, options.cgroup_root, options.instance)
         except BackendUnavailable as exc:
             return str(exc)
         return None
@@ -226,6 +235,9 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     @property
     def roots(self) -> list[Path]:
         return [self.root]
+
+    def lock_paths(self) -> list[Path]:
+        return self.roots
 
     def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
         return [self._dir(path, leaf)]
@@ -295,14 +307,15 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         if not self.root.is_dir():
             return []
         with self._lock:
-            self._kill(self.root, "")
-            reaped = []
-            for d in fs.subtree_dirs(self.root):
-                if d != self.root:
-                    rel = str(d.relative_to(self.root))
-                    self._rmdir(d, rel)
-                    reaped.append(rel)
             self._forget("")
+        # Kills and rmdir outside the lock (see CgroupBackendBase.release_leaf).
+        self._kill(self.root, "")
+        reaped = []
+        for d in fs.subtree_dirs(self.root):
+            if d != self.root:
+                rel = str(d.relative_to(self.root))
+                self._rmdir(d, rel)
+                reaped.append(rel)
         return reaped
 
     def _kill(self, top: Path, partition: str) -> None:
@@ -350,12 +363,16 @@ class Cgroup2Backend(fs.CgroupBackendBase):
     def destroy(self, path: str) -> None:
         if not path:
             raise BackendError("destroy('') would remove the root; destroy its children")
+        top = self._dir(path)
         with self._lock:
-            top = self._dir(path)
-            self._kill(top, path)
             self._forget(path)
-            for d in fs.subtree_dirs(top):
-                self._rmdir(d, path)
+        self._kill(top, path)
+        for d in fs.subtree_dirs(top):
+            self._rmdir(d, path)
+
+    def _kill_file(self, path: str, leaf: str) -> Path | None:
+        kill = self._dir(path, leaf) / "cgroup.kill"
+        return kill if kill.exists() else None
 
     def _make_leaf_dirs(self, path: str, leaf: str) -> None:
         d = self._dir(path, leaf)

@@ -68,7 +68,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,10 +407,6 @@ class Notifier:
     def fileno(self) -> int:
         return self._epoll.fileno()
 
-    def has(self, key: Key) -> bool:
-        with self._lock:
-            return key in self._by_key or key in self.polled
-
     def add(self, key: Key, fd: int, *, eventfd: bool, extra_fds: Iterable[int] = ()) -> None:
         """Watch ``fd`` for ``key``; ``extra_fds`` are closed with it. Takes ownership."""
         mask = select.EPOLLIN if eventfd else select.EPOLLPRI
@@ -427,10 +423,6 @@ class Notifier:
                 return
             self._by_fd[fd] = (key, eventfd)
             self._by_key.setdefault(key, []).extend([fd, *extra_fds])
-
-    def add_polled(self, key: Key) -> None:
-        with self._lock:
-            self.polled.add(key)
 
     def remove(self, match: Callable[[Key], bool]) -> None:
         with self._lock:
@@ -552,10 +544,26 @@ class CgroupBackendBase(Backend):
             except BackendError:
                 gone = 0
             self._retired_ooms[path] = self._retired_ooms.get(path, 0) + gone
-            self._remove_dirs(path, leaf)
             self._leaves.discard((path, leaf))
             self._oom_base.pop((path, leaf), None)
             self._oom_seen.pop((path, leaf), None)
+        # Outside the lock: a process in uninterruptible sleep can make the kills and the
+        # rmdir wait, and nothing else (status's stats, another worker's spawn) may wait
+        # behind it.
+        self._remove_dirs(path, leaf)
+
+    def _kill_leaf_blocking(self, path: str, leaf: str) -> list[int]:
+        kill = self._kill_file(path, leaf)
+        if kill is not None:
+            # cgroup.kill (v2, Linux 5.14+): the kernel kills the whole leaf at once,
+            # forks racing the kill included.
+            with contextlib.suppress(OSError):
+                write_text(kill, "1", path)
+        return super()._kill_leaf_blocking(path, leaf)
+
+    def _kill_file(self, path: str, leaf: str) -> Path | None:  # noqa: ARG002 - v2 overrides
+        """The leaf's ``cgroup.kill`` where the kernel has one (v1 has none)."""
+        return None
 
     def recreate(self, chain: Sequence[Partition]) -> bool:
         missing = next((i for i, n in enumerate(chain) if not self._present(n.path)), None)
@@ -672,7 +680,3 @@ class CgroupBackendBase(Backend):
 
     def close(self) -> None:
         self._notifier.close()
-
-
-def iter_leaf_keys(leaves: Iterable[tuple[str, str]], top: str) -> Iterator[tuple[str, str]]:
-    return (lf for lf in leaves if under(lf[0], top))

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
-from supervisord_qnx.partition.backend import Backend, BackendUnavailable
+from supervisord_qnx.partition.backend import Backend, BackendOptions, BackendUnavailable
 from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 
@@ -45,29 +46,28 @@ def choose_backend(
     """Return a constructed backend for ``name`` (one of ``NAMES``)."""
     if name not in NAMES:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    reasons: list[str] = []
-    if name in ("auto", "cgroup2"):
-        why = Cgroup2Backend.probe(cgroup_root=cgroup_root, instance=instance)
-        if why is None:
-            return Cgroup2Backend(cgroup_root, instance=instance, sample_interval=sample_interval)
-        if name == "cgroup2":
-            raise BackendUnavailable(f"cgroup2: {why}")
-        reasons.append(f"cgroup2: {why}")
-    if name in ("auto", "cgroup1"):
-        why = Cgroup1Backend.probe()
-        if why is None:
-            return Cgroup1Backend(cgroup_root, instance=instance, sample_interval=sample_interval)
-        if name == "cgroup1":
-            raise BackendUnavailable(f"cgroup1: {why}")
-        reasons.append(f"cgroup1: {why}")
+    options = BackendOptions(
+        cgroup_root=cgroup_root, instance=instance, sample_interval=sample_interval
+    )
+    # In order of preference for "auto"; every backend probes and builds the same way.
+    candidates: list[tuple[str, Callable[[], type[Backend]]]] = [
+        ("cgroup2", lambda: Cgroup2Backend),
+        ("cgroup1", lambda: Cgroup1Backend),
+    ]
     if name == "qnx" or (name == "auto" and sys.platform.startswith("qnx")):
-        qnx = _lazy("supervisord_qnx.partition.qnx", "QnxBackend")
-        why = qnx.probe()
-        if why is not None:
-            raise BackendUnavailable(f"qnx: {why}")
-        return qnx(sample_interval=sample_interval)  # type: ignore[call-arg]
-    portable = _lazy("supervisord_qnx.partition.portable", "PortableBackend")
-    why = portable.probe()
-    if why is not None:
-        raise BackendUnavailable("; ".join([*reasons, f"portable: {why}"]))
-    return portable(sample_interval=sample_interval)  # type: ignore[call-arg]
+        candidates.append(("qnx", lambda: _lazy("supervisord_qnx.partition.qnx", "QnxBackend")))
+    candidates.append(
+        ("portable", lambda: _lazy("supervisord_qnx.partition.portable", "PortableBackend"))
+    )
+    reasons: list[str] = []
+    for label, load in candidates:
+        if name not in ("auto", label):
+            continue
+        cls = load()
+        why = cls.probe(options)
+        if why is None:
+            return cls.from_options(options)
+        if name == label or label == "qnx":
+            raise BackendUnavailable(f"{label}: {why}")
+        reasons.append(f"{label}: {why}")
+    raise BackendUnavailable("; ".join(reasons))

@@ -301,12 +301,7 @@ class ManagedPartition:
                 proc.kill()
             proc.wait()
             self.backend.release_leaf(self.path, leaf)
-        killer = _MEMORY_KILLERS.get(ExitReason.parse(reason).kind) if reason else None
-        if killer is not None:
-            raise PartitionMemoryExceeded(
-                f"partition '{self.path}': {getattr(fn, '__qualname__', fn)!r} was killed "
-                f"by {killer} at memory.max {self.node.effective_memory_max} bytes"
-            )
+        self._raise_if_memory_killed(reason, fn)
         blob = b"".join(out)
         if returncode != 0 or not blob:
             tail = b"".join(err).decode(errors="replace")[-2000:]
@@ -325,6 +320,14 @@ class ManagedPartition:
 
     with_partition = run
 
+    def _raise_if_memory_killed(self, reason: str | None, fn: object) -> None:
+        killer = _MEMORY_KILLERS.get(ExitReason.parse(reason).kind) if reason else None
+        if killer is not None:
+            raise PartitionMemoryExceeded(
+                f"partition '{self.path}': {getattr(fn, '__qualname__', fn)!r} was killed "
+                f"by {killer} at memory.max {self.node.effective_memory_max} bytes"
+            )
+
 
 class PartitionGuard:
     """``with PartitionGuard(p):`` - processes spawned through ``guard.spawn`` land in ``p``.
@@ -339,7 +342,7 @@ class PartitionGuard:
     def __enter__(self) -> ManagedPartition:
         if self._token is not None:
             raise RuntimeError("this PartitionGuard is already active; nest a new one")
-        self.partition._alive()
+        self.partition._alive()  # noqa: SLF001 - the guard is part of the partition API
         self._token = _current.set(self.partition)
         return self.partition
 

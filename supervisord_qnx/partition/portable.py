@@ -32,6 +32,7 @@ from supervisord_qnx.partition.backend import (
     Backend,
     BackendError,
     BackendEvent,
+    BackendOptions,
     Control,
     Enforcement,
     EventKind,
@@ -88,7 +89,11 @@ class PortableBackend(Backend):
         self._lock = threading.Lock()
 
     @classmethod
-    def probe(cls) -> str | None:
+    def from_options(cls, options: BackendOptions) -> PortableBackend:
+        return cls(sample_interval=options.sample_interval)
+
+    @classmethod
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008, ARG003
         return None if os.path.isdir("/proc/self") else "no /proc to account processes from"
 
     def enforcement(self) -> Mapping[Control, Enforcement]:
@@ -237,24 +242,7 @@ class PortableBackend(Backend):
     def sample(self) -> list[BackendEvent]:
         """One accounting pass: usage per partition, kills at max; returns the events."""
         events: list[BackendEvent] = []
-        procs = accounting.snapshot()
-        descendants = set(self._ours(procs))
-        usage: dict[str, int] = {}
-        leaves: dict[str, set[tuple[str, int]]] = {}
-        for pid in descendants:
-            tag = accounting.read_tag(pid)
-            path = self._attached.get(pid)
-            leaf = ""
-            if tag is not None and ":" in tag:
-                path, leaf = tag.rsplit(":", 1)
-            if path is None:
-                continue
-            # Usage counts towards the partition and every ancestor, as in a cgroup tree.
-            parts = path.split("/")
-            for i in range(len(parts), 0, -1):
-                prefix = "/".join(parts[:i])
-                usage[prefix] = usage.get(prefix, 0) + procs[pid].rss
-            leaves.setdefault(path, set()).add((leaf, pid))
+        usage, leaves = self._tally()
         self._usage = usage
         for path, node in list(self._partitions.items()):
             current = usage.get(path, 0)
@@ -294,6 +282,27 @@ class PortableBackend(Backend):
             else:
                 self._above.discard(path)
         return events
+
+    def _tally(self) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
+        """Resident bytes per partition (ancestors included, as in a cgroup tree) and the
+        (leaf, pid) members of each partition, from one /proc snapshot."""
+        procs = accounting.snapshot()
+        usage: dict[str, int] = {}
+        leaves: dict[str, set[tuple[str, int]]] = {}
+        for pid in set(self._ours(procs)):
+            tag = accounting.read_tag(pid)
+            path = self._attached.get(pid)
+            leaf = ""
+            if tag is not None and ":" in tag:
+                path, leaf = tag.rsplit(":", 1)
+            if path is None:
+                continue
+            parts = path.split("/")
+            for i in range(len(parts), 0, -1):
+                prefix = "/".join(parts[:i])
+                usage[prefix] = usage.get(prefix, 0) + procs[pid].rss
+            leaves.setdefault(path, set()).add((leaf, pid))
+        return usage, leaves
 
     async def watch(self, tree: PartitionTree, emit: EventSink) -> None:
         if not any(p.memory_max is not None for p in tree):

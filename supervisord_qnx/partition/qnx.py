@@ -52,17 +52,19 @@ import resource
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.backend import (
     Backend,
     BackendError,
+    BackendOptions,
     Control,
     Enforcement,
     EventSink,
     PartitionStats,
     SpawnRequest,
+    UtilityRunner,
 )
 from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.portable import RLIMIT_SLACK, PortableBackend
@@ -74,7 +76,6 @@ DEFAULT_MAX_PARTITIONS = 32  # QNX 7.0/7.1 adaptive partitioning, System include
 _TIMEOUT = 30.0
 
 #: Runs a helper command to completion and returns its real exit status.
-UtilityRunner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
 def _run_plain(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
@@ -127,7 +128,7 @@ class QnxBackend(Backend):
         self._policy_set = False
         self._run_utility: UtilityRunner = _run_plain
 
-    def set_utility_runner(self, runner: UtilityRunner) -> None:
+    def use_utility_runner(self, runner: UtilityRunner) -> None:
         """Run ``aps``/``on`` through ``runner`` from now on.
 
         Inside the daemon this must be the child reaper's ``run_utility``: the reaper
@@ -141,7 +142,14 @@ class QnxBackend(Backend):
     # -- capability ---------------------------------------------------------------
 
     @classmethod
-    def probe(cls) -> str | None:
+    def from_options(cls, options: BackendOptions) -> QnxBackend:
+        backend = cls(sample_interval=options.sample_interval)
+        if options.run_utility is not None:
+            backend.use_utility_runner(options.run_utility)
+        return backend
+
+    @classmethod
+    def probe(cls, options: BackendOptions = BackendOptions()) -> str | None:  # noqa: B008, ARG003
         for tool in ("aps", "on"):
             if shutil.which(tool) is None:
                 return (

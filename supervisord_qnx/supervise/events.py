@@ -100,7 +100,7 @@ class Subscription:
         self.dropped = 0
 
     def close(self) -> None:
-        self._bus._subscribers.discard(self)
+        self._bus._subscribers.discard(self)  # noqa: SLF001 - its own bus's registry
         self.send.close()
 
 

@@ -28,6 +28,7 @@ from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.prefork import ForkServerKeeper
 from supervisord_qnx.supervise.reaper import ChildReaper
 from supervisord_qnx.wasm.forkserver import ForkServerGone
+from supervisord_qnx.wasm.runner_args import RunnerArgs
 
 log = structlog.get_logger("supervisord_qnx.launch")
 
@@ -126,26 +127,22 @@ class WasmLauncher(Launcher):
         report.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             report.unlink()
-        argv = [sys.executable, "-m", RUNNER_MODULE, "--module", str(spec.wasm)]
-        for a in spec.args:
-            argv += ["--arg", a]
-        for k, v in spec.env.items():
-            argv += ["--env", f"{k}={v}"]
-        for guest, host in spec.preopen.items():
-            argv += ["--preopen", f"{guest}={host}"]
         limits = spec.limits
         memory = limits.memory if limits.memory is not None else self.default_memory(target)
-        if memory is not None:
-            argv += ["--memory", str(memory)]
-        for flag, value in (
-            ("--tables", limits.tables),
-            ("--instances", limits.instances),
-            ("--fuel", limits.fuel),
-            ("--timeout", limits.timeout),
-        ):
-            if value is not None:
-                argv += [flag, str(value)]
-        argv += ["--cache-dir", str(self.state_dir / "wasm-cache"), "--report", str(report)]
+        args = RunnerArgs(
+            module=str(spec.wasm),
+            arg=tuple(spec.args),
+            env=tuple(spec.env.items()),
+            preopen=tuple((guest, str(host)) for guest, host in spec.preopen.items()),
+            memory=memory,
+            tables=limits.tables,
+            instances=limits.instances,
+            fuel=limits.fuel,
+            timeout=limits.timeout,
+            cache_dir=str(self.state_dir / "wasm-cache"),
+            report=str(report),
+        )
+        argv = [sys.executable, "-m", RUNNER_MODULE, *args.to_argv()]
         return argv
 
     def default_memory(self, target: LaunchTarget) -> int | None:
@@ -178,6 +175,7 @@ class WasmLauncher(Launcher):
         if server is None:
             return None
         argv = list(request.argv)
+        # Our own command line (built by argv() above): the runner's arguments follow it.
         runner_argv = argv[argv.index(RUNNER_MODULE) + 1 :]
         cwd = request.cwd or os.getcwd()
 

@@ -90,7 +90,7 @@ class ForkServerKeeper:
 
         self.nursery.start_soon(watch)
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - per-phase grace
         """At daemon shutdown: close its connection (it exits on end-of-file), then
         SIGTERM, then SIGKILL; wait until the reaper collected it."""
         server, self._server = self._server, None

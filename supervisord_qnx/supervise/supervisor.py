@@ -221,7 +221,7 @@ class Supervisor:
         for tenant in sorted(self.tenants.values(), key=lambda t: -t.start_order):
             try:
                 await self.stop(tenant.spec.name, wait=True)
-            except Exception:  # shutdown must reach every tenant
+            except Exception:
                 log.exception("stopping a tenant failed; carrying on", tenant=tenant.spec.name)
 
     # -- operator commands ---------------------------------------------------------
@@ -300,7 +300,7 @@ class Supervisor:
             try:
                 await self.backend.watch(self.tree, self.on_backend_event)
                 return  # a backend with nothing to watch
-            except Exception as exc:  # the failure boundary of the backend's watcher
+            except Exception as exc:  # noqa: BLE001 - the failure boundary of the watcher
                 log.error("backend event watch failed; restarting it", error=repr(exc))
                 self.events.emit(BackendWatchFailed(f"{type(exc).__name__}: {exc}"))
             await trio.sleep(1.0)
@@ -356,7 +356,7 @@ class Supervisor:
             try:
                 await self._step(inst)
                 inst.failures_in_a_row = 0
-            except Exception as exc:  # the failure boundary of one worker
+            except Exception as exc:  # noqa: BLE001 - the failure boundary of one worker
                 self._internal_failure(inst, exc)
             finally:
                 inst.performing = False
@@ -458,7 +458,7 @@ class Supervisor:
     async def _watch_exit(self, inst: Instance, run: Run) -> None:
         try:
             run.status = await self.reaper.wait(run.pid)
-        except Exception as exc:  # handed to the instance's task, whose boundary rules
+        except Exception as exc:  # noqa: BLE001 - handed to the instance task's boundary
             run.failure = exc
         inst.wake.set()
 
@@ -504,7 +504,7 @@ class Supervisor:
 
     async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:
         """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
-        launcher's own word (the wasm runner's report) over the raw wait status."""
+        launcher's own word (what the worker's runner reported) over the raw wait status."""
         try:
             reason = await trio.to_thread.run_sync(
                 self.backend.leaf_exit_reason, inst.partition, inst.leaf
@@ -530,16 +530,9 @@ class Supervisor:
 
     async def _clear_leaf(self, inst: Instance) -> None:
         """Kill whatever the worker left in its partition leaf (grandchildren included)."""
-        pids: list[int] = []
-        for _ in range(50):
-            pids = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await trio.sleep(0.01)
-        log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=pids)
+        survivors = await self.backend.kill_leaf(inst.partition, inst.leaf)
+        if survivors:
+            log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=survivors)
 
 
 def _open_log(log_dir: Path, path: Path) -> int:

@@ -194,11 +194,12 @@ def serve(fd: int) -> None:
     import ctypes  # noqa: F401 - imported before forking, used by the workers
     import resource  # noqa: F401
 
-    from supervisord_qnx.wasm import runner  # imports wasmtime
+    from supervisord_qnx.wasm import runner  # noqa: F401 - imports wasmtime
+    from supervisord_qnx.wasm.runner_args import RunnerArgs
 
     # Also pre-paid: argparse's first use (regex compiles, gettext look-ups) is a few
     # ms in every child otherwise. Pure Python state, no threads.
-    runner.build_parser().parse_args(["--module", "warm-up.wasm", "--env", "K=V"])
+    RunnerArgs.parse(["--module", "warm-up.wasm", "--env", "K=V"])
     # Objects that exist now live as long as the server: keep the collector from
     # touching them in every child, which would copy their pages (docs of gc.freeze).
     gc.freeze()
@@ -217,7 +218,7 @@ def serve(fd: int) -> None:
                 if len(fds) != 1:
                     raise ValueError(f"expected one log fd, got {len(fds)}")
                 answer: dict[str, Any] = {"pid": _fork_worker(json.loads(msg), fds[0])}
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad start is answered, not fatal
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
             sock.send(json.dumps(answer).encode())
         finally:
@@ -292,7 +293,7 @@ def _worker(request: dict[str, Any], log_fd: int, report_fd: int) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.environ.update(plan.get("env", {}))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the worker reports any setup failure
         os.write(report_fd, f"worker setup failed: {exc}".encode()[:4000])
         os._exit(outcome.EXIT_RUNNER_ERROR)
     os.write(report_fd, me)
@@ -303,7 +304,7 @@ def _worker(request: dict[str, Any], log_fd: int, report_fd: int) -> None:
     if probe:
         _write_probe(probe)
     # load_ms in the report measures this start, not the server's age.
-    runner._T0 = t0
+    runner._T0 = t0  # noqa: SLF001 - the runner's start clock, reset for this worker
     code = outcome.EXIT_RUNNER_ERROR
     try:
         runner.main(list(request["argv"]))  # ends with os._exit on every normal path
@@ -311,7 +312,7 @@ def _worker(request: dict[str, Any], log_fd: int, report_fd: int) -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a forked worker must never return to the server
         import traceback
 
         traceback.print_exc()

@@ -47,7 +47,6 @@ import time
 
 _T0 = time.perf_counter()  # before the heavy imports, so load_ms includes them
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -58,6 +57,7 @@ from typing import Any, NoReturn  # noqa: E402
 import wasmtime  # noqa: E402
 
 from supervisord_qnx.wasm import cache, outcome  # noqa: E402
+from supervisord_qnx.wasm.runner_args import RunnerArgs  # noqa: E402
 
 #: Setting this env var to a path makes the runner write its ``sys.modules`` there at
 #: exit (one name per line); the tests use it to keep the import set small.
@@ -70,73 +70,6 @@ DEADLINE_GRACE_S = 1.0
 #: Minimum spacing of ``memory-denied`` report lines: a guest retrying a failed grow
 #: in a tight loop must not turn the report into a disk-filling log.
 DENIAL_REPORT_INTERVAL_S = 1.0
-
-_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``16777216``, ``16MiB``, ``16M`` or ``64k`` (binary multiples)."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    if t and t[-1] in _SIZE_SUFFIXES:
-        mult = _SIZE_SUFFIXES[t[-1]]
-        t = t[:-1]
-    try:
-        value = int(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m supervisord_qnx.wasm.runner",
-        description="Run one WASI command module under wasmtime with engine-enforced limits.",
-    )
-    p.add_argument("--module", required=True, help=".wasm binary or .wat text")
-    p.add_argument("--arg", action="append", default=[], help="guest argv[1:], repeatable")
-    p.add_argument("--env", action="append", default=[], type=_pair, help="K=V, repeatable")
-    p.add_argument(
-        "--preopen", action="append", default=[], type=_pair, help="GUEST=HOST dir, repeatable"
-    )
-    p.add_argument("--memory", type=parse_size, help="linear memory cap in bytes")
-    p.add_argument("--tables", type=_positive_int, help="max table elements")
-    p.add_argument("--instances", type=_positive_int, help="max instances")
-    p.add_argument("--fuel", type=_positive_int, help="wasmtime fuel units")
-    p.add_argument("--timeout", type=_positive_float, help="epoch deadline in seconds")
-    p.add_argument("--cache-dir", help="compiled-module cache (default: $XDG_CACHE_HOME/...)")
-    p.add_argument("--no-cache", action="store_true", help="compile in memory every time")
-    p.add_argument("--report", help="append JSON-lines outcome events to this file")
-    return p
 
 
 class Report:
@@ -254,7 +187,7 @@ def trap_summary(trap: wasmtime.Trap) -> str:
 
 
 class Runner:
-    def __init__(self, opts: argparse.Namespace) -> None:
+    def __init__(self, opts: RunnerArgs) -> None:
         self.opts = opts
         self.report = Report(opts.report)
         self.denials = Denials(self.report)
@@ -312,7 +245,7 @@ class Runner:
             return None
         try:
             return self.memory.data_len(self.store)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a figure for the report, never worth a failure
             return None
 
     def invalid(self, message: str) -> NoReturn:
@@ -350,10 +283,9 @@ class Runner:
         granted = memory.data_len(caller) if isinstance(memory, wasmtime.Memory) else 0
         self.denials.record(granted)
 
-    def run(self) -> NoReturn:
+    def load(self, engine: wasmtime.Engine, flags: str) -> tuple[wasmtime.Module, str]:
+        """The compiled module (from the cache when it can) and the cache's word on it."""
         opts = self.opts
-        config, flags = self.engine_config()
-        engine = wasmtime.Engine(config)
         try:
             with open(opts.module, "rb") as f:
                 source = f.read()
@@ -363,10 +295,13 @@ class Runner:
         if not opts.no_cache:
             cache_dir = cache.open_cache_dir(opts.cache_dir or cache.default_cache_dir())
         try:
-            module, cache_state = cache.load_module(engine, source, flags, cache_dir)
+            return cache.load_module(engine, source, flags, cache_dir)
         except wasmtime.WasmtimeError as e:
             self.invalid(f"{opts.module}: {summarise_error(str(e))}")
 
+    def new_store(self, engine: wasmtime.Engine) -> wasmtime.Store:
+        """A store with the engine-enforced limits, fuel and deadline of this run."""
+        opts = self.opts
         store = wasmtime.Store(engine)
         self.store = store
         store.set_limits(
@@ -381,6 +316,14 @@ class Runner:
         if opts.timeout is not None:
             store.set_epoch_deadline(1)
         store.set_wasi(self.wasi_config())
+        return store
+
+    def run(self) -> NoReturn:
+        opts = self.opts
+        config, flags = self.engine_config()
+        engine = wasmtime.Engine(config)
+        module, cache_state = self.load(engine, flags)
+        store = self.new_store(engine)
 
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
@@ -466,7 +409,7 @@ class RunnerError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    opts = build_parser().parse_args(argv)
+    opts = RunnerArgs.parse(sys.argv[1:] if argv is None else argv)
     try:
         runner = Runner(opts)
     except OSError as e:
@@ -478,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         runner.finish(
             outcome.REASON_RUNNER_PREFIX + str(e), outcome.EXIT_RUNNER_ERROR, f"wasm runner: {e}"
         )
-    except Exception as e:  # a runner bug: still leave an outcome behind
+    except Exception as e:  # noqa: BLE001 - a runner bug: still leave an outcome behind
         import traceback
 
         runner.finish(
