@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= config/supervisord.toml
 PYTEST_ARGS ?=
 
-.PHONY: help run check test test-cgroup2 lint typecheck unit bench clean system-deps test-deps vm-deps venv
+.PHONY: help run check test test-cgroup2 lint typecheck unit bench mutate clean system-deps test-deps vm-deps venv
 
 help:
 	@echo "make run     start the daemon in the foreground on $(CONFIG) (runtime files in ./run/)"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-cgroup2  run the cgroup2 scenarios in a VM on Debian's kernel (root)"
 	@echo "make bench   run the benchmarks in bench/ and print the figures"
 	@echo "make check   validate $(CONFIG) and print the partition tree"
+	@echo "make mutate  mutation-test the pure core (about 8 min; see docs/testing.md)"
 	@echo "make clean   remove .venv and ./run"
 
 # System packages a fresh machine may lack. Running needs only venv support
@@ -95,5 +96,14 @@ test-cgroup2: vm-deps test-deps $(VM_STAMP)
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# Mutation testing of the pure core against its fast unit tests; configured in
+# pyproject.toml ([tool.mutmut]). Not part of `make test`: it takes minutes. Starts
+# from scratch each time (mutants/ is mutmut's working copy and cache).
+mutate: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/python -m tests.mutation_report
+
 clean:
-	rm -rf $(VENV) run build *.egg-info
+	rm -rf $(VENV) run build mutants *.egg-info

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisord_qnx.config.model import PartitionSpec
+from supervisord_qnx.config.load import ConfigError, load
+from supervisord_qnx.daemon import admit
 from supervisord_qnx.partition import cgroupfs as fs
-from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import (
     BackendEvent,
     BackendUnavailable,
@@ -94,7 +94,7 @@ def run_capture(backend: Cgroup1Backend, partition: str, leaf: str, argv: list[s
         os.close(w)
     with os.fdopen(r, "rb") as f:
         out = f.read().decode()
-    proc.wait()
+    proc.wait(timeout=30)
     return out
 
 
@@ -151,7 +151,7 @@ async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) ->
     finally:
         backend.destroy("tenants/web")
         for p in procs.values():
-            p.wait()
+            p.wait(timeout=30)
     assert all(p.returncode == -signal.SIGKILL for p in procs.values())
 
 
@@ -166,7 +166,7 @@ def test_attach_and_detach_running_process(backend: Cgroup1Backend) -> None:
         assert alive(proc.pid)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -212,7 +212,7 @@ async def test_oom_kill_is_attributed_to_the_leaf_and_spares_the_sibling(
     # A restart in the same leaf starts from a fresh baseline.
     assert backend.leaf_exit_reason("tenants/a", "a-0") is None
     backend.destroy("tenants/a")
-    sibling.wait()
+    sibling.wait(timeout=30)
 
 
 async def test_memory_pressure_event_when_usage_crosses_max_minus_reserved(
@@ -241,7 +241,7 @@ async def test_memory_pressure_event_when_usage_crosses_max_minus_reserved(
     assert backend.stats("p").memory_pressure_events == 1
     assert proc.poll() is None  # pressure is a warning, not a kill
     backend.destroy("p")
-    proc.wait()
+    proc.wait(timeout=30)
 
 
 def test_limits_are_written_to_the_kernel_files(backend: Cgroup1Backend) -> None:
@@ -300,7 +300,7 @@ def test_stats_report_kernel_figures(backend: Cgroup1Backend) -> None:
         assert st.cpu_throttled_ns == 0
     finally:
         backend.destroy("s")
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- pids, cpu
@@ -330,7 +330,7 @@ def test_fork_bomb_stops_at_pids_max(backend: Cgroup1Backend) -> None:
             assert sum(refused) > 0, "no fork was refused: the bomb was not bounded"
     finally:
         backend.destroy("b")
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_cpu_max_caps_a_spinner(backend: Cgroup1Backend) -> None:
@@ -354,30 +354,42 @@ def test_cpu_max_caps_a_spinner(backend: Cgroup1Backend) -> None:
         assert (backend.stats("c").cpu_throttled_ns or 0) > 0
     finally:
         backend.destroy("c")
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------- admission
 
 
-def test_child_bigger_than_parent_is_rejected_before_any_cgroup_exists(
-    backend: Cgroup1Backend,
+def test_a_name_cgroupfs_cannot_take_is_refused_before_any_cgroup_exists(
+    backend: Cgroup1Backend, tmp_path: Path
 ) -> None:
-    specs = [
-        PartitionSpec.model_validate(
-            {"name": "group", "flags": ["hierarchical"], "memory": {"max": "64MiB"}}
-        ),
-        PartitionSpec.model_validate(
-            {"name": "big", "parent": "group", "memory": {"max": "128MiB"}}
-        ),
+    # A tenant file the config model accepts but this backend cannot map ("memory.big"
+    # would sit among the memory controller's files), beside a valid one. The daemon's
+    # gate, as its CLI runs it (load, then admit with the backend's own checks), refuses
+    # it with the located problem, and nothing it ran created a cgroup.
+    tenants = tmp_path / "tenants.d"
+    tenants.mkdir()
+    for name in ("memory.big", "fits"):
+        (tenants / f"{name}.toml").write_text(
+            'memory = { max = "32MiB" }\n[[worker]]\nname = "w"\ncommand = ["true"]\n'
+        )
+    daemon_file = tmp_path / "d.toml"
+    daemon_file.write_text(
+        '[daemon]\nbackend = "cgroup1"\n'
+        '[[partition]]\nname = "tenants"\nflags = ["hierarchical"]\nmemory = { max = "64MiB" }\n'
+    )
+    config = load(daemon_file)
+    with pytest.raises(ConfigError) as info:
+        admit(config, backend)
+    assert [str(p) for p in info.value.problems] == [
+        f"{daemon_file}: daemon.backend=cgroup1: partition 'tenants/memory.big': the name "
+        "'memory.big' clashes with cgroup control files; rename the partition"
     ]
-    tree, problems = ptree.build(specs, [])
-    assert [(p.partition, p.key) for p in problems] == [("group/big", "memory.max")]
-    # The daemon hands a tree to the backend only when it has no problems.
-    if not problems:  # pragma: no cover - the point of the test
-        for node in tree:
-            backend.create(node)
     assert not any(r.exists() for r in backend.roots)
+    # The same check sees directories when there are some: the valid part of the tree,
+    # created, shows up under the roots (and the fixture removes it).
+    backend.create(Partition("tenants", flags=HIER, memory_max=64 * MiB))
+    assert all(r.exists() for r in backend.roots)
 
 
 # ---------------------------------------------------------------------------- cleanup
@@ -408,7 +420,7 @@ def test_release_leaf_kills_stragglers_and_removes_the_leaf(backend: Cgroup1Back
     make_tree(backend, ("r", {}))
     # The worker's main process exits at once, leaving a grandchild behind in the leaf.
     proc = backend.spawn(request("r", "r-0", ["/bin/sh", "-c", "sleep 30 & exit 0"]))
-    assert proc.wait() == 0
+    assert proc.wait(timeout=30) == 0
     assert wait_for(lambda: len(backend.pids("r", "r-0")) == 1)
     (straggler,) = backend.pids("r", "r-0")
     backend.release_leaf("r", "r-0")
@@ -477,7 +489,7 @@ def test_reap_never_touches_other_roots(backend: Cgroup1Backend) -> None:
     finally:
         other.destroy("keep")
         other.close()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_root_holding_the_daemon_is_refused() -> None:

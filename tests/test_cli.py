@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def daemon(cfg: ConfigDir) -> Iterator[type[DaemonProc]]:
                 d.stop()
             except subprocess.TimeoutExpired:
                 d.proc.kill()
-                d.proc.wait()
+                d.proc.wait(timeout=30)
 
 
 BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")
@@ -209,11 +210,11 @@ def _ppid(pid: int) -> int:
         return -1
 
 
-def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
+def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir, tmp_path: Path) -> None:
     cfg.partitions += (
         '[[partition]]\nname = "small"\nparent = "tenants"\nmemory = { max = "64MiB" }\n'
     )
-    cfg.tenant(
+    typo = cfg.tenant(
         "typo",
         """
         memroy = { max = "1GiB" }
@@ -222,7 +223,7 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
         command = ["true"]
         """,
     )
-    cfg.tenant(
+    toobig = cfg.tenant(
         "toobig",
         """
         parent = "tenants/small"
@@ -232,8 +233,8 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
         command = ["true"]
         """,
     )
-    cfg.tenant("broken", "this is = = not toml\n")
-    cfg.tenant(
+    broken = cfg.tenant("broken", "this is = = not toml\n")
+    wrongtype = cfg.tenant(
         "wrongtype",
         """
         [[worker]]
@@ -242,31 +243,60 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir) -> None:
         instances = "many"
         """,
     )
+    # A valid tenant beside the broken ones: "nothing was started" must hold for it too.
+    # Its worker leaves a mark the moment it runs.
+    mark = tmp_path / "good-ran"
+    good = f"good-{uuid.uuid4().hex[:6]}"
+    cfg.tenant(
+        good,
+        f"""
+        [[worker]]
+        name = "w"
+        command = {worker_py(f"open({str(mark)!r}, 'w').close()")}
+        """,
+    )
     cfg.write()
     res = subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2, res.stdout + res.stderr
-    err = res.stderr
-    assert f"{cfg.root}/tenants.d/typo.toml: memroy: unknown key" in err
-    assert f"{cfg.root}/tenants.d/broken.toml: TOML syntax error" in err
-    assert f"{cfg.root}/tenants.d/wrongtype.toml: worker[0].command:" in err
-    assert f"{cfg.root}/tenants.d/wrongtype.toml: worker[0].instances:" in err
-    # The admission rule names both partitions and both numbers.
-    assert (
-        "128MiB of 'tenants/small/toobig' exceeds the max 64MiB in force at 'tenants/small'" in err
+    # Exactly these problems, each on one line that starts with the file to edit; the
+    # admission rule names both partitions and both numbers.
+    problems = [
+        f"{broken}: TOML syntax error: ",
+        f"{typo}: memroy: unknown key ",
+        f"{wrongtype}: worker[0].instances: ",
+        f"{wrongtype}: worker[0].command: ",
+        f"{toobig}: parent: 'tenants/small' is not 'hierarchical'",
+        f"{toobig}: memory.max: max 128MiB of 'tenants/small/toobig' exceeds the max 64MiB "
+        "in force at 'tenants/small'",
+    ]
+
+    def check_problems(stderr: str) -> None:
+        lines = [line for line in stderr.splitlines() if line.startswith(str(cfg.root))]
+        assert len(lines) == len(problems), stderr
+        for start in problems:
+            assert [line for line in lines if line.startswith(start)], (start, stderr)
+        assert f"{len(problems)} problems; nothing was started." in stderr.splitlines()
+
+    check_problems(res.stderr)
+    # And starting for real refuses the same way, starting nothing: not the valid tenant,
+    # not the control socket.
+    res = subprocess.run(
+        [DAEMON, "--config", str(cfg.path)], capture_output=True, text=True, timeout=60
     )
-    assert "nothing was started" in err
-    # And starting for real refuses the same way, starting nothing.
-    res = subprocess.run([DAEMON, "--config", str(cfg.path)], capture_output=True, text=True)
-    assert res.returncode == 2 and not cfg.socket.exists()
+    assert res.returncode == 2, res.stdout + res.stderr
+    check_problems(res.stderr)
+    assert not cfg.socket.exists()
+    assert not mark.exists()
+    assert not (cfg.log_dir / f"{good}.w-0.log").exists()
 
 
 def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:
     beat_tenant(cfg, "alpha")
     cfg.write()
     res = subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
     assert "backend: portable" in res.stdout
@@ -277,6 +307,7 @@ def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:
             [DAEMON, "--config", str(cfg.path), "--check", "--json"],
             capture_output=True,
             text=True,
+            timeout=60,
         ).stdout
     )
     assert data["ok"] and data["enforcement"]["memory.min"] == "none"
@@ -287,6 +318,7 @@ def test_example_config_checks_clean() -> None:
         [DAEMON, "--config", str(REPO / "config" / "supervisord.toml"), "--check"],
         capture_output=True,
         text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     assert len([line for line in res.stdout.splitlines() if "(tenant)" in line]) >= 3
@@ -294,7 +326,7 @@ def test_example_config_checks_clean() -> None:
 
 def test_help_teaches(tmp_path: Path) -> None:
     for cmd in (DAEMON, CTL):
-        res = subprocess.run([cmd, "--help"], capture_output=True, text=True)
+        res = subprocess.run([cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and "exit codes" in res.stdout and "example" in res.stdout
 
 
@@ -304,7 +336,7 @@ def test_ctl_starts_fast_without_trio() -> None:
         "import supervisord_qnx.cli.ctl;"
         "print('trio' in sys.modules, 'pydantic' in sys.modules)"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.stdout.split() == ["False", "False"]
 
 

@@ -35,11 +35,29 @@ def test_parse_size_rejects(bad: object) -> None:
         parse_size(bad)
 
 
-@given(st.integers(min_value=0, max_value=1 << 50))
-def test_format_size_round_trips_whole_units(n: int) -> None:
+UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+
+
+@given(st.integers(min_value=1, max_value=1023), st.integers(min_value=0, max_value=5))
+def test_format_size_writes_whole_units_exactly(k: int, power: int) -> None:
+    # Every example is a whole number of some unit (the old test drew arbitrary
+    # integers and asserted only when the text happened to have no decimal point).
+    n = k * 1024**power
     text = format_size(n)
-    if "." not in text:
-        assert parse_size(text) == n
+    assert text == f"{k}{UNITS[power]}"
+    assert parse_size(text) == n
+
+
+@given(st.integers(min_value=0, max_value=1 << 50))
+def test_format_size_is_within_a_rounding_step_of_any_value(n: int) -> None:
+    text = format_size(n)
+    power = max((p for p in range(6) if 1024**p <= n), default=0)
+    number, unit = text[: -len(UNITS[power])], text[-len(UNITS[power]) :]
+    assert unit == UNITS[power], text  # the largest unit the value reaches
+    # One decimal at most: off by at most half a tenth of the unit (plus the byte that
+    # parse_size's truncation can lose).
+    assert len(number.partition(".")[2]) <= 1, text
+    assert abs(parse_size(text) - n) <= 0.05 * 1024**power + 1, text
 
 
 # -- config files ------------------------------------------------------------------

@@ -368,10 +368,21 @@ name = "tenants"
 flags = ["hierarchical"]
 memory = { max = "64MiB" }
 """
-    cfg.tenant(
+    greedy = cfg.tenant(
         "greedy",
         f"""
         memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "w"
+        command = {SLEEPER}
+        """,
+    )
+    # A tenant that fits, beside it: a daemon that started the valid tenants would
+    # create the cgroup roots for it, so "no root exists" can fail.
+    cfg.tenant(
+        "modest",
+        f"""
+        memory = {{ max = "32MiB" }}
         [[worker]]
         name = "w"
         command = {SLEEPER}
@@ -387,9 +398,15 @@ memory = { max = "64MiB" }
             env=cli_env(),
         )
         assert proc.returncode == 2, (extra, proc.stdout, proc.stderr)
-        assert "tenants/greedy" in proc.stderr and "memory.max" in proc.stderr, proc.stderr
-        assert "nothing was started" in proc.stderr
+        # One problem, on the line of the file to edit.
+        located = [line for line in proc.stderr.splitlines() if line.startswith(f"{cfg.root}/")]
+        assert located == [
+            f"{greedy}: memory.max: max 128MiB of 'tenants/greedy' exceeds the max 64MiB "
+            "in force at 'tenants'"
+        ], proc.stderr
+        assert "1 problem; nothing was started." in proc.stderr.splitlines(), proc.stderr
         assert not [r for r in cg.roots if r.exists()], extra
+        assert not (cfg.log_dir / "modest.w-0.log").exists()
 
 
 # --------------------------------------------------------------------------- teardown
@@ -470,7 +487,7 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
         for d in (first, second):
             if d is not None and d.proc.poll() is None:
                 d.proc.kill()
-                d.proc.wait()
+                d.proc.wait(timeout=30)
             if d is not None and not d.log.closed:
                 d.log.close()
 

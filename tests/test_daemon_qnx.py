@@ -35,6 +35,7 @@ import trio
 from supervisord_qnx.control.client import Client
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import DAEMON, DaemonProc
+from tests.test_daemon_socket import epoll_fds
 from tests.test_qnx_backend import aps_partitions, cpu_ticks
 from tests.test_qnx_sim import CPU, SIM_BIN, cgroup_cpu_or_skip
 
@@ -258,7 +259,9 @@ async def running_pids(d: Any) -> dict[str, int]:
 
 def plain_show_budget(name: str) -> str:
     """The budget column of ``aps show`` (no options, the usage view) for one partition."""
-    out = subprocess.run(["aps", "show"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["aps", "show"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     for line in out.splitlines():
         if line.split() and line.split()[0] == name:
             return line.split("|")[1].strip()
@@ -321,7 +324,7 @@ def test_restart_after_sigkill_over_leftover_partitions(
     finally:
         if second.proc.poll() is None:
             second.proc.kill()
-            second.proc.wait()
+            second.proc.wait(timeout=30)
     assert budget(aps_partitions(), "System") == "100%"
     # The first daemon's orphans are not the second's: not its descendants, and their
     # tag names a partition path, not a daemon, so it leaves them (reap_leftovers). The
@@ -358,20 +361,23 @@ def test_subprocess_daemon_on_poll_io_reports_it(
         with Client(cfg.socket) as c:
             version = c.call("version")
         assert version["io"] == "poll" and version["backend"] == "qnx"
+        # What trio runs, seen from outside: no epoll instance in the daemon.
+        assert epoll_fds(d.proc.pid) == 0
         assert len(_status_pids(cfg)) == 2
         assert d.stop() == 0
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
-            d.proc.wait()
+            d.proc.wait(timeout=30)
 
 
 # -- admission through the CLI ----------------------------------------------------------
 
 
-def _check(cfg: ConfigDir) -> subprocess.CompletedProcess[str]:
+def _check(cfg: ConfigDir, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``--check`` as an operator runs it, or (``check=False``) a real start."""
     return subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check", "--backend", "qnx"],
+        [DAEMON, "--config", str(cfg.path), *(["--check"] if check else []), "--backend", "qnx"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -387,14 +393,29 @@ def test_check_refuses_a_partition_name_aps_cannot_take(qnx_sim: Sim, cfg: Confi
         cpu = { budget = 5 }
         """
     )
+    # A valid tenant beside the bad partition: a daemon that started what it could
+    # would create the group's and this tenant's APS partitions.
+    qnx_sim.tenant(
+        cfg,
+        "fine",
+        f"""
+        cpu = {{ budget = 10 }}
+        [[worker]]
+        name = "beat"
+        command = {BEAT}
+        """,
+    )
     cfg.write(backend="portable")  # --backend qnx overrides it
-    proc = _check(cfg)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"{cfg.path}: daemon.backend=qnx:" in proc.stderr
-    assert "partition 'System' has no valid APS partition name" in proc.stderr
-    assert "boot partition" in proc.stderr
-    assert "nothing was started" in proc.stderr
-    assert set(aps_partitions()) == {"System"}, "--check creates no partition"
+    for started in (_check(cfg), _check(cfg, check=False)):
+        assert started.returncode == 2, started.stdout + started.stderr
+        located = [line for line in started.stderr.splitlines() if line.startswith("/")]
+        assert len(located) == 1, started.stderr
+        assert located[0].startswith(f"{cfg.path}: daemon.backend=qnx: ")
+        assert "partition 'System' has no valid APS partition name" in located[0]
+        assert "boot partition" in located[0]
+        assert "1 problem; nothing was started." in started.stderr.splitlines()
+        assert set(aps_partitions()) == {"System"}, "no partition was created"
+        assert not cfg.socket.exists()
 
 
 def test_check_refuses_more_partitions_than_aps_allows(qnx_sim: Sim, cfg: ConfigDir) -> None:

@@ -77,7 +77,7 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(["sleep", "300"])
     yield proc
     proc.kill()
-    proc.wait()
+    proc.wait(timeout=30)
 
 
 class OwnCgroup:
@@ -203,7 +203,7 @@ async def test_attach_refuses_the_daemon_its_ancestors_pid_1_and_its_workers(
         assert init not in await pids_of(d, "tenants/alpha")
     finally:
         ns.kill()
-        ns.wait()
+        ns.wait(timeout=30)
     worker = (await d.worker("alpha:w-0"))["pid"]
     message = await refused(d, ErrorCode.PERMISSION_DENIED, pid=worker, **target)
     assert "supervises" in message
@@ -218,7 +218,7 @@ async def test_attach_of_a_dead_pid_a_zombie_or_a_thread_is_not_found(
     alpha(cfg)
     d = await start_daemon(backend=backend.name, **backend.options())
     gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone.wait(timeout=30)
     message = await refused(d, ErrorCode.NOT_FOUND, partition="tenants/alpha", pid=gone.pid)
     assert str(gone.pid) in message
     # A zombie whose parent is not the daemon (which would reap it at once): the child
@@ -232,7 +232,7 @@ async def test_attach_of_a_dead_pid_a_zombie_or_a_thread_is_not_found(
         assert str(zombie) in message
     finally:
         parent.kill()
-        parent.wait()
+        parent.wait(timeout=30)
     stop = threading.Event()
     started = threading.Event()
     tid: list[int] = []
@@ -333,7 +333,7 @@ async def test_attached_process_survives_shutdown_and_owned_one_does_not(
         assert owned.wait(10) == -signal.SIGKILL
     finally:
         owned.kill()
-        owned.wait()
+        owned.wait(timeout=30)
 
 
 def test_attached_process_survives_a_crash_and_the_next_start(
@@ -365,7 +365,7 @@ def test_attached_process_survives_a_crash_and_the_next_start(
                 assert got.returncode == 0, got.stdout + got.stderr
                 assert cgroups_of(child.pid)["memory"].endswith("/tenants/alpha")
                 procs[0].kill()  # a crash: nothing is detached, the cgroups stay
-                procs[0].wait()
+                procs[0].wait(timeout=30)
         assert pid_alive(child.pid)
         assert cgroups_of(child.pid) == before
         log_text = (cfg.root / "daemon1.out").read_text()
@@ -376,5 +376,5 @@ def test_attached_process_survives_a_crash_and_the_next_start(
                 p.terminate()
                 p.wait(30)
         child.kill()
-        child.wait()
+        child.wait(timeout=30)
         own.remove()

@@ -60,7 +60,7 @@ class Daemons:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                    proc.wait()
+                    proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,7 +27,7 @@ from supervisord_qnx.partition.guard import (
     PartitionMemoryExceeded,
 )
 from tests import cgroup_helpers as helpers
-from tests.cgroup_helpers import alive, cleaned, require_cgroup1, unique_instance
+from tests.cgroup_helpers import cleaned, require_cgroup1, unique_instance
 
 MiB = 1 << 20
 
@@ -60,7 +61,7 @@ def capture(argv: list[str]) -> str:
         os.close(w)
     with os.fdopen(r, "rb") as f:
         out = f.read().decode()
-    proc.wait()
+    proc.wait(timeout=30)
     return out
 
 
@@ -149,7 +150,7 @@ def test_attach_and_detach_process(partition: ManagedPartition) -> None:
         assert partition.pids() == []
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_run_returns_results_and_reraises(partition: ManagedPartition) -> None:
@@ -164,10 +165,15 @@ def test_run_returns_results_and_reraises(partition: ManagedPartition) -> None:
 def test_run_that_exceeds_memory_raises_and_spares_the_caller(
     partition: ManagedPartition,
 ) -> None:
-    before = os.getpid()
+    # "Spares the caller": the allocation ran in a child inside the partition, and this
+    # process was never moved into it (the OOM kill would otherwise be ours to suffer
+    # next time, and our whole heap charged to the tenant).
+    ours_before = memory_cgroup(Path("/proc/self/cgroup").read_text())
+    assert "wasm_instance" not in ours_before
     with pytest.raises(PartitionMemoryExceeded, match="wasm_instance"):
         partition.run(helpers.allocate, 512)  # 4x the partition's 128 MiB
-    assert os.getpid() == before and alive(before)
+    assert memory_cgroup(Path("/proc/self/cgroup").read_text()) == ours_before
+    assert partition.pids() == []
     assert partition.stats().oom_kills == 1
     assert partition.run(helpers.add, 1, 1) == 2  # still usable afterwards
     # Each run had its own leaf, released afterwards.

@@ -55,7 +55,7 @@ def tree_of(*nodes: Partition) -> PartitionTree:
 
 def aps_partitions() -> dict[str, dict[str, str]]:
     out = subprocess.run(
-        ["aps", "show", "-f", "partitions"], capture_output=True, text=True, check=True
+        ["aps", "show", "-f", "partitions"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     rows = {}
     for line in out.splitlines()[2:]:
@@ -203,15 +203,17 @@ def test_create_over_budgets_a_crashed_daemon_left_takes_them_back(sim: Path) ->
     # A partition the new config no longer names keeps its budget: the error says how
     # to free it rather than leaving the operator with aps's bare EINVAL.
     again.destroy("tenants")
-    subprocess.run(["aps", "create", "-b", "95", "grp"], check=True)
-    subprocess.run(["on", "-X", "aps=grp", "aps", "create", "-b", "10", "gone"], check=True)
+    subprocess.run(["aps", "create", "-b", "95", "grp"], check=True, timeout=60)
+    subprocess.run(
+        ["on", "-X", "aps=grp", "aps", "create", "-b", "10", "gone"], check=True, timeout=60
+    )
     with pytest.raises(BackendError) as info:
         QnxBackend().create(tree_of(Partition("grp", cpu_budget=95))["grp"])
     assert "left by an earlier run" in str(info.value) and "aps modify -b 0" in str(info.value)
 
 
 def test_create_failure_names_partition_command_and_stderr(sim: Path) -> None:
-    subprocess.run(["aps", "create", "-b", "90", "hog"], check=True)
+    subprocess.run(["aps", "create", "-b", "90", "hog"], check=True, timeout=60)
     with pytest.raises(BackendError) as info:
         QnxBackend().create(tree_of(Partition("greedy", cpu_budget=20))["greedy"])
     message = str(info.value)
@@ -269,7 +271,7 @@ def test_cpu_shares_follow_budgets_20_and_60(sim: Path, tmp_path: Path) -> None:
         finally:
             for proc in procs:
                 proc.kill()
-                proc.wait()
+                proc.wait(timeout=30)
     low, high = (a - b for a, b in zip(after, before, strict=True))
     print(f"CPU ticks over 3 s on one core: low(20%)={low} high(60%)={high}")
     assert low > 0, "the 20% partition must not starve: budgets are guaranteed minimums"
@@ -327,7 +329,7 @@ async def test_memory_accounting_kills_the_partition_over_max_only(
     finally:
         for proc in (hog, calm):
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
         os.close(out)
 
 
@@ -370,7 +372,7 @@ def test_pids_finds_descendants_that_left_the_session(sim: Path, tmp_path: Path)
             time.sleep(0.05)
     finally:
         main.kill()
-        main.wait()
+        main.wait(timeout=30)
 
 
 def _state(pid: int) -> str:

@@ -199,7 +199,7 @@ def test_join_moves_a_running_process(sim: Sim) -> None:
         assert sim.run("aps", "join", "-p", str(sleeper.pid), "nosuch").returncode == 1
     finally:
         sleeper.kill()
-        sleeper.wait()
+        sleeper.wait(timeout=30)
 
 
 def test_show_usage_measures_a_busy_partition(sim: Sim) -> None:
@@ -217,7 +217,7 @@ def test_show_usage_measures_a_busy_partition(sim: Sim) -> None:
         assert used > 1.0
     finally:
         spinner.kill()
-        spinner.wait()
+        spinner.wait(timeout=30)
 
 
 def test_reset_is_the_reboot(sim: Sim) -> None:

@@ -372,3 +372,190 @@ def test_garbage_never_raises_anything_but_protocol_error(chunks: list[bytes], e
             assert exc.msgid is None or isinstance(exc.msgid, int)
             break
         assert conn.buffered_bytes <= 256 + len(chunk)
+
+
+# -- pinned by surviving mutants of `make mutate` (docs/testing.md) --------------------
+#
+# The tests above check kinds and codes; these pin the exact words an operator or a
+# client author reads, the boundaries, and the head tracking that recovers a msgid.
+
+EXACT_ANSWERABLE = [
+    pytest.param([0, 5, 42, []], "method must be a string, got int", id="method-int"),
+    pytest.param([0, 5, "m"], "a request has 4 elements, got 3", id="request-short"),
+    pytest.param([1, 5, None], "a response has 4 elements, got 3", id="response-short"),
+    pytest.param(
+        [0, 5, "m", 3], "m: params must be an array ([] or [{...}]), got int", id="params-int"
+    ),
+    pytest.param(
+        [0, 5, "m", [1]],
+        "m: params must be [] or a one-element array holding a map of named arguments",
+        id="params-array-of-int",
+    ),
+    pytest.param(
+        [0, 5, "m", [{b"k": 1}]],
+        "m: named argument keys must be strings, got bytes",
+        id="params-bytes-key",
+    ),
+    pytest.param([1, 5, 3, None], "error must be nil or a map, got int", id="error-int"),
+    pytest.param(
+        [1, 5, {"code": 1, "message": "m"}, None],
+        'error map must have str "code" and str "message"',
+        id="error-code-int",
+    ),
+    pytest.param([2, 7, []], "method must be a string, got int", id="notification-method-int"),
+    pytest.param([2, "n"], "a notification has 3 elements, got 2", id="notification-short"),
+    pytest.param([0, 5], "a request has 4 elements, got 2", id="request-of-two"),
+]
+
+
+@pytest.mark.parametrize(("message", "text"), EXACT_ANSWERABLE)
+def test_answerable_messages_say_exactly_what_is_wrong(message: Any, text: str) -> None:
+    [bad] = feed(pack(message))
+    assert isinstance(bad, InvalidMessage) and bad.error.message == text
+
+
+EXACT_FATAL = [
+    pytest.param(b"\xc1", "not a valid msgpack message (FormatError)", id="reserved-byte"),
+    pytest.param(pack(5), "expected a msgpack-RPC array, got int", id="int"),
+    pytest.param(pack([7, 1]), "unknown message type 7 (expected 0, 1, 2)", id="type-7"),
+    pytest.param(pack([0]), "msgid must be a uint32, got nothing", id="no-msgid"),
+    pytest.param(pack([0, -1, "m", []]), "msgid must be a uint32, got -1", id="msgid-negative"),
+    pytest.param(pack([0, "1", "m", []]), "msgid must be a uint32, got '1'", id="msgid-str-quoted"),
+    pytest.param(pack([0, -1]), "msgid must be a uint32, got -1", id="two-elements-bad-msgid"),
+    pytest.param(
+        b"\x94\x00\x07\xa2\xff\xfe\x90",
+        "not a valid msgpack message (UnicodeDecodeError: 'utf-8' codec can't decode byte "
+        "0xff in position 0: invalid start byte)",
+        id="decoder-error-with-text",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "text"), EXACT_FATAL)
+def test_fatal_messages_say_exactly_what_is_wrong(data: bytes, text: str) -> None:
+    error = fatal(data)
+    assert (error.code, error.message) == (ErrorCode.BAD_REQUEST, text)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "msgid"),
+    [
+        # A notification's second element is its method, never a msgid.
+        pytest.param(b"\x93\x02\x05\xc1", None, None, id="notification"),
+        # A request whose msgid is not a uint32: its kind is known, its id is not.
+        pytest.param(b"\x94\x00\xff\xc1", MessageKind.REQUEST, None, id="negative-msgid"),
+        pytest.param(b"\x94\x01\x09\xc1", MessageKind.RESPONSE, 9, id="response"),
+    ],
+)
+def test_what_the_head_of_a_broken_message_tells(
+    data: bytes, kind: MessageKind | None, msgid: int | None
+) -> None:
+    error = fatal(data)
+    assert (error.kind, error.msgid) == (kind, msgid)
+
+
+def test_a_declared_length_over_the_limit_says_so() -> None:
+    error = fatal(b"\xdd\xff\xff\xff\xff", limit=1024)
+    assert error.message == (
+        "message over the 1024-byte size limit; send less per request (the connection is "
+        "closed: the stream cannot be resynchronized)"
+    )
+
+
+def test_a_message_of_exactly_the_limit_passes_byte_by_byte() -> None:
+    data = request_of_size(1024)
+    conn = RpcConnection(1024)
+    events: list[Any] = []
+    for i in range(len(data)):
+        conn.receive_data(data[i : i + 1])
+        events.extend(conn.events())
+    assert [type(e) for e in events] == [Request]
+
+
+def test_the_largest_msgid_is_valid() -> None:
+    assert feed(encode_request(MSGID_MAX, "ping")) == [Request(MSGID_MAX, "ping", {})]
+    assert fatal(pack([0, MSGID_MAX + 1, "m", []])).message == (
+        f"msgid must be a uint32, got {MSGID_MAX + 1}"
+    )
+    with pytest.raises(ValueError, match=f"msgid must be a uint32, got {MSGID_MAX + 1}"):
+        encode_request(MSGID_MAX + 1, "ping")
+
+
+def test_a_limit_of_64_is_the_smallest_accepted() -> None:
+    assert RpcConnection(64).max_message_bytes == 64
+    with pytest.raises(ValueError) as info:
+        RpcConnection(63)
+    assert str(info.value) == "max_message_bytes below 64 cannot carry even an error response"
+
+
+def test_a_map_may_declare_up_to_half_the_limit_in_entries() -> None:
+    # Each map entry takes at least two bytes (here an empty key and 0), so a map of
+    # limit/2 entries can still fit a message: only more than that is refused at once.
+    entries = 400
+    params = b"\xde" + entries.to_bytes(2, "big") + b"\xa0\x00" * entries
+    data = b"\x94\x00\x05\xa1m\x91" + params
+    assert len(data) <= 1024
+    assert feed(data, limit=1024) == [Request(5, "m", {"": 0})]
+
+
+def test_msgid_of_a_broken_message_is_found_whatever_came_before() -> None:
+    good = encode_request(1, "a-method-name-longer-than-the-head")
+    broken = b"\x94\x00\x07\xa2\xff\xfe\x90"  # msgid 7, then invalid UTF-8
+    # The good message arrives in two chunks, so the broken one starts inside a later
+    # chunk than the stream's first byte.
+    conn = RpcConnection()
+    conn.receive_data(good[:3])
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(good[3:] + broken)
+    assert conn.next_event() == Request(1, "a-method-name-longer-than-the-head", {})
+    with pytest.raises(ProtocolError) as info:
+        conn.next_event()
+    assert info.value.msgid == 7 and info.value.kind is MessageKind.REQUEST
+    # Byte by byte: the head is assembled across many chunks.
+    conn = RpcConnection()
+    events: list[Any] = []
+    with pytest.raises(ProtocolError) as info:
+        for i in range(len(good + broken)):
+            conn.receive_data((good + broken)[i : i + 1])
+            events.extend(conn.events())
+    assert events == [Request(1, "a-method-name-longer-than-the-head", {})]
+    assert info.value.msgid == 7
+
+
+def test_an_error_response_keeps_its_result_and_bytes_stay_bytes() -> None:
+    [response] = feed(pack([1, 5, {"code": "x", "message": "m"}, "partial"]))
+    assert isinstance(response, Response) and response.result == "partial"
+    assert response.error is not None and response.error.args == ("m",)
+    assert feed(encode_response(6, b"\xff\x00")) == [Response(6, None, b"\xff\x00")]
+
+
+def test_nothing_after_the_end_of_stream_counts() -> None:
+    conn = RpcConnection()
+    conn.receive_data(b"")
+    conn.receive_data(encode_request(1, "late"))
+    assert list(conn.events()) == [ConnectionClosed(partial=False)]
+
+
+def test_encoding_sets_and_refusing_the_unknown() -> None:
+    names = {"f", "e", "d", "c", "b", "a"}  # sorted, not in hash order
+    [response] = feed(encode_response(1, {"names": names, "mixed": {1, "x"}}))
+    assert isinstance(response, Response)
+    assert response.result["names"] == ["a", "b", "c", "d", "e", "f"]
+    assert sorted(map(str, response.result["mixed"])) == ["1", "x"]
+    with pytest.raises(TypeError, match="cannot encode object as msgpack"):
+        encode_response(1, object())
+
+
+def test_reprs_name_what_they_are() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert repr(RpcError("x", "m", a=1, b=[2])) == "RpcError('x', 'm', a=1, b=[2])"
+
+
+def test_an_error_whose_data_cannot_be_encoded_keeps_its_code() -> None:
+    [response] = feed(encode_error(4, RpcError(ErrorCode.NOT_FOUND, "gone", thing=object())))
+    assert isinstance(response, Response) and response.error is not None
+    assert (response.error.code, response.error.message, response.error.data) == (
+        ErrorCode.NOT_FOUND,
+        "gone",
+        {},
+    )

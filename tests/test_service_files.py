@@ -209,15 +209,22 @@ def test_rc_script_creates_and_reuses_the_daemons_partition(tmp_path: Path) -> N
     try:
         for _ in range(2):  # the second run finds the partition left by the first
             proc = subprocess.run(
-                ["sh", str(RC), "partitions"], env=env, capture_output=True, text=True
+                ["sh", str(RC), "partitions"], env=env, capture_output=True, text=True, timeout=60
             )
             assert proc.returncode == 0, proc.stderr
         show = subprocess.run(
-            ["aps", "show", "-f", "all"], env=env, capture_output=True, text=True, check=True
+            ["aps", "show", "-f", "all"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout
         assert re.search(r"^sqnx\s+\d+\s+0\s+\|\s+70%", show, re.MULTILINE), show
         assert "limit_cpu_usage" in show
-        usage = subprocess.run(["sh", str(RC), "bogus"], env=env, capture_output=True)
+        usage = subprocess.run(["sh", str(RC), "bogus"], env=env, capture_output=True, timeout=60)
         assert usage.returncode == 2
     finally:
-        subprocess.run([sys.executable, str(SIM_BIN / "qnx-sim-reset"), "--kill"], env=env)
+        subprocess.run(
+            [sys.executable, str(SIM_BIN / "qnx-sim-reset"), "--kill"], env=env, timeout=60
+        )

@@ -174,15 +174,31 @@ def test_oob_store_traps(tmp_path: Path, cache_dir: Path) -> None:
     assert "out of bounds memory access" in res.stderr
 
 
-@pytest.mark.parametrize("limit", [["--timeout", "0.5"], ["--fuel", "5000000"]])
-def test_spinner_is_stopped_by_deadline(tmp_path: Path, cache_dir: Path, limit: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("limit", "stopped_by", "says"),
+    [
+        (["--timeout", "0.5"], outcome.STOPPED_BY_EPOCH, "wasm runner: deadline (timeout)\n"),
+        (
+            ["--fuel", "5000000"],
+            outcome.STOPPED_BY_FUEL,
+            "wasm runner: deadline (fuel exhausted)\n",
+        ),
+    ],
+)
+def test_spinner_is_trapped_by_the_engine(
+    tmp_path: Path, cache_dir: Path, limit: list[str], stopped_by: str, says: str
+) -> None:
+    # The spinner never calls the host, so the engine's own check must trap it: the
+    # runner's grace exit (which would also say "deadline") must not be what ended it.
     report = tmp_path / "r.jsonl"
     t0 = time.monotonic()
     res = run(EXAMPLES / "spinner.wat", *limit, cache_dir=cache_dir, report=report, timeout=30)
     elapsed = time.monotonic() - t0
     assert res.returncode == outcome.EXIT_DEADLINE
-    assert outcome.read_report(report)["exit"]["reason"] == "deadline"
-    assert "deadline" in res.stderr
+    exit_event = outcome.read_report(report)["exit"]
+    assert (exit_event["reason"], exit_event["stopped_by"]) == ("deadline", stopped_by)
+    assert res.stderr.startswith(says), res.stderr
+    assert "blocked in a host call" not in res.stderr
     if limit[0] == "--timeout":
         assert 0.4 <= elapsed < 15
 
@@ -196,7 +212,13 @@ def test_deadline_holds_while_guest_is_blocked_in_a_host_call(
     res = run(module, "--timeout", "0.3", cache_dir=cache_dir, report=report, timeout=30)
     assert res.returncode == outcome.EXIT_DEADLINE
     assert time.monotonic() - t0 < 15  # not the 30 s the guest asked for
-    assert outcome.read_report(report)["exit"]["reason"] == "deadline"
+    exit_event = outcome.read_report(report)["exit"]
+    # No epoch check runs inside the host call: the runner's own timer ended it.
+    assert (exit_event["reason"], exit_event["stopped_by"]) == (
+        "deadline",
+        outcome.STOPPED_BY_GRACE,
+    )
+    assert res.stderr == "wasm runner: deadline (timeout; guest blocked in a host call)\n"
 
 
 def test_proc_exit_code_and_unterminated_output_reach_the_log_file(

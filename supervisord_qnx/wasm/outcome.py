@@ -10,6 +10,7 @@ Two channels, in order of trust:
     {"event": "started", "pid": 123, "cache": "hit", "load_ms": 4.1}
     {"event": "memory-denied", "count": 7, "last_granted": 16777216}
     {"event": "exit", "reason": "trap: out of bounds memory access", "code": 200}
+    {"event": "exit", "reason": "deadline", "code": 201, "stopped_by": "epoch-trap"}
 
   ``read_report`` parses it;
 * the **process exit status**: the guest's ``proc_exit`` code (``0`` when
@@ -46,6 +47,14 @@ EXIT_GUEST_OUT_OF_RANGE = 125
 MAX_GUEST_EXIT = 125
 
 REASON_DEADLINE = "deadline"
+
+#: ``stopped_by`` of a ``deadline`` exit event: which mechanism ended the run. The
+#: engine trapped the guest at an epoch check (``--timeout``) or when its fuel ran
+#: out (``--fuel``); or the guest sat in a host call past the grace period and the
+#: runner's timer thread ended the process (``--timeout`` too).
+STOPPED_BY_EPOCH = "epoch-trap"
+STOPPED_BY_FUEL = "fuel-trap"
+STOPPED_BY_GRACE = "grace-exit"
 REASON_TRAP_PREFIX = "trap: "
 REASON_INVALID_PREFIX = "invalid-module: "
 REASON_EXIT_PREFIX = "exit:"

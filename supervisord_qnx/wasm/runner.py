@@ -25,7 +25,10 @@ Limits, from inside the engine (the OS partition is the outer wall):
   the engine epoch once the time is up, which traps the guest at its next loop
   back-edge or function entry. A guest blocked *in the host* (a long
   ``poll_oneoff`` sleep) never reaches such a check, so after a grace period the
-  timer thread ends the process itself with the same ``deadline`` outcome.
+  timer thread ends the process itself with the same ``deadline`` outcome. The
+  exit event's ``stopped_by`` says which mechanism ended the run (``epoch-trap``,
+  ``fuel-trap`` or ``grace-exit``), so a deadline that never traps cannot hide
+  behind the grace exit.
 
 Memory denials: the wasmtime Python API (50.x) only exposes the fixed limits of
 ``wasmtime_store_limiter``; there is no callback when it refuses a grow, so the
@@ -194,7 +197,13 @@ class Runner:
 
     # -- ending ---------------------------------------------------------------
 
-    def finish(self, reason: str, code: int, stderr_text: str | None = None) -> NoReturn:
+    def finish(
+        self,
+        reason: str,
+        code: int,
+        stderr_text: str | None = None,
+        stopped_by: str | None = None,
+    ) -> NoReturn:
         """Write the outcome and leave at once, from whichever thread gets here first.
 
         ``os._exit`` rather than ``sys.exit``: the timer thread must be able to end
@@ -205,6 +214,8 @@ class Runner:
         self.done.set()
         self.denials.flush()
         event: dict[str, Any] = {"event": "exit", "reason": reason, "code": code}
+        if stopped_by is not None:
+            event["stopped_by"] = stopped_by
         memory_bytes = self._memory_bytes()
         if memory_bytes is not None:
             event["memory_bytes"] = memory_bytes
@@ -365,13 +376,13 @@ class Runner:
 
     def _trapped(self, trap: wasmtime.Trap) -> NoReturn:
         if trap.trap_code in (wasmtime.TrapCode.INTERRUPT, wasmtime.TrapCode.OUT_OF_FUEL):
-            what = (
-                "fuel exhausted" if trap.trap_code is wasmtime.TrapCode.OUT_OF_FUEL else "timeout"
-            )
+            fuel = trap.trap_code is wasmtime.TrapCode.OUT_OF_FUEL
             self.finish(
                 outcome.REASON_DEADLINE,
                 outcome.EXIT_DEADLINE,
-                f"wasm runner: deadline ({what})\n{trap.message}",
+                f"wasm runner: deadline ({'fuel exhausted' if fuel else 'timeout'})\n"
+                f"{trap.message}",
+                stopped_by=outcome.STOPPED_BY_FUEL if fuel else outcome.STOPPED_BY_EPOCH,
             )
         self.finish(
             outcome.REASON_TRAP_PREFIX + trap_summary(trap),
@@ -389,6 +400,7 @@ class Runner:
             outcome.REASON_DEADLINE,
             outcome.EXIT_DEADLINE,
             "wasm runner: deadline (timeout; guest blocked in a host call)",
+            stopped_by=outcome.STOPPED_BY_GRACE,
         )
 
 
