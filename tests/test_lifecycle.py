@@ -326,3 +326,49 @@ class LifecycleMachine(RuleBasedStateMachine):
 
 TestLifecycleMachine = LifecycleMachine.TestCase
 TestLifecycleMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+# -- what the lifecycle records (read by status and the events) ------------------------
+
+
+def test_exit_reasons_are_recorded_as_the_operator_reads_them() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=1), pid=7, now=0.0)
+    lc.exited(ExitReason.exited(3), 0.5)
+    assert (str(lc.exit_reason), lc.pid) == ("exit:3", None)
+    lc.timer(lc.deadline or 0.0)
+    lc.spawned(8, 1.0)
+    lc.stop(1.5)
+    lc.exited(ExitReason.signalled(15), 1.6)
+    assert str(lc.exit_reason) == "stopped (signal:SIGTERM)"
+    assert (lc.state, lc.want_running) == (State.STOPPED, False)
+
+
+def test_a_healthy_run_resets_the_backoff_but_a_short_one_does_not() -> None:
+    spec = RestartSpec(backoff_initial=0.5, backoff_max=2.0, max_restarts=100, window=1)
+    lc = running(Lifecycle(spec, stop_timeout=1), now=0.0)
+    delays = []
+    now = 0.0
+    for uptime in (0.1, 0.1, 0.1, 5.0):  # short, short, short, then healthy
+        now += uptime
+        lc.exited(ExitReason.exited(1), now)
+        delays.append(lc.backoff_delay)
+        assert lc.deadline == pytest.approx(now + lc.backoff_delay)
+        now = lc.deadline
+        lc.timer(now)
+        lc.spawned(1, now)
+    assert delays == [0.5, 1.0, 2.0, 0.5]
+
+
+def test_intent_is_kept_and_every_operator_call_counts() -> None:
+    lc = Lifecycle(SPEC, stop_timeout=1)
+    seqs = []
+    for call in (lc.start, lc.stop, lc.restart, lc.stop):
+        call(0.0)
+        seqs.append((lc.intent_seq, lc.want_running))
+    assert seqs == [(1, True), (2, False), (3, True), (4, False)]
+
+
+def test_an_illegal_transition_names_its_state_and_event() -> None:
+    with pytest.raises(IllegalTransition) as info:
+        Lifecycle(SPEC, stop_timeout=1).exited(ExitReason.exited(0), 0.0)
+    assert (info.value.state, info.value.event) == (State.STOPPED, Event.EXIT_FINAL)
