@@ -129,13 +129,20 @@ def fd_needs(config: Config, backend_name: str, partitions: int) -> int:
     )
 
 
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the new (soft, hard)."""
+def raise_fd_limit(need: int) -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to twice what the config needs (at most the hard
+    limit); return the new (soft, hard).
+
+    Not straight to the hard limit: workers inherit the soft limit, and a program that
+    closes every descriptor up to it, or uses select(), should meet what a service
+    usually gets (1024, or what the service manager set), not the hard limit (often
+    half a million)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    target = 2 * need if hard == resource.RLIM_INFINITY else min(hard, 2 * need)
+    if soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
         except (ValueError, OSError) as exc:  # e.g. a hard limit over the kernel's nr_open
             log.warning("could not raise the descriptor limit", soft=soft, hard=hard,
                         error=str(exc))  # fmt: skip
@@ -295,11 +302,12 @@ class Daemon:
     def _size_fds(self) -> None:
         """Raise the descriptor limit, warn if it is still short, and cap connections so
         that idle clients can never take the descriptors spawns and backends need."""
-        soft, _ = raise_fd_limit()
+        need = fd_needs(self.config, self.backend.name, len(self.tree))
+        soft, _ = raise_fd_limit(need)
         problem = fd_limit_problem(self.config, self.backend.name, len(self.tree))
         if problem:
             log.warning("descriptor limit too low", detail=problem)
-        own = fd_needs(self.config, self.backend.name, len(self.tree)) - FDS_CONNECTIONS
+        own = need - FDS_CONNECTIONS
         self.max_connections = max(8, min(soft - own, MAX_CONNECTIONS))
 
     def _give_back_attached(self) -> None:

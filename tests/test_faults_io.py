@@ -6,6 +6,7 @@ processes, files and sockets.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisord_qnx.config.load import load
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from supervisord_qnx.daemon import fd_needs
 from supervisord_qnx.logtail import TRUNCATED
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_cli import CTL, DAEMON, ctl
@@ -404,6 +407,8 @@ def test_check_warns_when_the_descriptor_limit_is_too_low(cfg: ConfigDir) -> Non
 def test_the_daemon_raises_its_soft_descriptor_limit(cfg: ConfigDir) -> None:
     tenant(cfg, "alpha", SLEEPER)
     cfg.write()
+    config = load(cfg.path)
+    need = fd_needs(config, "portable", len(config.tree))
     proc = subprocess.Popen(
         [DAEMON, "--config", str(cfg.path)],
         stdout=subprocess.DEVNULL,
@@ -413,8 +418,10 @@ def test_the_daemon_raises_its_soft_descriptor_limit(cfg: ConfigDir) -> None:
     )
     try:
         wait_until(lambda: ctl(cfg.socket, "ping").returncode == 0, 30, "the daemon to serve")
-        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
-        assert (soft, hard) == (4096, 4096)
+        # Twice what the config needs, not the hard limit: workers inherit the soft one.
+        assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE) == (2 * need, 4096)
+        worker = next(w for w in json.loads(ctl(cfg.socket, "--json", "status").stdout))
+        assert resource.prlimit(worker["pid"], resource.RLIMIT_NOFILE)[0] == 2 * need
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
