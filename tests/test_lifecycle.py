@@ -353,7 +353,7 @@ def test_a_healthy_run_resets_the_backoff_but_a_short_one_does_not() -> None:
         lc.exited(ExitReason.exited(1), now)
         delays.append(lc.backoff_delay)
         assert lc.deadline == pytest.approx(now + lc.backoff_delay)
-        now = lc.deadline
+        now += lc.backoff_delay
         lc.timer(now)
         lc.spawned(1, now)
     assert delays == [0.5, 1.0, 2.0, 0.5]
