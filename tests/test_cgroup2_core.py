@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import BackendError, Control, Enforcement, SpawnRequest
@@ -194,6 +195,33 @@ def test_cgroup_kill_takes_the_whole_subtree_forks_and_setsid_included(
         assert wait_for(lambda: events(leaf)["populated"] == 0, timeout=30)
         assert proc.wait(timeout=30) == -signal.SIGKILL
         assert not [p for p in members if alive(p)]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_kill_leaf_empties_a_leaf_and_returns_on_its_populated_event(
+    core: Cgroup2Backend,
+) -> None:
+    # The supervisor's clean-up after a run: one call, and the leaf (forks and setsid
+    # escapees included) is empty when it returns; the waiting is on cgroup.events.
+    build(core, "kl")
+    r, w = os.pipe()
+    proc = core.spawn(request("kl", "kl-0", ["/bin/sh", "-c", SPREAD], w))
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            assert f.readline() == b"ready\n"
+        leaf = core.root / "kl/@kl-0"
+        assert wait_for(lambda: len(fs.read_procs(leaf)) >= 5, timeout=30)
+        members = fs.read_procs(leaf)
+        survivors = trio.run(core.kill_leaf, "kl", "kl-0")
+        assert survivors == []
+        assert events(leaf)["populated"] == 0 and fs.read_procs(leaf) == []
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert not [p for p in members if alive(p)]
+        # An empty leaf, and one that is gone, answer at once.
+        assert trio.run(core.kill_leaf, "kl", "kl-0") == []
     finally:
         proc.kill()
         proc.wait(timeout=30)

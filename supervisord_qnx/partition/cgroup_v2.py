@@ -82,14 +82,18 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import trio
+
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.backend import (
+    KILL_LEAF_TIMEOUT,
     AttachPlan,
     BackendError,
     BackendOptions,
@@ -374,6 +378,27 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         kill = self._dir(path, leaf) / "cgroup.kill"
         return kill if kill.exists() else None
 
+    async def kill_leaf(self, path: str, leaf: str) -> list[int]:
+        """``cgroup.kill``, then wait for ``populated 0`` in ``cgroup.events``: the kernel
+        notifies that file's change (POLLPRI), so the wait is a sleep, not a poll loop.
+        Kernels without ``cgroup.kill`` (before 5.14) use the base class's loop."""
+        d = self._dir(path, leaf)
+        if not (d / "cgroup.kill").exists():
+            return await super().kill_leaf(path, leaf)
+        watch = await trio.to_thread.run_sync(_EventsWatch.open, d / "cgroup.events")
+        if watch is None:  # the leaf is gone: nothing left in it
+            return []
+        try:
+            if watch.populated():
+                await trio.to_thread.run_sync(fs.write_text, d / "cgroup.kill", "1", path)
+            with trio.move_on_after(KILL_LEAF_TIMEOUT):
+                while watch.populated():
+                    await trio.lowlevel.wait_readable(watch.epoll.fileno())
+                    watch.epoll.poll(0)  # drain: the next change re-arms it
+        finally:
+            watch.close()
+        return await trio.to_thread.run_sync(self.pids, path, leaf)
+
     def _make_leaf_dirs(self, path: str, leaf: str) -> None:
         d = self._dir(path, leaf)
         self._mkdir(d, f"{path}/{fs.LEAF_PREFIX}{leaf}")
@@ -517,3 +542,40 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             pids_current=fs.try_read_int(d / "pids.current"),
             pids=fs.subtree_procs(d),
         )
+
+
+class _EventsWatch:
+    """An open ``cgroup.events`` registered for POLLPRI in an epoll set of its own, whose
+    fd trio can wait on. Reading the file re-arms the notification, and it is read after
+    registering, so a change between the read and the wait is never missed."""
+
+    def __init__(self, fd: int, epoll: select.epoll) -> None:
+        self.fd = fd
+        self.epoll = epoll
+
+    @classmethod
+    def open(cls, events: Path) -> _EventsWatch | None:
+        try:
+            fd = os.open(events, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        epoll = select.epoll()
+        try:
+            epoll.register(fd, select.EPOLLPRI)
+        except OSError:
+            epoll.close()
+            os.close(fd)
+            raise
+        return cls(fd, epoll)
+
+    def populated(self) -> bool:
+        text = os.pread(self.fd, 4096, 0).decode()
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "populated":
+                return value.strip() != "0"
+        return False
+
+    def close(self) -> None:
+        self.epoll.close()
+        os.close(self.fd)
