@@ -48,9 +48,14 @@ async def test_every_worker_running_in_its_partition(cfg: ConfigDir, start_daemo
     }
     for w in status:
         assert pid_alive(w["pid"])
-        # The process carries its partition tag from its first instruction on.
-        env = Path(f"/proc/{w['pid']}/environ").read_bytes().split(b"\0")
-        assert f"SUPERVISORD_QNX_LEAF={w['partition']}:beat-0".encode() in env
+        # The process carries its partition tag from its first instruction on. (While
+        # the exec shim is in the middle of execve, /proc/PID/environ reads empty: wait
+        # for the process to have an environment at all, then require the tag in it.)
+        environ = Path(f"/proc/{w['pid']}/environ")
+        with trio.fail_after(10):
+            while not (raw := environ.read_bytes()):
+                await trio.sleep(0.01)
+        assert f"SUPERVISORD_QNX_LEAF={w['partition']}:beat-0".encode() in raw.split(b"\0")
     assert await d.call("ping") == "pong"
     assert (await d.call("version"))["backend"] == "portable"
 
