@@ -496,3 +496,17 @@ def _status(cfg: ConfigDir) -> list[dict]:
     import json
 
     return list(json.loads(ctl(cfg.socket, "--json", "status", check=True).stdout))
+
+
+async def test_a_running_worker_is_already_in_its_leaf(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    # "running" means inside its partition: no moment in which status shows a pid that
+    # the kernel still counts outside the leaf (the exec shim joins before spawn returns).
+    cfg.tenant("alpha", f'autostart = false\n[[worker]]\nname = "w"\ncommand = {SLEEPER}\n')
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    for _ in range(20):
+        (w,) = await d.call("restart", tenant="alpha", wait=True)
+        assert w["state"] == "running"
+        for leaf in leaf_dirs(cg, "tenants/alpha", "w-0"):
+            assert w["pid"] in fs.read_procs(leaf), leaf

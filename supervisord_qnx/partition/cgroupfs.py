@@ -335,7 +335,33 @@ def spawn_shim(
     if "/" not in argv[0] and shutil.which(argv[0], path=path_var or os.defpath) is None:
         raise FileNotFoundError(2, f"No such file or directory: {argv[0]!r}")
     full = ["/bin/sh", "-c", SHIM, "sh", str(len(procs)), *procs, *argv]
-    return subprocess.Popen(full, **kwargs)
+    proc = subprocess.Popen(full, **kwargs)
+    if procs:
+        # Return once the shim is in its last cgroup (it writes them in order, then
+        # execs), so that "spawned" means "inside its partition" to everyone who looks.
+        _wait_joined(proc.pid, Path(procs[-1]))
+    return proc
+
+
+def _wait_joined(pid: int, procs: Path, timeout: float = 2.0) -> None:
+    """Wait until ``pid`` is listed in ``procs``, or has ended (a shim that could not
+    attach exits 126), or ``timeout`` passes. Blocking: spawns run in worker threads."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while time.monotonic() < deadline:
+        if pid in read_procs(procs.parent) or not _running(pid):
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
 
 
 # --------------------------------------------------------------------------- killing
