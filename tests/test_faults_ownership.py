@@ -122,8 +122,9 @@ def test_portable_second_daemon_on_same_state_dir_refuses(cfg: ConfigDir, daemon
     one_tenant(cfg, "portable")
     first = daemons.start(cfg.path, cfg.root / "first.out")
     wait_until(lambda: serving(cfg.socket), 30, "the first daemon")
+    # The socket is served before autostart has finished: wait for the worker.
+    wait_until(lambda: worker(cfg.socket)["state"] == "running", 30, "the worker to run")
     before = worker(cfg.socket)
-    assert before["state"] == "running"
     config2, socket2 = second_config(cfg, "second.toml")
     second = daemons.start(config2, cfg.root / "second.out")
     text = refused(second, cfg.root / "second.out")
@@ -149,6 +150,7 @@ def test_cgroup1_second_daemon_on_same_cgroup_root_refuses(
         one_tenant(b, "cgroup1", cgroup_root=cg.name)
         daemons.start(a.path, tmp_path / "a.out")
         wait_until(lambda: serving(a.socket), 30, "the first daemon")
+        wait_until(lambda: worker(a.socket)["state"] == "running", 30, "the worker to run")
         before = worker(a.socket)
         leaf = cg.dir("memory", "tenants", "alpha", "@w-0")
         wait_until(lambda: cgroup_of(before["pid"]).endswith("/tenants/alpha/@w-0"), 5, "leaf")
@@ -187,8 +189,9 @@ def test_cgroup1_simultaneous_start_of_one_config(cg: CgroupRoot, cfg: ConfigDir
             text = refused(proc, out)
             assert "owns" in text or "already serving" in text, text
     (winner,) = [p for p in procs if p.poll() is None]
+    # The winner serves its socket before its 25 tenants are all up: let it finish.
+    wait_until(lambda: worker(cfg.socket)["state"] == "running", 30, "the worker to run")
     w = worker(cfg.socket)
-    assert w["state"] == "running"
     wait_until(lambda: cgroup_of(w["pid"]).endswith("/tenants/alpha/@w-0"), 5, "the leaf")
     time.sleep(0.5)  # had a loser destroyed anything, the worker would be gone by now
     assert winner.poll() is None
@@ -204,6 +207,7 @@ def test_cgroup1_socket_deleted_then_second_start_refuses(
     one_tenant(cfg, "cgroup1", cgroup_root=cg.name)
     first = daemons.start(cfg.path, cfg.root / "first.out")
     wait_until(lambda: serving(cfg.socket), 30, "the first daemon")
+    wait_until(lambda: worker(cfg.socket)["state"] == "running", 30, "the worker to run")
     pid = worker(cfg.socket)["pid"]
     wait_until(lambda: cgroup_of(pid).endswith("/tenants/alpha/@w-0"), 5, "the leaf")
     cfg.socket.unlink()
