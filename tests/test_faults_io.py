@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -420,8 +421,16 @@ def test_the_daemon_raises_its_soft_descriptor_limit(cfg: ConfigDir) -> None:
         wait_until(lambda: ctl(cfg.socket, "ping").returncode == 0, 30, "the daemon to serve")
         # Twice what the config needs, not the hard limit: workers inherit the soft one.
         assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE) == (2 * need, 4096)
-        worker = next(w for w in json.loads(ctl(cfg.socket, "--json", "status").stdout))
-        assert resource.prlimit(worker["pid"], resource.RLIMIT_NOFILE)[0] == 2 * need
+        def running() -> list[Any]:
+            return [
+                w
+                for w in json.loads(ctl(cfg.socket, "--json", "status").stdout)
+                if w["state"] == "running"
+            ]
+
+        # The socket is served before autostart has finished: wait for the worker.
+        wait_until(lambda: bool(running()), 30, "the worker to run")
+        assert resource.prlimit(running()[0]["pid"], resource.RLIMIT_NOFILE)[0] == 2 * need
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
