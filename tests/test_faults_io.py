@@ -421,6 +421,7 @@ def test_the_daemon_raises_its_soft_descriptor_limit(cfg: ConfigDir) -> None:
         wait_until(lambda: ctl(cfg.socket, "ping").returncode == 0, 30, "the daemon to serve")
         # Twice what the config needs, not the hard limit: workers inherit the soft one.
         assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE) == (2 * need, 4096)
+
         def running() -> list[Any]:
             return [
                 w
