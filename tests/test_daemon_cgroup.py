@@ -459,7 +459,7 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
     first = DaemonProc(cfg)
     second: DaemonProc | None = None
     try:
-        old = {w["name"]: w["pid"] for w in _status(cfg)}
+        old = {w["name"]: w["pid"] for w in _all_running(cfg)}
         alpha_mem = cg.dir("memory", "tenants", "alpha")
         old_ino = alpha_mem.stat().st_ino
         first.proc.send_signal(signal.SIGKILL)
@@ -472,8 +472,7 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
         second = DaemonProc(cfg)
         # ... until the next start: old workers killed, partitions built afresh.
         wait_until(lambda: not any(pid_alive(p) for p in old.values()), 10, "old workers gone")
-        new = {w["name"]: w for w in _status(cfg)}
-        assert {w["state"] for w in new.values()} == {"running"}
+        new = {w["name"]: w for w in _all_running(cfg)}
         assert all(new[n]["pid"] != old[n] for n in old)
         assert alpha_mem.stat().st_ino != old_ino
         assert fs.read_procs(alpha_mem / "@w-0") == [new["alpha:w-0"]["pid"]]
@@ -490,6 +489,13 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
                 d.proc.wait(timeout=30)
             if d is not None and not d.log.closed:
                 d.log.close()
+
+
+def _all_running(cfg: ConfigDir) -> list[dict]:
+    """``status`` once every worker runs: a daemon serves its socket before its autostart
+    tenants are all up."""
+    wait_until(lambda: {w["state"] for w in _status(cfg)} == {"running"}, 30, "all running")
+    return _status(cfg)
 
 
 def _status(cfg: ConfigDir) -> list[dict]:
