@@ -374,10 +374,6 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         for d in fs.subtree_dirs(top):
             self._rmdir(d, path)
 
-    def _kill_file(self, path: str, leaf: str) -> Path | None:
-        kill = self._dir(path, leaf) / "cgroup.kill"
-        return kill if kill.exists() else None
-
     async def kill_leaf(self, path: str, leaf: str) -> list[int]:
         """``cgroup.kill``, then wait for ``populated 0`` in ``cgroup.events``: the kernel
         notifies that file's change (POLLPRI), so the wait is a sleep, not a poll loop.

@@ -578,19 +578,6 @@ class CgroupBackendBase(Backend):
         # behind it.
         self._remove_dirs(path, leaf)
 
-    def _kill_leaf_blocking(self, path: str, leaf: str) -> list[int]:
-        kill = self._kill_file(path, leaf)
-        if kill is not None:
-            # cgroup.kill (v2, Linux 5.14+): the kernel kills the whole leaf at once,
-            # forks racing the kill included.
-            with contextlib.suppress(OSError):
-                write_text(kill, "1", path)
-        return super()._kill_leaf_blocking(path, leaf)
-
-    def _kill_file(self, path: str, leaf: str) -> Path | None:  # noqa: ARG002 - v2 overrides
-        """The leaf's ``cgroup.kill`` where the kernel has one (v1 has none)."""
-        return None
-
     def recreate(self, chain: Sequence[Partition]) -> bool:
         missing = next((i for i, n in enumerate(chain) if not self._present(n.path)), None)
         if missing is not None:
