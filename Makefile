@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= config/supervisord.toml
 PYTEST_ARGS ?=
 
-.PHONY: help run check test test-cgroup2 lint typecheck unit bench mutate clean system-deps test-deps vm-deps venv
+.PHONY: help run check test test-cgroup2 lint typecheck unit bench bench-deps mutate clean system-deps test-deps vm-deps venv
 
 help:
 	@echo "make run     start the daemon in the foreground on $(CONFIG) (runtime files in ./run/)"
@@ -93,7 +93,19 @@ $(VM_STAMP): $(STAMP)
 test-cgroup2: vm-deps test-deps $(VM_STAMP)
 	tests/vm/run.sh $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# The peers the benchmarks compare with, each in its own environment: supervisord and
+# circus (and the profilers) in bench/.venv-compare, never the project's .venv; s6 from
+# Debian's package.
+COMPARE_VENV := bench/.venv-compare
+BENCH_DEPS := "command -v s6-svscan:s6"
+
+bench-deps: system-deps
+	$(call apt_install,$(BENCH_DEPS))
+	@test -x $(COMPARE_VENV)/bin/circusd -a -x $(COMPARE_VENV)/bin/py-spy || { \
+	  $(PY) -m venv $(COMPARE_VENV) && \
+	  $(COMPARE_VENV)/bin/pip install -q supervisor circus py-spy pyinstrument; }
+
+bench: $(STAMP) bench-deps
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # Mutation testing of the pure core against its fast unit tests; configured in
