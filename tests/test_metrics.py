@@ -332,3 +332,23 @@ def test_metrics_interval_is_validated(cfg: ConfigDir) -> None:
     config = load(cfg.path)
     assert config.daemon.metrics_interval == 15.0
     assert config.daemon.metrics_textfile == Path(cfg.root / "m.prom")
+
+
+async def test_unreadable_partition_is_flagged_and_the_rest_still_reported(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    tenants(cfg)
+    cfg.tenant("idle", "autostart = false\n[[worker]]\nname = 'w'\ncommand = ['sleep', '1000']\n")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    await settled(d)
+    # Removed from outside (an administrator, a cleanup script): its figures cannot be read.
+    cg.dir("memory", "tenants", "idle").rmdir()
+    report = await d.call("partitions")
+    assert "error" in find_partition(report, "tenants/idle")["usage"]
+    _, samples = parse(await d.call("metrics"))
+    idle = {"partition": "tenants/idle"}
+    assert value(samples, "supervisord_qnx_partition_stats_readable", **idle) == 0
+    assert value(samples, "supervisord_qnx_partition_memory_current_bytes", **idle) is None
+    steady = {"partition": "tenants/steady"}
+    assert value(samples, "supervisord_qnx_partition_stats_readable", **steady) == 1
+    assert value(samples, "supervisord_qnx_partition_memory_limit_bytes", **steady) == 64 * MiB
