@@ -37,6 +37,7 @@ from supervisord_qnx import attached, sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.methods import Methods
+from supervisord_qnx.control.metrics import write_textfile
 from supervisord_qnx.control.server import AlreadyRunning, ServeError, serve
 from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
@@ -272,6 +273,14 @@ class Daemon:
                     )
                 )
                 nursery.start_soon(self._signals)
+                if cfg.metrics_textfile is not None:
+                    nursery.start_soon(
+                        write_textfile,
+                        methods.exporter,
+                        cfg.metrics_textfile,
+                        cfg.metrics_interval,
+                        self.blocking,
+                    )
                 log.info(
                     "daemon started",
                     pid=os.getpid(),

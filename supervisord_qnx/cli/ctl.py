@@ -30,6 +30,8 @@ commands:
   events [-n N] [--kind K]     recent daemon events (state changes, restarts, limits)
   attach PARTITION PID         move a running process into a partition
   detach PID                   move it back out
+  metrics                      Prometheus text exposition of workers, partitions, requests
+                               (--json: a list of samples {name, labels, value, type})
   ping | version | shutdown
 
 exit codes: 0 ok; 1 the daemon answered with an error (message printed);
@@ -39,6 +41,7 @@ examples:
   supervisorctl-qnx --socket run/control.sock status
   supervisorctl-qnx restart alpha --wait
   supervisorctl-qnx --json status | jq '.[] | select(.state != "running")'
+  supervisorctl-qnx metrics | grep '^supervisord_qnx_partition_memory_current_bytes'
 """
 
 
@@ -82,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("pid", type=int)
     s = sub.add_parser("detach", help="move a process out of its partition")
     s.add_argument("pid", type=int)
+    sub.add_parser(
+        "metrics",
+        help="Prometheus text exposition (docs/metrics.md); with --json, parsed samples",
+    )
     for name in ("ping", "version", "shutdown"):
         sub.add_parser(name, help=f"{name} the daemon")
     return p
@@ -129,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             for problem in exc.data.get("problems", []):
                 print(f"  {problem}", file=sys.stderr)
         return EXIT_ERROR
-    if args.json:
+    if args.json and method == "metrics":
+        print(json.dumps(_metric_samples(result), indent=2))
+    elif args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         RENDER.get(method, _render_plain)(result)
@@ -230,6 +239,22 @@ def _render_events(result: list[dict[str, Any]]) -> None:
         print(f"{stamp} {e['kind']:<16} {rest}")
 
 
+def _metric_samples(text: str) -> list[dict[str, Any]]:
+    """The exposition as data for scripts: one entry per sample, parsed by the library
+    that wrote it (imported here only: the other commands stay quick to start)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        {"name": s.name, "labels": s.labels, "value": s.value, "type": family.type}
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+def _render_text(result: str) -> None:
+    print(result, end="")
+
+
 def _render_plain(result: Any) -> None:
     if isinstance(result, dict):
         for k, v in result.items():
@@ -246,6 +271,7 @@ RENDER: dict[str, Callable[[Any], None]] = {
     "partitions": _render_partitions,
     "logs": _render_logs,
     "events": _render_events,
+    "metrics": _render_text,
 }
 
 

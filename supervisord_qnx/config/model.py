@@ -246,6 +246,10 @@ class DaemonSpec(Strict):
     # Start wasm workers by forking a pre-initialised process (docs/wasm.md, 7.) where
     # the backend and platform allow it; false: always the plain runner.
     wasm_prefork: bool = True
+    # node_exporter's textfile collector: the `metrics` text written here (atomically)
+    # every metrics_interval seconds; None writes nothing (docs/metrics.md).
+    metrics_textfile: ResolvedPath | None = None
+    metrics_interval: Annotated[float, Field(ge=0.1, le=86400)] = 15.0
 
 
 class DaemonFile(Strict):

@@ -9,6 +9,7 @@ script that misspells ``wait`` should hear so, not silently not wait.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -17,6 +18,7 @@ import trio
 
 from supervisord_qnx import __version__, attached, logtail
 from supervisord_qnx.config.model import Config
+from supervisord_qnx.control.metrics import Exporter, error_code
 from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.control.server import Connection, MethodTable
@@ -112,12 +114,23 @@ class Methods:
             "attach": self.attach,
             "detach": self.detach,
             "events": self.recent_events,
+            "metrics": self.metrics,
             "shutdown": self.shutdown,
         }
         self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
+        # Reads the daemon only when rendered (building the table touches nothing).
+        self.exporter = Exporter(daemon, self.table.__contains__)
 
     async def dispatch(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
-        return await self.table(method, params, conn)
+        # Every request is counted with the code it is answered with, and timed.
+        began, code = time.monotonic(), "ok"
+        try:
+            return await self.table(method, params, conn)
+        except BaseException as exc:
+            code = error_code(exc)
+            raise
+        finally:
+            self.exporter.requests.observe(method, code, time.monotonic() - began)
 
     async def ping(self, params: dict[str, Any]) -> str:
         _params(params)
@@ -254,6 +267,12 @@ class Methods:
         if "kind" in p:
             events = [e for e in events if e["kind"] == p["kind"]]
         return events[-p.get("limit", 100) :]
+
+    async def metrics(self, params: dict[str, Any]) -> str:
+        """Prometheus text exposition (``metrics.CONTENT_TYPE``), read in the slow-I/O
+        pool: a render reads every partition's counters."""
+        _params(params)
+        return await self.daemon.blocking(self.exporter.render)
 
     async def shutdown(self, params: dict[str, Any]) -> str:
         _params(params)

@@ -21,15 +21,18 @@ def enforcement_table(backend: Backend) -> dict[str, str]:
 async def partitions_report(
     backend: Backend,
     tree: PartitionTree,
-    blocking: Callable[[Callable[[str], PartitionStats], str], Awaitable[PartitionStats]],
+    blocking: Callable[..., Awaitable[Any]],
 ) -> dict[str, Any]:
-    """``blocking`` runs the backend's (blocking) ``stats`` call off the event loop."""
+    """``blocking`` runs the backend's (blocking) ``stats_many`` call off the event loop:
+    one call for every partition, so a backend that scans /proc scans it once."""
     stats: dict[str, Any] = {}
+    read: dict[str, PartitionStats | Exception] = await blocking(
+        backend.stats_many, [node.path for node in tree]
+    )
     for node in tree:
-        try:
-            s = await blocking(backend.stats, node.path)
-        except Exception as exc:  # noqa: BLE001 - a stats failure must not break the report
-            stats[node.path] = {"error": str(exc)}
+        s = read.get(node.path)
+        if not isinstance(s, PartitionStats):  # a stats failure must not break the report
+            stats[node.path] = {"error": str(s)}
             continue
         figures = {k: v for k, v in vars(s).items() if k != "pids"}
         figures["pids"] = s.pids[:MAX_LISTED_PIDS]

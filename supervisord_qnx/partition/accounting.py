@@ -20,7 +20,7 @@ configured ``sample_interval``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,15 +93,17 @@ def members(
     procs: dict[int, ProcInfo],
     roots: Iterable[int],
     match: Callable[[str], bool] | None = None,
+    tags: Mapping[int, str | None] | None = None,
 ) -> set[int]:
     """The processes that belong to a worker or partition: ``roots`` and their descendants,
-    plus every process whose tag satisfies ``match``."""
+    plus every process whose tag satisfies ``match``. ``tags``: the processes' tags read
+    once for several calls (``read_tag`` per process otherwise)."""
     found = {pid for pid in roots if pid in procs}
     if match is not None:
         own = os.getpid()
         for pid in procs:
             if pid not in found and pid != own:
-                tag = read_tag(pid)
+                tag = read_tag(pid) if tags is None else tags.get(pid)
                 if tag is not None and match(tag):
                     found.add(pid)
     children: dict[int, list[int]] = {}

@@ -37,6 +37,7 @@ The interface, in the order the daemon uses it:
 ``detach(pid, previous)``   move it back to ``previous`` (or the daemon's own context)
 ``pids(path, leaf)``        live processes of a partition or one worker leaf
 ``stats(path)``             live figures
+``stats_many(paths)``       live figures of several partitions (default: ``stats`` each)
 ``leaf_exit_reason(..)``    ``oom-killed`` / ``memory-limit`` when the backend knows it
 ``kill_leaf(path, leaf)``   async: SIGKILL a worker's leaf until it is empty
 ``release_leaf(path, lf)``  the worker is stopped for good: drop its leaf
@@ -296,6 +297,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def stats(self, path: str) -> PartitionStats:
         """Live figures for the partition and its subtree."""
+
+    def stats_many(self, paths: Sequence[str]) -> dict[str, PartitionStats | Exception]:
+        """``stats`` of several partitions in one call (``metrics`` reads them all): each
+        path's figures, or the exception reading them raised, so that one partition's
+        failure stays its own. Backends whose figures come from one shared scan (the
+        portable accounting reads all of /proc per ``stats``) override it to scan once."""
+        out: dict[str, PartitionStats | Exception] = {}
+        for path in paths:
+            try:
+                out[path] = self.stats(path)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, per partition
+                out[path] = exc
+        return out
 
     def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
         """If the backend knows why a worker leaf's process died (``oom-killed``), say so.

@@ -22,7 +22,7 @@ import resource
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -196,21 +196,46 @@ class PortableBackend(Backend):
         return {pid: procs[pid] for pid in keep}
 
     def _members(
-        self, procs: dict[int, accounting.ProcInfo], path: str, leaf: str | None
+        self,
+        procs: dict[int, accounting.ProcInfo],
+        path: str,
+        leaf: str | None,
+        tags: Mapping[int, str | None] | None = None,
     ) -> set[int]:
         procs = self._ours(procs)
         if leaf is not None:
             exact = accounting.tag_value(path, leaf)
-            return accounting.members(procs, (), lambda tag: tag == exact)
+            return accounting.members(procs, (), lambda tag: tag == exact, tags)
         roots = [pid for pid, p in self._attached.items() if p == path or p.startswith(path + "/")]
-        return accounting.members(procs, roots, lambda tag: accounting.in_subtree(tag, path))
+        return accounting.members(procs, roots, lambda tag: accounting.in_subtree(tag, path), tags)
 
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
         return sorted(self._members(accounting.snapshot(), path, leaf))
 
     def stats(self, path: str) -> PartitionStats:
+        return self._stats(accounting.snapshot(), path)
+
+    def stats_many(self, paths: Sequence[str]) -> dict[str, PartitionStats | Exception]:
+        # One /proc scan and one environment read per process for all the partitions,
+        # instead of both per partition (100 partitions: seconds instead of milliseconds).
         procs = accounting.snapshot()
-        pids = self._members(procs, path, None)
+        own = os.getpid()
+        tags = {pid: accounting.read_tag(pid) for pid in self._ours(procs) if pid != own}
+        out: dict[str, PartitionStats | Exception] = {}
+        for path in paths:
+            try:
+                out[path] = self._stats(procs, path, tags)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, per partition
+                out[path] = exc
+        return out
+
+    def _stats(
+        self,
+        procs: dict[int, accounting.ProcInfo],
+        path: str,
+        tags: Mapping[int, str | None] | None = None,
+    ) -> PartitionStats:
+        pids = self._members(procs, path, None, tags)
         node = self._partitions.get(path)
         current = sum(procs[p].rss for p in pids)
         ticks = sum(procs[p].cpu_ticks for p in pids)

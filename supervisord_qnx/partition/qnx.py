@@ -356,6 +356,9 @@ class QnxBackend(Backend):
     def stats(self, path: str) -> PartitionStats:
         return self._accounting.stats(path)
 
+    def stats_many(self, paths: Sequence[str]) -> dict[str, PartitionStats | Exception]:
+        return self._accounting.stats_many(paths)
+
     def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
         return self._accounting.leaf_exit_reason(path, leaf)
 
