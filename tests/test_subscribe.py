@@ -293,6 +293,25 @@ async def test_attach_and_detach_are_events_of_the_partition_s_tenant(
         child.wait(timeout=10)
 
 
+async def test_a_subscriber_that_hangs_up_is_forgotten_without_waiting_for_an_event(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    """A quiet daemon may have no event to send for days: a subscriber that closed its
+    connection must not hold a connection slot and a queue until then."""
+    sleeper_tenant(cfg, "alpha", autostart=True)
+    d = await start_daemon()
+    await d.wait_for("alpha:w-0", lambda w: w["state"] == "running")
+    bus = d.daemon.events
+    last = bus.history[-1]["seq"]
+    for _ in range(3):
+        async with AsyncClient(d.socket) as client:
+            await client.subscribe()
+    with trio.fail_after(10):
+        while bus.subscribers:
+            await trio.sleep(0.01)
+    assert bus.history[-1]["seq"] == last  # nothing happened that could have flushed them
+
+
 class Lines:
     """A child's output lines, read in a thread so that a test can wait with a timeout."""
 
