@@ -272,9 +272,10 @@ class Client:
 
         Raises :class:`SubscriptionOverflow` if the daemon dropped this subscriber and
         :class:`ConnectionLost` when the connection ends."""
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             raise _stream_ended()
-        self._sock.settimeout(None)
+        sock.settimeout(None)
         while True:
             for event in self._rpc.events():
                 if isinstance(event, ConnectionClosed):
@@ -289,7 +290,7 @@ class Client:
                     if record is not None:
                         yield record
             try:
-                data = self._sock.recv(_READ_CHUNK)
+                data = sock.recv(_READ_CHUNK)
             except OSError as exc:
                 self.close()
                 raise _stream_ended() from exc
