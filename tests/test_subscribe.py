@@ -209,9 +209,11 @@ async def test_a_subscriber_that_never_reads_is_dropped_and_slows_nobody(
     stuck = await trio.to_thread.run_sync(subscribe_raw, d.socket)
     try:
         first_seq = bus.history[-1]["seq"]
-        # Past its queue (1024) and whatever the kernel's socket buffer holds for it.
-        await produced_since(first_seq, 1200)
+        # Its socket buffer takes a few hundred events; past that the daemon's writer for
+        # it is blocked and its queue fills: that is when status must not care.
+        await produced_since(first_seq, 400)
         stuck_latency = await status_latencies(d, 200)
+        # Past its queue (1024) and whatever the socket buffer held.
         await produced_since(first_seq, 2500)
         rss_after = rss_kib()
         print(
