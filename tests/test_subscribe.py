@@ -26,6 +26,7 @@ import trio
 
 from supervisord_qnx.control.client import AsyncClient, SubscriptionOverflow
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from supervisord_qnx.control.subscribe import EventFilter, tenant_of
 from tests.conftest import ConfigDir, cli_env, worker_py
 from tests.test_cli import CTL, DaemonProc, ctl
 
@@ -59,6 +60,32 @@ async def take(client: AsyncClient, n: int, timeout: float = 20.0) -> list[dict[
 
 def transitions(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return [(r["worker"], r["old"], r["new"]) for r in records if r["kind"] == "state"]
+
+
+def test_an_event_belongs_to_the_tenant_of_its_worker_or_partition() -> None:
+    paths = {"alpha": "tenants/alpha", "web": "edge/web"}
+    cases = {
+        "alpha": [
+            {"worker": "alpha:beat-0"},
+            {"partition": "tenants/alpha", "leaf": "beat-0"},
+            {"partition": "tenants/alpha/job-1"},  # a partition below the tenant's
+            {"tenant": "alpha", "partition": "tenants/bravo"},  # an explicit tenant wins
+        ],
+        "web": [{"partition": "edge/web"}],
+        None: [
+            {"error": "watch failed"},  # daemon-wide
+            {"partition": "tenants"},  # the group above tenants
+            {"partition": "tenants/alphabet"},  # a prefix of the name is not the tenant
+        ],
+    }
+    for tenant, records in cases.items():
+        for record in records:
+            assert tenant_of(record, paths) == tenant, record
+    wants = EventFilter(["state"], ["alpha"], lambda: paths)
+    assert wants({"kind": "state", "worker": "alpha:w-0"})
+    assert not wants({"kind": "restart", "worker": "alpha:w-0"})
+    assert not wants({"kind": "state", "worker": "bravo:w-0"})
+    assert EventFilter(None, None, lambda: paths)({"kind": "anything"})
 
 
 async def test_subscriber_sees_start_and_stop_in_order_with_filters(
@@ -381,6 +408,9 @@ def test_events_follow_prints_live_events_and_exits_by_how_it_ended(
             ("state", "alpha:w-0", "starting"),
             ("state", "alpha:w-0", "running"),
         ]
+        # The history takes the same filters (alpha has had no other kind of event).
+        history = json.loads(ctl(cfg.socket, "--json", "events", "--tenant", "alpha").stdout)
+        assert history == records
         # Human lines: time, kind, what it is about, then the fields.
         first = human_out.next().split()
         assert first[1:5] == ["state", "alpha:w-0", "old=stopped", "new=starting"]

@@ -263,7 +263,10 @@ class Client:
     def subscribe(
         self, topics: list[str] | None = None, tenants: list[str] | None = None
     ) -> dict[str, Any]:
-        """Turn this connection into an event stream (read it with :meth:`stream`)."""
+        """Turn this connection into an event stream (read it with :meth:`stream`).
+
+        Make other calls on another client: this one, blocking, would drop the events
+        that arrive while it waits for an answer."""
         result: dict[str, Any] = self.call("subscribe", **_subscribe_params(topics, tenants))
         return result
 
