@@ -27,6 +27,7 @@ import trio
 from supervisord_qnx.control.client import AsyncClient, SubscriptionOverflow
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.control.subscribe import EventFilter, tenant_of
+from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, cli_env, worker_py
 from tests.test_cli import CTL, DaemonProc, ctl
 
@@ -339,6 +340,53 @@ async def test_a_subscriber_that_hangs_up_is_forgotten_without_waiting_for_an_ev
         while bus.subscribers:
             await trio.sleep(0.01)
     assert bus.history[-1]["seq"] == last  # nothing happened that could have flushed them
+
+
+GROW = worker_py(
+    # Past max - reserved (48 MiB) a MiB at a time, then on to 4x the 64 MiB max.
+    "import time\n"
+    "hoard = []\n"
+    "for _ in range(256):\n"
+    "    hoard.append(bytearray(1 << 20)); time.sleep(0.005)\n"
+    "print('survived', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+async def test_memory_pressure_and_the_oom_kill_reach_the_tenant_s_subscriber(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    """The kernel's view (cgroup v1 thresholds and OOM notifications) arrives live, as
+    events of the tenant whose partition it is, next to the worker's exit reason."""
+    cfg.tenant(
+        "hog",
+        f"""
+        autostart = false
+        memory = {{ max = "64MiB", reserved = "16MiB" }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "grow"
+        command = {GROW}
+        """,
+    )
+    sleeper_tenant(cfg, "calm", autostart=True)
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    async with AsyncClient(d.socket) as client:
+        await client.subscribe(tenants=["hog"])
+        await d.call("start", tenant="hog")
+        seen: dict[str, dict[str, Any]] = {}
+        with trio.fail_after(30):
+            async for record in client.stream():
+                assert record.get("worker", "hog:").startswith("hog:")
+                assert record.get("partition", "tenants/hog") == "tenants/hog"
+                seen.setdefault(record["kind"], record)
+                if record["kind"] == "state" and record["new"] == "exited":
+                    seen["exited"] = record
+                if {"memory-pressure", "oom-kill", "exited"} <= seen.keys():
+                    break
+    assert seen["memory-pressure"]["threshold"] == 48 * 1024 * 1024
+    assert seen["oom-kill"]["leaf"] == "grow-0"
+    assert seen["exited"]["exit_reason"] == "oom-killed"
 
 
 class Lines:
