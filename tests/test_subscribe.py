@@ -14,9 +14,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,9 @@ import msgpack
 import pytest
 import trio
 
-from supervisord_qnx.control.client import AsyncClient, SubscriptionOverflow
+from supervisord_qnx.control.client import AsyncClient, ConnectionLost, SubscriptionOverflow
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from supervisord_qnx.control.server import Connection, MethodTable, Streaming, serve
 from supervisord_qnx.control.subscribe import EventFilter, tenant_of
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, cli_env, worker_py
@@ -499,3 +503,35 @@ def test_events_follow_exit_code_when_dropped_for_falling_behind(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+async def test_a_stream_that_fails_closes_its_connection_and_the_server_serves_on(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The stream runs after its reply, outside the handler's error handling: a bug in it
+    must end that one connection (a failure boundary), not the daemon's server."""
+    methods = MethodTable()
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a stream")
+
+    @methods.method("ping")
+    async def ping(params: dict[str, Any], conn: Connection) -> str:
+        return "pong"
+
+    @methods.method("stream")
+    async def stream(params: dict[str, Any], conn: Connection) -> Streaming:
+        return Streaming({"streaming": True}, broken, lambda: None)
+
+    path = Path(tempfile.gettempdir()) / f"sqnx-{uuid.uuid4().hex[:10]}.sock"
+    await nursery.start(partial(serve, path, methods))
+    try:
+        async with AsyncClient(path) as client:
+            assert await client.call("stream") == {"streaming": True}
+            with trio.fail_after(10), pytest.raises(ConnectionLost):
+                async for _ in client.stream():
+                    pass
+        async with AsyncClient(path) as other:
+            assert await other.call("ping") == "pong"
+    finally:
+        path.unlink(missing_ok=True)

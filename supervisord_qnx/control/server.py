@@ -663,6 +663,9 @@ async def _run_request(
             conn._add_stream(stream.stop)  # noqa: SLF001 - the server's own registry
             try:
                 await stream.run()
+            except Exception:  # noqa: BLE001 - a stream's bug ends that connection, not the daemon
+                clog.exception("stream failed; closing the connection", method=method)
+                await conn.close()
             finally:
                 conn._streams.discard(stream.stop)  # noqa: SLF001
     finally:
