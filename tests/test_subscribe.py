@@ -449,7 +449,7 @@ def test_events_follow_prints_live_events_and_exits_by_how_it_ended(
     cfg.write()
     d = daemon_proc()
     as_json, json_out, _ = follower(
-        cfg.socket, "--json", "events", "-f", "--tenant", "alpha", "--kind", "state"
+        cfg.socket, "events", "-f", "--json", "--tenant", "alpha", "--kind", "state"
     )
     human, human_out, human_err = follower(cfg.socket, "events", "-f", "--tenant", "alpha")
     try:

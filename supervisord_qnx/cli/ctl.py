@@ -91,6 +91,17 @@ def parser() -> argparse.ArgumentParser:
         "restart, fatal, memory-pressure, memory-limit, oom-kill, partition-recreated, "
         "attach, detach. An event belongs to a tenant through its worker (tenant:leaf) or "
         "its partition (tenants/alpha and below).",
+        epilog="exit codes with -f: 0 stopped with Ctrl-C (or the reader of the output went "
+        "away); 1 the daemon refused the subscription; 4 the daemon is unreachable or went "
+        "away; 5 the daemon dropped this follower for falling more than [daemon] "
+        "subscriber_queue events behind.",
+    )
+    # Also after the command (`events -f --json`), as scripts tend to write it.
+    s.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one JSON object per event and line",
     )
     s.add_argument("-n", "--limit", type=int, default=30, help="without -f: how many")
     s.add_argument("-f", "--follow", action="store_true", help="follow live events until Ctrl-C")
