@@ -12,10 +12,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from supervisord_qnx.control.client import Client, DaemonUnreachable
+from supervisord_qnx.control.client import Client, DaemonUnreachable, SubscriptionOverflow
 from supervisord_qnx.control.rpc import RpcError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_DROPPED = 5  # events -f: the daemon dropped this follower for falling behind
 
 DEFAULT_SOCKET = os.environ.get("SUPERVISORD_QNX_SOCKET", "run/control.sock")
 
@@ -27,21 +28,29 @@ commands:
   restart TENANT [--wait]      stop, then start
   partitions                   the partition tree with limits, flags and live usage
   logs TENANT [WORKER] [-n N]  the last N lines of each worker's log
-  events [-n N] [--kind K]     recent daemon events (state changes, restarts, limits)
+  events [-n N] [--kind K ...] [--tenant T ...]
+                               recent daemon events (state changes, restarts, limits)
+  events -f [--kind K ...] [--tenant T ...]
+                               follow events live until Ctrl-C (--json: one object a line)
   attach PARTITION PID         move a running process into a partition
   detach PID                   move it back out
   metrics                      Prometheus text exposition of workers, partitions, requests
                                (--json: a list of samples {name, labels, value, type})
   ping | version | shutdown
 
-exit codes: 0 ok; 1 the daemon answered with an error (message printed);
-2 usage; 3 `status`: some listed worker is not running; 4 daemon unreachable.
+exit codes: 0 ok (for `events -f`: stopped with Ctrl-C); 1 the daemon answered with
+an error (message printed); 2 usage; 3 `status`: some listed worker is not running;
+4 daemon unreachable (for `events -f`: also when it goes away while followed);
+5 `events -f`: the daemon dropped this follower because it fell more than
+[daemon] subscriber_queue events behind (the count is printed).
 
 examples:
   supervisorctl-qnx --socket run/control.sock status
   supervisorctl-qnx restart alpha --wait
   supervisorctl-qnx --json status | jq '.[] | select(.state != "running")'
   supervisorctl-qnx metrics | grep '^supervisord_qnx_partition_memory_current_bytes'
+  supervisorctl-qnx events -f --tenant alpha --kind state --kind fatal
+  supervisorctl-qnx --json events -f | jq -c 'select(.kind == "oom-kill")'
 """
 
 
@@ -77,9 +86,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("tenant")
     s.add_argument("worker", nargs="?")
     s.add_argument("-n", "--lines", type=int, default=20)
-    s = sub.add_parser("events", help="show recent events")
-    s.add_argument("-n", "--limit", type=int, default=30)
-    s.add_argument("--kind")
+    s = sub.add_parser(
+        "events",
+        help="show recent events, or follow them live (-f)",
+        description="Without -f: the daemon's latest events, oldest first. With -f: every "
+        "event from now on as it happens, until Ctrl-C (exit 0). Kinds include state, "
+        "restart, fatal, memory-pressure, memory-limit, oom-kill, partition-recreated, "
+        "attach, detach. An event belongs to a tenant through its worker (tenant:leaf) or "
+        "its partition (tenants/alpha and below).",
+        epilog="exit codes with -f: 0 stopped with Ctrl-C (or the reader of the output went "
+        "away); 1 the daemon refused the subscription; 4 the daemon is unreachable or went "
+        "away; 5 the daemon dropped this follower for falling more than [daemon] "
+        "subscriber_queue events behind.",
+    )
+    # Also after the command (`events -f --json`), as scripts tend to write it.
+    s.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one JSON object per event and line",
+    )
+    s.add_argument("-n", "--limit", type=int, default=30, help="without -f: how many")
+    s.add_argument("-f", "--follow", action="store_true", help="follow live events until Ctrl-C")
+    s.add_argument("--kind", action="append", metavar="K", help="only this kind (repeat for more)")
+    s.add_argument(
+        "--tenant", action="append", metavar="T", help="only this tenant's (repeat for more)"
+    )
     s = sub.add_parser("attach", help="move a process into a partition")
     s.add_argument("partition")
     s.add_argument("pid", type=int)
@@ -110,7 +142,9 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if c == "events":
         params = {"limit": args.limit}
         if args.kind:
-            params["kind"] = args.kind
+            params["topics"] = args.kind
+        if args.tenant:
+            params["tenants"] = args.tenant
         return c, params
     if c == "attach":
         return c, {"partition": args.partition, "pid": args.pid}
@@ -121,6 +155,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "events" and args.follow:
+        return follow_events(args)
     method, params = request_for(args)
     try:
         with Client(args.socket, timeout=args.timeout) as client:
@@ -145,6 +181,56 @@ def main(argv: list[str] | None = None) -> int:
     if method == "status" and any(w["state"] != "running" for w in result):
         return EXIT_NOT_RUNNING
     return EXIT_OK
+
+
+def follow_events(args: argparse.Namespace) -> int:
+    """``events -f``: print each live event as it comes, until Ctrl-C or the daemon ends it."""
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            client.subscribe(topics=args.kind, tenants=args.tenant)
+            # On stderr, so that it never mixes with the events a script reads; it also
+            # tells a script that nothing from here on can be missed.
+            print(f"following events on {args.socket} (Ctrl-C to stop)", file=sys.stderr)
+            sys.stderr.flush()
+            for record in client.stream():
+                line = json.dumps(record, default=str) if args.json else _event_line(record)
+                print(line, flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): that is the end, not an error.
+        _silence_stdout()
+        return EXIT_OK
+    except SubscriptionOverflow as exc:
+        print(f"supervisorctl-qnx: events: {exc}", file=sys.stderr)
+        return EXIT_DROPPED
+    except DaemonUnreachable as exc:
+        print(f"supervisorctl-qnx: events: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RpcError as exc:
+        print(f"supervisorctl-qnx: events: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK  # not reached: the stream ends only by an exception
+
+
+def _silence_stdout() -> None:
+    # Python would complain again when it flushes stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    """One event for a human: time, kind, what it is about, then its other fields."""
+    import time
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+    stamp += f".{int(e['time'] % 1 * 1000):03d}"
+    subject_key = next((k for k in ("worker", "partition") if e.get(k)), None)
+    subject = str(e[subject_key]) if subject_key else "-"
+    skip = {"seq", "time", "kind", subject_key}
+    rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in skip and v is not None)
+    return f"{stamp} {e['kind']:<19} {subject:<24} {rest}".rstrip()
 
 
 def _table(rows: list[list[str]]) -> None:

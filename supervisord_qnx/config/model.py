@@ -243,6 +243,8 @@ class DaemonSpec(Strict):
     # User-space accounting period of the portable/qnx backends (seconds).
     sample_interval: Annotated[float, Field(ge=0.01, le=60)] = 0.25
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+    # Events queued for one live-events subscriber before it is dropped (overflow).
+    subscriber_queue: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     # Start wasm workers by forking a pre-initialised process (docs/wasm.md, 7.) where
     # the backend and platform allow it; false: always the plain runner.
     wasm_prefork: bool = True

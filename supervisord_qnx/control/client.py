@@ -8,6 +8,11 @@
   calls in flight on one connection, matched by msgid, and notifications
   delivered on a memory channel.
 
+Both follow live events the same way: ``subscribe(topics=..., tenants=...)``, then
+iterate ``stream()`` for the event records. The iteration ends with
+:class:`SubscriptionOverflow` when the daemon dropped the subscriber for falling
+behind, and with :class:`ConnectionLost` when the daemon went away.
+
 Failures to reach the daemon raise :class:`DaemonUnreachable` subclasses,
 which are also the matching built-in ``OSError`` subclasses
 (``FileNotFoundError``, ``ConnectionRefusedError``, ...), with a message that
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -51,6 +57,7 @@ __all__ = [
     "ControlSocketMissing",
     "DaemonNotRunning",
     "DaemonUnreachable",
+    "SubscriptionOverflow",
 ]
 
 _READ_CHUNK = 64 * 1024
@@ -78,6 +85,43 @@ class ConnectionLost(DaemonUnreachable, ConnectionResetError):
 
 class CallTimeout(DaemonUnreachable, TimeoutError):
     pass
+
+
+class SubscriptionOverflow(Exception):
+    """The daemon dropped this subscriber because it fell ``dropped`` events behind."""
+
+    def __init__(self, dropped: int, *, where: str = "the daemon") -> None:
+        super().__init__(
+            f"{where} dropped this event subscription: it fell {dropped} events behind "
+            f"(read faster, subscribe to fewer kinds or tenants, or raise [daemon] "
+            f"subscriber_queue)"
+        )
+        self.dropped = dropped
+
+
+def _subscribe_params(topics: list[str] | None, tenants: list[str] | None) -> dict[str, list[str]]:
+    params = {}
+    if topics:
+        params["topics"] = list(topics)
+    if tenants:
+        params["tenants"] = list(tenants)
+    return params
+
+
+def _event_record(note: Notification) -> dict[str, Any] | None:
+    """The event record a notification carries; raises on ``overflow``; ``None`` for
+    notifications this client does not know (a newer daemon may send more kinds)."""
+    if note.method == "event":
+        return note.params
+    if note.method == "overflow":
+        raise SubscriptionOverflow(int(note.params.get("dropped", 0)))
+    return None
+
+
+def _stream_ended() -> ConnectionLost:
+    return ConnectionLost(
+        "the daemon closed the event stream (it stopped or crashed; check its log)"
+    )
 
 
 def _connect_error(path: str, exc: OSError) -> DaemonUnreachable:
@@ -216,6 +260,45 @@ class Client:
                 self._sock.settimeout(remaining)
             self._rpc.receive_data(self._sock.recv(_READ_CHUNK))
 
+    def subscribe(
+        self, topics: list[str] | None = None, tenants: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Turn this connection into an event stream (read it with :meth:`stream`).
+
+        Make other calls on another client: this one, blocking, would drop the events
+        that arrive while it waits for an answer."""
+        result: dict[str, Any] = self.call("subscribe", **_subscribe_params(topics, tenants))
+        return result
+
+    def stream(self) -> Iterator[dict[str, Any]]:
+        """Event records as they arrive, waiting as long as it takes (no timeout).
+
+        Raises :class:`SubscriptionOverflow` if the daemon dropped this subscriber and
+        :class:`ConnectionLost` when the connection ends."""
+        sock = self._sock
+        if sock is None:
+            raise _stream_ended()
+        sock.settimeout(None)
+        while True:
+            for event in self._rpc.events():
+                if isinstance(event, ConnectionClosed):
+                    self.close()
+                    raise _stream_ended()
+                if isinstance(event, Notification):
+                    try:
+                        record = _event_record(event)
+                    except SubscriptionOverflow:
+                        self.close()
+                        raise
+                    if record is not None:
+                        yield record
+            try:
+                data = sock.recv(_READ_CHUNK)
+            except OSError as exc:
+                self.close()
+                raise _stream_ended() from exc
+            self._rpc.receive_data(data)
+
 
 @dataclass
 class _Pending:
@@ -318,6 +401,29 @@ class AsyncClient:
                 raise _lost(method) from pending.error
             raise pending.error
         return pending.result
+
+    async def subscribe(
+        self, topics: list[str] | None = None, tenants: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Turn this connection into an event stream (read it with :meth:`stream`); the
+        connection still takes calls."""
+        result: dict[str, Any] = await self.call("subscribe", **_subscribe_params(topics, tenants))
+        return result
+
+    async def stream(self) -> AsyncIterator[dict[str, Any]]:
+        """Event records as they arrive (``async for record in client.stream()``).
+
+        Raises :class:`SubscriptionOverflow` if the daemon dropped this subscriber, or if
+        this client's own ``notification_buffer`` overflowed because the records were not
+        taken from here fast enough; :class:`ConnectionLost` when the connection ends."""
+        seen = self.dropped_notifications
+        async for note in self.notifications:
+            if self.dropped_notifications != seen:
+                raise SubscriptionOverflow(self.dropped_notifications - seen, where="this client")
+            record = _event_record(note)
+            if record is not None:
+                yield record
+        raise _stream_ended()
 
     async def _reader(self) -> None:
         import trio

@@ -21,11 +21,12 @@ from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.metrics import Exporter, error_code
 from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
-from supervisord_qnx.control.server import Connection, MethodTable
+from supervisord_qnx.control.server import Connection, MethodTable, Streaming
 from supervisord_qnx.control.server import Handler as ServerHandler
+from supervisord_qnx.control.subscribe import EventFilter, Subscribers, names_param
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise.events import EventBus
+from supervisord_qnx.supervise.events import EventBus, ProcessAttached, ProcessDetached
 from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
 T = TypeVar("T")
@@ -120,6 +121,12 @@ class Methods:
         self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
         # Reads the daemon only when rendered (building the table touches nothing).
         self.exporter = Exporter(daemon, self.table.__contains__)
+        # subscribe/unsubscribe act on the connection itself, so they take it.
+        self.subscribers: Subscribers | None = None
+        self.table.add("subscribe", self.subscribe)
+        self.table.add("unsubscribe", self.unsubscribe)
+        self._paths_for: Config | None = None
+        self._paths: dict[str, str] = {}
 
     async def dispatch(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
         # Every request is counted with the code it is answered with, and timed.
@@ -202,9 +209,11 @@ class Methods:
         if forkserver:
             supervised.append(forkserver)
         async with self._attach_lock:
-            return await self.daemon.blocking(
+            reply = await self.daemon.blocking(
                 self._attach_blocking, partition, pid, own, supervised
             )
+        self.daemon.events.emit(ProcessAttached(pid, partition, own))
+        return reply
 
     def _attach_blocking(
         self, partition: str, pid: int, own: bool, supervised: list[int]
@@ -236,7 +245,9 @@ class Methods:
         if pid <= 0:
             raise RpcError(ErrorCode.BAD_REQUEST, f"pid must be a positive process id, got {pid}")
         async with self._attach_lock:
-            return await self.daemon.blocking(self._detach_blocking, pid)
+            reply = await self.daemon.blocking(self._detach_blocking, pid)
+        self.daemon.events.emit(ProcessDetached(pid, reply["partition"]))
+        return reply
 
     def _detach_blocking(self, pid: int) -> dict[str, Any]:
         registry = self.daemon.attached
@@ -262,10 +273,19 @@ class Methods:
         return {"pid": pid, "partition": entry.partition}
 
     async def recent_events(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        p = _params(params, limit=(int, False), kind=(str, False))
+        p = _params(
+            params,
+            limit=(int, False),
+            kind=(str, False),
+            topics=(list, False),
+            tenants=(list, False),
+        )
         events = list(self.daemon.events.history)
         if "kind" in p:
             events = [e for e in events if e["kind"] == p["kind"]]
+        if "topics" in p or "tenants" in p:
+            wants = self._event_filter(p)
+            events = [e for e in events if wants(e)]
         return events[-p.get("limit", 100) :]
 
     async def metrics(self, params: dict[str, Any]) -> str:
@@ -273,6 +293,25 @@ class Methods:
         pool: a render reads every partition's counters."""
         _params(params)
         return await self.daemon.blocking(self.exporter.render)
+    def _event_filter(self, p: dict[str, Any]) -> EventFilter:
+        return EventFilter(names_param(p, "topics"), names_param(p, "tenants"), self._tenant_paths)
+
+    def _tenant_paths(self) -> dict[str, str]:
+        config = self.daemon.config  # a reload may replace it: follow the live one
+        if config is not self._paths_for:
+            self._paths = {t.name: t.path for t in config.tenants}
+            self._paths_for = config
+        return self._paths
+    async def subscribe(self, params: dict[str, Any], conn: Connection) -> Streaming:
+        p = _params(params, topics=(list, False), tenants=(list, False))
+        if self.subscribers is None:
+            self.subscribers = Subscribers(
+                self.daemon.events, lambda: self.daemon.config.daemon.subscriber_queue
+            )
+        return self.subscribers.subscribe(conn, self._event_filter(p))
+    async def unsubscribe(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+            raise RpcError(ErrorCode.INVALID_STATE, "this connection is not subscribed")
+        return await self.subscribers.unsubscribe(conn)
 
     async def shutdown(self, params: dict[str, Any]) -> str:
         _params(params)

@@ -10,6 +10,11 @@ the business of the ``dispatch`` callable it is given (normally a
   came; the msgid pairs them. At most ``max_in_flight`` requests run per
   connection; beyond that the server stops reading from it (backpressure
   through the kernel's socket buffer, not an unbounded queue here).
+* **Streams.** A handler may answer with :class:`Streaming` (``subscribe``): its
+  reply is written first, then its ``run`` goes on in the same task and pushes
+  notifications through :meth:`Connection.send_notification`, interleaved with the
+  responses to whatever else the client sends. It gives back its in-flight slot, and
+  it is stopped when the client closes its side.
 * **Misuse stays local.** A peer that sends garbage, oversized frames or
   half a frame, or disconnects while its requests run, affects only its own
   connection. A handler that raises something other than :class:`RpcError`
@@ -65,6 +70,7 @@ __all__ = [
     "MethodTable",
     "PeerCredentials",
     "ServeError",
+    "Streaming",
     "serve",
 ]
 
@@ -131,6 +137,9 @@ class Connection:
         # the lock two send_all calls could interleave their bytes.
         self._send_lock = trio.Lock()
         self._closed = False
+        # stop() of each stream running on this connection (see Streaming).
+        self._streams: set[Callable[[], None]] = set()
+        self._hung_up = False
 
     @property
     def closed(self) -> bool:
@@ -167,6 +176,34 @@ class Connection:
     async def close(self) -> None:
         self._closed = True
         await trio.aclose_forcefully(self.stream)
+
+    def stop_streams(self) -> None:
+        """The client closed its side: end every stream (a subscriber that hung up must
+        not hold its task and its connection slot until the next event fails to send)."""
+        self._hung_up = True
+        for stop in list(self._streams):
+            stop()
+
+    def _add_stream(self, stop: Callable[[], None]) -> None:
+        self._streams.add(stop)
+        if self._hung_up:  # it hung up while the stream's reply was being written
+            stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Streaming:
+    """A handler's answer that turns its request into a stream of notifications.
+
+    ``result`` is sent as the response first; then ``run()`` is awaited in the request's
+    own task, so its writes (with :meth:`Connection.send_notification`, each bounded by
+    the write timeout) can never hold up another connection. ``stop()`` must make
+    ``run`` return soon without cutting a message in half; the server calls it when the
+    client closes its side, and if the response could not be sent.
+    """
+
+    result: Any
+    run: Callable[[], Awaitable[None]]
+    stop: Callable[[], None]
 
 
 Dispatch = Callable[[str, dict[str, Any], Connection], Awaitable[Any]]
@@ -495,7 +532,9 @@ async def _serve_connection(conn: Connection, dispatch: Dispatch, limits: _Limit
         async with trio.open_nursery() as requests:
             await _read_loop(conn, dispatch, limits, requests, clog)
             # Fall through: the nursery lets running requests finish, so a
-            # client that half-closes after sending still gets its answers.
+            # client that half-closes after sending still gets its answers;
+            # but streams would run on forever, so they end here.
+            conn.stop_streams()
     finally:
         await conn.close()
         clog.debug("control connection closed")
@@ -576,9 +615,13 @@ async def _run_request(
     clog: Any,
 ) -> None:
     msgid, method = request.msgid, request.method
+    stream: Streaming | None = None
+    released = False
     try:
         try:
             result = await dispatch(method, request.params, conn)
+            if isinstance(result, Streaming):
+                stream, result = result, result.result
         except Exception as exc:  # noqa: BLE001 - a handler's bug is that request's error
             error = _single_rpc_error(exc)
             if error is None:
@@ -612,6 +655,21 @@ async def _run_request(
                         f"(e.g. fewer log lines or one tenant)",
                     ),
                 )
-        await conn.send_raw(data)
+        sent = await conn.send_raw(data)
+        if stream is not None and sent and not conn.closed:
+            # A stream is not work in flight: its slot goes back to the requests.
+            in_flight.release()
+            released = True
+            conn._add_stream(stream.stop)  # noqa: SLF001 - the server's own registry
+            try:
+                await stream.run()
+            except Exception:  # noqa: BLE001 - a stream's bug ends that connection, not the daemon
+                clog.exception("stream failed; closing the connection", method=method)
+                await conn.close()
+            finally:
+                conn._streams.discard(stream.stop)  # noqa: SLF001
     finally:
-        in_flight.release()
+        if stream is not None:
+            stream.stop()
+        if not released:
+            in_flight.release()

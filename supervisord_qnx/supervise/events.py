@@ -3,9 +3,9 @@
 Every state change, exit reason, restart, fatal, memory pressure, OOM kill and limit
 kill is a typed event (one class per kind, one set of fields each) that goes through
 ``EventBus.emit``: it is logged, kept in a bounded history (the ``events`` method),
-and fanned out to subscribers over bounded queues (``subscribe``, taken up by the
-live-events work). A slow subscriber loses events (and is told how many) rather than
-ever blocking the daemon.
+and fanned out to subscribers over bounded queues (the ``subscribe`` method,
+``control/subscribe.py``). A slow subscriber is dropped (and told how many events it
+lost) rather than ever blocking the daemon.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -93,13 +93,65 @@ class PartitionCondition(DaemonEvent):
         return {"partition": self.partition, "leaf": self.leaf, **extra}
 
 
+@dataclass(frozen=True)
+class ProcessAttached(DaemonEvent):
+    """An operator moved a process the daemon did not start into a partition."""
+
+    kind = "attach"
+    pid: int
+    partition: str
+    own: bool
+
+
+@dataclass(frozen=True)
+class ProcessDetached(DaemonEvent):
+    """An attached process was put back where it came from."""
+
+    kind = "detach"
+    pid: int
+    partition: str
+
+
 class Subscription:
-    def __init__(self, bus: EventBus, capacity: int) -> None:
+    """One subscriber's bounded queue of event records.
+
+    The bus only ever calls ``send_nowait`` on it: a subscriber whose queue is full is
+    *overflowed* (``overflowed``, ``dropped`` counted) and taken off the bus at once,
+    rather than ever making :meth:`EventBus.emit` wait or buffer more for it. Whoever
+    drains ``receive`` (the control server's subscriber task) stops at ``ended`` and
+    tells its client.
+    """
+
+    def __init__(
+        self, bus: EventBus, capacity: int, wants: Callable[[dict[str, Any]], bool] | None
+    ) -> None:
         self._bus = bus
         self.send, self.receive = trio.open_memory_channel[dict[str, Any]](capacity)
+        self.capacity = capacity
+        self.wants = wants
         self.dropped = 0
+        self.overflowed = False
+        self.ended = False
+
+    def overflow(self) -> None:
+        """The queue is full: count the event that did not fit and leave the bus."""
+        self.dropped += 1
+        self.overflowed = True
+        self.close()
+
+    def discard_queued(self) -> int:
+        """Empty the queue without delivering it; how many records were in it."""
+        n = 0
+        while True:
+            try:
+                self.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return n
+            n += 1
 
     def close(self) -> None:
+        """No more events: what is queued stays readable, then ``receive`` ends."""
+        self.ended = True
         self._bus._subscribers.discard(self)  # noqa: SLF001 - its own bus's registry
         self.send.close()
 
@@ -123,15 +175,25 @@ class EventBus:
         warn = event.warning or kind in _WARNING_CONDITIONS
         (log.warning if warn else log.info)(kind, **data)
         for sub in list(self._subscribers):
+            if sub.wants is not None and not sub.wants(record):
+                continue
             try:
                 sub.send.send_nowait(record)
             except trio.WouldBlock:
-                sub.dropped += 1
+                sub.overflow()
             except trio.ClosedResourceError:
                 self._subscribers.discard(sub)
         return record
 
-    def subscribe(self, capacity: int = 256) -> Subscription:
-        sub = Subscription(self, capacity)
+    def subscribe(
+        self, capacity: int = 1024, wants: Callable[[dict[str, Any]], bool] | None = None
+    ) -> Subscription:
+        """A new subscriber's queue of ``capacity`` records, holding only those for which
+        ``wants(record)`` is true (all of them without ``wants``)."""
+        sub = Subscription(self, capacity, wants)
         self._subscribers.add(sub)
         return sub
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
