@@ -293,6 +293,7 @@ class Methods:
         pool: a render reads every partition's counters."""
         _params(params)
         return await self.daemon.blocking(self.exporter.render)
+
     def _event_filter(self, p: dict[str, Any]) -> EventFilter:
         return EventFilter(names_param(p, "topics"), names_param(p, "tenants"), self._tenant_paths)
 
@@ -302,6 +303,7 @@ class Methods:
             self._paths = {t.name: t.path for t in config.tenants}
             self._paths_for = config
         return self._paths
+
     async def subscribe(self, params: dict[str, Any], conn: Connection) -> Streaming:
         p = _params(params, topics=(list, False), tenants=(list, False))
         if self.subscribers is None:
@@ -309,7 +311,10 @@ class Methods:
                 self.daemon.events, lambda: self.daemon.config.daemon.subscriber_queue
             )
         return self.subscribers.subscribe(conn, self._event_filter(p))
+
     async def unsubscribe(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        _params(params)
+        if self.subscribers is None:
             raise RpcError(ErrorCode.INVALID_STATE, "this connection is not subscribed")
         return await self.subscribers.unsubscribe(conn)
 
