@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from supervisord_qnx.cli import run as run_cli
 from supervisord_qnx.control.client import Client, DaemonUnreachable
 from supervisord_qnx.control.rpc import RpcError
 
@@ -30,6 +31,10 @@ commands:
   events [-n N] [--kind K]     recent daemon events (state changes, restarts, limits)
   attach PARTITION PID         move a running process into a partition
   detach PID                   move it back out
+  run -p PARTITION [--memory-max SIZE] [--timeout S] -- CMD ARGS
+                               a one-shot job in a new partition; streams its output and
+                               exits with its code (`run --help` lists the codes)
+  job ID                       follow a job's output; exit with its code
   ping | version | shutdown
 
 exit codes: 0 ok; 1 the daemon answered with an error (message printed);
@@ -82,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("pid", type=int)
     s = sub.add_parser("detach", help="move a process out of its partition")
     s.add_argument("pid", type=int)
+    run_cli.add_parsers(sub)
     for name in ("ping", "version", "shutdown"):
         sub.add_parser(name, help=f"{name} the daemon")
     return p
@@ -114,6 +120,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("run", "job"):
+        return run_cli.main(args)
     method, params = request_for(args)
     try:
         with Client(args.socket, timeout=args.timeout) as client:
