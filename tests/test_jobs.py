@@ -31,8 +31,9 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 SLEEPER = '["sleep", "1000"]'
 
-# Touches 4x the job's 32 MiB cap page by page; "survived" would mean no cap held.
-HOG = "hoard = [bytearray(1 << 20) for _ in range(128)]\nprint('survived', flush=True)\n"
+# Touches 2x the job's 32 MiB cap page by page, half the tenant's 128 MiB: "survived"
+# would mean the job's own cap did not hold.
+HOG = "hoard = [bytearray(1 << 20) for _ in range(64)]\nprint('survived', flush=True)\n"
 
 
 def alpha(cfg: ConfigDir) -> None:
