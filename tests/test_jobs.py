@@ -266,3 +266,25 @@ async def test_a_client_that_goes_away_does_not_orphan_its_job(
     # Its result is still there for whoever asks, and so is its log.
     result = await d.call("job", id=1)
     assert result["done"] and result["exit_code"] == 5 and result["state"] == "exited"
+
+
+def test_portable_accounting_kills_a_job_at_its_own_max(
+    cfg: ConfigDir, daemon: Callable[[], DaemonProc]
+) -> None:
+    # No partition of this config has a memory max, so the daemon's accounting has had
+    # nothing to watch until the job's partition appears with one.
+    cfg.tenant("loose", f'[[worker]]\nname = "w"\ncommand = {SLEEPER}\n')
+    cfg.write()
+    daemon()
+    # 48 MiB held: over the job's 32 MiB, under the 64 MiB RLIMIT_DATA (2 x max) the
+    # portable backend also gives each process, so only the sampled accounting ends it.
+    hold = "import time\nh = [bytearray(1 << 20) for _ in range(48)]\ntime.sleep(60)\n"
+    res = ctl(
+        cfg.socket, "run", "-p", "tenants/loose", "--memory-max", "32MiB", "--timeout", "20",
+        "--", PY, "-c", hold,
+    )  # fmt: skip
+    assert res.returncode == 123, res.stdout + res.stderr
+    assert "memory-limit" in res.stderr
+    assert job_exit(cfg, "job:1")["exit_reason"] == "memory-limit"
+    limit = call(cfg, "events", kind="memory-limit")
+    assert [e["partition"] for e in limit] == ["tenants/loose/job-1"], limit
