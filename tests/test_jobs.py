@@ -23,7 +23,7 @@ from supervisord_qnx.control.client import AsyncClient, Client
 from supervisord_qnx.control.rpc import RpcError
 from supervisord_qnx.partition import cgroupfs as fs
 from tests.cgroup_helpers import CgroupRoot
-from tests.conftest import PY, ConfigDir, Running, pid_alive, wait_until
+from tests.conftest import PY, REPO, ConfigDir, Running, pid_alive, wait_until
 from tests.test_cli import DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
@@ -288,3 +288,37 @@ def test_portable_accounting_kills_a_job_at_its_own_max(
     assert job_exit(cfg, "job:1")["exit_reason"] == "memory-limit"
     limit = call(cfg, "events", kind="memory-limit")
     assert [e["partition"] for e in limit] == ["tenants/loose/job-1"], limit
+
+
+async def test_a_wasm_job_runs_under_the_runner_and_ends_as_wasm_workers_do(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    alpha(cfg)
+    d = await start_daemon()
+    wasm = REPO / "config" / "wasm"
+    started = await d.call(
+        "run", partition="tenants/alpha", wasm=str(wasm / "heartbeat.wat"), memory="96MiB",
+        timeout=3,
+    )  # fmt: skip
+    assert started["kind"] == "wasm" and started["state"] == "running", started
+    row = await d.worker("job:1")
+    assert row["kind"] == "wasm" and row["partition"] == "tenants/alpha/job-1"
+    # Follow it as the CLI does, until the deadline ends it.
+    offset, output = 0, b""
+    with trio.fail_after(60):
+        while True:
+            r = await d.call("job", id=1, offset=offset, wait=0.5)
+            output += r["output"]
+            offset = r["offset"]
+            if r["done"] and not r["output"]:
+                break
+    assert r["exit_reason"] == "deadline: timeout 3s" and r["exit_code"] == 124, r
+    assert b"beat 1\n" in output, output
+    # A trap in the module is the runner's word for the end, as for wasm workers.
+    trapped = await d.call(
+        "run", partition="tenants/alpha", wasm=str(wasm / "oob.wat"), memory="96MiB",
+        wait=True,
+    )  # fmt: skip
+    assert trapped["exit_reason"].startswith("trap"), trapped
+    assert trapped["exit_code"] == 126
+    assert not (cfg.root / "state" / "wasm" / "job.job-2.report").exists()
