@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
             if args.no_wait:
                 _print_started(started, args.json)
                 return int(started["exit_code"]) if started["done"] else 0
-            if not args.json:
+            if not args.json and started["pid"] is not None:
                 print(
                     f"supervisorctl-qnx: job {started['job']} in {started['partition']} "
                     f"(pid {started['pid']}, log {started['log']})",

@@ -320,7 +320,6 @@ class Jobs:
         job_id = self._next_id
         while f"{parent}/job-{job_id}" in self.tree:
             job_id += 1  # a configured partition of that name: never reuse it
-        self._next_id = job_id + 1
         path = f"{parent}/job-{job_id}"
         try:
             node = _limits_node(path, params)
@@ -342,14 +341,16 @@ class Jobs:
                     for w in warnings
                 ]
             if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise JobRefused(
                     "config_invalid",
-                    f"the job does not fit in partition '{parent}': " + "; ".join(problems),
+                    f"the job does not fit in partition '{parent}': {problems[0]}{more}",
                     problems,
                 )
         except BaseException:
             self.tree.remove(path)
             raise
+        self._next_id = job_id + 1  # only jobs that run take an id
         target = LaunchTarget(JOB_TENANT, path, spec, 0, 1)
         target.leaf = f"job-{job_id}"  # the wasm runner's report file: one per job
         job = Job(
