@@ -152,6 +152,10 @@ async def test_a_running_job_is_in_status_inside_its_own_limited_partition(
     assert int((cpu / "cpu.cfs_quota_us").read_text()) == fs.quota_for(20, os.cpu_count() or 1)
     assert (pids / "pids.max").read_text().strip() == "8"
     wait_until(lambda: started["pid"] in fs.read_procs(mem / "@run"), 5, "the job in its leaf")
+    # A job's partition goes with the job: nothing is run inside it.
+    with pytest.raises(RpcError) as err:
+        await d.call("run", partition="tenants/alpha/job-1", command=["true"])
+    assert err.value.code == "bad_request" and "job's partition" in err.value.message
     # A process the daemon supervises is never attach's to move.
     with pytest.raises(RpcError) as err:
         await d.call("attach", partition="tenants/alpha", pid=started["pid"])
@@ -214,6 +218,11 @@ def test_the_cli_streams_the_output_and_exits_with_the_jobs_code(
     res = ctl(cfg.socket, "run", "-p", "tenants/alpha", "--", "no-such-program-x")
     assert res.returncode == 127, res.stderr
     assert "spawn-failed" in res.stderr
+    # --no-wait prints the id at once; `job ID` follows it to its end, from the start.
+    res = ctl(cfg.socket, "run", "-p", "tenants/alpha", "--no-wait", "--", "sh", "-c", script)
+    assert res.returncode == 0 and res.stdout == "4\n", res.stdout + res.stderr
+    res = ctl(cfg.socket, "job", "4")
+    assert res.returncode == 3 and res.stdout == "first\nsecond\n", res.stdout + res.stderr
     # --json: the final result with the output, for scripts.
     res = ctl(cfg.socket, "--json", "run", "-p", "tenants/alpha", "--", "echo", "hi")
     assert res.returncode == 0, res.stderr
