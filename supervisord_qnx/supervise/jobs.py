@@ -317,6 +317,9 @@ class Jobs:
         parent = params["partition"].strip("/")
         if not parent or parent not in self.tree:
             raise JobRefused("not_found", f"no partition {params['partition']!r}")
+        if any(job.path == parent for job in self.running.values()):
+            # Its partition goes when that job ends, and everything inside with it.
+            raise JobRefused("bad_request", f"'{parent}' is a job's partition; run beside it")
         job_id = self._next_id
         while f"{parent}/job-{job_id}" in self.tree:
             job_id += 1  # a configured partition of that name: never reuse it
