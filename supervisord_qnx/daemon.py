@@ -43,6 +43,7 @@ from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
 from supervisord_qnx.supervise.events import EventBus
+from supervisord_qnx.supervise.jobs import Jobs
 from supervisord_qnx.supervise.reaper import ChildReaper, become_subreaper
 from supervisord_qnx.supervise.supervisor import Supervisor
 
@@ -213,6 +214,15 @@ class Daemon:
         # reaper, whose orphan sweep would otherwise take their exit statuses.
         backend.use_utility_runner(self.reaper.run_utility)
         self.supervisor = Supervisor(config, tree, backend, self.reaper, self.events)
+        self.jobs = Jobs(
+            tree,
+            backend,
+            self.reaper,
+            self.supervisor.launchers,
+            self.events,
+            log_dir=Path(config.daemon.log_dir),
+            enforcement=config.daemon.enforcement,
+        )
         self.io_backend = "native"
         self._shutdown = trio.Event()
         self.ready = trio.Event()
@@ -260,6 +270,7 @@ class Daemon:
                     await trio.to_thread.run_sync(self.backend.create, node)
                     self.created.append(node.path)
                 await nursery.start(self.supervisor.run)
+                await nursery.start(self.jobs.run)
                 nursery.start_soon(self.supervisor.watch_backend)
                 methods = Methods(self)
                 await nursery.start(
@@ -297,6 +308,7 @@ class Daemon:
                 await self._shutdown.wait()
                 log.info("shutting down")
                 _notify(sdnotify.STOPPING)
+                await self.jobs.stop_all()
                 await self.supervisor.stop_all()
                 await self.supervisor.launchers.stop()
                 nursery.cancel_scope.cancel()

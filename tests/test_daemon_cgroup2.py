@@ -14,6 +14,7 @@ kernel's own files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -452,3 +453,40 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
     finally:
         for d in started:
             d.end()
+
+
+# --------------------------------------------------------------------------- transient jobs
+
+
+@pytest.mark.slow
+async def test_a_job_over_its_own_max_is_oom_killed_and_its_partition_removed(
+    cg: Cgroup2Root, cfg: ConfigDir, start_daemon
+) -> None:
+    cfg.tenant(
+        "alpha",
+        f"""
+        memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "w"
+        command = {SLEEPER}
+        """,
+    )
+    d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
+    # Twice the job's 32 MiB, half the tenant's 128 MiB: only the job's own max stops it.
+    hog = "hoard = [bytearray(1 << 20) for _ in range(64)]\nprint('survived', flush=True)\n"
+    started = await d.call(
+        "run", partition="tenants/alpha", command=["python3", "-u", "-c", hog], memory="32MiB"
+    )
+    # The job's partition is a cgroup of its own below the tenant's, with its own max
+    # (read while the job may still run: it is removed when the job ends).
+    job = cg.dir("tenants", "alpha", "job-1")
+    if started["state"] == "running":
+        with contextlib.suppress(FileNotFoundError):
+            assert read_int(job / "memory.max") == 32 * MiB
+    with trio.fail_after(120):
+        result = await d.call("job", id=started["job"], wait=60)
+    assert result["done"] and result["exit_reason"] == "oom-killed", result
+    assert result["exit_code"] == 122
+    assert b"survived" not in result["output"]
+    assert not job.exists()
+    assert (await d.worker("alpha:w-0"))["state"] == "running"

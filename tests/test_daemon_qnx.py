@@ -442,3 +442,47 @@ def test_check_refuses_more_partitions_than_aps_allows(qnx_sim: Sim, cfg: Config
     for i in range(2, 32):
         (cfg.root / "tenants.d" / f"t{i:02d}.toml").unlink()
     assert _check(cfg).returncode == 0
+
+
+# -- transient jobs ----------------------------------------------------------------------
+
+
+async def test_a_job_runs_in_its_tenants_aps_partition_and_is_killed_at_its_own_max(
+    qnx_sim: Sim, cfg: ConfigDir, start_daemon
+) -> None:
+    qnx_sim.tenant(
+        cfg,
+        "host",
+        f"""
+        memory = {{ max = "96MiB" }}
+        cpu = {{ budget = 10 }}
+        [[worker]]
+        name = "beat"
+        command = {BEAT}
+        """,
+    )
+    d = await start_daemon(backend="qnx")
+    # Says where it runs, then grows 4 MiB every 50 ms: past the job's 32 MiB long before
+    # the tenant's 96 MiB or RLIMIT_DATA (2 x 32 MiB) could stop it.
+    grow = (
+        "import time\n"
+        "print(open('/proc/self/cgroup').read(), flush=True)\n"
+        "chunks = []\n"
+        "while True:\n"
+        "    chunks.append(bytearray(4 << 20)); time.sleep(0.05)\n"
+    )
+    path = f"{qnx_sim.group}/host"
+    result = await d.call(
+        "run", partition=path, command=[PY, "-c", grow], memory="32MiB", pids=8, wait=True
+    )
+    assert result["exit_reason"] == "memory-limit" and result["exit_code"] == 123, result
+    # At the job's own max, not the tenant's.
+    limits = await d.call("events", kind="memory-limit")
+    assert [e["partition"] for e in limits] == [f"{path}/job-1"], limits
+    # APS has no task limit: under best-effort the job ran and was told so.
+    assert any("pids" in w for w in result["warnings"]), result["warnings"]
+    # The job's processes joined the tenant's APS partition (its own has no budget).
+    out = (await d.call("job", id=result["job"]))["output"].decode()
+    assert f":/{qnx_sim.cgroup.name}/{qnx_sim.aps('host')}\n" in out, out
+    assert f"{path}/job-1" not in d.daemon.tree
+    assert [w["name"] for w in await d.call("status")] == ["host:beat-0"]

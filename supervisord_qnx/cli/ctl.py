@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from supervisord_qnx.cli import run as run_cli
 from supervisord_qnx.control.client import Client, DaemonUnreachable, SubscriptionOverflow
 from supervisord_qnx.control.rpc import RpcError
 
@@ -36,6 +37,10 @@ commands:
   detach PID                   move it back out
   metrics                      Prometheus text exposition of workers, partitions, requests
                                (--json: a list of samples {name, labels, value, type})
+  run -p PARTITION [--memory-max SIZE] [--timeout S] -- CMD ARGS
+                               a one-shot job in a new partition; streams its output and
+                               exits with its code (`run --help` lists the codes)
+  job ID                       follow a job's output; exit with its code
   ping | version | shutdown
 
 exit codes: 0 ok (for `events -f`: stopped with Ctrl-C); 1 the daemon answered with
@@ -121,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
         "metrics",
         help="Prometheus text exposition (docs/metrics.md); with --json, parsed samples",
     )
+    run_cli.add_parsers(sub)
     for name in ("ping", "version", "shutdown"):
         sub.add_parser(name, help=f"{name} the daemon")
     return p
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "events" and args.follow:
         return follow_events(args)
+    if args.command in ("run", "job"):
+        return run_cli.main(args)
     method, params = request_for(args)
     try:
         with Client(args.socket, timeout=args.timeout) as client:

@@ -18,6 +18,7 @@ import trio
 
 from supervisord_qnx import __version__, attached, logtail
 from supervisord_qnx.config.model import Config
+from supervisord_qnx.control.jobs import JobMethods
 from supervisord_qnx.control.metrics import Exporter, error_code
 from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
@@ -27,6 +28,7 @@ from supervisord_qnx.control.subscribe import EventFilter, Subscribers, names_pa
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus, ProcessAttached, ProcessDetached
+from supervisord_qnx.supervise.jobs import JOB_TENANT, Jobs
 from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
 T = TypeVar("T")
@@ -40,6 +42,7 @@ class DaemonView(Protocol):
     backend: Backend
     tree: PartitionTree
     supervisor: Supervisor
+    jobs: Jobs
     events: EventBus
     attached: attached.Registry
     io_backend: str
@@ -103,6 +106,7 @@ class Methods:
         self.daemon = daemon
         # attach/detach read and update the attached-process records: one at a time.
         self._attach_lock = trio.Lock()
+        jobs = JobMethods(daemon)
         handlers: dict[str, Handler] = {
             "ping": self.ping,
             "version": self.version,
@@ -116,6 +120,8 @@ class Methods:
             "detach": self.detach,
             "events": self.recent_events,
             "metrics": self.metrics,
+            "run": jobs.run,
+            "job": jobs.job,
             "shutdown": self.shutdown,
         }
         self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
@@ -156,7 +162,10 @@ class Methods:
         p = _params(params, tenant=(str, False))
         sup = self.daemon.supervisor
         await sup.refresh_counters()
-        return sup.status(p.get("tenant"))
+        tenant, jobs = p.get("tenant"), self.daemon.jobs.status()
+        if tenant == JOB_TENANT and tenant not in sup.tenants:
+            return jobs  # transient jobs show as the tenant "job" (docs/protocol.md, run)
+        return sup.status(tenant) + (jobs if tenant is None else [])
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)
@@ -205,6 +214,7 @@ class Methods:
             raise RpcError(ErrorCode.NOT_FOUND, f"no partition {partition!r}")
         # Read on the trio thread: the supervisor's state is not for worker threads.
         supervised = [w["pid"] for w in self.daemon.supervisor.status() if w.get("pid")]
+        supervised += self.daemon.jobs.pids()
         forkserver = self.daemon.supervisor.launchers.forkserver_pid
         if forkserver:
             supervised.append(forkserver)

@@ -17,6 +17,7 @@ What it enforces, honestly:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -87,6 +88,8 @@ class PortableBackend(Backend):
         self._pressure: dict[str, int] = {}  # pressure events so far, per partition
         self._above: set[str] = set()  # partitions now above max - reserved (edge trigger)
         self._lock = threading.Lock()
+        # Set by watch() while it sleeps for want of a partition with a max.
+        self._watch_wake: tuple[trio.lowlevel.TrioToken | None, trio.Event | None] = (None, None)
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> PortableBackend:
@@ -118,6 +121,17 @@ class PortableBackend(Backend):
 
     def create(self, partition: Partition) -> None:
         self._partitions[partition.path] = partition
+        if partition.memory_max is not None:
+            self._wake_watch()
+
+    def _wake_watch(self) -> None:
+        """A partition with a max appeared (a transient job's, created while the daemon
+        runs): start accounting if ``watch`` is asleep for want of one. ``create`` runs in
+        worker threads, hence the hand-over through the trio token."""
+        token, limited = self._watch_wake
+        if token is not None and limited is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(limited.set)
 
     def destroy(self, path: str) -> None:
         self._kill(self.pids(path))
@@ -330,8 +344,16 @@ class PortableBackend(Backend):
         return usage, leaves
 
     async def watch(self, tree: PartitionTree, emit: EventSink) -> None:
-        if not any(p.memory_max is not None for p in tree):
-            return  # nothing to account: no periodic work at all
+        del tree  # every partition of the tree went through create(), and jobs' too
+        while True:
+            # Nothing to account: no periodic work at all until a partition with a max
+            # is created. The event is in place before the check, so a create() between
+            # the two still wakes us.
+            limited = trio.Event()
+            self._watch_wake = (trio.lowlevel.current_trio_token(), limited)
+            if any(p.memory_max is not None for p in list(self._partitions.values())):
+                break
+            await limited.wait()
         while True:
             # /proc reads block briefly per process: keep them off the event loop.
             for event in await trio.to_thread.run_sync(self.sample):

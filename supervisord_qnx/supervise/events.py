@@ -112,6 +112,31 @@ class ProcessDetached(DaemonEvent):
     partition: str
 
 
+@dataclass(frozen=True)
+class JobStarted(DaemonEvent):
+    """A transient job (``run``) is running in its own partition."""
+
+    kind = "job-start"
+    job: str
+    partition: str
+    pid: int
+    job_kind: str  # command or wasm
+    command: list[str]
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class JobExited(DaemonEvent):
+    """A transient job ended; its partition is removed by the time this is emitted."""
+
+    kind = "job-exit"
+    job: str
+    partition: str
+    pid: int | None
+    exit_reason: str
+    exit_code: int  # what `supervisorctl-qnx run` exits with
+
+
 class Subscription:
     """One subscriber's bounded queue of event records.
 
