@@ -261,10 +261,14 @@ def test_cpu_shares_follow_budgets_20_and_60(sim: Path, tmp_path: Path) -> None:
         try:
             for path in ("low", "high"):
                 procs.append(backend.spawn(request(path, "spin-0", SPIN, out.fileno())))
-            time.sleep(0.5)  # both running and pinned before measuring
+            # Both running and pinned before measuring: `on` execs `taskset`, which pins
+            # and execs Python; on a loaded machine that chain takes a moment.
+            deadline = time.monotonic() + 15
+            while any(os.sched_getaffinity(p.pid) != {0} for p in procs):
+                assert time.monotonic() < deadline, "taskset never pinned the spinners"
+                time.sleep(0.05)
             for proc, path in zip(procs, ("low", "high"), strict=True):
                 assert f"/{path}\n" in Path(f"/proc/{proc.pid}/cgroup").read_text()
-                assert os.sched_getaffinity(proc.pid) == {0}
             before = [cpu_ticks(p.pid) for p in procs]
             time.sleep(3.0)
             after = [cpu_ticks(p.pid) for p in procs]
