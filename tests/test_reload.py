@@ -1,0 +1,437 @@
+"""Changing a live system through the real daemon: ``reload`` (and SIGHUP) applies only the
+difference, ``set`` changes one partition until the next reload.
+
+The cgroup v1 tests run under a unique ``cgroup_root`` (the ``cg`` fixture fails a test
+that leaves anything behind) and read the kernel's own files; the portable ones check
+the same behaviour where no privilege is needed. Assertions are on what an operator
+sees: the replies, ``status`` pids, ``partitions``, the kernel limit.
+"""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from tests.cgroup_helpers import CgroupRoot
+from tests.conftest import ConfigDir, Running, pid_alive, wait_until, worker_py
+from tests.test_cli import DaemonProc, ctl
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+SLEEPER = '["sleep", "1000"]'
+
+
+def tenant(cfg: ConfigDir, name: str, *, max_: str = "64MiB", command: str = SLEEPER,
+           instances: int = 1, extra: str = "") -> Path:  # fmt: skip
+    return cfg.tenant(
+        name,
+        f"""
+        memory = {{ max = "{max_}" }}
+        pids = 40
+        {extra}
+        [[worker]]
+        name = "w"
+        command = {command}
+        instances = {instances}
+        """,
+    )
+
+
+async def pids(d: Running) -> dict[str, int]:
+    """Every running worker's pid, by name (what an operator compares before and after)."""
+    status = await d.call("status")
+    return {w["name"]: w["pid"] for w in status if w["state"] == "running"}
+
+
+async def all_running(d: Running, names: set[str]) -> dict[str, int]:
+    with trio.fail_after(20):
+        while True:
+            now = await pids(d)
+            if set(now) == names:
+                return now
+            await trio.sleep(0.02)
+
+
+def find(report: dict[str, Any], path: str) -> dict[str, Any]:
+    stack = [report["tree"]]
+    while stack:
+        node = stack.pop()
+        if node["path"] == path:
+            return dict(node)
+        stack.extend(node["children"])
+    raise KeyError(path)
+
+
+def read_int(path: Path) -> int:
+    return int(path.read_text().split()[0])
+
+
+async def start(start_daemon, backend: str, request: pytest.FixtureRequest) -> Running:
+    if backend == "cgroup1":
+        cg: CgroupRoot = request.getfixturevalue("cg")
+        return await start_daemon(backend="cgroup1", cgroup_root=cg.name)  # type: ignore[no-any-return]
+    return await start_daemon(backend=backend)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- resize in place
+
+
+async def test_reload_resizes_a_partition_in_place_without_restarting_anything(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha", max_="64MiB", instances=2)
+    tenant(cfg, "beta")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    before = await all_running(d, {"alpha:w-0", "alpha:w-1", "beta:w-0"})
+    limit = cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")
+    assert read_int(limit) == 64 * MiB
+
+    tenant(cfg, "alpha", max_="32MiB", instances=2)
+    reply = await d.call("reload")
+
+    assert reply["resized"]["names"] == ["tenants/alpha"]
+    assert reply["resized"]["changes"]["tenants/alpha"] == {"memory.max": [64 * MiB, 32 * MiB]}
+    assert reply["restarted"]["count"] == 0 and reply["added"]["count"] == 0
+    assert reply["unchanged"]["names"] == ["beta"]
+    assert reply["failed"] == [] and reply["dry_run"] is False
+    # The kernel's figure changed; not one process was restarted.
+    assert read_int(limit) == 32 * MiB
+    assert read_int(cg.dir("memory", "tenants", "alpha", "memory.memsw.limit_in_bytes")) == 32 * MiB
+    assert await pids(d) == before
+    assert all(pid_alive(p) for p in before.values())
+    alpha = find(await d.call("partitions"), "tenants/alpha")
+    assert alpha["limits"]["memory"]["max"] == 32 * MiB
+    assert alpha["override"] is None
+    [event] = await d.call("events", kind="reload")
+    assert event["ok"] is True and event["resized"] == ["tenants/alpha"]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@pytest.mark.parametrize("backend", ["portable", "cgroup1"])
+async def test_reload_restarts_only_the_workers_whose_definition_changed(
+    backend: str, cfg: ConfigDir, start_daemon, request: pytest.FixtureRequest
+) -> None:
+    tenant(cfg, "alpha", instances=2)
+    tenant(cfg, "beta")
+    d = await start(start_daemon, backend, request)
+    before = await all_running(d, {"alpha:w-0", "alpha:w-1", "beta:w-0"})
+
+    tenant(cfg, "alpha", instances=2, command='["sleep", "1001"]')
+    reply = await d.call("reload")
+
+    assert reply["restarted"]["names"] == ["alpha:w"]
+    assert reply["unchanged"]["names"] == ["beta"]
+    after = await all_running(d, {"alpha:w-0", "alpha:w-1", "beta:w-0"})
+    assert after["beta:w-0"] == before["beta:w-0"]
+    for name in ("alpha:w-0", "alpha:w-1"):
+        assert after[name] != before[name]
+        assert not pid_alive(before[name])
+        # Its last argument (the exec shim, if still there, ends with the worker's argv).
+        assert Path(f"/proc/{after[name]}/cmdline").read_bytes().split(b"\0")[-2] == b"1001"
+
+
+async def test_reload_changing_instances_adds_and_removes_only_instances(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha", instances=1)
+    d = await start_daemon()
+    before = await all_running(d, {"alpha:w-0"})
+
+    tenant(cfg, "alpha", instances=3)
+    reply = await d.call("reload")
+    assert reply["scaled"] == {"alpha:w": [1, 3]} and reply["restarted"]["count"] == 0
+    grown = await all_running(d, {"alpha:w-0", "alpha:w-1", "alpha:w-2"})
+    assert grown["alpha:w-0"] == before["alpha:w-0"]
+
+    tenant(cfg, "alpha", instances=2)
+    await d.call("reload")
+    shrunk = await all_running(d, {"alpha:w-0", "alpha:w-1"})
+    assert shrunk == {k: grown[k] for k in ("alpha:w-0", "alpha:w-1")}
+    assert not pid_alive(grown["alpha:w-2"])
+    assert [w["name"] for w in await d.call("status")] == ["alpha:w-0", "alpha:w-1"]
+
+
+@pytest.mark.parametrize("backend", ["portable", "cgroup1"])
+async def test_reload_adds_and_removes_tenants_and_only_those(
+    backend: str, cfg: ConfigDir, start_daemon, request: pytest.FixtureRequest
+) -> None:
+    tenant(cfg, "alpha")
+    beta = tenant(cfg, "beta")
+    d = await start(start_daemon, backend, request)
+    before = await all_running(d, {"alpha:w-0", "beta:w-0"})
+
+    beta.unlink()
+    tenant(cfg, "gamma")
+    reply = await d.call("reload")
+
+    assert reply["added"]["names"] == ["gamma"] and reply["removed"]["names"] == ["beta"]
+    assert reply["partitions"] == {"created": ["tenants/gamma"], "removed": ["tenants/beta"]}
+    assert reply["unchanged"]["names"] == ["alpha"]
+    after = await all_running(d, {"alpha:w-0", "gamma:w-0"})
+    assert after["alpha:w-0"] == before["alpha:w-0"]
+    assert not pid_alive(before["beta:w-0"])
+    report = await d.call("partitions")
+    assert find(report, "tenants/gamma")["tenant"] == "gamma"
+    with pytest.raises(KeyError):
+        find(report, "tenants/beta")
+    if backend == "cgroup1":
+        cg: CgroupRoot = request.getfixturevalue("cg")
+        assert cg.dir("memory", "tenants", "gamma").is_dir()
+        assert not cg.dir("memory", "tenants", "beta").exists()
+        assert after["gamma:w-0"] in [
+            int(p)
+            for p in cg.dir("memory", "tenants", "gamma", "@w-0", "cgroup.procs")
+            .read_text()
+            .split()
+        ]
+
+
+async def test_a_broken_reload_changes_nothing_and_lists_every_problem(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    cfg.partitions = textwrap.dedent(
+        """
+        [[partition]]
+        name = "tenants"
+        flags = ["hierarchical"]
+        memory = { max = "256MiB" }
+        """
+    )
+    alpha = tenant(cfg, "alpha")
+    beta = tenant(cfg, "beta")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    before = await all_running(d, {"alpha:w-0", "beta:w-0"})
+    report_before = await d.call("partitions")
+
+    tenant(cfg, "alpha", max_="32MiB", extra="colour = 'blue'")  # an unknown key
+    tenant(cfg, "beta", max_="1GiB")  # above the parent's 256MiB: admission
+    tenant(cfg, "gamma")  # valid, but nothing of a broken reload is applied
+    with pytest.raises(RpcError) as exc:
+        await d.call("reload")
+
+    assert exc.value.code is ErrorCode.CONFIG_INVALID
+    problems = exc.value.data["problems"]
+    assert (
+        f"{alpha}: colour: unknown key (check the spelling; see docs/configuration.md)" in problems
+    )
+    assert any(p.startswith(f"{beta}: memory.max: ") and "256MiB" in p for p in problems), problems
+    assert len(problems) == 2, problems
+    assert await pids(d) == before
+    assert read_int(cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")) == 64 * MiB
+    assert not cg.dir("memory", "tenants", "gamma").exists()
+    report = await d.call("partitions")
+    for path in ("tenants/alpha", "tenants/beta"):
+        assert find(report, path)["limits"] == find(report_before, path)["limits"]
+    with pytest.raises(KeyError):
+        find(report, "tenants/gamma")
+    assert [w["tenant"] for w in await d.call("status")] == ["alpha", "beta"]
+    [event] = await d.call("events", kind="reload")
+    assert event["ok"] is False and len(event["problems"]) == 2
+
+
+async def test_dry_run_shows_the_difference_and_changes_nothing(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    before = await all_running(d, {"alpha:w-0"})
+    tenant(cfg, "alpha", max_="48MiB")
+    tenant(cfg, "gamma")
+
+    reply = await d.call("reload", dry_run=True)
+
+    assert reply["dry_run"] is True
+    assert reply["resized"]["names"] == ["tenants/alpha"] and reply["added"]["names"] == ["gamma"]
+    assert read_int(cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")) == 64 * MiB
+    assert not cg.dir("memory", "tenants", "gamma").exists()
+    assert await pids(d) == before
+    assert await d.call("events", kind="reload") == []
+    # The same reload for real applies exactly that.
+    assert (await d.call("reload"))["resized"] == reply["resized"]
+    assert read_int(cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")) == 48 * MiB
+
+
+# --------------------------------------------------------------------------- the kernel refuses
+
+
+HOG = worker_py(
+    "import time\n"
+    "hoard = bytearray(40 * 1024 * 1024)\n"
+    "for i in range(0, len(hoard), 4096): hoard[i] = 1\n"
+    "print('holding', flush=True)\n"
+    "time.sleep(1000)\n"
+)
+
+
+async def test_a_resize_below_what_the_partition_uses_is_refused_and_changes_nothing(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha", max_="128MiB", command=HOG)
+    tenant(cfg, "beta")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    before = await all_running(d, {"alpha:w-0", "beta:w-0"})
+    log = cfg.log_dir / "alpha.w-0.log"
+    wait_until(lambda: log.exists() and "holding" in log.read_text(), 20, "the hog to hold 40MiB")
+    limit = cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")
+
+    tenant(cfg, "alpha", max_="16MiB", command=HOG)
+    tenant(cfg, "beta", max_="32MiB")
+    reply = await d.call("reload")
+
+    [failure] = reply["failed"]
+    assert failure["partition"] == "tenants/alpha"
+    assert "EBUSY" in failure["reason"] and "keeps its previous figures" in failure["reason"]
+    assert read_int(limit) == 128 * MiB
+    assert (
+        read_int(cg.dir("memory", "tenants", "alpha", "memory.memsw.limit_in_bytes")) == 128 * MiB
+    )
+    # The other resize of the same reload went through.
+    assert read_int(cg.dir("memory", "tenants", "beta", "memory.limit_in_bytes")) == 32 * MiB
+    assert await pids(d) == before
+    report = await d.call("partitions")
+    assert find(report, "tenants/alpha")["limits"]["memory"]["max"] == 128 * MiB
+    assert find(report, "tenants/beta")["limits"]["memory"]["max"] == 32 * MiB
+
+    # `set` meets the same refusal, as an error naming the file.
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/alpha", memory={"max": "16MiB"})
+    assert exc.value.code is ErrorCode.BACKEND_ERROR
+    assert "memory.limit_in_bytes" in exc.value.message and "EBUSY" in exc.value.message
+    assert read_int(limit) == 128 * MiB
+    assert find(await d.call("partitions"), "tenants/alpha")["override"] is None
+
+
+# --------------------------------------------------------------------------- set
+
+
+async def test_set_beyond_the_admission_rules_is_refused(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    cfg.partitions = textwrap.dedent(
+        """
+        [[partition]]
+        name = "tenants"
+        flags = ["hierarchical"]
+        memory = { min = "16MiB", max = "256MiB" }
+        """
+    )
+    tenant(cfg, "alpha")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    limit = cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")
+
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/alpha", memory={"max": "512MiB"})
+    assert exc.value.code is ErrorCode.CONFIG_INVALID
+    [problem] = exc.value.data["problems"]
+    assert "memory.max" in problem and "exceeds the max 256MiB" in problem, problem
+
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/alpha", memory={"min": "32MiB"})
+    assert exc.value.code is ErrorCode.CONFIG_INVALID
+    assert "guarantees only 16MiB" in exc.value.data["problems"][0]
+
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/nobody", pids=5)
+    assert exc.value.code is ErrorCode.NOT_FOUND
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/alpha", memory={"max": "lots"})
+    assert exc.value.code is ErrorCode.BAD_REQUEST
+
+    assert read_int(limit) == 64 * MiB
+    assert find(await d.call("partitions"), "tenants/alpha")["override"] is None
+
+
+async def test_set_changes_the_kernel_figure_until_the_next_reload(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    before = await all_running(d, {"alpha:w-0"})
+    limit = cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")
+    pids_max = cg.dir("pids", "tenants", "alpha", "pids.max")
+
+    reply = await d.call("set", partition="tenants/alpha", memory={"max": "48MiB"}, pids=20)
+
+    assert reply["changes"] == {"memory.max": [64 * MiB, 48 * MiB], "pids": [40, 20]}
+    assert "until the next reload" in reply["note"]
+    assert read_int(limit) == 48 * MiB and pids_max.read_text().strip() == "20"
+    assert await pids(d) == before
+    alpha = find(await d.call("partitions"), "tenants/alpha")
+    assert alpha["override"] == {"memory.max": 48 * MiB, "pids": 20}
+    assert alpha["limits"]["memory"]["max"] == 48 * MiB
+
+    # The files did not change: the reload puts the configured figures back.
+    reply = await d.call("reload")
+    assert reply["overrides_dropped"] == ["tenants/alpha"]
+    assert reply["resized"]["changes"]["tenants/alpha"] == {
+        "memory.max": [48 * MiB, 64 * MiB],
+        "pids": [20, 40],
+    }
+    assert read_int(limit) == 64 * MiB and pids_max.read_text().strip() == "40"
+    assert find(await d.call("partitions"), "tenants/alpha")["override"] is None
+    assert await pids(d) == before
+
+
+# --------------------------------------------------------------------------- SIGHUP and the CLI
+
+
+def test_sighup_and_the_cli_reload_and_set(cfg: ConfigDir) -> None:
+    tenant(cfg, "alpha")
+    tenant(cfg, "beta")
+    cfg.write(backend="portable")
+    proc = DaemonProc(cfg)  # its own process: the test signals only what it started
+    try:
+        _sighup_and_cli(cfg, proc)
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+
+
+def _sighup_and_cli(cfg: ConfigDir, proc: DaemonProc) -> None:
+
+    def status() -> dict[str, Any]:
+        import json
+
+        out = ctl(cfg.socket, "--json", "status").stdout
+        return {w["name"]: w for w in json.loads(out)}
+
+    wait_until(lambda: all(w["state"] == "running" for w in status().values()), 20, "running")
+    before = {n: w["pid"] for n, w in status().items()}
+
+    tenant(cfg, "beta", command='["sleep", "1001"]')
+    dry = ctl(cfg.socket, "reload", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run: nothing was changed" in dry.stdout and "beta:w" in dry.stdout
+    assert {n: w["pid"] for n, w in status().items()} == before
+
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: (
+            status()["beta:w-0"]["pid"] not in (None, before["beta:w-0"])
+            and status()["beta:w-0"]["state"] == "running"
+        ),
+        20,
+        "SIGHUP to restart beta's worker",
+    )
+    assert status()["alpha:w-0"]["pid"] == before["alpha:w-0"]
+
+    out = ctl(cfg.socket, "set", "tenants/alpha", "--memory-max", "32MiB")
+    assert out.returncode == 0, out.stderr
+    assert "tenants/alpha: memory.max 64MiB -> 32MiB" in out.stdout
+    assert "until the next reload" in out.stdout
+    assert "alpha (tenant) *" in ctl(cfg.socket, "partitions").stdout
+
+    (cfg.root / "tenants.d" / "beta.toml").write_text("[[worker]]\nname = 'w'\n")
+    bad = ctl(cfg.socket, "reload")
+    assert bad.returncode == 1
+    assert "config_invalid" in bad.stderr and "beta.toml: worker[0]" in bad.stderr
+    assert proc.stop() == 0
