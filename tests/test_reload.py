@@ -76,8 +76,8 @@ def read_int(path: Path) -> int:
 async def start(start_daemon, backend: str, request: pytest.FixtureRequest) -> Running:
     if backend == "cgroup1":
         cg: CgroupRoot = request.getfixturevalue("cg")
-        return await start_daemon(backend="cgroup1", cgroup_root=cg.name)  # type: ignore[no-any-return]
-    return await start_daemon(backend=backend)  # type: ignore[no-any-return]
+        return await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    return await start_daemon(backend=backend)
 
 
 # --------------------------------------------------------------------------- resize in place
