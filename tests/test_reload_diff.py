@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisord_qnx.config.diff import (
+    ConfigDiff,
     Resize,
     diff,
     keep_start_settings,
@@ -42,7 +43,7 @@ def loaded(cfg: ConfigDir) -> Config:
     return load(cfg.path)
 
 
-def reload_diff(cfg: ConfigDir, before: Config) -> object:
+def reload_diff(cfg: ConfigDir, before: Config) -> ConfigDiff:
     after = loaded(cfg)
     return diff(before, before.tree, after, after.tree)
 
