@@ -21,6 +21,8 @@ from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, Running, pid_alive, wait_until, worker_py
 from tests.test_cli import DaemonProc, ctl
+from tests.test_daemon_qnx import Sim, qnx_sim  # noqa: F401 - a fixture used below
+from tests.test_qnx_backend import aps_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -435,3 +437,60 @@ def _sighup_and_cli(cfg: ConfigDir, proc: DaemonProc) -> None:
     assert bad.returncode == 1
     assert "config_invalid" in bad.stderr and "beta.toml: worker[0]" in bad.stderr
     assert proc.stop() == 0
+
+
+# --------------------------------------------------------------------------- portable, qnx
+
+
+async def test_portable_resizes_its_accounting_and_refuses_a_max_below_usage(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha", max_="128MiB", command=HOG)
+    d = await start_daemon()
+    before = await all_running(d, {"alpha:w-0"})
+    log = cfg.log_dir / "alpha.w-0.log"
+    wait_until(lambda: log.exists() and "holding" in log.read_text(), 20, "the hog to hold 40MiB")
+
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/alpha", memory={"max": "16MiB"})
+    assert exc.value.code is ErrorCode.BACKEND_ERROR
+    assert "below what it uses now" in exc.value.message
+    alpha = find(await d.call("partitions"), "tenants/alpha")
+    assert alpha["usage"]["memory_limit"] == 128 * MiB and alpha["override"] is None
+
+    await d.call("set", partition="tenants/alpha", memory={"max": "100MiB"})
+    # The accounting works from the new figure (it kills at it, and reports it).
+    alpha = find(await d.call("partitions"), "tenants/alpha")
+    assert alpha["usage"]["memory_limit"] == 100 * MiB
+    assert alpha["override"] == {"memory.max": 100 * MiB}
+    assert await pids(d) == before
+
+
+async def test_qnx_reload_and_set_modify_the_live_aps_partition(
+    qnx_sim: Sim,  # noqa: F811 - the fixture imported above
+    cfg: ConfigDir,
+    start_daemon,
+) -> None:
+    body = 'cpu = {{ budget = {b}, max = {m} }}\n[[worker]]\nname = "w"\ncommand = {c}\n'
+    qnx_sim.tenant(cfg, "alpha", body.format(b=20, m=40, c=SLEEPER))
+    qnx_sim.tenant(cfg, "beta", '[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n')
+    d = await start_daemon(backend="qnx")
+    before = await all_running(d, {"alpha:w-0", "beta:w-0"})
+    row = aps_partitions()[qnx_sim.aps("alpha")]
+    assert (row["budget"], row["max"]) == ("20%", "40%")
+
+    qnx_sim.tenant(cfg, "alpha", body.format(b=30, m=50, c=SLEEPER))
+    reply = await d.call("reload")
+    assert reply["resized"]["names"] == [f"{qnx_sim.group}/alpha"] and reply["failed"] == []
+    row = aps_partitions()[qnx_sim.aps("alpha")]
+    assert (row["budget"], row["max"]) == ("30%", "50%")
+    assert await pids(d) == before
+
+    await d.call("set", partition=f"{qnx_sim.group}/alpha", cpu={"budget": 10})
+    assert aps_partitions()[qnx_sim.aps("alpha")]["budget"] == "10%"
+    # beta has no budget: giving it one would move its processes to another APS partition.
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition=f"{qnx_sim.group}/beta", cpu={"budget": 5})
+    assert exc.value.code is ErrorCode.BACKEND_ERROR and "restart the tenant" in exc.value.message
+    assert qnx_sim.aps("beta") not in aps_partitions()
+    assert await pids(d) == before
