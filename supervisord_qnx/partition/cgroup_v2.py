@@ -367,6 +367,13 @@ class Cgroup2Backend(fs.CgroupBackendBase):
 
     def _limit_writes(self, old: Partition, new: Partition) -> list[tuple[Path, str]]:
         d, writes = self._dir(new.path), []
+        if old.cpu_budget != new.cpu_budget:
+            writes.append((d / "cpu.weight", str(weight_for(new.cpu_budget) or 100)))
+        if old.cpu_max != new.cpu_max:
+            writes.append((d / "cpu.max", cpu_max_for(new.cpu_max, self._ncpu) or "max"))
+        if old.pids_max != new.pids_max:
+            value = str(new.pids_max) if new.pids_max is not None else "max"
+            writes.append((d / "pids.max", value))
         if old.memory_min != new.memory_min:
             writes.append((d / "memory.min", str(new.memory_min)))
         if old.pressure_threshold != new.pressure_threshold:
@@ -377,13 +384,6 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             writes.append((d / "memory.max", str(cap) if cap is not None else "max"))
             if old.memory_max is None and (d / "memory.swap.max").exists():
                 writes.append((d / "memory.swap.max", "0"))
-        if old.cpu_budget != new.cpu_budget:
-            writes.append((d / "cpu.weight", str(weight_for(new.cpu_budget) or 100)))
-        if old.cpu_max != new.cpu_max:
-            writes.append((d / "cpu.max", cpu_max_for(new.cpu_max, self._ncpu) or "max"))
-        if old.pids_max != new.pids_max:
-            value = str(new.pids_max) if new.pids_max is not None else "max"
-            writes.append((d / "pids.max", value))
         return writes
 
     def _before_limits(self, old: Partition, new: Partition) -> None:
