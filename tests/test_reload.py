@@ -345,7 +345,8 @@ async def test_set_beyond_the_admission_rules_is_refused(
         await d.call("set", partition="tenants/alpha", memory={"max": "512MiB"})
     assert exc.value.code is ErrorCode.CONFIG_INVALID
     [problem] = exc.value.data["problems"]
-    assert "memory.max" in problem and "exceeds the max 256MiB" in problem, problem
+    assert problem.startswith("partition 'tenants/alpha': memory.max: "), problem
+    assert "exceeds the max 256MiB" in problem, problem
 
     with pytest.raises(RpcError) as exc:
         await d.call("set", partition="tenants/alpha", memory={"min": "32MiB"})

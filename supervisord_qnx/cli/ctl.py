@@ -333,14 +333,15 @@ def _render_reload(result: dict[str, Any]) -> None:
         group = result[key]
         names = " ".join(group["names"]) if group["names"] else "-"
         print(f"{key + ':':<11}{group['count']:>3}  {names}")
-    for path, changes in result["resized"].get("changes", {}).items():
-        print(f"  {path}: {_changes(changes)}")
+        if key == "resized":
+            for path, changes in group.get("changes", {}).items():
+                print(f"  {path}: {_changes(changes)}")
     for name, (old, new) in result.get("scaled", {}).items():
-        print(f"scaled:       {name} instances {old} -> {new}")
+        print(f"scaled:         {name} instances {old} -> {new}")
     for failure in result.get("failed", []):
-        print(f"FAILED:       {failure['partition']}: {failure['reason']}")
+        print(f"FAILED:         {failure['partition']}: {failure['reason']}")
     for note in result.get("not_applied", []):
-        print(f"not applied:  {note}")
+        print(f"not applied:    {note}")
     if result.get("overrides_dropped"):
         verb = "would drop" if result.get("dry_run") else "dropped"
         print(f"overrides {verb} (set at runtime): {' '.join(result['overrides_dropped'])}")

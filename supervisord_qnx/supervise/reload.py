@@ -37,7 +37,7 @@ from supervisord_qnx.config.diff import (
     keep_start_settings,
     resize_steps,
 )
-from supervisord_qnx.config.load import ConfigError, Located, load, locate
+from supervisord_qnx.config.load import ConfigError, Located, load
 from supervisord_qnx.config.model import Config, TenantSpec
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.limits import Limits, Overrides, copy_tree, describe
@@ -285,8 +285,9 @@ class LiveChanges:
         """The admission rules that concern ``path``: its own, its parent's sums over its
         siblings, and its children's bounds; then the backend's checks as at start-up."""
         parent = path.rpartition("/")[0]
+        # Named after the partition, not a file: the files are not what is wrong.
         problems = [
-            locate(config, p.partition, p.key, p.reason)
+            Located(f"partition '{p.partition}'", p.key, p.reason)
             for p in tree.admit()
             if p.partition in (path, parent) or p.partition.startswith(path + "/")
         ]
