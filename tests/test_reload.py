@@ -10,6 +10,7 @@ sees: the replies, ``status`` pids, ``partitions``, the kernel limit.
 from __future__ import annotations
 
 import signal
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -506,3 +507,36 @@ async def test_qnx_reload_and_set_modify_the_live_aps_partition(
     assert exc.value.code is ErrorCode.BACKEND_ERROR and "restart the tenant" in exc.value.message
     assert qnx_sim.aps("beta") not in aps_partitions()
     assert await pids(d) == before
+
+
+async def test_reload_removing_a_partition_gives_attached_processes_back_alive(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "alpha")
+    beta = tenant(cfg, "beta")
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    await all_running(d, {"alpha:w-0", "beta:w-0"})
+    # Processes of this test's own: one lent to beta, one handed over with `own`.
+    lent = subprocess.Popen(["sleep", "300"])
+    owned = subprocess.Popen(["sleep", "300"])
+    try:
+        before = Path(f"/proc/{lent.pid}/cgroup").read_text()
+        await d.call("attach", partition="tenants/beta", pid=lent.pid)
+        await d.call("attach", partition="tenants/beta", pid=owned.pid, own=True)
+        assert Path(f"/proc/{lent.pid}/cgroup").read_text() != before
+
+        beta.unlink()
+        assert (await d.call("reload"))["removed"]["names"] == ["beta"]
+
+        assert pid_alive(lent.pid)
+        assert Path(f"/proc/{lent.pid}/cgroup").read_text() == before
+        # (The in-process daemon's child reaper may collect it: look at /proc, not wait().)
+        wait_until(lambda: not pid_alive(owned.pid), 10, "the owned process to be killed")
+        assert not cg.dir("memory", "tenants", "beta").exists()
+        with pytest.raises(RpcError) as exc:
+            await d.call("detach", pid=lent.pid)
+        assert exc.value.code is ErrorCode.INVALID_STATE  # forgotten: nothing to give back
+    finally:
+        for p in (lent, owned):
+            p.kill()
+            p.wait(timeout=30)

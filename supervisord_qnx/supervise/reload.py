@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 import trio
 
+from supervisord_qnx import attached
 from supervisord_qnx.config.diff import (
     ConfigDiff,
     diff,
@@ -64,6 +65,7 @@ class Host(Protocol):
     supervisor: Supervisor
     events: EventBus
     created: list[str]
+    attached: attached.Registry
 
     def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Awaitable[T]: ...
 
@@ -191,12 +193,30 @@ class LiveChanges:
             if path not in host.created:
                 continue
             try:
+                await host.blocking(self._give_back_attached, path)
                 await host.blocking(host.backend.destroy, path)
             except Exception as exc:  # noqa: BLE001 - remove every other partition anyway
                 log.error("could not remove partition", partition=path, error=str(exc))
                 failed.append({"partition": path, "reason": f"removing: {exc}"})
             host.created.remove(path)
         return failed
+
+    def _give_back_attached(self, top: str) -> None:
+        """Processes an operator attached under ``top`` are not the tenant's: before the
+        partition goes they are moved back where they were, alive, as at shutdown (those
+        attached with ``own`` go with it)."""
+        registry, backend = self.host.attached, self.host.backend
+        for entry in list(registry.entries.values()):
+            if entry.partition != top and not entry.partition.startswith(top + "/"):
+                continue
+            if not entry.own and entry.same_process():
+                try:
+                    backend.detach(entry.pid, entry.previous)
+                    log.info("detached an attached process", pid=entry.pid, partition=top)
+                except Exception as exc:  # noqa: BLE001 - give back every other pid anyway
+                    log.error("could not detach an attached process", pid=entry.pid,
+                              error=str(exc))  # fmt: skip
+            registry.drop(entry.pid)
 
     async def _create_partitions(
         self, paths: list[str], tree: PartitionTree
