@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import textwrap
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ async def all_running(d: Running, names: set[str]) -> dict[str, int]:
             if set(now) == names:
                 return now
             await trio.sleep(0.02)
+
+
+def _last_argument_is(pid: int, arg: bytes) -> bool:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0" + arg + b"\0")
 
 
 def find(report: dict[str, Any], path: str) -> dict[str, Any]:
@@ -146,8 +151,9 @@ async def test_reload_restarts_only_the_workers_whose_definition_changed(
     for name in ("alpha:w-0", "alpha:w-1"):
         assert after[name] != before[name]
         assert not pid_alive(before[name])
-        # Its last argument (the exec shim, if still there, ends with the worker's argv).
-        assert Path(f"/proc/{after[name]}/cmdline").read_bytes().split(b"\0")[-2] == b"1001"
+        # Its last argument (the exec shim, if still there, ends with the worker's argv;
+        # in the middle of an execve the command line reads empty, hence the wait).
+        wait_until(partial(_last_argument_is, after[name], b"1001"), 10, "the new command")
 
 
 async def test_reload_changing_instances_adds_and_removes_only_instances(
