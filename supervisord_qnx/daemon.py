@@ -45,6 +45,7 @@ from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
 from supervisord_qnx.supervise.events import EventBus
 from supervisord_qnx.supervise.jobs import Jobs
 from supervisord_qnx.supervise.reaper import ChildReaper, become_subreaper
+from supervisord_qnx.supervise.reload import LiveChanges
 from supervisord_qnx.supervise.supervisor import Supervisor
 
 log = structlog.get_logger("supervisord_qnx.daemon")
@@ -232,6 +233,9 @@ class Daemon:
         self.attached = attached.Registry(Path(config.daemon.state_dir))
         self.ownership = Ownership()
         self.max_connections: int | None = None
+        # Reload and runtime limits (supervise/reload.py); its lock also orders shutdown.
+        self.live = LiveChanges(self, admit, self.jobs)
+        self._nursery: trio.Nursery | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -265,6 +269,7 @@ class Daemon:
             log.warning("reaped leftovers of a previous run", partitions=reaped)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(self.reaper.run)
                 for node in self.tree:
                     await trio.to_thread.run_sync(self.backend.create, node)
@@ -309,7 +314,8 @@ class Daemon:
                 log.info("shutting down")
                 _notify(sdnotify.STOPPING)
                 await self.jobs.stop_all()
-                await self.supervisor.stop_all()
+                async with self.live.lock:  # a reload in progress finishes first
+                    await self.supervisor.stop_all()
                 await self.supervisor.launchers.stop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -366,23 +372,37 @@ class Daemon:
 
     def _destroy_partitions(self) -> None:
         self._release_attached()
-        for node in self.tree.deepest_first():
-            if node.path in self.created:
-                try:
-                    self.backend.destroy(node.path)
-                except Exception as exc:  # noqa: BLE001 - remove every other partition anyway
-                    log.error("could not remove partition", partition=node.path, error=str(exc))
+        # What was created, not what the tree holds: a reload cut short creates first and
+        # replaces the tree last.
+        for path in sorted(self.created, key=lambda p: (-p.count("/"), p)):
+            try:
+                self.backend.destroy(path)
+            except Exception as exc:  # noqa: BLE001 - remove every other partition anyway
+                log.error("could not remove partition", partition=path, error=str(exc))
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    _notify(sdnotify.RELOADING)
-                    _notify(sdnotify.READY)
-                    log.warning("reload (SIGHUP) is not implemented yet; configuration unchanged")
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._reload_on_signal)
                     continue
                 log.info("signal received", signal=signal.Signals(signum).name)
                 self.request_shutdown()
+
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP: reload as the ``reload`` method does; problems go to the log (and the
+        ``reload`` event), and the daemon runs on unchanged."""
+        _notify(sdnotify.RELOADING)
+        try:
+            await self.live.reload()
+        except ConfigError as exc:
+            log.error("reload refused; nothing changed",
+                      problems=[str(p) for p in exc.problems])  # fmt: skip
+        except Exception:
+            log.exception("reload failed")
+        finally:
+            _notify(sdnotify.READY)
 
 
 def _refuse_if_live(path: Path) -> None:

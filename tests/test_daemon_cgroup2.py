@@ -28,6 +28,7 @@ import pytest
 import trio
 
 from supervisord_qnx.control.client import Client, DaemonUnreachable
+from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.partition import cgroupfs as fs
 from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
@@ -199,6 +200,41 @@ async def test_oom_killed_by_kernel_restarted_sibling_untouched(
     assert after["pid"] == calm["pid"] and after["restarts"] == 0
     assert after["state"] == "running"
     assert "survived" not in (cfg.log_dir / "hog.grow-0.log").read_text()
+
+
+async def test_reload_resizes_in_place_and_a_max_below_usage_is_refused_not_oom_killed(
+    cg: Cgroup2Root, cfg: ConfigDir, start_daemon
+) -> None:
+    hold = worker_py(
+        "import time\n"
+        "hoard = bytearray(40 << 20)\n"
+        "for i in range(0, len(hoard), 4096): hoard[i] = 1\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    body = 'memory = {{ max = "{m}", reserved = "{r}" }}\n[[worker]]\nname = "w"\ncommand = {c}\n'
+    cfg.tenant("hold", body.format(m="128MiB", r="16MiB", c=hold))
+    d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
+    w = await d.wait_for("hold:w-0", lambda w: w["state"] == "running", 60)
+    log = cfg.log_dir / "hold.w-0.log"
+    wait_until(lambda: log.exists() and "holding" in log.read_text(), 60, "40MiB held")
+    part = cg.dir("tenants", "hold")
+
+    cfg.tenant("hold", body.format(m="96MiB", r="32MiB", c=hold))
+    reply = await d.call("reload")
+    assert reply["resized"]["names"] == ["tenants/hold"] and reply["failed"] == []
+    assert read_int(part / "memory.max") == 96 * MiB
+    assert read_int(part / "memory.high") == 64 * MiB
+
+    # cgroup2 would OOM-kill to get below the usage; the daemon refuses instead.
+    with pytest.raises(RpcError) as exc:
+        await d.call("set", partition="tenants/hold", memory={"max": "16MiB", "reserved": 0})
+    assert exc.value.code is ErrorCode.BACKEND_ERROR, exc.value
+    assert "could not reclaim" in exc.value.message
+    assert read_int(part / "memory.max") == 96 * MiB
+    after = await d.worker("hold:w-0")
+    assert after["pid"] == w["pid"] and after["state"] == "running" and after["restarts"] == 0
+    assert await d.call("events", kind="oom-kill") == []
 
 
 async def test_memory_pressure_event_from_memory_high(

@@ -17,7 +17,10 @@ from supervisord_qnx.control.client import Client, DaemonUnreachable, Subscripti
 from supervisord_qnx.control.rpc import RpcError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
-EXIT_DROPPED = 5  # events -f: the daemon dropped this follower for falling behind
+# 5 means, for the one command that can end so: events -f, the daemon dropped this
+# follower for falling behind; reload, applied but the OS refused some resizes.
+EXIT_DROPPED = 5
+EXIT_PARTIAL = 5
 
 DEFAULT_SOCKET = os.environ.get("SUPERVISORD_QNX_SOCKET", "run/control.sock")
 
@@ -41,17 +44,24 @@ commands:
                                a one-shot job in a new partition; streams its output and
                                exits with its code (`run --help` lists the codes)
   job ID                       follow a job's output; exit with its code
+  reload [--dry-run]           re-read every file, apply only the difference (as SIGHUP)
+  set PARTITION --memory-max S ...  change a live partition's limits until the next reload
   ping | version | shutdown
 
 exit codes: 0 ok (for `events -f`: stopped with Ctrl-C); 1 the daemon answered with
-an error (message printed); 2 usage; 3 `status`: some listed worker is not running;
+an error (message printed; for an invalid config every problem as `file: key: reason`,
+and nothing changed); 2 usage; 3 `status`: some listed worker is not running;
 4 daemon unreachable (for `events -f`: also when it goes away while followed);
 5 `events -f`: the daemon dropped this follower because it fell more than
-[daemon] subscriber_queue events behind (the count is printed).
+[daemon] subscriber_queue events behind (the count is printed); `reload`: applied,
+but the OS refused some resizes (those partitions keep their previous limits; listed
+under "failed"). `run` and `job` exit with the job's code (`run --help`).
 
 examples:
   supervisorctl-qnx --socket run/control.sock status
   supervisorctl-qnx restart alpha --wait
+  supervisorctl-qnx reload --dry-run          what a reload would change, changing nothing
+  supervisorctl-qnx set tenants/alpha --memory-max 64MiB --pids-max 50
   supervisorctl-qnx --json status | jq '.[] | select(.state != "running")'
   supervisorctl-qnx metrics | grep '^supervisord_qnx_partition_memory_current_bytes'
   supervisorctl-qnx events -f --tenant alpha --kind state --kind fatal
@@ -127,6 +137,33 @@ def parser() -> argparse.ArgumentParser:
         help="Prometheus text exposition (docs/metrics.md); with --json, parsed samples",
     )
     run_cli.add_parsers(sub)
+    s = sub.add_parser(
+        "reload",
+        help="re-read the config and tenant files and apply only the difference",
+        description="Re-read every file and validate everything (as at start-up); if "
+        "anything is invalid nothing changes and every problem is listed. Otherwise apply "
+        "only the difference: start added tenants, stop removed ones, restart only workers "
+        "whose definition changed, resize partitions in place (no restart). Limits set "
+        "with `set` are dropped. Sending SIGHUP to the daemon does the same.",
+    )
+    s.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    s = sub.add_parser(
+        "set",
+        help="change a live partition's limits until the next reload",
+        description="Change a live partition's limits in place, like `systemctl "
+        "set-property --runtime`: checked against the admission rules of the tree, "
+        "written to the kernel (no process restarted), shown by `partitions` as an "
+        "override, and dropped by the next reload (the files are unchanged). Sizes take "
+        "'64MiB', '512K' or bytes; CPU figures are percent of the machine; 'none' "
+        "removes a maximum.",
+    )
+    s.add_argument("partition", help="a partition path, e.g. tenants/alpha")
+    s.add_argument("--memory-min", metavar="SIZE")
+    s.add_argument("--memory-max", metavar="SIZE", help="hard cap, or 'none'")
+    s.add_argument("--memory-reserved", metavar="SIZE", help="pressure band below the max")
+    s.add_argument("--cpu-budget", metavar="PERCENT", help="guaranteed share, or 'none'")
+    s.add_argument("--cpu-max", metavar="PERCENT", help="ceiling, or 'none'")
+    s.add_argument("--pids-max", metavar="N", type=int, help="most tasks at once")
     for name in ("ping", "version", "shutdown"):
         sub.add_parser(name, help=f"{name} the daemon")
     return p
@@ -146,17 +183,56 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             params["worker"] = args.worker
         return c, params
     if c == "events":
-        params = {"limit": args.limit}
-        if args.kind:
-            params["topics"] = args.kind
-        if args.tenant:
-            params["tenants"] = args.tenant
-        return c, params
+        return c, _events_params(args)
     if c == "attach":
         return c, {"partition": args.partition, "pid": args.pid}
     if c == "detach":
         return c, {"pid": args.pid}
+    if c == "reload":
+        return c, ({"dry_run": True} if args.dry_run else {})
+    if c == "set":
+        return c, _set_params(args)
     return c, {}
+
+
+def _events_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.kind:
+        params["topics"] = args.kind
+    if args.tenant:
+        params["tenants"] = args.tenant
+    return params
+
+
+def _none_or(value: str | None, convert: Callable[[str], Any]) -> Any:
+    return None if value is None or value.lower() == "none" else convert(value)
+
+
+def _set_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {"partition": args.partition}
+    memory = {
+        key: (None if value.lower() == "none" else value)
+        for key, value in (
+            ("min", args.memory_min), ("max", args.memory_max), ("reserved", args.memory_reserved)
+        )
+        if value is not None
+    }  # fmt: skip
+    cpu = {
+        key: _none_or(value, float)
+        for key, value in (("budget", args.cpu_budget), ("max", args.cpu_max))
+        if value is not None
+    }
+    if memory:
+        params["memory"] = memory
+    if cpu:
+        params["cpu"] = cpu
+    if args.pids_max is not None:
+        params["pids"] = args.pids_max
+    if len(params) == 1:
+        raise SystemExit(
+            "supervisorctl-qnx set: give at least one of --memory-*, --cpu-*, --pids-max"
+        )
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         RENDER.get(method, _render_plain)(result)
     if method == "status" and any(w["state"] != "running" for w in result):
         return EXIT_NOT_RUNNING
+    if method == "reload" and result.get("failed"):
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -295,7 +373,10 @@ def _render_partitions(result: dict[str, Any]) -> None:
             cpu = lim["cpu"]
             rows.append(
                 [
-                    "  " * (depth - 1) + node["name"] + (" (tenant)" if node.get("tenant") else ""),
+                    "  " * (depth - 1)
+                    + node["name"]
+                    + (" (tenant)" if node.get("tenant") else "")
+                    + (" *" if node.get("override") else ""),
                     _size(lim["memory"]["min"]) if lim["memory"]["min"] else "-",
                     _size(lim["memory"]["max"]),
                     _size(lim["memory"]["reserved"]) if lim["memory"]["reserved"] else "-",
@@ -311,6 +392,8 @@ def _render_partitions(result: dict[str, Any]) -> None:
 
     walk(result["tree"], 0)
     _table(rows)
+    if any(row[0].endswith(" *") for row in rows):
+        print("* limits changed with `set`, in force until the next reload")
     if result.get("unenforced"):
         print("not enforced by this backend:")
         for item in result["unenforced"]:
@@ -349,6 +432,53 @@ def _render_text(result: str) -> None:
     print(result, end="")
 
 
+def _figure(name: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if name.startswith("memory."):
+        return _size(value)
+    if name.startswith("cpu."):
+        return f"{value:g}%"
+    return str(value)
+
+
+def _changes(changes: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {', '.join(v[0]) or '-'} -> {', '.join(v[1]) or '-'}"
+        if k == "flags"
+        else f"{k} {_figure(k, v[0])} -> {_figure(k, v[1])}"
+        for k, v in changes.items()
+    )
+
+
+def _render_reload(result: dict[str, Any]) -> None:
+    if result.get("dry_run"):
+        print("dry run: nothing was changed; a reload would do this:")
+    for key in ("added", "removed", "restarted", "resized", "unchanged"):
+        group = result[key]
+        names = " ".join(group["names"]) if group["names"] else "-"
+        print(f"{key + ':':<11}{group['count']:>3}  {names}")
+        if key == "resized":
+            for path, changes in group.get("changes", {}).items():
+                print(f"  {path}: {_changes(changes)}")
+    for name, (old, new) in result.get("scaled", {}).items():
+        print(f"scaled:         {name} instances {old} -> {new}")
+    for failure in result.get("failed", []):
+        print(f"FAILED:         {failure['partition']}: {failure['reason']}")
+    for note in result.get("not_applied", []):
+        print(f"not applied:    {note}")
+    if result.get("overrides_dropped"):
+        verb = "would drop" if result.get("dry_run") else "dropped"
+        print(f"overrides {verb} (set at runtime): {' '.join(result['overrides_dropped'])}")
+
+
+def _render_set(result: dict[str, Any]) -> None:
+    changes = result["changes"]
+    what = _changes(changes) if changes else "no figure changed"
+    print(f"{result['partition']}: {what}")
+    print(f"({result['note']})")
+
+
 def _render_plain(result: Any) -> None:
     if isinstance(result, dict):
         for k, v in result.items():
@@ -366,6 +496,8 @@ RENDER: dict[str, Callable[[Any], None]] = {
     "logs": _render_logs,
     "events": _render_events,
     "metrics": _render_text,
+    "reload": _render_reload,
+    "set": _render_set,
 }
 
 

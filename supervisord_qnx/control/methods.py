@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from supervisord_qnx import __version__, attached, logtail
+from supervisord_qnx.config.load import ConfigError
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.jobs import JobMethods
 from supervisord_qnx.control.metrics import Exporter, error_code
@@ -26,9 +27,11 @@ from supervisord_qnx.control.server import Connection, MethodTable, Streaming
 from supervisord_qnx.control.server import Handler as ServerHandler
 from supervisord_qnx.control.subscribe import EventFilter, Subscribers, names_param
 from supervisord_qnx.partition.backend import Backend, BackendError
+from supervisord_qnx.partition.limits import BadLimits, parse_set
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus, ProcessAttached, ProcessDetached
 from supervisord_qnx.supervise.jobs import JOB_TENANT, Jobs
+from supervisord_qnx.supervise.reload import LiveChanges
 from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
 T = TypeVar("T")
@@ -46,6 +49,7 @@ class DaemonView(Protocol):
     events: EventBus
     attached: attached.Registry
     io_backend: str
+    live: LiveChanges
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run slow backend work or file I/O in the daemon's limited pool for it."""
@@ -95,6 +99,13 @@ def _translated(handler: Handler) -> ServerHandler:
             raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
         except BackendError as exc:
             raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
+        except ConfigError as exc:
+            n = len(exc.problems)
+            raise RpcError(
+                ErrorCode.CONFIG_INVALID,
+                f"{n} problem{'s' if n != 1 else ''}; nothing was changed",
+                problems=[str(p) for p in exc.problems],
+            ) from None
 
     return call
 
@@ -123,6 +134,8 @@ class Methods:
             "run": jobs.run,
             "job": jobs.job,
             "shutdown": self.shutdown,
+            "reload": self.reload,
+            "set": self.set_limits,
         }
         self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
         # Reads the daemon only when rendered (building the table touches nothing).
@@ -169,7 +182,12 @@ class Methods:
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)
-        return await partitions_report(self.daemon.backend, self.daemon.tree, self.daemon.blocking)
+        return await partitions_report(
+            self.daemon.backend,
+            self.daemon.tree,
+            self.daemon.blocking,
+            overrides=self.daemon.live.overrides.to_dict(),
+        )
 
     async def start(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         p = _params(params, tenant=(str, True), wait=(bool, False))
@@ -327,6 +345,19 @@ class Methods:
         if self.subscribers is None:
             raise RpcError(ErrorCode.INVALID_STATE, "this connection is not subscribed")
         return await self.subscribers.unsubscribe(conn)
+
+    async def reload(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = _params(params, dry_run=(bool, False))
+        return await self.daemon.live.reload(dry_run=p.get("dry_run", False))
+
+    async def set_limits(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = _params(params, partition=(str, True), memory=(dict, False), cpu=(dict, False),
+                    pids=(int, False))  # fmt: skip
+        try:
+            figures = parse_set(p.get("memory"), p.get("cpu"), p.get("pids"))
+        except BadLimits as exc:
+            raise RpcError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        return await self.daemon.live.set_limits(p["partition"], figures)
 
     async def shutdown(self, params: dict[str, Any]) -> str:
         _params(params)

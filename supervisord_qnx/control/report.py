@@ -22,6 +22,7 @@ async def partitions_report(
     backend: Backend,
     tree: PartitionTree,
     blocking: Callable[..., Awaitable[Any]],
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``blocking`` runs the backend's (blocking) ``stats_many`` call off the event loop:
     one call for every partition, so a backend that scans /proc scans it once."""
@@ -43,6 +44,8 @@ async def partitions_report(
     def decorate(node: dict[str, Any]) -> dict[str, Any]:
         node["usage"] = stats.get(node["path"])
         node["os_name"] = mapping.get(node["path"])
+        # Figures changed with `set`, in force until the next reload (None: as configured).
+        node["override"] = (overrides or {}).get(node["path"])
         node["children"] = [decorate(c) for c in node["children"]]
         return node
 

@@ -31,6 +31,8 @@ The interface, in the order the daemon uses it:
 ``reap_leftovers()``        kill and remove what a dead daemon left under our root
 ``create(p)``               make and configure one partition (parent exists)
 ``recreate(chain)``         make again partitions removed from outside; ``False``: none was
+``update_limits(p)``        write a live partition's changed figures in place (reload, set)
+``adopt(tree)``             the daemon's tree was replaced: keep these nodes as the records
 ``spawn(request)``          start a worker already inside its partition's leaf
 ``attach_plan(request)``    how a process started elsewhere attaches itself (fork server)
 ``attach(path, pid)``       move a running process in; returns where it was (``Placement``)
@@ -261,6 +263,24 @@ class Backend(abc.ABC):
         back); ``False`` (the default, for backends whose partitions cannot vanish behind
         the daemon's back) tells the caller the failure had another cause."""
         return False
+
+    def update_limits(self, partition: Partition) -> None:
+        """Change a live partition's figures in place to ``partition``'s (reload, ``set``):
+        no process is restarted. Writes only the figures that differ from the ones this
+        backend last applied; if the OS refuses one (cgroup v1 answers ``EBUSY`` to a
+        memory limit below what the partition uses and cannot reclaim), the figures
+        already written are put back and ``BackendError`` says which file and why: the
+        partition is then as it was. On success ``partition`` is the backend's record."""
+        raise BackendError(
+            f"partition '{partition.path}': the {self.name} backend cannot change limits "
+            "in place; restart the daemon to apply them"
+        )
+
+    def adopt(self, tree: PartitionTree) -> None:
+        """The daemon replaced its tree (after a reload or ``set``): from now on the
+        records of partitions this backend created are ``tree``'s nodes, so that limits
+        inherited from ancestors resolve in the new tree. Default: nothing is recorded."""
+        return None
 
     @abc.abstractmethod
     def destroy(self, path: str) -> None:

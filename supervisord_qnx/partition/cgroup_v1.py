@@ -340,6 +340,50 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         if pids is not None and node.pids_max is not None:
             fs.write_text(pids / "pids.max", str(node.pids_max), p)
 
+    def _limit_writes(self, old: Partition, new: Partition) -> list[tuple[Path, str]]:
+        # Memory last: it is the write the kernel may refuse (EBUSY), and the others are
+        # then put back by write_all.
+        p, mem, writes = new.path, self._mem(new.path), []
+        cpu = self._ctrl("cpu", p)
+        if cpu is not None and old.cpu_budget != new.cpu_budget:
+            writes.append((cpu / "cpu.shares", str(shares_for(new.cpu_budget) or 1024)))
+        if cpu is not None and old.cpu_max != new.cpu_max:
+            quota = fs.quota_for(new.cpu_max, self._ncpu)
+            if quota is not None:
+                writes.append((cpu / "cpu.cfs_period_us", str(fs.CFS_PERIOD_US)))
+            writes.append((cpu / "cpu.cfs_quota_us", str(quota) if quota is not None else "-1"))
+        pids = self._ctrl("pids", p)
+        if pids is not None and old.pids_max != new.pids_max:
+            value = str(new.pids_max) if new.pids_max is not None else "max"
+            writes.append((pids / "pids.max", value))
+        if old.pressure_threshold != new.pressure_threshold:
+            threshold = new.pressure_threshold
+            soft = str(threshold) if threshold is not None else "-1"
+            writes.append((mem / "memory.soft_limit_in_bytes", soft))
+        if old.memory_max != new.memory_max:
+            limit = str(new.memory_max) if new.memory_max is not None else "-1"
+            pair = [(mem / "memory.limit_in_bytes", limit)]
+            if self._memsw:
+                # The kernel keeps limit_in_bytes <= memsw.limit_in_bytes at every write:
+                # raise the memory+swap cap first, lower it last.
+                swap = (mem / "memory.memsw.limit_in_bytes", limit)
+                growing = new.memory_max is None or (
+                    old.memory_max is not None and new.memory_max > old.memory_max
+                )
+                pair = [swap, *pair] if growing else [*pair, swap]
+            writes += pair
+        return writes
+
+    def _rearm_pressure(self, path: str) -> None:
+        # The eventfd threshold is fixed when registered: replace it.
+        self._notifier.remove(lambda k: k == ("pressure", path, None))
+        self._pressure_state.pop(path, None)
+        threshold = self._partitions[path].pressure_threshold
+        if threshold is not None:
+            self._pressure_state[path] = 0
+            self._event(("pressure", path, None), self._mem(path), "memory.usage_in_bytes",
+                        f" {threshold}")  # fmt: skip
+
     def destroy(self, path: str) -> None:
         if not path:
             raise BackendError("destroy('') would remove the root; destroy its children")

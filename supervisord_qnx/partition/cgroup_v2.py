@@ -104,6 +104,7 @@ from supervisord_qnx.partition.backend import (
     SpawnRequest,
 )
 from supervisord_qnx.partition.tree import Partition, PartitionTree
+from supervisord_qnx.units import format_size
 
 WANTED = ("memory", "cpu", "pids")
 ATTACHED_LEAF = "attached"
@@ -363,6 +364,62 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             fs.write_text(d / "cpu.max", quota, p)
         if node.pids_max is not None:
             fs.write_text(d / "pids.max", str(node.pids_max), p)
+
+    def _limit_writes(self, old: Partition, new: Partition) -> list[tuple[Path, str]]:
+        d, writes = self._dir(new.path), []
+        if old.cpu_budget != new.cpu_budget:
+            writes.append((d / "cpu.weight", str(weight_for(new.cpu_budget) or 100)))
+        if old.cpu_max != new.cpu_max:
+            writes.append((d / "cpu.max", cpu_max_for(new.cpu_max, self._ncpu) or "max"))
+        if old.pids_max != new.pids_max:
+            value = str(new.pids_max) if new.pids_max is not None else "max"
+            writes.append((d / "pids.max", value))
+        if old.memory_min != new.memory_min:
+            writes.append((d / "memory.min", str(new.memory_min)))
+        if old.pressure_threshold != new.pressure_threshold:
+            high = new.pressure_threshold
+            writes.append((d / "memory.high", str(high) if high is not None else "max"))
+        if old.memory_max != new.memory_max:
+            cap = new.memory_max
+            writes.append((d / "memory.max", str(cap) if cap is not None else "max"))
+            if old.memory_max is None and (d / "memory.swap.max").exists():
+                writes.append((d / "memory.swap.max", "0"))
+        return writes
+
+    def _before_limits(self, old: Partition, new: Partition) -> None:
+        """Refuse a ``memory.max`` below what the partition uses and cannot give back.
+
+        cgroup2 does not refuse such a write as v1 does (``EBUSY``): it reclaims, then
+        OOM-kills the partition's processes until they fit. A resize must never kill,
+        so ask for the reclaim first (``memory.reclaim``) and refuse if it fell short."""
+        cap = new.memory_max
+        if cap is None or (old.memory_max is not None and cap >= old.memory_max):
+            return
+        d = self._dir(new.path)
+        current = fs.try_read_int(d / "memory.current")
+        if current is None or current <= cap:
+            return
+        if (d / "memory.reclaim").exists():
+            try:
+                fs.write_text(d / "memory.reclaim", str(current - cap), new.path)
+            except BackendError:
+                pass  # EAGAIN: could not reclaim that much; measured again below
+            current = fs.try_read_int(d / "memory.current") or 0
+        if current > cap:
+            raise BackendError(
+                f"partition '{new.path}': memory.max {format_size(cap)} is below what it "
+                f"uses now ({format_size(current)}) and the kernel could not reclaim the "
+                f"difference; cgroup2 would OOM-kill its processes to get there, so the "
+                f"partition keeps its previous figures"
+            )
+
+    def _rearm_pressure(self, path: str) -> None:
+        self._notifier.remove(lambda k: k == ("pressure", path, None))
+        self._pressure_state.pop(path, None)
+        d = self._dir(path)
+        if self._partitions[path].pressure_threshold is not None:
+            self._pressure_state[path] = fs.read_keyed(d / "memory.events").get("high", 0)
+            self._watch_file(("pressure", path, None), d / "memory.events")
 
     def destroy(self, path: str) -> None:
         if not path:

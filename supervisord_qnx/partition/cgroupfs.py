@@ -403,6 +403,38 @@ def rmdir_retry(path: Path, partition: str, timeout: float = 2.0) -> None:
             time.sleep(0.005)
 
 
+def write_all(writes: Sequence[tuple[Path, str]], partition: str) -> None:
+    """Write each ``(file, value)`` in order, or none: if one write fails, the files
+    already written get their previous values back (read just before writing), and the
+    error says the partition keeps its previous figures."""
+    done: list[tuple[Path, str]] = []
+    try:
+        for path, value in writes:
+            previous = read_text(path, partition).strip()
+            write_text(path, value, partition)
+            done.append((path, previous))
+    except BackendError as exc:
+        undo_failures = []
+        for path, previous in reversed(done):
+            try:
+                write_text(path, previous, partition)
+            except BackendError as undo:
+                undo_failures.append(str(undo))
+        cause = exc.__cause__
+        hint = ""
+        if isinstance(cause, OSError) and cause.errno == errno.EBUSY:
+            hint = (
+                " (the partition uses more memory than that and the kernel could not "
+                "reclaim it; free memory in the tenant or restart it first)"
+            )
+        kept = (
+            "; putting back the previous figures failed too: " + "; ".join(undo_failures)
+            if undo_failures
+            else "; the partition keeps its previous figures"
+        )
+        raise BackendError(f"{exc}{hint}{kept}") from cause
+
+
 def mkdir(path: Path, partition: str) -> bool:
     """Create one cgroup directory; ``False`` if it already existed."""
     try:
@@ -538,7 +570,41 @@ class CgroupBackendBase(Backend):
     def _remove_dirs(self, path: str, leaf: str | None) -> list[str]:
         raise NotImplementedError
 
+    def _limit_writes(self, old: Partition, new: Partition) -> list[tuple[Path, str]]:
+        """The control-file writes that take a partition from ``old``'s figures to
+        ``new``'s, in a safe order."""
+        raise NotImplementedError
+
+    def _before_limits(self, old: Partition, new: Partition) -> None:  # noqa: ARG002
+        """A last check before the writes (raise ``BackendError`` to refuse)."""
+        return None
+
+    def _rearm_pressure(self, path: str) -> None:
+        """The pressure threshold changed: watch the partition's new one."""
+        raise NotImplementedError
+
     # -- shared
+    def update_limits(self, partition: Partition) -> None:
+        p = partition.path
+        with self._lock:
+            old = self._partitions.get(p) if p else None
+        if old is None:
+            raise BackendError(f"partition '{p}' was not created by this backend")
+        self._before_limits(old, partition)
+        # Outside the lock: lowering a memory limit makes the kernel reclaim first,
+        # which can take a while, and nobody else must wait for that.
+        write_all(self._limit_writes(old, partition), p)
+        with self._lock:
+            self._partitions[p] = partition
+            if old.pressure_threshold != partition.pressure_threshold:
+                self._rearm_pressure(p)
+
+    def adopt(self, tree: PartitionTree) -> None:
+        with self._lock:
+            for p in list(self._partitions):
+                if p and p in tree:
+                    self._partitions[p] = tree[p]
+
     def ensure_leaf(self, path: str, leaf: str) -> None:
         """Create the worker leaf if needed and take its OOM baseline (spawn calls this)."""
         if path not in self._partitions:

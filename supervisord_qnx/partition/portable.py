@@ -43,6 +43,7 @@ from supervisord_qnx.partition.backend import (
 )
 from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.tree import Partition, PartitionTree
+from supervisord_qnx.units import format_size
 
 RLIMIT_SLACK = 2  # RLIMIT_DATA = slack * max: the ceiling on overshoot between samples
 
@@ -132,6 +133,33 @@ class PortableBackend(Backend):
         if token is not None and limited is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(limited.set)
+
+    def update_limits(self, partition: Partition) -> None:
+        """The accounting applies the new figures from its next sample; each process's
+        ``RLIMIT_DATA`` is set when it starts, so a new cap reaches it at its next start.
+        A ``max`` below what the partition uses now is refused: the next sample would
+        kill the partition, and a resize never kills."""
+        path = partition.path
+        old = self._partitions.get(path)
+        if old is None:
+            raise BackendError(f"partition '{path}' was not created by this backend")
+        cap = partition.memory_max
+        if cap is not None and (old.memory_max is None or cap < old.memory_max):
+            usage, _ = self._tally()
+            current = usage.get(path, 0)
+            if current > cap:
+                raise BackendError(
+                    f"partition '{path}': memory.max {format_size(cap)} is below what it "
+                    f"uses now ({format_size(current)}); the accounting would kill its "
+                    f"processes at the next sample, so the partition keeps its previous "
+                    f"figures"
+                )
+        self._partitions[path] = partition
+
+    def adopt(self, tree: PartitionTree) -> None:
+        for path in list(self._partitions):
+            if path in tree:
+                self._partitions[path] = tree[path]
 
     def destroy(self, path: str) -> None:
         self._kill(self.pids(path))

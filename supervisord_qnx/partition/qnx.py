@@ -279,6 +279,48 @@ class QnxBackend(Backend):
                 "reboot: `aps show` lists them, `aps modify -b 0 NAME` frees one)"
             )
 
+    def update_limits(self, partition: Partition) -> None:
+        """CPU figures with ``aps modify`` on the live APS partition; memory figures in the
+        accounting (see ``PortableBackend.update_limits``; ``on -L`` rlimits reach a
+        process at its next start). Giving a partition a budget, or taking its budget
+        away, would move its processes to another APS partition: refused, restart the
+        tenant for that."""
+        path = partition.path
+        old = self._partitions.get(path)
+        if old is None:
+            raise BackendError(f"partition '{path}' was not created by this backend")
+        if (old.cpu_budget is None) != (partition.cpu_budget is None):
+            raise BackendError(
+                f"partition '{path}': adding or removing cpu.budget changes the APS partition "
+                "its processes run in, which cannot happen in place; restart the tenant"
+            )
+        cpu_changed = old.cpu_budget != partition.cpu_budget or old.cpu_max != partition.cpu_max
+        if cpu_changed and partition.cpu_budget is not None:
+            self._aps_modify(partition)
+        try:
+            self._accounting.update_limits(partition)
+        except BackendError:
+            if cpu_changed and old.cpu_budget is not None:
+                self._aps_modify(old)
+            raise
+        self._partitions[path] = partition
+
+    def _aps_modify(self, node: Partition) -> None:
+        assert node.cpu_budget is not None
+        options = ["-b", _pct(node.cpu_budget)]
+        if self.limit_cpu_usage:
+            if node.cpu_max is not None and not self._policy_set:
+                self._run([self._tool(self._aps), "modify", "-S", "limit_cpu_usage"], node)
+                self._policy_set = True
+            options += ["-m", _pct(node.cpu_max if node.cpu_max is not None else 100)]
+        self._run([self._tool(self._aps), "modify", *options, self._name(node.path)], node)
+
+    def adopt(self, tree: PartitionTree) -> None:
+        self._accounting.adopt(tree)
+        for path in list(self._partitions):
+            if path in tree:
+                self._partitions[path] = tree[path]
+
     def destroy(self, path: str) -> None:
         self._accounting.destroy(path)  # kills every process left in the subtree
         doomed = [p for p in self._partitions if p == path or p.startswith(path + "/")]

@@ -222,3 +222,32 @@ class EventBus:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+
+@dataclass(frozen=True)
+class Reloaded(DaemonEvent):
+    """A reload was applied (``ok``), or refused with every problem (nothing changed)."""
+
+    kind = "reload"
+    ok: bool
+    added: list[str]
+    removed: list[str]
+    restarted: list[str]
+    resized: list[str]
+    unchanged: list[str]
+    failed: list[dict[str, str]]  # {"partition", "reason"}: resizes the OS or admission refused
+    overrides_dropped: list[str]
+    problems: list[str]  # why a refused reload was refused
+
+    @property
+    def warning(self) -> bool:  # type: ignore[override]
+        return not self.ok or bool(self.failed)
+
+
+@dataclass(frozen=True)
+class LimitsSet(DaemonEvent):
+    """``set`` changed a live partition's figures (until the next reload)."""
+
+    kind = "set"
+    partition: str
+    changes: dict[str, list[Any]]  # {"memory.max": [old, new], ...}

@@ -40,7 +40,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,28 @@ class Jobs:
         for job in jobs:
             job.scope.cancel()
         for job in jobs:
+            await job.done.wait()
+
+    # -- what a reload or a ``set`` needs (supervise/reload.py's ``Transient``) ------
+
+    def paths(self) -> list[str]:
+        """The partitions of running jobs: created at runtime, in no file."""
+        return [job.path for job in self.running.values()]
+
+    def rebind(self, tree: PartitionTree) -> None:
+        """Follow the daemon's new tree (after a reload or a ``set``, which carried the
+        running jobs' partitions into it)."""
+        self.tree = tree
+
+    async def end_under(self, paths: Collection[str]) -> None:
+        """End the jobs inside partitions a reload is about to remove (a partition
+        cannot go while a job's partition is inside it), as at shutdown."""
+        doomed = [
+            job for job in self.running.values() if any(job.path.startswith(p + "/") for p in paths)
+        ]
+        for job in doomed:
+            job.scope.cancel()
+        for job in doomed:
             await job.done.wait()
 
     def get(self, job_id: int) -> Job:

@@ -87,6 +87,8 @@ class Instance:
     changed: trio.Event = field(default_factory=trio.Event)
     performing: bool = False
     failures_in_a_row: int = 0
+    # Set (by a reload removing it) once it is stopped for good: its task then ends.
+    retired: bool = False
 
     @property
     def leaf(self) -> str:
@@ -167,6 +169,8 @@ class Supervisor:
         self._order = 0
         self._nursery: trio.Nursery | None = None
         self.launchers = Launchers(backend, reaper, tree, config.daemon)
+        # Replaced at every rebind (reload): the backend watch waits on it to start again.
+        self.tree_changed = trio.Event()
         for spec in config.tenants:
             count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
@@ -274,7 +278,12 @@ class Supervisor:
         return inst.lc.intent_seq
 
     async def _answer(self, tenant: Tenant, seqs: list[int], states: frozenset[State]) -> None:
-        for inst, seq in zip(tenant.instances, seqs, strict=True):
+        await self._answer_for(tenant.instances, seqs, states)
+
+    async def _answer_for(
+        self, instances: list[Instance], seqs: list[int], states: frozenset[State]
+    ) -> None:
+        for inst, seq in zip(instances, seqs, strict=True):
             while not inst.settled_in(states) and inst.lc.intent_seq == seq:
                 await inst.changed.wait()
 
@@ -299,7 +308,9 @@ class Supervisor:
         while True:
             try:
                 await self.backend.watch(self.tree, self.on_backend_event)
-                return  # a backend with nothing to watch
+                # Nothing to watch in this tree; a reload may bring something.
+                await self.tree_changed.wait()
+                continue
             except Exception as exc:  # noqa: BLE001 - the failure boundary of the watcher
                 log.error("backend event watch failed; restarting it", error=repr(exc))
                 self.events.emit(BackendWatchFailed(f"{type(exc).__name__}: {exc}"))
@@ -309,6 +320,61 @@ class Supervisor:
         self.events.emit(
             PartitionCondition(str(event.kind), event.partition, event.leaf, event.detail)
         )
+
+    # -- runtime changes (reload; supervise/reload.py decides what) -----------------
+
+    def rebind(self, config: Config, tree: PartitionTree) -> None:
+        """Work from a reloaded config and tree from now on (what later spawns see)."""
+        self.config, self.tree = config, tree
+        self.launchers.wasm.tree = tree
+        self.tree_changed.set()
+        self.tree_changed = trio.Event()
+
+    def new_instances(self, spec: TenantSpec, worker: WorkerBase, indices: range) -> list[Instance]:
+        """Instances of ``worker`` of tenant ``spec``, each with its performing task."""
+        count = sum(w.instances for w in spec.worker)
+        made = [
+            Instance(
+                spec.name,
+                spec.path,
+                worker,
+                i,
+                Lifecycle(spec.restart, worker.stop_timeout),
+                LaunchTarget(spec.name, spec.path, worker, i, count),
+            )
+            for i in indices
+        ]
+        assert self._nursery is not None
+        for inst in made:
+            self._nursery.start_soon(self._drive, inst)
+        return made
+
+    def add_tenant(self, spec: TenantSpec) -> Tenant:
+        """A tenant a reload added (stopped; ``start`` it as for any other)."""
+        tenant = Tenant(spec, [i for w in spec.worker for i in self.new_instances(
+            spec, w, range(w.instances))])  # fmt: skip
+        self.tenants[spec.name] = tenant
+        return tenant
+
+    async def retire(self, instances: list[Instance]) -> None:
+        """Stop ``instances`` for good: stopped, their leaves emptied and released, their
+        tasks ended. An operator's ``start`` meanwhile is overruled: they are going."""
+        pending = instances
+        while pending:
+            seqs = [self._call(i, i.lc.stop) for i in pending]
+            await self._answer_for(pending, seqs, SETTLED_AFTER_STOP)
+            pending = [
+                i for i in instances if i.lc.want_running or not i.settled_in(SETTLED_AFTER_STOP)
+            ]
+        for inst in instances:
+            # Only now: a task that saw "retired" while its process ran would leave it.
+            inst.retired = True
+            inst.wake.set()  # its task sees it retired and idle, and returns
+
+    async def start_instances(self, instances: list[Instance]) -> None:
+        """Start these instances and wait until each settled (a reload's replacements)."""
+        seqs = [self._call(inst, inst.lc.start) for inst in instances]
+        await self._answer_for(instances, seqs, SETTLED_AFTER_START)
 
     # -- one instance: the task that performs its lifecycle's actions ---------------
 
@@ -344,6 +410,8 @@ class Supervisor:
         (``internal: …``), is logged once with its traceback, and the task goes on
         serving operator calls. The daemon and every other worker carry on."""
         while True:
+            if inst.retired and not self._has_work(inst):
+                return
             if not self._has_work(inst):
                 inst.wake = trio.Event()
                 # The lifecycle's clock is time.monotonic(); trio's has its own offset.
