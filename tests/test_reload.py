@@ -477,7 +477,7 @@ async def test_portable_resizes_its_accounting_and_refuses_a_max_below_usage(
     alpha = find(await d.call("partitions"), "tenants/alpha")
     assert alpha["usage"]["memory_limit"] == 128 * MiB and alpha["override"] is None
 
-    await d.call("set", partition="tenants/alpha", memory={"max": "90MiB"})
+    await d.call("set", partition="tenants/alpha", memory={"max": "100MiB"})
     # The accounting works from the new figure (it kills at it, and reports it).
     alpha = find(await d.call("partitions"), "tenants/alpha")
     assert alpha["usage"]["memory_limit"] == 100 * MiB
