@@ -24,6 +24,7 @@ from supervisord_qnx.control.server import Handler as ServerHandler
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus
+from supervisord_qnx.supervise.ordering import AfterFailed
 from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
 T = TypeVar("T")
@@ -87,6 +88,8 @@ def _translated(handler: Handler) -> ServerHandler:
             return await handler(params)
         except NotFound as exc:
             raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
+        except AfterFailed as exc:
+            raise RpcError(ErrorCode.INVALID_STATE, str(exc)) from None
         except BackendError as exc:
             raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
 
