@@ -3,6 +3,7 @@ of a wrong one: unknown names and cycles are located errors naming every file in
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -171,3 +172,24 @@ def test_check_shows_cycles_and_unknown_names(tmp_path: Path) -> None:
         f"{d}/c.toml: after: no tenant named 'zz' (tenants: a, b)",
         "3 problems; nothing was started.",
     ]
+
+
+@pytest.mark.integration
+def test_check_prints_the_start_order(tmp_path: Path) -> None:
+    path = tenants_dir(
+        tmp_path,
+        {"a": W, "b": 'after = ["a"]\n' + W, "c": 'after = ["b"]\n' + W, "x": W},
+    )
+    daemon = str(Path(sys.executable).parent / "supervisord-qnx")
+    res = subprocess.run(
+        [daemon, "--config", str(path), "--check"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert "  1. a, x\n  2. b\n  3. c\n" in res.stdout
+    res = subprocess.run(
+        [daemon, "--config", str(path), "--check", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(res.stdout)["start_waves"] == [["a", "x"], ["b"], ["c"]]

@@ -300,12 +300,16 @@ class Supervisor:
         call = tenant.calls
         try:
             after = self.ordering.after(tenant.spec.name)
-            if after:
+            # Only a start that starts something waits: one of a tenant already up (or
+            # coming back by itself) changes nothing, so it has nothing to order.
+            if after and not all(i.lc.want_running for i in tenant.instances):
                 try:
                     await wait_for_after(
                         tenant.spec.name, after, self._readiness, self._tenant_changed
                     )
                 except AfterFailed as exc:
+                    if tenant.calls != call:  # overruled meanwhile: nothing to report
+                        return [self._describe(i) for i in tenant.instances]
                     tenant.blocked = f"it starts after {exc.after!r}, which did not come up"
                     tenant.blocked += f" ({exc.why})"
                     self.events.emit(StartBlocked(tenant.spec.name, exc.after, exc.why))
