@@ -13,9 +13,10 @@ Start-up order matters and is the same every time:
 6. start autostart tenants, then tell the service manager we are ready.
 
 Shutdown (SIGTERM, SIGINT or the ``shutdown`` method) runs it backwards:
-tenants stopped in reverse start order within their timeouts, attached
-processes given back (not killed, unless attached with ``own``), partitions
-removed deepest first, socket removed, locks released, exit 0.
+tenants stopped concurrently within their timeouts (each only after the
+tenants ``after`` it), attached processes given back (not killed, unless
+attached with ``own``), partitions removed deepest first, socket removed,
+locks released, exit 0.
 """
 
 from __future__ import annotations

@@ -247,8 +247,11 @@ def test_window_slides_and_stable_run_resets_backoff() -> None:
     t = RestartTracker(RestartSpec(backoff_initial=1, backoff_max=4, max_restarts=2, window=10))
     assert t.decide(ExitReason.parse("signal:SIGKILL"), 0, 0.1).verdict is Verdict.RESTART
     assert t.decide(ExitReason.parse("signal:SIGKILL"), 1, 0.1).verdict is Verdict.RESTART
-    # Both earlier restarts fell out of the window; a long run resets the delay.
+    # Both earlier restarts fell out of the window; a long (healthy) run restarts at once,
+    # and a short one right after it starts the backoff over from backoff_initial.
     d = t.decide(ExitReason.parse("signal:SIGKILL"), 20, uptime=100)
+    assert d.verdict is Verdict.RESTART and d.delay == 0
+    d = t.decide(ExitReason.parse("signal:SIGKILL"), 20.5, uptime=0.5)
     assert d.verdict is Verdict.RESTART and d.delay == 1
 
 

@@ -7,13 +7,19 @@ import copy
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from supervisord_qnx.config.model import RestartSpec
 from supervisord_qnx.exits import ExitKind, ExitReason
-from supervisord_qnx.supervise.policy import backoff_delay
+from supervisord_qnx.supervise.policy import backoff_delay, healthy
 from supervisord_qnx.supervise.worker import (
     LIVE,
     SETTLED_AFTER_START,
@@ -209,12 +215,26 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.spawning = False
         self.run: int | None = None  # the live process the task watches
         self.policy_restarts: list[float] = []  # policy-granted restarts since last op start
+        self.run_started = 0.0  # when the live process was spawned
+        # Restarts after short runs in a row since the last healthy run or fresh start:
+        # the model of the crash loop whose delay doubles (docs/lifecycle.md).
+        self.streak = 0
+
+    # Half the histories begin with a live worker: random steps reach `running` rarely
+    # (a spawn must be started and succeed in a row), and the restart rules live there.
+    @initialize(up=st.booleans())
+    def maybe_running(self, up: bool) -> None:
+        if up:
+            self.op_start()
+            self.perform()
+            self.spawn_result("ok")
 
     # operator calls: always legal, and always answered
     def _operator(self, call: str, settled: frozenset[State]) -> None:
         fresh = (State.STOPPED, State.EXITED, State.FATAL, State.BACKOFF)
         if call != "stop" and self.lc.state in fresh:
             self.policy_restarts.clear()  # an operator's start is a fresh try
+            self.streak = 0
         getattr(self.lc, call)(self.now)
         self._answered(settled)
 
@@ -273,16 +293,32 @@ class LifecycleMachine(RuleBasedStateMachine):
         if outcome == "ok":
             self.next_pid += 1
             self.run = self.next_pid
+            self.run_started = self.now
             self.lc.spawned(self.run, self.now)
         else:
             self.lc.spawn_failed("x", self.now, transient=outcome == "transient")
             if before is State.STARTING and self.lc.state is State.BACKOFF:
                 self.policy_restarts.append(self.now)
+                self._backed_off(uptime=0.0)
             self._auto_started(before)
 
     def _auto_started(self, before: State) -> None:
         if before is State.STOPPING and self.lc.state is State.STARTING:
             self.policy_restarts.clear()
+            self.streak = 0
+
+    def _backed_off(self, uptime: float) -> None:
+        """The rule of docs/lifecycle.md: after a healthy run, no delay at all; inside a
+        crash loop, backoff_initial doubled once per short run in a row, capped."""
+        if healthy(uptime, self.spec):
+            assert self.lc.backoff_delay == 0.0
+            assert self.lc.timer_due(self.now), "a healthy run's restart must not wait"
+            self.streak = 0
+        else:
+            expected = backoff_delay(self.spec.backoff_initial, self.spec.backoff_max, self.streak)
+            assert self.lc.backoff_delay == expected
+            assert self.lc.deadline == pytest.approx(self.now + expected)
+            self.streak += 1
 
     @precondition(lambda self: self.run is not None and not self.spawning)
     @rule(kind=st.sampled_from(sorted(EXITS)))
@@ -293,13 +329,24 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.lc.exited(EXITS[kind], self.now)
             if before is State.RUNNING and self.lc.state is State.BACKOFF:
                 self.policy_restarts.append(self.now)
+                self._backed_off(uptime=self.now - self.run_started)
             self._auto_started(before)
+
+    # A run that lasts `uptime`, then ends: short of backoff_max (1.0), exactly it, and
+    # well past it, so that both sides of the healthy-run boundary come up often.
+    @precondition(lambda self: self.lc.state is State.RUNNING and self.run is not None)
+    @rule(uptime=st.sampled_from([0.0, 0.5, 0.999, 1.0, 2.5]), kind=st.sampled_from(sorted(EXITS)))
+    def run_then_end(self, uptime: float, kind: str) -> None:
+        self.now = max(self.now, self.run_started + uptime)
+        self.process_ends(kind)
 
     @rule(dt=st.floats(min_value=0.0, max_value=3.0))
     def time_passes(self, dt: float) -> None:
         self.now += dt
         self.lc.timer(self.now)
 
+    # Not while already fatal (a no-op there): the steps are better spent elsewhere.
+    @precondition(lambda self: self.lc.state is not State.FATAL)
     @rule()
     def failure(self) -> None:
         self.spawning = False
@@ -343,20 +390,84 @@ def test_exit_reasons_are_recorded_as_the_operator_reads_them() -> None:
     assert (lc.state, lc.want_running) == (State.STOPPED, False)
 
 
-def test_a_healthy_run_resets_the_backoff_but_a_short_one_does_not() -> None:
+def test_a_healthy_run_restarts_at_once_and_a_short_one_backs_off() -> None:
     spec = RestartSpec(backoff_initial=0.5, backoff_max=2.0, max_restarts=100, window=1)
     lc = running(Lifecycle(spec, stop_timeout=1), now=0.0)
     delays = []
     now = 0.0
-    for uptime in (0.1, 0.1, 0.1, 5.0):  # short, short, short, then healthy
+    # short, short, short (a crash loop: the delay doubles to the cap), then healthy
+    # (at least backoff_max: at once), then short again (the loop starts over), then
+    # exactly backoff_max (healthy: the boundary belongs to the healthy side).
+    for uptime in (0.1, 0.1, 0.1, 0.1, 5.0, 0.1, 0.1, 2.0):
         now += uptime
         lc.exited(ExitReason.exited(1), now)
+        assert lc.state is State.BACKOFF
         delays.append(lc.backoff_delay)
         assert lc.deadline == pytest.approx(now + lc.backoff_delay)
         now += lc.backoff_delay
         lc.timer(now)
+        assert drain(lc)[-1] is Action.SPAWN
         lc.spawned(1, now)
-    assert delays == [0.5, 1.0, 2.0, 0.5]
+    assert delays == [0.5, 1.0, 2.0, 2.0, 0.0, 0.5, 1.0, 0.0]
+    assert lc.restarts == 8  # immediate restarts are restarts all the same
+
+
+@given(
+    # Quarter seconds add up exactly in binary floating point, so runs of exactly
+    # backoff_max (the boundary) really last backoff_max; any other figure besides.
+    uptimes=st.lists(st.sampled_from([0.0, 0.25, 1.75, 2.0, 7.5]) | st.floats(0, 10), max_size=30)
+)
+def test_backoff_grows_only_inside_a_crash_loop(uptimes: list[float]) -> None:
+    # Any sequence of runs ending in failures: a run of at least backoff_max restarts at
+    # once; each short run in a row waits backoff_initial doubled once more, capped.
+    spec = RestartSpec(backoff_initial=0.25, backoff_max=2.0, max_restarts=1000, window=1)
+    lc = running(Lifecycle(spec, stop_timeout=1), now=0.0)
+    started, loop = 0.0, 0
+    for uptime in uptimes:
+        now = started + uptime
+        lc.exited(ExitReason.exited(1), now)
+        if now - started >= spec.backoff_max:  # the run as the clock measured it
+            expected, loop = 0.0, 0
+        else:
+            expected, loop = min(2.0, 0.25 * 2**loop), loop + 1
+        assert (lc.state, lc.backoff_delay) == (State.BACKOFF, expected)
+        started = now + expected
+        lc.timer(started)
+        lc.spawned(1, started)
+
+
+def test_the_first_crash_of_a_fresh_start_waits_backoff_initial() -> None:
+    # A run that dies at once after a start is the beginning of a loop, not news.
+    spec = RestartSpec(backoff_initial=5.0, backoff_max=5.0)
+    lc = running(Lifecycle(spec, stop_timeout=1), now=0.0)
+    lc.exited(ExitReason.signalled(9), 4.9)
+    assert (lc.state, lc.deadline) == (State.BACKOFF, pytest.approx(9.9))
+    assert not lc.timer_due(9.8)
+
+
+def test_a_sigkill_after_a_healthy_run_is_due_at_once() -> None:
+    spec = RestartSpec(backoff_initial=5.0, backoff_max=5.0)
+    lc = running(Lifecycle(spec, stop_timeout=1), now=0.0)
+    lc.exited(ExitReason.signalled(9), 5.0)
+    assert lc.state is State.BACKOFF and lc.timer_due(5.0)
+    assert drain(lc) == [Action.CLEAR_LEAF]
+    lc.timer(5.0)
+    assert (lc.state, drain(lc), lc.restarts) == (State.STARTING, [Action.SPAWN], 1)
+
+
+def test_immediate_restarts_still_count_towards_the_intensity_limit() -> None:
+    # Healthy runs restart at once, yet dying every 3 s is more than 3 in 10 s: fatal.
+    spec = RestartSpec(backoff_initial=0.1, backoff_max=2.0, max_restarts=3, window=10)
+    lc = running(Lifecycle(spec, stop_timeout=1), now=0.0)
+    now = 0.0
+    for _ in range(3):
+        now += 3.0
+        lc.exited(ExitReason.exited(1), now)
+        assert lc.backoff_delay == 0.0
+        lc.timer(now)
+        lc.spawned(1, now)
+    lc.exited(ExitReason.exited(1), now + 3.0)
+    assert lc.state is State.FATAL
 
 
 def test_intent_is_kept_and_every_operator_call_counts() -> None:

@@ -602,3 +602,38 @@ def json_paths(report: dict[str, Any]) -> set[str]:
 
 def _procs(leaf: Path) -> list[int]:
     return [int(x) for x in (leaf / "cgroup.procs").read_text().split()]
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+async def test_a_reload_starts_added_tenants_in_after_order_and_stops_removed_in_reverse(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "base")
+    d = await start_daemon()
+    await all_running(d, {"base:w-0"})
+    # `top` is after `mid`, which is after `low`: files named so that any order but the
+    # graph's would be visible.
+    tenant(cfg, "top", extra='after = ["mid"]')
+    tenant(cfg, "mid", extra='after = ["low"]')
+    low = tenant(cfg, "low")
+    reply = await d.call("reload")
+    assert sorted(reply["added"]["names"]) == ["low", "mid", "top"]
+    await all_running(d, {"base:w-0", "low:w-0", "mid:w-0", "top:w-0"})
+
+    def seq(worker: str, new: str, events: list[dict[str, Any]]) -> int:
+        return next(e["seq"] for e in events if e.get("worker") == worker and e["new"] == new)
+
+    started = await d.call("events", kind="state")
+    assert seq("low:w-0", "running", started) < seq("mid:w-0", "starting", started)
+    assert seq("mid:w-0", "running", started) < seq("top:w-0", "starting", started)
+
+    for path in (low, low.with_name("mid.toml"), low.with_name("top.toml")):
+        path.unlink()
+    reply = await d.call("reload")
+    assert sorted(reply["removed"]["names"]) == ["low", "mid", "top"]
+    stopped = await d.call("events", kind="state")
+    assert seq("top:w-0", "stopped", stopped) < seq("mid:w-0", "stopping", stopped)
+    assert seq("mid:w-0", "stopped", stopped) < seq("low:w-0", "stopping", stopped)
+    assert set(await pids(d)) == {"base:w-0"}

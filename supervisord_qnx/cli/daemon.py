@@ -157,6 +157,7 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
                     "warnings": warnings,
                     "os_names": mapping,
                     "tree": tree.as_dict(),
+                    "start_waves": _start_waves(config),
                 },
                 indent=2,
             )
@@ -183,12 +184,25 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
             )
         )
     _table(rows)
+    if any(t.after for t in config.tenants):
+        # Only where `after` orders something: otherwise every tenant starts at once.
+        print()
+        print("start order (`after`; each line starts once the lines above run):")
+        for i, wave in enumerate(_start_waves(config), 1):
+            print(f"  {i}. {', '.join(wave)}")
     print()
     print("enforcement by this backend:")
     for control, level in enforcement_table(backend).items():
         print(f"  {control:<18} {level}")
     for w in warnings:
         print(f"warning: {w}")
+
+
+def _start_waves(config: Any) -> list[list[str]]:
+    from supervisord_qnx.config.ordering import Ordering
+
+    tenants = config.tenants
+    return Ordering({t.name: t.after for t in tenants}).waves(t.name for t in tenants)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from supervisord_qnx.config import ordering
 from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec, WasmWorker
 from supervisord_qnx.partition import tree as ptree
 
@@ -108,6 +109,9 @@ def load(config_path: str | Path) -> Config:
 
     tenants: list[TenantSpec] = []
     tenant_files: dict[str, Path] = {}
+    # Names of tenant files that failed to load: an `after` naming one is not "unknown"
+    # (that file's own problem is reported).
+    unloaded: set[str] = set()
     pattern = daemon_file.daemon.tenants
     tenant_paths = (
         sorted(path.parent.glob(pattern))
@@ -125,6 +129,7 @@ def load(config_path: str | Path) -> Config:
             tenant = TenantSpec.model_validate(traw, context={"base_dir": tpath.parent})
         except ValidationError as exc:
             problems.extend(_problems_from(exc, tpath))
+            unloaded.add(str(traw["name"]))
             continue
         if tenant.name in tenant_files:
             problems.append(
@@ -138,10 +143,13 @@ def load(config_path: str | Path) -> Config:
         module_problems = _wasm_module_problems(tenant, tpath)
         if module_problems:
             problems.extend(module_problems)
+            unloaded.add(tenant.name)
             continue
         tenants.append(tenant)
         tenant_files[tenant.name] = tpath
 
+    for p in ordering.problems({t.name: t.after for t in tenants}, known=unloaded):
+        problems.append(Located(str(tenant_files[p.tenant]), "after", p.reason))
     tree, tree_problems = ptree.build(daemon_file.partition, tenants)
     config = Config(
         path=path,

@@ -215,6 +215,9 @@ class TenantSpec(PartitionSpec):
 
     parent: str = "tenants"
     autostart: bool = True
+    # Tenants whose workers must run before this one starts, and that stop after it
+    # (config/ordering.py; the loader rejects unknown names and cycles).
+    after: list[Name] = Field(default_factory=list)
     restart: RestartSpec = RestartSpec()
     worker: Annotated[list[Worker], Field(min_length=1)]
 

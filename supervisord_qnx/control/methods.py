@@ -31,6 +31,7 @@ from supervisord_qnx.partition.limits import BadLimits, parse_set
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.events import EventBus, ProcessAttached, ProcessDetached
 from supervisord_qnx.supervise.jobs import JOB_TENANT, Jobs
+from supervisord_qnx.supervise.ordering import AfterFailed
 from supervisord_qnx.supervise.reload import LiveChanges
 from supervisord_qnx.supervise.supervisor import NotFound, Supervisor
 
@@ -97,6 +98,8 @@ def _translated(handler: Handler) -> ServerHandler:
             return await handler(params)
         except NotFound as exc:
             raise RpcError(ErrorCode.NOT_FOUND, str(exc)) from None
+        except AfterFailed as exc:
+            raise RpcError(ErrorCode.INVALID_STATE, str(exc)) from None
         except BackendError as exc:
             raise RpcError(ErrorCode.BACKEND_ERROR, str(exc)) from None
         except ConfigError as exc:

@@ -63,6 +63,18 @@ class WorkerRestarting(DaemonEvent):
 
 
 @dataclass(frozen=True)
+class StartBlocked(DaemonEvent):
+    """A tenant was not started: a tenant it is ``after`` was on its way up and did not
+    come up (supervise/ordering.py). Its workers stay ``stopped``."""
+
+    kind = "start-blocked"
+    warning = True
+    tenant: str
+    after: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class PartitionRecreated(DaemonEvent):
     kind = "partition-recreated"
     warning = True

@@ -3,10 +3,17 @@ give up. Pure: the caller passes the clock in.
 
 Mirrors Erlang/OTP supervisors: restarts are counted in a sliding ``window``;
 one more than ``max_restarts`` within it and the worker is ``fatal`` (a crash
-loop is reported, not hidden). Between restarts the delay doubles from
-``backoff_initial`` up to ``backoff_max``, and starts over once the worker has
-stayed up for longer than ``backoff_max`` (it was healthy; its next crash is
-news, not part of the old loop).
+loop is reported, not hidden).
+
+Backoff is for crash loops only. A run is *healthy* when it lasted at least
+``backoff_max`` seconds, the longest delay the policy would ever make it wait:
+then its end is news, not part of a loop, and the worker restarts at once (no
+delay, as OTP and supervisord restart a child that was up). A run shorter than
+that is part of a crash loop: the first one waits ``backoff_initial``, and each
+further one in a row twice as long, up to ``backoff_max``. The intensity limit
+counts every restart, immediate ones included: a worker that dies every few
+seconds after healthy runs still ends ``fatal`` once it passes ``max_restarts``
+within ``window``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ def backoff_delay(initial: float, maximum: float, streak: int) -> float:
     return min(maximum, initial * float(2 ** min(streak, _MAX_DOUBLINGS)))
 
 
+def healthy(uptime: float, spec: RestartSpec) -> bool:
+    """A run that lasted at least ``backoff_max`` seconds: its end restarts at once."""
+    return uptime >= spec.backoff_max
+
+
 @dataclass
 class RestartTracker:
     spec: RestartSpec
@@ -57,8 +69,11 @@ class RestartTracker:
         if len(self._recent) >= self.spec.max_restarts:
             return Decision(Verdict.FATAL)
         self._recent.append(now)
-        if uptime > self.spec.backoff_max:
+        if healthy(uptime, self.spec):
+            # Not a crash loop: restart at once, and a quick crash of the new run starts
+            # its backoff over from backoff_initial.
             self._streak = 0
+            return Decision(Verdict.RESTART, 0.0)
         delay = backoff_delay(self.spec.backoff_initial, self.spec.backoff_max, self._streak)
         # The streak only needs to reach the cap: counting on would grow without bound
         # in a loop that stays under the intensity limit for hours.

@@ -184,6 +184,9 @@ class LiveChanges:
             if i.lc.want_running
         }  # fmt: skip
         going = _going(plan, sup)
+        # Removed tenants stop in reverse `after` order (independent ones at once), as at
+        # shutdown; then everything going is retired.
+        await sup.stop_together(list(plan.removed))
         await sup.retire(going)  # 1.
         for name in plan.removed:
             del sup.tenants[name]
@@ -215,6 +218,8 @@ class LiveChanges:
                 spec, [i for i in tenant.instances if id(i) not in gone], sup
             )
             tenant.spec, tenant.instances = spec, everyone
+            for inst in fresh:
+                inst.owner = tenant  # tenants after it hear of its changes
             replaced = plan.replaced.get(name, [])
             # A replaced worker runs again if it was meant to run; an added instance runs
             # if its tenant does.
@@ -223,9 +228,10 @@ class LiveChanges:
                 if ((name, i.spec.name) in wanted if i.spec.name in replaced else running[name])
             ]  # fmt: skip
         async with trio.open_nursery() as nursery:
-            for name in plan.added:
-                if new_specs[name].autostart:
-                    nursery.start_soon(sup.start, name, True)
+            # Added tenants start as at boot: each after its `after` tenants.
+            added = [name for name in plan.added if new_specs[name].autostart]
+            if added:
+                nursery.start_soon(sup.start_together, added)
             if to_start:
                 nursery.start_soon(sup.start_instances, to_start)
         return failed

@@ -29,6 +29,7 @@ import structlog
 import trio
 
 from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
+from supervisord_qnx.config.ordering import Ordering
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
@@ -37,11 +38,19 @@ from supervisord_qnx.supervise.events import (
     EventBus,
     PartitionCondition,
     PartitionRecreated,
+    StartBlocked,
     StateChanged,
     WorkerFatal,
     WorkerRestarting,
 )
 from supervisord_qnx.supervise.launch import Launcher, Launchers, LaunchTarget
+from supervisord_qnx.supervise.ordering import (
+    AfterFailed,
+    Readiness,
+    readiness,
+    stop_in_reverse,
+    wait_for_after,
+)
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
@@ -89,6 +98,7 @@ class Instance:
     failures_in_a_row: int = 0
     # Set (by a reload removing it) once it is stopped for good: its task then ends.
     retired: bool = False
+    owner: Tenant | None = None  # told of every change, for tenants ordered after it
 
     @property
     def leaf(self) -> str:
@@ -110,6 +120,8 @@ class Instance:
     def progressed(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        if self.owner is not None:
+            self.owner.progressed()
 
     def as_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
         lc = self.lc
@@ -140,6 +152,23 @@ class Tenant:
     spec: TenantSpec
     instances: list[Instance]
     start_order: int = 0
+    # Starts of this tenant still waiting for its `after` tenants (supervise/ordering.py).
+    starting: int = 0
+    # Operator calls so far: a start that waited for its `after` tenants goes ahead only
+    # if no later call (a stop) overruled it meanwhile.
+    calls: int = 0
+    # Why the last start was given up (its `after` tenant did not come up), until the next.
+    blocked: str | None = None
+    # Set and replaced whenever one of its instances changes, for the tenants after it.
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        for inst in self.instances:
+            inst.owner = self
+
+    def progressed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 # Spawn errors that say "not now" rather than "never": the restart policy retries them.
@@ -171,6 +200,7 @@ class Supervisor:
         self.launchers = Launchers(backend, reaper, tree, config.daemon)
         # Replaced at every rebind (reload): the backend watch waits on it to start again.
         self.tree_changed = trio.Event()
+        self.ordering = Ordering({t.name: t.after for t in config.tenants})
         for spec in config.tenants:
             count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
@@ -212,21 +242,40 @@ class Supervisor:
             self.launchers.kill()
 
     async def start_autostart(self) -> None:
-        """Start every autostart tenant (config order); wait until each settled."""
+        """Start every autostart tenant; wait until each settled (or was given up)."""
+        await self.start_together([t.spec.name for t in self.tenants.values() if t.spec.autostart])
+
+    async def start_together(self, names: list[str]) -> None:
+        """Start ``names`` at once, each after the tenants it is ``after`` (all of ``names``
+        count as on their way up from the first moment); wait until each settled. A
+        tenant whose ``after`` tenant did not come up stays stopped (``start-blocked``)."""
+        tenants = [self.tenant(name) for name in names]
+        for tenant in tenants:
+            tenant.starting += 1
+
+        async def start_one(tenant: Tenant) -> None:
+            try:
+                await self._start(tenant, wait=True)
+            except AfterFailed:
+                pass  # reported by _start (event and log)
+            except Exception:  # one tenant's failure boundary
+                log.exception("starting a tenant failed; carrying on", tenant=tenant.spec.name)
+
         async with trio.open_nursery() as nursery:
-            for tenant in self.tenants.values():
-                if tenant.spec.autostart:
-                    nursery.start_soon(self.start, tenant.spec.name, True)
+            for tenant in tenants:
+                nursery.start_soon(start_one, tenant)
 
     async def stop_all(self) -> None:
-        """Stop every tenant, most recently started first (OTP's reverse start order).
+        """Stop every tenant: each once the tenants ``after`` it are stopped, all others at
+        the same time (supervise/ordering.py). Carries on past a tenant whose stop fails."""
+        await self.stop_together(list(self.tenants))
 
-        Carries on past a tenant whose stop fails: the others still deserve their stop."""
-        for tenant in sorted(self.tenants.values(), key=lambda t: -t.start_order):
-            try:
-                await self.stop(tenant.spec.name, wait=True)
-            except Exception:
-                log.exception("stopping a tenant failed; carrying on", tenant=tenant.spec.name)
+    async def stop_together(self, names: list[str]) -> None:
+        """Stop ``names`` (shutdown, or tenants a reload removes) in reverse ``after``
+        order, concurrently where they are not ordered; wait until each is stopped."""
+        for name in names:
+            self.tenant(name)  # unknown names fail here, before anything is stopped
+        await stop_in_reverse(self.ordering, names, lambda name: self.stop(name, wait=True))
 
     # -- operator commands ---------------------------------------------------------
     #
@@ -242,16 +291,59 @@ class Supervisor:
             raise NotFound(f"no tenant named {name!r} (known: {known})") from None
 
     async def start(self, name: str, wait: bool = False) -> list[dict[str, Any]]:
+        """Start a tenant once the tenants it is ``after`` that are on their way up run;
+        raises ``AfterFailed`` (and leaves it stopped) if one of them did not come up."""
         tenant = self.tenant(name)
-        self._order += 1
-        tenant.start_order = self._order
-        seqs = [self._call(inst, inst.lc.start) for inst in tenant.instances]
+        tenant.starting += 1
+        return await self._start(tenant, wait)
+
+    async def _start(self, tenant: Tenant, wait: bool) -> list[dict[str, Any]]:
+        # The caller counted this start in `tenant.starting`: until the intents are set
+        # (or the start is given up), tenants after this one see it on its way up.
+        tenant.calls += 1
+        call = tenant.calls
+        try:
+            after = self.ordering.after(tenant.spec.name)
+            # Only a start that starts something waits: one of a tenant already up (or
+            # coming back by itself) changes nothing, so it has nothing to order.
+            if after and not all(i.lc.want_running for i in tenant.instances):
+                try:
+                    await wait_for_after(
+                        tenant.spec.name, after, self._readiness, self._tenant_changed
+                    )
+                except AfterFailed as exc:
+                    if tenant.calls != call:  # overruled meanwhile: nothing to report
+                        return [self._describe(i) for i in tenant.instances]
+                    tenant.blocked = f"it starts after {exc.after!r}, which did not come up"
+                    tenant.blocked += f" ({exc.why})"
+                    self.events.emit(StartBlocked(tenant.spec.name, exc.after, exc.why))
+                    raise
+            if tenant.calls != call:  # a later call overruled this start while it waited
+                return [self._describe(i) for i in tenant.instances]
+            tenant.blocked = None
+            self._order += 1
+            tenant.start_order = self._order
+            seqs = [self._call(inst, inst.lc.start) for inst in tenant.instances]
+        finally:
+            tenant.starting -= 1
+            tenant.progressed()
         if wait:
             await self._answer(tenant, seqs, SETTLED_AFTER_START)
         return [self._describe(i) for i in tenant.instances]
 
+    def _readiness(self, name: str) -> tuple[Readiness, str]:
+        tenant = self.tenants[name]
+        state, why = readiness(tenant.starting > 0, tenant.instances)
+        if state is Readiness.DOWN and tenant.blocked is not None:
+            why = f"not started: {tenant.blocked}"
+        return state, why
+
+    def _tenant_changed(self, name: str) -> trio.Event:
+        return self.tenants[name].changed
+
     async def stop(self, name: str, wait: bool = True) -> list[dict[str, Any]]:
         tenant = self.tenant(name)
+        tenant.calls += 1
         seqs = [self._call(inst, inst.lc.stop) for inst in tenant.instances]
         if wait:
             await self._answer(tenant, seqs, SETTLED_AFTER_STOP)
@@ -263,6 +355,7 @@ class Supervisor:
         """Stop the current runs, then start again; returns once the old runs are gone
         (and, with ``wait``, once the new ones settled)."""
         tenant = self.tenant(name)
+        tenant.calls += 1
         self._order += 1
         tenant.start_order = self._order
         seqs = [self._call(inst, inst.lc.restart) for inst in tenant.instances]
@@ -327,6 +420,7 @@ class Supervisor:
         """Work from a reloaded config and tree from now on (what later spawns see)."""
         self.config, self.tree = config, tree
         self.launchers.wasm.tree = tree
+        self.ordering = Ordering({t.name: t.after for t in config.tenants})
         self.tree_changed.set()
         self.tree_changed = trio.Event()
 
