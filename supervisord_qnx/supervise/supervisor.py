@@ -42,6 +42,7 @@ from supervisord_qnx.supervise.events import (
     WorkerRestarting,
 )
 from supervisord_qnx.supervise.launch import Launcher, Launchers, LaunchTarget
+from supervisord_qnx.supervise.notify import Notification, NotifyDir, NotifyEndpoint
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
@@ -87,6 +88,7 @@ class Instance:
     changed: trio.Event = field(default_factory=trio.Event)
     performing: bool = False
     failures_in_a_row: int = 0
+    notify: NotifyEndpoint | None = None  # its NOTIFY_SOCKET (ready = "notify", watchdog)
 
     @property
     def leaf(self) -> str:
@@ -167,6 +169,7 @@ class Supervisor:
         self._order = 0
         self._nursery: trio.Nursery | None = None
         self.launchers = Launchers(backend, reaper, tree, config.daemon)
+        self.notify_dir = NotifyDir(self.state_dir)
         for spec in config.tenants:
             count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
@@ -177,7 +180,7 @@ class Supervisor:
                         spec.path,
                         w,
                         i,
-                        Lifecycle(spec.restart, w.stop_timeout),
+                        Lifecycle.for_worker(spec.restart, w),
                         LaunchTarget(spec.name, spec.path, w, i, count),
                     )
                     for w in spec.worker
@@ -189,7 +192,12 @@ class Supervisor:
         return self.launchers.for_spec(inst.spec)
 
     def _describe(self, inst: Instance) -> dict[str, Any]:
-        return inst.as_dict(self._launcher(inst).status_fields(inst.target))
+        extra = self._launcher(inst).status_fields(inst.target)
+        note = inst.notify
+        extra["status_text"] = None if note is None else note.status_text
+        if note is not None:
+            extra.update(note.fields())
+        return inst.as_dict(extra)
 
     # -- lifecycle of the whole supervisor -------------------------------------------
 
@@ -201,11 +209,19 @@ class Supervisor:
                 self.launchers.bind(nursery)
                 for tenant in self.tenants.values():
                     for inst in tenant.instances:
+                        if inst.spec.uses_notify:
+                            inst.notify = self.notify_dir.endpoint()
+                            nursery.start_soon(self._serve_notify, inst, inst.notify)
                         nursery.start_soon(self._drive, inst)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.launchers.kill()
+            for tenant in self.tenants.values():
+                for inst in tenant.instances:
+                    if inst.notify is not None:
+                        inst.notify.close()
+            self.notify_dir.close()
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant (config order); wait until each settled."""
@@ -328,6 +344,26 @@ class Supervisor:
         fact()
         self._changed(inst, before)
 
+    async def _serve_notify(self, inst: Instance, endpoint: NotifyEndpoint) -> None:
+        """Feed the instance's lifecycle what its processes say on its NOTIFY_SOCKET
+        (supervise/notify.py): only messages from a pid in its partition leaf count."""
+
+        async def member(pid: int) -> bool:
+            if pid == inst.lc.pid:
+                return True
+            leaf = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
+            return pid in leaf
+
+        def deliver(note: Notification) -> None:
+            now = time.monotonic()
+            if note.ready:
+                self._feed(inst, lambda: inst.lc.ready(now))
+                inst.wake.set()  # its timer changed (start timeout off, watchdog on)
+            if note.watchdog:
+                inst.lc.watchdog_ping(now)
+
+        await endpoint.serve(member, deliver, inst.name)
+
     def _has_work(self, inst: Instance) -> bool:
         run = inst.run
         return (
@@ -376,8 +412,9 @@ class Supervisor:
             return
         now = time.monotonic()
         if lc.timer_due(now):
+            waited = lc.state is State.BACKOFF  # not a start timeout or the watchdog
             self._feed(inst, lambda: lc.timer(now))
-            if lc.state is State.STARTING:
+            if waited and lc.state is State.STARTING:
                 self.events.emit(WorkerRestarting(inst.name, lc.backoff_delay))
             return
         action = lc.next_action()
@@ -441,6 +478,8 @@ class Supervisor:
 
     async def _start_run(self, inst: Instance) -> None:
         lc = inst.lc
+        if inst.notify is not None:
+            inst.notify.reset()  # what an earlier run queued or said is not this run's
         try:
             pid = await self._spawn_in_partition(inst)
         except BackendError:
@@ -500,6 +539,13 @@ class Supervisor:
             "SUPERVISORD_QNX_PARTITION": inst.partition,
         }
         env.update(inst.spec.env)
+        if inst.notify is not None:
+            # As systemd gives a Type=notify service; after the tenant's own env, which
+            # must not point the worker elsewhere. No WATCHDOG_PID: the pid is not known
+            # before the spawn, and without it the variables mean "this process".
+            env["NOTIFY_SOCKET"] = inst.notify.path
+            if inst.spec.watchdog is not None:
+                env["WATCHDOG_USEC"] = str(round(inst.spec.watchdog * 1_000_000))
         return env
 
     async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:
