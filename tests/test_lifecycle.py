@@ -289,6 +289,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.lc = Lifecycle(self.spec, stop_timeout=1.0)
         self.now = 0.0
         self.expected_reason: ExitKind | None = None  # the verdict the daemon's kill carries
+        self.said_ready = False  # the current (or in-flight) run said READY=1
         self.next_pid = 1000
         self.spawning = False
         self.run: int | None = None  # the live process the task watches
@@ -360,6 +361,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if action is Action.SPAWN:
             assert self.run is None or self.lc.pid is None, "a second run while one is live"
             self.spawning = True
+            self.said_ready = False
 
     @precondition(lambda self: self.spawning)
     @rule(outcome=st.sampled_from(["ok", "transient", "permanent"]))
@@ -400,6 +402,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule()
     def says_ready(self) -> None:
         before = self.lc.state
+        if self.spawning or self.lc.pid is not None:  # a process of this run can say it
+            self.said_ready = True
         self.lc.ready(self.now)
         if before is State.STARTING and self.lc.pid is not None:
             assert self.lc.state is State.RUNNING
@@ -419,6 +423,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             )
             assert self.lc.next_action() is Action.KILL
             assert self.lc.state is before  # still its run until the process is gone
+
+    @precondition(lambda self: self.lc.deadline is not None)
+    @rule()
+    def deadline_passes(self) -> None:
+        # Straight to the deadline: start timeouts and watchdogs fire often enough to matter.
+        assert self.lc.deadline is not None
+        self.time_passes(max(0.0, self.lc.deadline - self.now))
 
     @rule()
     def failure(self) -> None:
@@ -446,6 +457,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert lc.watchdog is not None
         else:
             assert lc.state in (State.BACKOFF, State.STOPPING)
+
+    @invariant()
+    def notify_workers_run_only_once_ready(self) -> None:
+        if self.lc.ready_notify and self.lc.state is State.RUNNING:
+            assert self.said_ready
 
     @invariant()
     def intensity_limit_holds(self) -> None:

@@ -216,6 +216,8 @@ class Lifecycle:
     backoff_delay: float = 0.0
     tracker: RestartTracker = field(init=False)
     _actions: deque[Action] = field(default_factory=deque)
+    # The task took the SPAWN action and has not reported its outcome yet.
+    _spawn_in_flight: bool = False
     # READY=1 that arrived while the spawn was still returning (the process was quicker).
     _ready_early: bool = False
     # Why the daemon killed the current run (start-timeout, watchdog): its exit's reason.
@@ -258,7 +260,7 @@ class Lifecycle:
 
     def spawned(self, pid: int, now: float) -> None:
         self.pid, self.started_at = pid, now
-        self._expired = None
+        self._expired, self._spawn_in_flight = None, False
         ready = not self.ready_notify or self._ready_early
         self._ready_early = False
         self._apply(E.SPAWNED if ready else E.SPAWNED_UNREADY, now)
@@ -266,8 +268,9 @@ class Lifecycle:
     def ready(self, now: float) -> None:
         """The current run said READY=1. Before the spawn has returned it is kept for
         ``spawned``; once the run is over (a late datagram) it is moot."""
-        if self.state in (S.STARTING, S.STOPPING) and self.pid is None:
-            self._ready_early = True
+        if self.pid is None:
+            # Only a process of a spawn in flight can have said it; any other is moot.
+            self._ready_early = self._spawn_in_flight
             return
         if self.state in LIVE:
             self._apply(E.READY, now)
@@ -279,7 +282,7 @@ class Lifecycle:
             self.deadline = now + self.watchdog
 
     def spawn_failed(self, why: str, now: float, *, transient: bool) -> None:
-        self._ready_early = False
+        self._ready_early = self._spawn_in_flight = False
         self.exit_reason = ExitReason(ExitKind.SPAWN_FAILED, why)
         event = E.SPAWN_FATAL
         if transient and self.state is S.STARTING:
@@ -336,14 +339,17 @@ class Lifecycle:
         self.exit_reason = reason
         self.pid = None
         self.want_running = False
-        self._expired, self._ready_early = None, False
+        self._expired, self._ready_early, self._spawn_in_flight = None, False, False
         self._actions.clear()
         self._apply(E.FAILURE, now)
 
     # -- for the performing task ----------------------------------------------------
 
     def next_action(self) -> Action | None:
-        return self._actions.popleft() if self._actions else None
+        action = self._actions.popleft() if self._actions else None
+        if action is A.SPAWN:
+            self._spawn_in_flight, self._ready_early = True, False
+        return action
 
     @property
     def has_actions(self) -> bool:
@@ -377,8 +383,6 @@ class Lifecycle:
             pass  # a no-op row (a start while running, a second READY=1) keeps the timer
         elif state is not S.STOPPING:
             self.deadline = None
-        if A.SPAWN in actions:
-            self._ready_early = False
         if state not in LIVE:
             self.pid = None
         if state in (S.EXITED, S.FATAL):
