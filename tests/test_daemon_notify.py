@@ -212,6 +212,7 @@ async def test_wasm_tenant_signals_readiness_through_the_runner_import(
     cfg.tenant(
         "wnote",
         f"""
+        autostart = false
         memory = {{ max = "128MiB" }}
         restart = {{ policy = "always", backoff_initial = 0.05 }}
         [[worker]]
@@ -223,6 +224,7 @@ async def test_wasm_tenant_signals_readiness_through_the_runner_import(
         """,
     )
     d = await start_daemon(wasm_prefork=prefork)
+    await d.call("start", tenant="wnote")
     w = await d.wait_for("wnote:w-0", lambda w: w["state"] == "running", timeout=30)
     assert w["status_text"] == "serving"
     # Started the way the test asked (the fork server's children are the daemon's too).
