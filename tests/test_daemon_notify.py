@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from tests.conftest import REPO, ConfigDir, pid_alive, worker_py
+from tests.test_cli import CTL
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +108,12 @@ async def test_notify_worker_is_starting_until_ready_then_running(
         if e["worker"] == "rdy:w-0"
     ]
     assert states == [("stopped", "starting"), ("starting", "running")]
+    # The operator's view: the CLI's table shows what the worker said.
+    shown = await trio.run_process(
+        [CTL, "--socket", str(cfg.socket), "status", "rdy"], capture_stdout=True
+    )
+    header, row = shown.stdout.decode().splitlines()
+    assert header.split()[-1] == "STATUS" and row.endswith("serving 3 clients")
 
 
 async def test_notify_worker_that_never_says_ready_fails_after_start_timeout(
