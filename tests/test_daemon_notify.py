@@ -239,3 +239,46 @@ async def test_wasm_tenant_signals_readiness_through_the_runner_import(
     # Its WATCHDOG=1 every 200 ms keeps it past the 2 s watchdog.
     await staying(d, "wnote:w-0", "running", 3.0)
     assert (await d.worker("wnote:w-0"))["restarts"] == 0
+
+
+async def test_a_flooding_worker_does_not_starve_the_daemon(cfg: ConfigDir, start_daemon) -> None:
+    flooding = cfg.root / "flooding"
+    flooding.touch()
+    notify_tenant(
+        cfg,
+        "flood",
+        "send('READY=1')\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.setblocking(False)\n"
+        "n = 0\n"
+        f"while os.path.exists({str(flooding)!r}):\n"
+        "    for _ in range(1000):\n"
+        "        n += 1\n"
+        "        try: s.sendto(f'STATUS=flood {n}'.encode(), os.environ['NOTIFY_SOCKET'])\n"
+        "        except BlockingIOError: pass\n"
+        "time.sleep(600)\n",
+        'ready = "notify"',
+        "policy = 'always'",
+    )
+    cfg.tenant(
+        "calm",
+        f"""
+        [[worker]]
+        name = "w"
+        command = {worker_py("import time; time.sleep(600)")}
+        """,
+    )
+    d = await start_daemon()
+    seen = set()
+    # While the socket is never empty, every control call is still answered, and the
+    # flood itself is being read (its STATUS= keeps changing).
+    for _ in range(20):
+        with trio.fail_after(20):
+            w = await d.worker("flood:w-0")
+            assert await d.call("ping") == "pong"
+        assert w["state"] == "running" and w["notify_ignored"] == 0
+        seen.add(w["status_text"])
+        await trio.sleep(0.05)
+    flooding.unlink()
+    assert len(seen - {None}) >= 2
+    assert (await d.worker("calm:w-0"))["state"] == "running"
