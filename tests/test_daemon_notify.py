@@ -10,13 +10,13 @@ every assertion is on what a user sees: ``status``, the ``events`` log, /proc.
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import REPO, ConfigDir, pid_alive, worker_py
 from tests.test_cli import CTL
 
@@ -178,19 +178,23 @@ async def test_worker_that_stops_sending_watchdog_is_restarted(
     assert [(e["new"], e["exit_reason"]) for e in killed] == [("backoff", "watchdog")]
 
 
-async def test_messages_from_outside_the_worker_leaf_are_ignored(
-    cfg: ConfigDir, start_daemon
-) -> None:
+async def foreign_senders_are_ignored(cfg: ConfigDir, start_daemon, **daemon_opts) -> None:
     go = cfg.root / "go"
     notify_tenant(
         cfg,
         "own",
-        f"wait_for({str(go)!r})\nsend('READY=1')\ntime.sleep(600)\n",
+        # The worker's child, not the worker, says READY=1: one of its descendants, in
+        # its partition leaf, so it counts (a pid the daemon has to ask the backend about;
+        # it stays alive, as it must for its membership to be checked).
+        f"wait_for({str(go)!r})\n"
+        "if os.fork() == 0:\n"
+        "    send('READY=1')\n"
+        "time.sleep(600)\n",
         'ready = "notify"',
         "policy = 'always'",
         autostart=False,
     )
-    d = await start_daemon()
+    d = await start_daemon(**daemon_opts)
     await d.call("start", tenant="own")
     w = await d.wait_for("own:w-0", lambda w: w["pid"] is not None)
     path = w["notify_socket"]
@@ -203,13 +207,26 @@ async def test_messages_from_outside_the_worker_leaf_are_ignored(
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "s.sendto(b'READY=1\\nSTATUS=forged too', sys.argv[1])\n"
     )
-    subprocess.run([sys.executable, "-c", code, path], check=True, timeout=30)
+    await trio.run_process([sys.executable, "-c", code, path])
     seen = await d.wait_for("own:w-0", lambda w: w["notify_ignored"] == 2, timeout=30)
     assert (seen["state"], seen["status_text"], seen["pid"]) == ("starting", None, w["pid"])
-    # The worker's own word still counts: the socket works, only the senders were wrong.
+    # A process in the worker's leaf still counts: the socket works, the senders were wrong.
     go.touch()
     ok = await d.wait_for("own:w-0", lambda w: w["state"] == "running", timeout=30)
     assert (ok["pid"], ok["notify_ignored"]) == (w["pid"], 2)
+
+
+async def test_messages_from_outside_the_worker_leaf_are_ignored(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    await foreign_senders_are_ignored(cfg, start_daemon)
+
+
+async def test_messages_from_outside_the_worker_cgroup_are_ignored(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    # cgroup v1: the leaf is a cgroup, and membership is what its cgroup.procs lists.
+    await foreign_senders_are_ignored(cfg, start_daemon, backend="cgroup1", cgroup_root=cg.name)
 
 
 @pytest.mark.parametrize("prefork", [True, False], ids=["fork-server", "plain-runner"])
