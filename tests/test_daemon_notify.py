@@ -186,10 +186,7 @@ async def foreign_senders_are_ignored(cfg: ConfigDir, start_daemon, **daemon_opt
         # The worker's child, not the worker, says READY=1: one of its descendants, in
         # its partition leaf, so it counts (a pid the daemon has to ask the backend about;
         # it stays alive, as it must for its membership to be checked).
-        f"wait_for({str(go)!r})\n"
-        "if os.fork() == 0:\n"
-        "    send('READY=1')\n"
-        "time.sleep(600)\n",
+        f"wait_for({str(go)!r})\nif os.fork() == 0:\n    send('READY=1')\ntime.sleep(600)\n",
         'ready = "notify"',
         "policy = 'always'",
         autostart=False,
