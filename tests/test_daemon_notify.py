@@ -185,7 +185,9 @@ async def foreign_senders_are_ignored(cfg: ConfigDir, start_daemon, **daemon_opt
         "own",
         # The worker's child, not the worker, says READY=1: one of its descendants, in
         # its partition leaf, so it counts (a pid the daemon has to ask the backend about;
-        # it stays alive, as it must for its membership to be checked).
+        # it stays alive, as it must for its membership to be checked). Before that, its
+        # own READY=1 in a datagram longer than the daemon reads (4 KiB): ignored whole.
+        "send('READY=1\\n' + 'X' * 5000)\n"
         f"wait_for({str(go)!r})\nif os.fork() == 0:\n    send('READY=1')\ntime.sleep(600)\n",
         'ready = "notify"',
         "policy = 'always'",
@@ -205,12 +207,12 @@ async def foreign_senders_are_ignored(cfg: ConfigDir, start_daemon, **daemon_opt
         "s.sendto(b'READY=1\\nSTATUS=forged too', sys.argv[1])\n"
     )
     await trio.run_process([sys.executable, "-c", code, path])
-    seen = await d.wait_for("own:w-0", lambda w: w["notify_ignored"] == 2, timeout=30)
+    seen = await d.wait_for("own:w-0", lambda w: w["notify_ignored"] == 3, timeout=30)
     assert (seen["state"], seen["status_text"], seen["pid"]) == ("starting", None, w["pid"])
     # A process in the worker's leaf still counts: the socket works, the senders were wrong.
     go.touch()
     ok = await d.wait_for("own:w-0", lambda w: w["state"] == "running", timeout=30)
-    assert (ok["pid"], ok["notify_ignored"]) == (w["pid"], 2)
+    assert (ok["pid"], ok["notify_ignored"]) == (w["pid"], 3)
 
 
 async def test_messages_from_outside_the_worker_leaf_are_ignored(
