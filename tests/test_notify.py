@@ -1,4 +1,6 @@
-"""The wasm runner's ``supervisord.ready``/``watchdog``/``status`` imports, run for real:
+"""Readiness and watchdog below the daemon: the readiness keys as the config loader
+checks them, and the wasm runner's ``supervisord.ready``/``watchdog``/``status`` imports,
+run for real:
 the runner as its own process, with ``NOTIFY_SOCKET`` naming a datagram socket bound
 here (as the daemon binds one per worker), read with ``SO_PASSCRED`` to see who sent
 each message. The daemon's side is in ``test_daemon_notify.py``."""
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from supervisord_qnx.config.load import ConfigError, load
 
 CREDS = struct.Struct("3i")
 
@@ -101,3 +105,36 @@ def test_imports_answer_zero_without_a_notify_socket(tmp_path: Path) -> None:
     proc = run_runner(tmp_path, env)
     _, err = proc.communicate(timeout=60)
     assert answers(proc.returncode) == [0, 0, 0, -1], err
+
+
+# -- the keys, as an operator writes them ------------------------------------------------
+
+
+def test_readiness_keys_are_checked_where_they_are_written(tmp_path: Path) -> None:
+
+    (tmp_path / "tenants.d").mkdir()
+    (tmp_path / "tenants.d" / "t.toml").write_text(
+        '[[worker]]\nname = "a"\ncommand = ["true"]\nready = "listening"\n'
+        '[[worker]]\nname = "b"\ncommand = ["true"]\nwatchdog = 0\nstart_timeout = -1\n'
+        '[[worker]]\nname = "c"\ncommand = ["true"]\nready = "notify"\nwatchdog = 2.5\n'
+    )
+    daemon = tmp_path / "d.toml"
+    daemon.write_text('[[partition]]\nname = "tenants"\nflags = ["hierarchical"]\n')
+    with pytest.raises(ConfigError) as info:
+        load(daemon)
+    lines = sorted(
+        str(p).removeprefix(f"{tmp_path}/tenants.d/t.toml: ") for p in info.value.problems
+    )
+    assert [line.split(":")[0] for line in lines] == [
+        "worker[0].ready",
+        "worker[1].start_timeout",
+        "worker[1].watchdog",
+    ]
+    assert "'started' or 'notify'" in lines[0]
+    # Fixed, the same file loads: notify with a watchdog, the defaults elsewhere.
+    text = (tmp_path / "tenants.d" / "t.toml").read_text()
+    text = text.replace('ready = "listening"', "").replace("watchdog = 0\nstart_timeout = -1", "")
+    (tmp_path / "tenants.d" / "t.toml").write_text(text)
+    a, _, c = load(daemon).tenants[0].worker
+    assert (a.ready, a.start_timeout, a.watchdog, a.uses_notify) == ("started", 90.0, None, False)
+    assert (c.ready, c.watchdog, c.uses_notify) == ("notify", 2.5, True)
