@@ -298,3 +298,27 @@ async def test_a_flooding_worker_does_not_starve_the_daemon(cfg: ConfigDir, star
     flooding.unlink()
     assert len(seen - {None}) >= 2
     assert (await d.worker("calm:w-0"))["state"] == "running"
+
+
+async def test_a_notify_socket_that_cannot_be_made_fails_only_its_worker(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    # Something planted a file where the sockets' directory goes.
+    (cfg.root / "state").mkdir()
+    (cfg.root / "state" / "notify").write_text("not a directory")
+    notify_tenant(cfg, "nosock", "send('READY=1')\ntime.sleep(600)\n", 'ready = "notify"', "")
+    cfg.tenant(
+        "plain",
+        f"""
+        [[worker]]
+        name = "w"
+        command = {worker_py("import time; time.sleep(600)")}
+        """,
+    )
+    d = await start_daemon()
+    w = await d.wait_for("nosock:w-0", lambda w: w["state"] == "fatal")
+    assert (
+        w["exit_reason"] == "spawn-failed: no NOTIFY_SOCKET for this worker (see the daemon's log)"
+    )
+    assert (await d.worker("plain:w-0"))["state"] == "running"
+    assert await d.call("ping") == "pong"

@@ -209,19 +209,32 @@ class Supervisor:
                 self.launchers.bind(nursery)
                 for tenant in self.tenants.values():
                     for inst in tenant.instances:
-                        if inst.spec.uses_notify:
-                            inst.notify = self.notify_dir.endpoint()
-                            nursery.start_soon(self._serve_notify, inst, inst.notify)
-                        nursery.start_soon(self._drive, inst)
+                        nursery.start_soon(self._run_instance, inst)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.launchers.kill()
-            for tenant in self.tenants.values():
-                for inst in tenant.instances:
-                    if inst.notify is not None:
-                        inst.notify.close()
             self.notify_dir.close()
+
+    async def _run_instance(self, inst: Instance) -> None:
+        """The instance's task (``_drive``), beside its NOTIFY_SOCKET receiver when it
+        has one (``ready = "notify"`` or a ``watchdog``); the socket lives as long."""
+        if not inst.spec.uses_notify:
+            await self._drive(inst)
+            return
+        try:
+            inst.notify = self.notify_dir.endpoint()
+        except OSError as exc:
+            # Its spawns fail (spawn-failed, in _env) and say why; the daemon goes on.
+            log.error("cannot create a worker's notify socket", worker=inst.name, error=str(exc))
+            await self._drive(inst)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_notify, inst, inst.notify)
+                await self._drive(inst)
+        finally:
+            inst.notify.close()
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant (config order); wait until each settled."""
@@ -351,7 +364,10 @@ class Supervisor:
         async def member(pid: int) -> bool:
             if pid == inst.lc.pid:
                 return True
-            leaf = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
+            try:
+                leaf = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
+            except BackendError:
+                return False  # its leaf is gone (removed from outside): nobody is in it
             return pid in leaf
 
         def deliver(note: Notification) -> None:
@@ -362,7 +378,14 @@ class Supervisor:
             if note.watchdog:
                 inst.lc.watchdog_ping(now)
 
-        await endpoint.serve(member, deliver, inst.name)
+        while True:
+            try:
+                await endpoint.serve(member, deliver, inst.name)
+            except Exception as exc:  # the failure boundary of the receiver
+                # The worker's task must not go down with it: it only stops hearing
+                # from the worker for a second (a watchdog may fire meanwhile).
+                log.error("notify receiver failed; restarting it", worker=inst.name, exc_info=exc)
+            await trio.sleep(1.0)
 
     def _has_work(self, inst: Instance) -> bool:
         run = inst.run
@@ -539,6 +562,8 @@ class Supervisor:
             "SUPERVISORD_QNX_PARTITION": inst.partition,
         }
         env.update(inst.spec.env)
+        if inst.spec.uses_notify and inst.notify is None:
+            raise OSError(errno.EIO, "no NOTIFY_SOCKET for this worker (see the daemon's log)")
         if inst.notify is not None:
             # As systemd gives a Type=notify service; after the tenant's own env, which
             # must not point the worker elsewhere. No WATCHDOG_PID: the pid is not known

@@ -99,7 +99,7 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     # Stopping a fatal worker keeps the verdict visible; its leaf goes.
     (S.FATAL, E.STOP): (S.FATAL, (A.RELEASE_LEAF,)),
     (S.FATAL, E.FAILURE): (S.FATAL, ()),
-    # A spawn is in flight: stop waits for its answer, then signals what it started.
+    # A spawn is in flight, or (ready = "notify") its process has not said READY=1 yet.
     (S.STARTING, E.START): (S.STARTING, ()),
     (S.STARTING, E.RESTART): (S.STARTING, ()),
     # The stop signal is queued at once: the task performs it after the spawn returns
