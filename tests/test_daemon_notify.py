@@ -300,12 +300,19 @@ async def test_a_flooding_worker_does_not_starve_the_daemon(cfg: ConfigDir, star
     assert (await d.worker("calm:w-0"))["state"] == "running"
 
 
+@pytest.mark.parametrize("planted", ["file", "symlink"])
 async def test_a_notify_socket_that_cannot_be_made_fails_only_its_worker(
-    cfg: ConfigDir, start_daemon
+    cfg: ConfigDir, start_daemon, planted: str
 ) -> None:
-    # Something planted a file where the sockets' directory goes.
+    # Something planted a file, or a symlink to a directory elsewhere, where the
+    # sockets' directory goes.
     (cfg.root / "state").mkdir()
-    (cfg.root / "state" / "notify").write_text("not a directory")
+    elsewhere = cfg.root / "elsewhere"
+    elsewhere.mkdir()
+    if planted == "file":
+        (cfg.root / "state" / "notify").write_text("not a directory")
+    else:
+        (cfg.root / "state" / "notify").symlink_to(elsewhere)
     notify_tenant(cfg, "nosock", "send('READY=1')\ntime.sleep(600)\n", 'ready = "notify"', "")
     cfg.tenant(
         "plain",
@@ -322,3 +329,4 @@ async def test_a_notify_socket_that_cannot_be_made_fails_only_its_worker(
     )
     assert (await d.worker("plain:w-0"))["state"] == "running"
     assert await d.call("ping") == "pong"
+    assert list(elsewhere.iterdir()) == []  # no socket followed the symlink

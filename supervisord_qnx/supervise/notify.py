@@ -39,6 +39,7 @@ import errno
 import os
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -110,6 +111,9 @@ class NotifyDir:
             path, self._temporary = Path(tempfile.mkdtemp(prefix="sqnx-notify-")), True
         else:
             path.mkdir(parents=True, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                # A symlink planted there must not move the sockets, or the chmod below.
+                raise OSError(errno.ENOTDIR, f"{path} is not a directory")
         # Only the daemon (and its workers, which run as its user) may reach the sockets.
         os.chmod(path, 0o700)
         self.path = path
