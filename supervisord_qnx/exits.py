@@ -17,7 +17,8 @@ failure). It is rendered as the strings operators and scripts already read::
     spawn-failed: M     the process could not be started
     internal: M         the daemon's own task for the worker failed
     backend: M          its partition failed and could not be re-created
-    watchdog            it stopped sending watchdog pings (later)
+    watchdog            it stopped sending WATCHDOG=1 within ``watchdog`` seconds (killed)
+    start-timeout       a ``ready = "notify"`` worker sent no READY=1 within ``start_timeout``
     stopped (REASON)    any of the above, ended by an operator's stop
 """
 
@@ -41,6 +42,7 @@ class ExitKind(enum.StrEnum):
     INTERNAL = "internal"
     BACKEND = "backend"
     WATCHDOG = "watchdog"
+    START_TIMEOUT = "start-timeout"
 
 
 # Kinds written "kind:detail" (a number or a name) rather than "kind: message".

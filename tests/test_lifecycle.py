@@ -71,7 +71,8 @@ def test_transition_table_prints_every_row_with_its_actions() -> None:
     lines = transition_table().splitlines()
     assert lines[0].split() == ["state", "event", "next", "actions"]
     assert len(lines) == len(TRANSITIONS) + 1
-    assert "running   stop          stopping  signal" in lines
+    assert "running   stop             stopping  signal" in lines
+    assert "running   watchdog         running   kill" in lines
 
 
 def test_lifecycle_doc_shows_the_table_in_force() -> None:
@@ -140,10 +141,10 @@ def test_stop_during_spawn_signals_what_the_spawn_started() -> None:
     lc = Lifecycle(SPEC, stop_timeout=5)
     lc.start(0)
     assert drain(lc) == [Action.SPAWN]
-    lc.stop(0.001)  # the spawn is still in flight
-    assert lc.state is State.STOPPING and drain(lc) == []
+    lc.stop(0.001)  # the spawn is still in flight: the task performs the signal after it
+    assert lc.state is State.STOPPING and lc.deadline == pytest.approx(5.001)
     lc.spawned(42, 0.002)
-    assert drain(lc) == [Action.SIGNAL] and lc.deadline == pytest.approx(5.002)
+    assert drain(lc) == [Action.SIGNAL]  # once, not again for the spawn's answer
 
 
 def test_stop_timeout_escalates_to_kill() -> None:
@@ -187,6 +188,82 @@ def test_unrunnable_exit_is_fatal_without_a_restart_loop() -> None:
     assert lc.state is State.FATAL
 
 
+# -- readiness and watchdog (sd_notify) -------------------------------------------------
+
+
+def notify_lc(watchdog: float | None = None) -> Lifecycle:
+    return Lifecycle(SPEC, stop_timeout=1, ready_notify=True, start_timeout=3, watchdog=watchdog)
+
+
+def test_notify_worker_is_starting_until_ready() -> None:
+    lc = notify_lc()
+    lc.start(0)
+    drain(lc)
+    lc.spawned(7, 0.5)
+    assert (lc.state, lc.pid, lc.deadline) == (State.STARTING, 7, 3.5)
+    lc.ready(1.0)
+    assert (lc.state, lc.deadline, drain(lc)) == (State.RUNNING, None, [])
+
+
+def test_ready_before_the_spawn_returned_is_kept() -> None:
+    lc = notify_lc()
+    lc.start(0)
+    drain(lc)
+    lc.ready(0.1)  # the process was quicker than the spawn's answer
+    assert lc.state is State.STARTING
+    lc.spawned(7, 0.2)
+    assert lc.state is State.RUNNING
+
+
+def test_no_ready_within_start_timeout_kills_and_says_why() -> None:
+    lc = notify_lc()
+    lc.start(0)
+    drain(lc)
+    lc.spawned(7, 0.0)
+    assert not lc.timer_due(2.9)
+    lc.timer(3.0)
+    assert (lc.state, drain(lc), lc.deadline) == (State.STARTING, [Action.KILL], None)
+    lc.exited(ExitReason.signalled(9), 3.1)
+    assert (lc.state, str(lc.exit_reason)) == (State.BACKOFF, "start-timeout")
+
+
+def test_missing_watchdog_ping_kills_and_says_why() -> None:
+    lc = running(Lifecycle(SPEC, stop_timeout=1, watchdog=2), pid=7, now=0.0)
+    assert lc.deadline == 2.0
+    lc.watchdog_ping(1.5)
+    assert not lc.timer_due(3.4) and lc.timer_due(3.5)
+    lc.start(3.0)  # an operator's start on a running worker leaves the watchdog armed
+    assert lc.deadline == 3.5
+    lc.timer(3.5)
+    assert drain(lc) == [Action.KILL]
+    lc.exited(ExitReason.signalled(9), 3.6)
+    assert (lc.state, str(lc.exit_reason)) == (State.BACKOFF, "watchdog")
+    # The next run starts with a fresh watchdog and no borrowed verdict.
+    lc.timer(lc.deadline or 0.0)
+    lc.spawned(8, 10.0)
+    lc.exited(ExitReason.exited(1), 10.5)
+    assert str(lc.exit_reason) == "exit:1"
+
+
+def test_watchdog_counts_from_ready_not_from_spawn() -> None:
+    lc = notify_lc(watchdog=1)
+    lc.start(0)
+    drain(lc)
+    lc.spawned(7, 0.0)
+    assert lc.deadline == 3.0  # the start timeout, not the watchdog
+    lc.ready(2.5)
+    assert lc.deadline == 3.5
+
+
+def test_stop_of_an_unready_worker_signals_it() -> None:
+    lc = notify_lc()
+    lc.start(0)
+    drain(lc)
+    lc.spawned(7, 0.0)
+    lc.stop(1.0)
+    assert (lc.state, drain(lc), lc.deadline) == (State.STOPPING, [Action.SIGNAL], 2.0)
+
+
 # -- everything, in any order (hypothesis) ----------------------------------------------
 
 EXITS = {
@@ -211,6 +288,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         )
         self.lc = Lifecycle(self.spec, stop_timeout=1.0)
         self.now = 0.0
+        self.expected_reason: ExitKind | None = None  # the verdict the daemon's kill carries
+        self.said_ready = False  # the current (or in-flight) run said READY=1
         self.next_pid = 1000
         self.spawning = False
         self.run: int | None = None  # the live process the task watches
@@ -220,14 +299,24 @@ class LifecycleMachine(RuleBasedStateMachine):
         # the model of the crash loop whose delay doubles (docs/lifecycle.md).
         self.streak = 0
 
-    # Half the histories begin with a live worker: random steps reach `running` rarely
-    # (a spawn must be started and succeed in a row), and the restart rules live there.
-    @initialize(up=st.booleans())
-    def maybe_running(self, up: bool) -> None:
+    # One initializer (hypothesis runs several in no set order): the readiness settings,
+    # then, in half the histories, a live worker: random steps reach `running` rarely (a
+    # spawn must be started and succeed in a row), and the restart rules live there.
+    @initialize(notify=st.booleans(), watchdog=st.sampled_from([None, 0.5, 2.0]), up=st.booleans())
+    def readiness(self, notify: bool, watchdog: float | None, up: bool) -> None:
+        self.lc = Lifecycle(
+            self.spec,
+            stop_timeout=1.0,
+            ready_notify=notify,
+            start_timeout=1.5,
+            watchdog=watchdog,
+        )
         if up:
             self.op_start()
             self.perform()
             self.spawn_result("ok")
+            if notify:
+                self.says_ready()
 
     # operator calls: always legal, and always answered
     def _operator(self, call: str, settled: frozenset[State]) -> None:
@@ -268,6 +357,8 @@ class LifecycleMachine(RuleBasedStateMachine):
                     if lc.pid == run:
                         lc.exited(ExitReason.parse("signal:SIGTERM"), now)
                     run = None
+            elif lc.state is State.STARTING and run is not None and lc.pid == run:
+                lc.ready(now)  # a cooperative worker says READY=1
             elif lc.deadline is not None:
                 now = max(now, lc.deadline)
                 lc.timer(now)
@@ -284,6 +375,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if action is Action.SPAWN:
             assert self.run is None or self.lc.pid is None, "a second run while one is live"
             self.spawning = True
+            self.said_ready = False
 
     @precondition(lambda self: self.spawning)
     @rule(outcome=st.sampled_from(["ok", "transient", "permanent"]))
@@ -326,10 +418,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         pid, self.run = self.run, None
         if self.lc.pid == pid:  # the task ignores a run the lifecycle gave up on
             before = self.lc.state
+            expected, self.expected_reason = self.expected_reason, None
             self.lc.exited(EXITS[kind], self.now)
-            if before is State.RUNNING and self.lc.state is State.BACKOFF:
+            if before in (State.RUNNING, State.STARTING) and self.lc.state is State.BACKOFF:
                 self.policy_restarts.append(self.now)
                 self._backed_off(uptime=self.now - self.run_started)
+            if expected is not None:
+                # Killed for a missing READY=1 or WATCHDOG=1: the reason says so, not SIGKILL.
+                assert self.lc.exit_reason is not None
+                assert self.lc.exit_reason.kind is expected
             self._auto_started(before)
 
     # A run that lasts `uptime`, then ends: short of backoff_max (1.0), exactly it, and
@@ -340,16 +437,45 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.now = max(self.now, self.run_started + uptime)
         self.process_ends(kind)
 
+    # what the worker says on its NOTIFY_SOCKET, at any moment (late or early included)
+    @rule()
+    def says_ready(self) -> None:
+        before = self.lc.state
+        if self.spawning or self.lc.pid is not None:  # a process of this run can say it
+            self.said_ready = True
+        self.lc.ready(self.now)
+        if before is State.STARTING and self.lc.pid is not None:
+            assert self.lc.state is State.RUNNING
+
+    @rule()
+    def says_watchdog(self) -> None:
+        self.lc.watchdog_ping(self.now)
+
     @rule(dt=st.floats(min_value=0.0, max_value=3.0))
     def time_passes(self, dt: float) -> None:
         self.now += dt
+        before, due = self.lc.state, self.lc.timer_due(self.now)
         self.lc.timer(self.now)
+        if due and before in (State.STARTING, State.RUNNING):
+            self.expected_reason = (
+                ExitKind.START_TIMEOUT if before is State.STARTING else ExitKind.WATCHDOG
+            )
+            assert self.lc.next_action() is Action.KILL
+            assert self.lc.state is before  # still its run until the process is gone
+
+    @precondition(lambda self: self.lc.deadline is not None)
+    @rule()
+    def deadline_passes(self) -> None:
+        # Straight to the deadline: start timeouts and watchdogs fire often enough to matter.
+        assert self.lc.deadline is not None
+        self.time_passes(max(0.0, self.lc.deadline - self.now))
 
     # Not while already fatal (a no-op there): the steps are better spent elsewhere.
     @precondition(lambda self: self.lc.state is not State.FATAL)
     @rule()
     def failure(self) -> None:
         self.spawning = False
+        self.expected_reason = None
         self.lc.fail(ExitReason(ExitKind.INTERNAL, "boom"), self.now)
 
     # promises
@@ -362,8 +488,21 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @invariant()
     def timers_only_while_waiting(self) -> None:
-        if self.lc.deadline is not None:
-            assert self.lc.state in (State.BACKOFF, State.STOPPING)
+        lc = self.lc
+        if lc.deadline is None:
+            return
+        if lc.state is State.STARTING:
+            # The start timeout: only for a live process that has not said READY=1.
+            assert lc.ready_notify and lc.pid is not None
+        elif lc.state is State.RUNNING:
+            assert lc.watchdog is not None
+        else:
+            assert lc.state in (State.BACKOFF, State.STOPPING)
+
+    @invariant()
+    def notify_workers_run_only_once_ready(self) -> None:
+        if self.lc.ready_notify and self.lc.state is State.RUNNING:
+            assert self.said_ready
 
     @invariant()
     def intensity_limit_holds(self) -> None:

@@ -637,3 +637,45 @@ async def test_a_reload_starts_added_tenants_in_after_order_and_stops_removed_in
     assert seq("top:w-0", "stopped", stopped) < seq("mid:w-0", "stopping", stopped)
     assert seq("mid:w-0", "stopped", stopped) < seq("low:w-0", "stopping", stopped)
     assert set(await pids(d)) == {"base:w-0"}
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+async def test_a_worker_a_reload_adds_or_replaces_gets_its_notify_socket(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    """Instances a reload makes run like those made at start-up: a ``ready = "notify"``
+    worker is ``running`` once it said READY=1, through its own NOTIFY_SOCKET; a retired
+    one's socket goes with it."""
+    tenant(cfg, "base")
+    d = await start_daemon()
+    await all_running(d, {"base:w-0"})
+    ready = worker_py(
+        "import os, socket, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.sendmsg([b'READY=1\\nSTATUS=serving'], [], 0, os.environ['NOTIFY_SOCKET'])\n"
+        "time.sleep(1000)\n"
+    )
+    tenant(cfg, "svc", command=ready, extra="", instances=1)
+    body = (cfg.root / "tenants.d" / "svc.toml").read_text()
+    (cfg.root / "tenants.d" / "svc.toml").write_text(
+        body + 'ready = "notify"\nstart_timeout = 20\n'
+    )
+    await d.call("reload")
+    await all_running(d, {"base:w-0", "svc:w-0"})
+    first = await d.worker("svc:w-0")
+    assert first["status_text"] == "serving"
+    socket_path = Path(first["notify_socket"])
+    assert socket_path.exists()
+
+    # A changed definition replaces the worker: a new process, a new socket, ready again.
+    (cfg.root / "tenants.d" / "svc.toml").write_text(
+        body + 'ready = "notify"\nstart_timeout = 21\n'
+    )
+    reply = await d.call("reload")
+    assert reply["restarted"]["names"] == ["svc:w"]
+    await all_running(d, {"base:w-0", "svc:w-0"})
+    second = await d.worker("svc:w-0")
+    assert second["pid"] != first["pid"] and second["status_text"] == "serving"
+    assert not socket_path.exists() or Path(second["notify_socket"]) == socket_path

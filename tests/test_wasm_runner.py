@@ -400,6 +400,7 @@ def test_runner_imports_stay_light(tmp_path: Path, cache_dir: Path) -> None:
     # (run with -m, the runner itself is __main__, not supervisord_qnx.wasm.runner)
     assert ours == {
         "supervisord_qnx",
+        "supervisord_qnx.sdnotify",  # stdlib only: the ready/watchdog/status imports
         "supervisord_qnx.wasm",
         "supervisord_qnx.wasm.cache",
         "supervisord_qnx.wasm.outcome",

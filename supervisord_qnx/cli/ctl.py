@@ -337,6 +337,12 @@ def _duration(seconds: float | None) -> str:
 
 def _render_workers(result: list[dict[str, Any]]) -> None:
     rows = [["WORKER", "STATE", "PID", "PARTITION", "RESTARTS", "UPTIME", "EXIT REASON"]]
+    # What workers said with sd_notify's STATUS=, as `systemctl status` shows it; the
+    # column only appears when one did.
+    said = any(w.get("status_text") for w in result)
+    if said:
+        rows[0].append("STATUS")
+    live = ("starting", "running", "stopping")  # a `ready = "notify"` worker starts with a pid
     for w in result:
         reason = w.get("exit_reason") or "-"
         if w.get("memory_denied"):
@@ -345,13 +351,15 @@ def _render_workers(result: list[dict[str, Any]]) -> None:
             [
                 w["name"],
                 w["state"],
-                str(w["pid"]) if w["pid"] and w["state"] in ("running", "stopping") else "-",
+                str(w["pid"]) if w["pid"] and w["state"] in live else "-",
                 w["partition"],
                 str(w["restarts"]),
                 _duration(w.get("uptime")),
                 reason,
             ]
         )
+        if said:
+            rows[-1].append(w.get("status_text") or "-")
     _table(rows)
 
 

@@ -137,6 +137,16 @@ class WorkerBase(Strict):
     instances: Annotated[int, Field(ge=1, le=1000)] = 1
     stop_signal: SignalNumber = int(signal.SIGTERM)
     stop_timeout: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # Readiness and liveness over sd_notify (docs/configuration.md): "notify" keeps a
+    # worker `starting` until it sends READY=1; `watchdog` seconds without WATCHDOG=1
+    # kill it. Either one gives the worker its own NOTIFY_SOCKET.
+    ready: Literal["started", "notify"] = "started"
+    start_timeout: Annotated[float, Field(gt=0, le=86400)] = 90.0
+    watchdog: Annotated[float, Field(ge=0.01, le=86400)] | None = None
+
+    @property
+    def uses_notify(self) -> bool:
+        return self.ready == "notify" or self.watchdog is not None
 
 
 class CommandWorker(WorkerBase):

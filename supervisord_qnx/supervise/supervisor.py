@@ -44,6 +44,7 @@ from supervisord_qnx.supervise.events import (
     WorkerRestarting,
 )
 from supervisord_qnx.supervise.launch import Launcher, Launchers, LaunchTarget
+from supervisord_qnx.supervise.notify import Notification, NotifyDir, NotifyEndpoint
 from supervisord_qnx.supervise.ordering import (
     AfterFailed,
     Readiness,
@@ -99,6 +100,7 @@ class Instance:
     # Set (by a reload removing it) once it is stopped for good: its task then ends.
     retired: bool = False
     owner: Tenant | None = None  # told of every change, for tenants ordered after it
+    notify: NotifyEndpoint | None = None  # its NOTIFY_SOCKET (ready = "notify", watchdog)
 
     @property
     def leaf(self) -> str:
@@ -201,6 +203,7 @@ class Supervisor:
         # Replaced at every rebind (reload): the backend watch waits on it to start again.
         self.tree_changed = trio.Event()
         self.ordering = Ordering({t.name: t.after for t in config.tenants})
+        self.notify_dir = NotifyDir(self.state_dir)
         for spec in config.tenants:
             count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
@@ -211,7 +214,7 @@ class Supervisor:
                         spec.path,
                         w,
                         i,
-                        Lifecycle(spec.restart, w.stop_timeout),
+                        Lifecycle.for_worker(spec.restart, w),
                         LaunchTarget(spec.name, spec.path, w, i, count),
                     )
                     for w in spec.worker
@@ -223,7 +226,12 @@ class Supervisor:
         return self.launchers.for_spec(inst.spec)
 
     def _describe(self, inst: Instance) -> dict[str, Any]:
-        return inst.as_dict(self._launcher(inst).status_fields(inst.target))
+        extra = self._launcher(inst).status_fields(inst.target)
+        note = inst.notify
+        extra["status_text"] = None if note is None else note.status_text
+        if note is not None:
+            extra.update(note.fields())
+        return inst.as_dict(extra)
 
     # -- lifecycle of the whole supervisor -------------------------------------------
 
@@ -235,11 +243,34 @@ class Supervisor:
                 self.launchers.bind(nursery)
                 for tenant in self.tenants.values():
                     for inst in tenant.instances:
-                        nursery.start_soon(self._drive, inst)
+                        nursery.start_soon(self._run_instance, inst)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.launchers.kill()
+            self.notify_dir.close()
+
+    async def _run_instance(self, inst: Instance) -> None:
+        """The instance's task (``_drive``), beside its NOTIFY_SOCKET receiver when it
+        has one (``ready = "notify"`` or a ``watchdog``); the socket lives as long."""
+        if not inst.spec.uses_notify:
+            await self._drive(inst)
+            return
+        try:
+            inst.notify = self.notify_dir.endpoint()
+        except OSError as exc:
+            # Its spawns fail (spawn-failed, in _env) and say why; the daemon goes on.
+            log.error("cannot create a worker's notify socket", worker=inst.name, error=str(exc))
+            await self._drive(inst)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_notify, inst, inst.notify)
+                await self._drive(inst)
+                # Retired by a reload: its receiver and socket go with it.
+                nursery.cancel_scope.cancel()
+        finally:
+            inst.notify.close()
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant; wait until each settled (or was given up)."""
@@ -433,14 +464,15 @@ class Supervisor:
                 spec.path,
                 worker,
                 i,
-                Lifecycle(spec.restart, worker.stop_timeout),
+                Lifecycle.for_worker(spec.restart, worker),
                 LaunchTarget(spec.name, spec.path, worker, i, count),
             )
             for i in indices
         ]
         assert self._nursery is not None
         for inst in made:
-            self._nursery.start_soon(self._drive, inst)
+            # With its NOTIFY_SOCKET when the worker uses one, as at start-up.
+            self._nursery.start_soon(self._run_instance, inst)
         return made
 
     def add_tenant(self, spec: TenantSpec) -> Tenant:
@@ -487,6 +519,36 @@ class Supervisor:
         before = inst.lc.state
         fact()
         self._changed(inst, before)
+
+    async def _serve_notify(self, inst: Instance, endpoint: NotifyEndpoint) -> None:
+        """Feed the instance's lifecycle what its processes say on its NOTIFY_SOCKET
+        (supervise/notify.py): only messages from a pid in its partition leaf count."""
+
+        async def member(pid: int) -> bool:
+            if pid == inst.lc.pid:
+                return True
+            try:
+                leaf = await trio.to_thread.run_sync(self.backend.pids, inst.partition, inst.leaf)
+            except BackendError:
+                return False  # its leaf is gone (removed from outside): nobody is in it
+            return pid in leaf
+
+        def deliver(note: Notification) -> None:
+            now = time.monotonic()
+            if note.ready:
+                self._feed(inst, lambda: inst.lc.ready(now))
+                inst.wake.set()  # its timer changed (start timeout off, watchdog on)
+            if note.watchdog:
+                inst.lc.watchdog_ping(now)
+
+        while True:
+            try:
+                await endpoint.serve(member, deliver, inst.name)
+            except Exception as exc:  # the failure boundary of the receiver
+                # The worker's task must not go down with it: it only stops hearing
+                # from the worker for a second (a watchdog may fire meanwhile).
+                log.error("notify receiver failed; restarting it", worker=inst.name, exc_info=exc)
+            await trio.sleep(1.0)
 
     def _has_work(self, inst: Instance) -> bool:
         run = inst.run
@@ -538,8 +600,9 @@ class Supervisor:
             return
         now = time.monotonic()
         if lc.timer_due(now):
+            waited = lc.state is State.BACKOFF  # not a start timeout or the watchdog
             self._feed(inst, lambda: lc.timer(now))
-            if lc.state is State.STARTING:
+            if waited and lc.state is State.STARTING:
                 self.events.emit(WorkerRestarting(inst.name, lc.backoff_delay))
             return
         action = lc.next_action()
@@ -603,6 +666,8 @@ class Supervisor:
 
     async def _start_run(self, inst: Instance) -> None:
         lc = inst.lc
+        if inst.notify is not None:
+            inst.notify.reset()  # what an earlier run queued or said is not this run's
         try:
             pid = await self._spawn_in_partition(inst)
         except BackendError:
@@ -662,6 +727,15 @@ class Supervisor:
             "SUPERVISORD_QNX_PARTITION": inst.partition,
         }
         env.update(inst.spec.env)
+        if inst.spec.uses_notify and inst.notify is None:
+            raise OSError(errno.EIO, "no NOTIFY_SOCKET for this worker (see the daemon's log)")
+        if inst.notify is not None:
+            # As systemd gives a Type=notify service; after the tenant's own env, which
+            # must not point the worker elsewhere. No WATCHDOG_PID: the pid is not known
+            # before the spawn, and without it the variables mean "this process".
+            env["NOTIFY_SOCKET"] = inst.notify.path
+            if inst.spec.watchdog is not None:
+                env["WATCHDOG_USEC"] = str(round(inst.spec.watchdog * 1_000_000))
         return env
 
     async def _exit_reason(self, inst: Instance, status: int) -> ExitReason:

@@ -21,8 +21,11 @@ Rules of this file (in the way h11's ``_state.py`` owns a connection):
 States::
 
     stopped   not running, and nobody asked it to (initial, or after stop)
-    starting  spawn requested, process not yet confirmed alive
-    running   process alive
+    starting  spawn requested, process not yet confirmed alive; or, for a
+              ``ready = "notify"`` worker, alive but not yet ready (no READY=1);
+              ``start_timeout`` kills it then (exit reason ``start-timeout``)
+    running   process alive (and ready); with a ``watchdog``, killed (exit
+              reason ``watchdog``) when no WATCHDOG=1 came within that time
     backoff   ended or failed to spawn; waiting for the restart delay
     stopping  stop requested: stop signal sent (or due once the spawn returns),
               SIGKILL after stop_timeout
@@ -37,7 +40,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from supervisord_qnx.config.model import RestartSpec
+from supervisord_qnx.config.model import RestartSpec, WorkerBase
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.supervise.policy import RestartTracker, Verdict
 
@@ -56,7 +59,11 @@ class Event(enum.StrEnum):
     START = "start"  # operator or autostart: run it (with a fresh restart history)
     STOP = "stop"  # operator: stop it
     RESTART = "restart"  # operator: stop the current run, then run again
-    SPAWNED = "spawned"  # the process exists
+    SPAWNED = "spawned"  # the process exists (and counts as ready: ready = "started")
+    SPAWNED_UNREADY = "spawned-unready"  # the process exists; ready = "notify" waits for READY=1
+    READY = "ready"  # the process said READY=1 (sd_notify)
+    START_TIMEOUT = "start-timeout"  # no READY=1 within start_timeout
+    WATCHDOG = "watchdog"  # no WATCHDOG=1 within the watchdog interval
     SPAWN_RETRY = "spawn-retry"  # spawn failed for a passing reason; policy says try again
     SPAWN_FATAL = "spawn-fatal"  # spawn failed for good, or the intensity limit is reached
     EXIT_RESTART = "exit-restart"  # the process ended; policy says restart after a delay
@@ -92,15 +99,26 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     # Stopping a fatal worker keeps the verdict visible; its leaf goes.
     (S.FATAL, E.STOP): (S.FATAL, (A.RELEASE_LEAF,)),
     (S.FATAL, E.FAILURE): (S.FATAL, ()),
-    # A spawn is in flight: stop waits for its answer, then signals what it started.
+    # A spawn is in flight, or (ready = "notify") its process has not said READY=1 yet.
     (S.STARTING, E.START): (S.STARTING, ()),
     (S.STARTING, E.RESTART): (S.STARTING, ()),
-    (S.STARTING, E.STOP): (S.STOPPING, ()),
+    # The stop signal is queued at once: the task performs it after the spawn returns
+    # (it performs one action at a time), or at once to a process waiting for READY=1.
+    (S.STARTING, E.STOP): (S.STOPPING, (A.SIGNAL,)),
     (S.STARTING, E.SPAWNED): (S.RUNNING, ()),
+    (S.STARTING, E.SPAWNED_UNREADY): (S.STARTING, ()),
+    (S.STARTING, E.READY): (S.RUNNING, ()),
+    (S.STARTING, E.START_TIMEOUT): (S.STARTING, (A.KILL,)),
     (S.STARTING, E.SPAWN_RETRY): (S.BACKOFF, (A.CLEAR_LEAF,)),
     (S.STARTING, E.SPAWN_FATAL): (S.FATAL, (A.CLEAR_LEAF,)),
-    (S.STARTING, E.FAILURE): (S.FATAL, (A.CLEAR_LEAF,)),
+    # A process that ends before it said READY=1 goes through the policy like any exit.
+    (S.STARTING, E.EXIT_RESTART): (S.BACKOFF, (A.CLEAR_LEAF,)),
+    (S.STARTING, E.EXIT_FINAL): (S.EXITED, (A.CLEAR_LEAF,)),
+    (S.STARTING, E.EXIT_FATAL): (S.FATAL, (A.CLEAR_LEAF,)),
+    (S.STARTING, E.FAILURE): (S.FATAL, (A.KILL, A.CLEAR_LEAF)),
     (S.RUNNING, E.START): (S.RUNNING, ()),
+    (S.RUNNING, E.READY): (S.RUNNING, ()),
+    (S.RUNNING, E.WATCHDOG): (S.RUNNING, (A.KILL,)),
     (S.RUNNING, E.RESTART): (S.STOPPING, (A.SIGNAL,)),
     (S.RUNNING, E.STOP): (S.STOPPING, (A.SIGNAL,)),
     (S.RUNNING, E.EXIT_RESTART): (S.BACKOFF, (A.CLEAR_LEAF,)),
@@ -117,7 +135,10 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.STOPPING, E.START): (S.STOPPING, ()),
     (S.STOPPING, E.RESTART): (S.STOPPING, ()),
     (S.STOPPING, E.STOP): (S.STOPPING, ()),
-    (S.STOPPING, E.SPAWNED): (S.STOPPING, (A.SIGNAL,)),
+    # The signal was queued by the stop itself (starting, stop).
+    (S.STOPPING, E.SPAWNED): (S.STOPPING, ()),
+    (S.STOPPING, E.SPAWNED_UNREADY): (S.STOPPING, ()),
+    (S.STOPPING, E.READY): (S.STOPPING, ()),
     (S.STOPPING, E.SPAWN_RETRY): (S.STOPPED, (A.CLEAR_LEAF, A.RELEASE_LEAF)),
     (S.STOPPING, E.SPAWN_FATAL): (S.STOPPED, (A.CLEAR_LEAF, A.RELEASE_LEAF)),
     (S.STOPPING, E.EXIT_STOPPED): (S.STOPPED, (A.CLEAR_LEAF, A.RELEASE_LEAF)),
@@ -178,6 +199,12 @@ class Lifecycle:
 
     policy: RestartSpec
     stop_timeout: float
+    # Readiness and liveness (docs/configuration.md): with ``ready_notify`` a spawned
+    # process stays ``starting`` until READY=1, for at most ``start_timeout`` seconds;
+    # with ``watchdog`` a running one must send WATCHDOG=1 at least that often.
+    ready_notify: bool = False
+    start_timeout: float = 90.0
+    watchdog: float | None = None
     state: State = S.STOPPED
     want_running: bool = False
     intent_seq: int = 0
@@ -189,9 +216,26 @@ class Lifecycle:
     backoff_delay: float = 0.0
     tracker: RestartTracker = field(init=False)
     _actions: deque[Action] = field(default_factory=deque)
+    # The task took the SPAWN action and has not reported its outcome yet.
+    _spawn_in_flight: bool = False
+    # READY=1 that arrived while the spawn was still returning (the process was quicker).
+    _ready_early: bool = False
+    # Why the daemon killed the current run (start-timeout, watchdog): its exit's reason.
+    _expired: ExitReason | None = None
 
     def __post_init__(self) -> None:
         self.tracker = RestartTracker(self.policy)
+
+    @classmethod
+    def for_worker(cls, policy: RestartSpec, spec: WorkerBase) -> Lifecycle:
+        """The lifecycle of one instance of ``spec`` under its tenant's restart ``policy``."""
+        return cls(
+            policy,
+            spec.stop_timeout,
+            ready_notify=spec.ready == "notify",
+            start_timeout=spec.start_timeout,
+            watchdog=spec.watchdog,
+        )
 
     # -- operator calls -------------------------------------------------------------
 
@@ -216,9 +260,29 @@ class Lifecycle:
 
     def spawned(self, pid: int, now: float) -> None:
         self.pid, self.started_at = pid, now
-        self._apply(E.SPAWNED, now)
+        self._expired, self._spawn_in_flight = None, False
+        ready = not self.ready_notify or self._ready_early
+        self._ready_early = False
+        self._apply(E.SPAWNED if ready else E.SPAWNED_UNREADY, now)
+
+    def ready(self, now: float) -> None:
+        """The current run said READY=1. Before the spawn has returned it is kept for
+        ``spawned``; once the run is over (a late datagram) it is moot."""
+        if self.pid is None:
+            # Only a process of a spawn in flight can have said it; any other is moot.
+            self._ready_early = self._spawn_in_flight
+            return
+        if self.state in LIVE:
+            self._apply(E.READY, now)
+
+    def watchdog_ping(self, now: float) -> None:
+        """The current run said WATCHDOG=1: its watchdog starts counting again. Not a
+        move (no row): only the running state has a watchdog deadline."""
+        if self.watchdog is not None and self.state is S.RUNNING and self._expired is None:
+            self.deadline = now + self.watchdog
 
     def spawn_failed(self, why: str, now: float, *, transient: bool) -> None:
+        self._ready_early = self._spawn_in_flight = False
         self.exit_reason = ExitReason(ExitKind.SPAWN_FAILED, why)
         event = E.SPAWN_FATAL
         if transient and self.state is S.STARTING:
@@ -231,12 +295,15 @@ class Lifecycle:
         """The current run's process ended with ``reason``."""
         uptime = now - self.started_at if self.started_at is not None else 0.0
         self.pid = None
+        if self._expired is not None:
+            # The daemon killed it (signal:SIGKILL): say why it did.
+            reason, self._expired = self._expired, None
         if self.state is S.STOPPING:
             self.exit_reason = reason.as_stopped()
             self._apply(E.EXIT_STOPPED, now)
             return
         self.exit_reason = reason
-        if self.state is not S.RUNNING:
+        if self.state not in (S.RUNNING, S.STARTING):
             raise IllegalTransition(self.state, E.EXIT_FINAL)
         decision = self.tracker.decide(reason, now, uptime)
         if decision.verdict is Verdict.RESTART and reason.permanent:
@@ -253,26 +320,36 @@ class Lifecycle:
         return self.deadline is not None and now >= self.deadline
 
     def timer(self, now: float) -> None:
-        """The deadline passed: a backoff ends (a restart) or a stop escalates to SIGKILL."""
+        """The deadline passed: a backoff ends (a restart), a stop escalates to SIGKILL,
+        a run that never said READY=1 or stopped sending WATCHDOG=1 is killed."""
         if not self.timer_due(now):
             return
         self.deadline = None
+        event = E.TIMER
         if self.state is S.BACKOFF:
             self.restarts += 1
-        self._apply(E.TIMER, now)
+        elif self.state is S.STARTING:
+            event, self._expired = E.START_TIMEOUT, ExitReason(ExitKind.START_TIMEOUT)
+        elif self.state is S.RUNNING:
+            event, self._expired = E.WATCHDOG, ExitReason(ExitKind.WATCHDOG)
+        self._apply(event, now)
 
     def fail(self, reason: ExitReason, now: float) -> None:
         """Give up on this instance (``internal: …`` or ``backend: …``); the daemon goes on."""
         self.exit_reason = reason
         self.pid = None
         self.want_running = False
+        self._expired, self._ready_early, self._spawn_in_flight = None, False, False
         self._actions.clear()
         self._apply(E.FAILURE, now)
 
     # -- for the performing task ----------------------------------------------------
 
     def next_action(self) -> Action | None:
-        return self._actions.popleft() if self._actions else None
+        action = self._actions.popleft() if self._actions else None
+        if action is A.SPAWN:
+            self._spawn_in_flight, self._ready_early = True, False
+        return action
 
     @property
     def has_actions(self) -> bool:
@@ -285,6 +362,7 @@ class Lifecycle:
         self.intent_seq += 1
 
     def _apply(self, event: Event, now: float) -> None:
+        before = self.state
         state, actions = _row(self.state, event)
         if state is S.STOPPED and self.want_running and event is not E.STOP:
             # AUTO_START: a start or restart arrived while this run was being stopped.
@@ -297,6 +375,12 @@ class Lifecycle:
             self.deadline = now + self.backoff_delay
         elif A.SIGNAL in actions:
             self.deadline = now + self.stop_timeout
+        elif event is E.SPAWNED_UNREADY and state is S.STARTING:
+            self.deadline = now + self.start_timeout
+        elif state is S.RUNNING and before is not S.RUNNING:
+            self.deadline = None if self.watchdog is None else now + self.watchdog
+        elif state is before and state in (S.STARTING, S.RUNNING):
+            pass  # a no-op row (a start while running, a second READY=1) keeps the timer
         elif state is not S.STOPPING:
             self.deadline = None
         if state not in LIVE:

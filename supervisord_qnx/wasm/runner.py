@@ -39,6 +39,15 @@ the optional import ``supervisord.memory_denied`` (no arguments) after a failed
 ``memory-denied`` events to the report. For guests that don't cooperate, the
 exit event always carries ``memory_bytes``, the final size of the exported
 memory, which the supervisor can compare with the cap.
+
+Readiness and liveness (docs/wasm.md): a worker with ``ready = "notify"`` or a
+``watchdog`` has ``NOTIFY_SOCKET`` in the runner's environment (never in the guest's).
+The optional imports ``supervisord.ready``, ``supervisord.watchdog`` (no arguments)
+and ``supervisord.status`` (a pointer and length of UTF-8 text in the exported
+memory) send ``READY=1``, ``WATCHDOG=1`` and ``STATUS=...`` there from the runner's
+own process, which is in the worker's partition, so the daemon accepts them. Each
+returns 1 once sent, 0 when the worker has no socket, -1 when sending failed, like
+``sd_notify``.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from typing import Any, NoReturn  # noqa: E402
 
 import wasmtime  # noqa: E402
 
+from supervisord_qnx import sdnotify  # noqa: E402
 from supervisord_qnx.wasm import cache, outcome  # noqa: E402
 from supervisord_qnx.wasm.runner_args import RunnerArgs  # noqa: E402
 
@@ -66,6 +76,9 @@ DUMP_MODULES_ENV = "SUPERVISORD_QNX_WASM_DUMP_MODULES"
 #: How long after an epoch deadline a guest stuck in a host call is given before the
 #: runner exits on its own.
 DEADLINE_GRACE_S = 1.0
+
+#: Longest ``supervisord.status`` text sent (a datagram the daemon reads is 4 KiB at most).
+MAX_STATUS_BYTES = 1024
 
 #: Minimum spacing of ``memory-denied`` report lines: a guest retrying a failed grow
 #: in a tight loop must not turn the report into a disk-filling log.
@@ -283,6 +296,51 @@ class Runner:
         granted = memory.data_len(caller) if isinstance(memory, wasmtime.Memory) else 0
         self.denials.record(granted)
 
+    def notify(self, message: str) -> int:
+        """sd_notify's answer: 1 sent, 0 no NOTIFY_SOCKET, -1 the send failed."""
+        try:
+            return 1 if sdnotify.notify(message) else 0
+        except (OSError, ValueError):
+            return -1
+
+    def on_status(self, caller: wasmtime.Caller, ptr: int, length: int) -> int:
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory) or ptr < 0 or length < 0:
+            return -1
+        size = memory.data_len(caller)
+        end = min(ptr + min(length, MAX_STATUS_BYTES), size)
+        if ptr > size:
+            return -1
+        text = bytes(memory.read(caller, ptr, end)).decode("utf-8", "replace")
+        return self.notify(sdnotify.status(text))
+
+    def link_supervisord(self, linker: wasmtime.Linker) -> None:
+        """The ``supervisord`` import module (all optional for a guest)."""
+        linker.define_func(
+            "supervisord",
+            "memory_denied",
+            wasmtime.FuncType([], []),
+            self.on_memory_denied,
+            access_caller=True,
+        )
+        i32 = wasmtime.ValType.i32()
+        linker.define_func(
+            "supervisord", "ready", wasmtime.FuncType([], [i32]), lambda: self.notify("READY=1")
+        )
+        linker.define_func(
+            "supervisord",
+            "watchdog",
+            wasmtime.FuncType([], [i32]),
+            lambda: self.notify("WATCHDOG=1"),
+        )
+        linker.define_func(
+            "supervisord",
+            "status",
+            wasmtime.FuncType([i32, i32], [i32]),
+            self.on_status,
+            access_caller=True,
+        )
+
     def load(self, engine: wasmtime.Engine, flags: str) -> tuple[wasmtime.Module, str]:
         """The compiled module (from the cache when it can) and the cache's word on it."""
         opts = self.opts
@@ -327,13 +385,7 @@ class Runner:
 
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
-        linker.define_func(
-            "supervisord",
-            "memory_denied",
-            wasmtime.FuncType([], []),
-            self.on_memory_denied,
-            access_caller=True,
-        )
+        self.link_supervisord(linker)
         if opts.timeout is not None:
             # Started before instantiation: a start function can spin too.
             threading.Thread(
