@@ -20,8 +20,10 @@ A tenant writes its own log, so everything about the file is hostile input:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 BLOCK = 64 * 1024
@@ -137,3 +139,71 @@ def tail(path: Path, lines: int, *, budget: int, max_line: int = MAX_LINE) -> li
         return tail_fd(fd, lines, budget=budget, max_line=max_line)
     finally:
         os.close(fd)
+
+
+def tail_rotated(path: Path, keep: int, lines: int, *, budget: int) -> list[str]:
+    """The last ``lines`` lines of a rotated log: ``path`` (newest), then ``path.1`` …
+    ``path.<keep>`` as far back as needed, oldest line first.
+
+    The log writer writes whole lines only, so every file starts at a line boundary
+    and the tails of consecutive files join without a seam. All the files are opened
+    first, under a shared lock on ``path.lock`` (the writer rotates under the
+    exclusive one), so a rotation between two opens cannot show a file twice or skip
+    one; the reading itself then works on the open files, whatever is renamed since.
+    """
+    fds = _open_generations(path, keep)
+    try:
+        out: list[str] = []
+        for fd in fds:
+            if len(out) >= lines or budget <= 0:
+                break
+            before = os.fstat(fd).st_size
+            got = tail_fd(fd, lines - len(out), budget=budget)
+            budget -= min(before, budget)
+            out[:0] = got
+        return out
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _open_generations(path: Path, keep: int) -> list[int]:
+    names = [path] + [path.with_name(f"{path.name}.{i}") for i in range(1, keep + 1)]
+    lock = _lock_shared(path.with_name(path.name + ".lock"))
+    fds: list[int] = []
+    try:
+        for name in names:
+            fd = open_regular(name)
+            if fd is None:
+                break  # numbered files are contiguous: a gap means nothing older
+            fds.append(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)  # closing the descriptor drops the lock
+    return fds
+
+
+def _lock_shared(path: Path) -> int | None:
+    """The shared lock on a log's lock file, or ``None`` if there is none or the writer
+    holds it for longer than a second (then the read goes on unlocked: a tail that may
+    straddle a rotation beats a ``logs`` call stuck behind a full disk)."""
+    try:
+        fd = open_regular(path)
+    except NotRegular:
+        return None
+    if fd is None:
+        return None
+    for _ in range(100):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                break
+            time.sleep(0.01)
+    os.close(fd)
+    return None

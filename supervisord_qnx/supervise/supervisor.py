@@ -18,7 +18,6 @@ import errno
 import math
 import os
 import signal
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
+from supervisord_qnx.supervise import logpipe
 from supervisord_qnx.supervise.events import (
     BackendWatchFailed,
     EventBus,
@@ -283,7 +283,10 @@ class Supervisor:
         return [self._describe(i) for t in tenants for i in t.instances]
 
     def log_path(self, inst: Instance) -> Path:
-        return self.log_dir / f"{inst.tenant}.{inst.leaf}.log"
+        return logpipe.log_path(self.log_dir, inst.tenant, inst.leaf)
+
+    def log_settings(self, inst: Instance) -> logpipe.LogSettings:
+        return logpipe.settings_for(self.config.daemon, self.tenant(inst.tenant).spec, inst.spec)
 
     def find_instances(self, tenant: str, worker: str | None = None) -> list[Instance]:
         t = self.tenant(tenant)
@@ -471,7 +474,14 @@ class Supervisor:
             return await self._spawn(inst)
 
     async def _spawn(self, inst: Instance) -> int:
-        fd = await trio.to_thread.run_sync(_open_log, self.log_dir, self.log_path(inst))
+        # The worker writes into a pipe whose reader, a log writer process of its own,
+        # rotates its files and outlives the daemon if need be (supervise/logpipe.py).
+        writer = await logpipe.start_writer_async(
+            self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
+        )
+        assert self._nursery is not None
+        self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer.pid, inst.name)
+        fd = writer.fd
         try:
             launcher = self._launcher(inst)
             # In a thread: a launcher may prepare files first.
@@ -487,6 +497,8 @@ class Supervisor:
             )
             return await launcher.spawn(inst.target, request)
         finally:
+            # Only the worker holds the write end from here on: its writer ends at EOF
+            # once the worker and everything it started are gone (or the spawn failed).
             os.close(fd)
 
     def _env(self, inst: Instance) -> dict[str, str]:
@@ -533,30 +545,6 @@ class Supervisor:
         survivors = await self.backend.kill_leaf(inst.partition, inst.leaf)
         if survivors:
             log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=survivors)
-
-
-def _open_log(log_dir: Path, path: Path) -> int:
-    """Open a worker's log for appending, refusing anything but a regular file.
-
-    Runs in a thread, and opens with ``O_NONBLOCK``: a FIFO planted at the path
-    would otherwise block the open until someone reads it. ``O_NOFOLLOW``: a
-    symlink planted there must not redirect the daemon's writes."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o640)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
-            raise OSError(exc.errno, f"log file {path} is not a regular file") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"log file {path} is not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _signal_group(pid: int, sig: int) -> None:
