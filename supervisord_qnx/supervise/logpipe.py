@@ -169,9 +169,12 @@ def start_writer(
     return Writer(pid, write_end)
 
 
-async def reap_writer(reaper: ChildReaper, pid: int, worker: str) -> None:
+async def reap_writer(reaper: ChildReaper, pid: int, worker: str, done: trio.Event) -> None:
     """Collect a writer's status when its worker's output ended; say so if it failed."""
-    status = await reaper.wait(pid)
+    try:
+        status = await reaper.wait(pid)
+    finally:
+        done.set()
     if status != 0:
         reason = describe_status(status)
         log.warning("log writer ended abnormally", worker=worker, pid=pid, reason=str(reason))

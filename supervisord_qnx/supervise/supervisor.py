@@ -87,6 +87,8 @@ class Instance:
     changed: trio.Event = field(default_factory=trio.Event)
     performing: bool = False
     failures_in_a_row: int = 0
+    # Set when the current run's log writer ended (its output is all in the files).
+    log_drained: trio.Event = field(default_factory=trio.Event)
 
     @property
     def leaf(self) -> str:
@@ -145,6 +147,8 @@ TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, er
 # After this many failures in a row without a clean step, an instance's task stops
 # retrying its queued actions and sleeps until the operator calls again.
 MAX_FAILURES_IN_A_ROW = 3
+# How long an exit waits for the worker's log writer to write its last lines.
+LOG_DRAIN_WAIT = 1.0
 
 
 class Supervisor:
@@ -373,6 +377,11 @@ class Supervisor:
         if run is not None and run.status is not None:
             inst.run = None
             if lc.pid == run.pid:  # not a run the lifecycle already gave up on
+                # An exit is reported once the worker's last lines are in its files
+                # (what `logs` shows then is complete), unless something it started
+                # still holds its output open.
+                with trio.move_on_after(LOG_DRAIN_WAIT):
+                    await inst.log_drained.wait()
                 reason = await self._exit_reason(inst, run.status)
                 now = time.monotonic()
                 self._feed(inst, lambda: lc.exited(reason, now))
@@ -479,8 +488,9 @@ class Supervisor:
         writer = await logpipe.start_writer_async(
             self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
         )
+        drained = inst.log_drained = trio.Event()
         assert self._nursery is not None
-        self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer.pid, inst.name)
+        self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer.pid, inst.name, drained)
         fd = writer.fd
         try:
             launcher = self._launcher(inst)
