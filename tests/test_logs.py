@@ -55,8 +55,10 @@ def generations(path: Path, keep: int) -> list[Path]:
 
 def read_numbers(path: Path, keep: int) -> tuple[list[int], bytes]:
     """Every numbered line of the log's files in order, and the last line."""
-    data = b"".join(p.read_bytes() for p in generations(path, keep))
-    assert data.endswith(b"\n"), "a file ends in the middle of a line"
+    files = [p.read_bytes() for p in generations(path, keep)]
+    # Each file on its own ends a line: a line is never torn across a rotation.
+    assert all(f.endswith(b"\n") for f in files), "a file ends in the middle of a line"
+    data = b"".join(files)
     lines = data.split(b"\n")[:-1]
     numbers = []
     for line in lines[:-1]:
@@ -369,23 +371,55 @@ def test_long_lines_are_cut_into_marked_pieces_and_a_last_line_is_ended(tmp_path
     assert all(p.stat().st_size <= 8192 for p in tmp_path.glob("w.log*"))
 
 
-def test_two_writers_on_one_log_keep_the_bound_and_whole_lines(tmp_path: Path) -> None:
+def test_writers_sharing_one_log_keep_the_bound_and_whole_lines(tmp_path: Path) -> None:
     """A restarted worker's writer meets the previous run's, still draining (or kept by
     a worker adopted after a daemon restart): they share the log through its lock."""
-    runs = [start_writer(tmp_path, "w.log", 16384, 3) for _ in range(2)]
-    data = [b"".join(b"%d:%06d\n" % (k, i) for i in range(4000)) for k in (0, 1)]
-    # Odd-sized writes that cut lines in the middle, alternating between the two.
+    # Small files: rotations come every few hundred lines, so each writer often finds
+    # the log rotated by another since its last append.
+    n, count, max_size, keep = 4, 20000, 4096, 3
+    runs = [start_writer(tmp_path, "w.log", max_size, keep) for _ in range(n)]
+    data = [b"".join(b"%d:%06d\n" % (k, i) for i in range(count)) for k in range(n)]
+    problems: list[str] = []
+    # Odd-sized writes that cut lines in the middle, alternating between the writers.
     for s in range(0, len(data[0]), 1000):
         for k, (_, pipe) in enumerate(runs):
             os.write(pipe, data[k][s : s + 1000])
+        problems += sample_bound(tmp_path, "w.log", max_size, keep)
     for proc, pipe in runs:
         os.close(pipe)
         assert proc.wait(10) == 0
-    files = generations(tmp_path / "w.log", 3)
-    assert all(p.stat().st_size <= 16384 for p in files)
-    assert len(list(tmp_path.iterdir())) <= 3 + 1 + 1  # keep + current + lock
-    lines = b"".join(p.read_bytes() for p in files).split(b"\n")[:-1]
-    for k in (0, 1):
+    problems += sample_bound(tmp_path, "w.log", max_size, keep)
+    assert not problems, problems[:5]
+    files = [p.read_bytes() for p in generations(tmp_path / "w.log", keep)]
+    assert len(files) == keep + 1 and all(f.endswith(b"\n") for f in files)
+    lines = b"".join(files).split(b"\n")[:-1]
+    assert all(re.fullmatch(rb"[0-3]:\d{6}", ln) for ln in lines)
+    for k in range(n):
         mine = [int(ln[2:]) for ln in lines if ln.startswith(b"%d:" % k)]
-        assert mine == list(range(mine[0], 4000))  # in order, none lost after the first
-    assert all(re.fullmatch(rb"[01]:\d{6}", ln) for ln in lines)
+        # Rotation drops whole old files, so a writer's lines kept are its last ones,
+        # in order, with no gap.
+        assert mine == list(range(mine[0], count) if mine else [])
+
+
+def test_a_writer_appends_to_the_current_file_after_another_rotated_its_own(
+    tmp_path: Path,
+) -> None:
+    """The previous run's writer (a worker adopted after a daemon restart, or a
+    grandchild still writing) has been quiet while the new run's writer rotated its
+    file away and out: its next lines must land in the current file, not in the
+    deleted one its descriptor still points to."""
+    log = tmp_path / "w.log"
+    old, old_pipe = start_writer(tmp_path, "w.log", 4096, 1)
+    new, new_pipe = start_writer(tmp_path, "w.log", 4096, 1)
+    try:
+        os.write(old_pipe, b"old 1\n")
+        wait_until(lambda: log.exists() and log.read_bytes() == b"old 1\n", 10, "old 1")
+        # Three files' worth: the old writer's file is rotated to .1, then deleted.
+        os.write(new_pipe, b"".join(b"new %06d\n" % i for i in range(3 * 4096 // 11)))
+        wait_until(lambda: newest(log).endswith(b"new 001116\n"), 10, "the new lines")
+        os.write(old_pipe, b"old 2\n")
+    finally:
+        os.close(old_pipe)
+        os.close(new_pipe)
+    assert old.wait(10) == 0 and new.wait(10) == 0
+    assert newest(log).endswith(b"new 001116\nold 2\n")
