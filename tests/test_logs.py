@@ -308,6 +308,30 @@ async def test_a_symlink_planted_at_a_log_path_is_refused_and_its_target_unchang
     assert path.is_symlink()
 
 
+async def test_a_symlink_planted_for_a_tenant_log_directory_is_refused(
+    cfg: ConfigDir, start_daemon, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "etc-logrotate.d"
+    elsewhere.mkdir()
+    cfg.tenant(
+        "redirected",
+        f"""
+        autostart = false
+        [[worker]]
+        name = "w"
+        command = {worker_py("print('payload')")}
+        """,
+    )
+    d = await start_daemon()
+    tenant_dir = cfg.worker_log("redirected", "w-0").parent
+    tenant_dir.parent.mkdir(parents=True, exist_ok=True)
+    tenant_dir.symlink_to(elsewhere, target_is_directory=True)
+    (w,) = await d.call("start", tenant="redirected", wait=True)
+    assert w["state"] == "fatal", w
+    assert "is not a directory" in w["exit_reason"]
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_the_writer_refuses_a_symlink_planted_mid_run(tmp_path: Path) -> None:
     """Planted between two appends (as another writer's rotation could leave the name
     free): the writer stops rather than follow it; the worker would see EPIPE."""
