@@ -447,3 +447,31 @@ def test_a_writer_appends_to_the_current_file_after_another_rotated_its_own(
         os.close(new_pipe)
     assert old.wait(10) == 0 and new.wait(10) == 0
     assert newest(log).endswith(b"new 001116\nold 2\n")
+
+
+# ------------------------------------------------------------ configuration
+
+
+def test_log_keys_are_validated_and_located(cfg: ConfigDir) -> None:
+    from supervisord_qnx.config.load import ConfigError, load
+
+    cfg.daemon_extra = "log = { keep = 2 }\n"
+    cfg.tenant(
+        "bad",
+        """
+        log = { max_size = "1KiB" }
+        [[worker]]
+        name = "w"
+        log = { kep = 3 }
+        command = ["true"]
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load(cfg.write())
+    text = str(info.value)
+    assert "bad.toml: log.max_size:" in text and "4096" in text
+    assert "bad.toml: worker[0].log.kep:" in text
+    # The daemon's table alone is complete: a key left out keeps the built-in default.
+    cfg.tenant("bad", '[[worker]]\nname = "w"\ncommand = ["true"]\n')
+    daemon = load(cfg.write()).daemon
+    assert (daemon.log.max_size, daemon.log.keep) == (10 << 20, 2)
