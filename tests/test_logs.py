@@ -475,3 +475,6 @@ def test_log_keys_are_validated_and_located(cfg: ConfigDir) -> None:
     cfg.tenant("bad", '[[worker]]\nname = "w"\ncommand = ["true"]\n')
     daemon = load(cfg.write()).daemon
     assert (daemon.log.max_size, daemon.log.keep) == (10 << 20, 2)
+    cfg.daemon_extra = 'log = { max_size = "2MiB" }\n'
+    daemon = load(cfg.write()).daemon
+    assert (daemon.log.max_size, daemon.log.keep) == (2 << 20, 5)
