@@ -146,45 +146,32 @@ def tail_rotated(path: Path, keep: int, lines: int, *, budget: int) -> list[str]
     ``path.<keep>`` as far back as needed, oldest line first.
 
     The log writer writes whole lines only, so every file starts at a line boundary
-    and the tails of consecutive files join without a seam. All the files are opened
-    first, under a shared lock on ``path.lock`` (the writer rotates under the
-    exclusive one), so a rotation between two opens cannot show a file twice or skip
-    one; the reading itself then works on the open files, whatever is renamed since.
+    and the tails of consecutive files join without a seam. The files are read under
+    a shared lock on ``path.lock`` (the writer rotates under the exclusive one), so a
+    rotation during the call cannot show a file twice or skip one; the writers wait
+    for at most what the budget lets this call read. One file is open at a time.
     """
-    fds = _open_generations(path, keep)
+    lock = _lock_shared(path.with_name(path.name + ".lock"))
     try:
         out: list[str] = []
-        for fd in fds:
+        for i in range(keep + 1):
             if len(out) >= lines or budget <= 0:
                 break
-            before = os.fstat(fd).st_size
-            got = tail_fd(fd, lines - len(out), budget=budget)
-            budget -= min(before, budget)
-            out[:0] = got
-        return out
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _open_generations(path: Path, keep: int) -> list[int]:
-    names = [path] + [path.with_name(f"{path.name}.{i}") for i in range(1, keep + 1)]
-    lock = _lock_shared(path.with_name(path.name + ".lock"))
-    fds: list[int] = []
-    try:
-        for name in names:
-            fd = open_regular(name)
+            fd = open_regular(path if i == 0 else path.with_name(f"{path.name}.{i}"))
             if fd is None:
+                if i == 0:
+                    continue  # the writer is between a rotation's rename and its create
                 break  # numbered files are contiguous: a gap means nothing older
-            fds.append(fd)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
+            try:
+                size = os.fstat(fd).st_size
+                out[:0] = tail_fd(fd, lines - len(out), budget=budget)
+            finally:
+                os.close(fd)
+            budget -= min(size, budget)
+        return out
     finally:
         if lock is not None:
             os.close(lock)  # closing the descriptor drops the lock
-    return fds
 
 
 def _lock_shared(path: Path) -> int | None:

@@ -132,7 +132,9 @@ def start_writer(
     dir_fd = open_log_dir(log_dir, tenant)
     try:
         name = log_name(leaf)
-        check_log_file(dir_fd, name, log_path(log_dir, tenant, leaf))
+        shown = log_path(log_dir, tenant, leaf)
+        check_log_file(dir_fd, name, shown)
+        check_log_file(dir_fd, name + ".lock", shown.with_name(name + ".lock"))
         read_end, write_end = os.pipe()
         try:
             argv = [
