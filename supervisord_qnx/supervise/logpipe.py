@@ -1,20 +1,28 @@
 """Where a worker's output goes: a pipe to its own log writer process, which rotates
 numbered files by size (``logwriter.py``; the design and why in docs/logging.md).
 
-The daemon's part is small and happens at each spawn, in a worker thread:
+One writer serves every run of one worker instance, from its first start until the
+instance stops (``stopped``, ``exited``, ``fatal``): a crash-looping worker costs no
+process start beyond its own. At the first spawn, in a worker thread, the daemon
 
-1. open the worker's log directory ``<log_dir>/tenants/<tenant>/`` one component at a
+1. opens the worker's log directory ``<log_dir>/tenants/<tenant>/`` one component at a
    time relative to the previous one, with ``O_DIRECTORY | O_NOFOLLOW`` (a symlink
    planted in place of a directory is refused, not followed);
-2. check that the log file, if there, is a regular file (not a symlink, FIFO, ...),
-   so a worker whose log path was tampered with fails to start with the reason;
-3. make a pipe, start the writer with the read end as its stdin and the directory as
-   an inherited descriptor, and hand the write end to the worker as stdout/stderr.
+2. checks that the log file and its lock file, if there, are regular files (not a
+   symlink, FIFO, ...), so a worker whose log path was tampered with fails to start
+   with the reason;
+3. makes a pipe and starts the writer with the read end as its stdin and the directory
+   as an inherited descriptor; each run gets the write end as stdout and stderr.
 
-The daemon then closes both ends: from here on only the worker (and whatever it
-starts) holds the write end, so the writer sees EOF exactly when the last of them is
-gone. Nothing ties the writer to the daemon: a dead, restarted or re-executed daemon
-needs no reconnection; an adopted worker keeps writing to its old writer.
+The daemon keeps its own copy of the write end while the instance may run again, and
+after each run writes ``RUN_END`` into the pipe (the run's unfinished last line is
+ended there, never joined with the next run's first) and waits, briefly, until the
+writer has read everything: an exit is reported once the run's lines are in its files.
+When the instance stops, the daemon closes its copy; the writer then sees EOF once the
+worker and whatever it started are gone too, and exits. If the daemon dies, the kernel
+closes its copies: each writer carries on until its worker ends, and a restarted or
+re-executed daemon needs no reconnection (it starts new writers for new runs; the
+files' lock lets old and new writers share a log).
 
 Per tenant, not per name: ``a.b`` + ``c`` and ``a`` + ``b.c`` used to share
 ``a.b.c-0.log``; a directory per tenant (names cannot contain ``/``) keeps them apart.
@@ -24,13 +32,17 @@ of the daemon's own in ``log_dir`` (such as ``wasm-forkserver.log``).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+import termios
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -119,10 +131,17 @@ def check_log_file(dir_fd: int, name: str, shown: Path) -> None:
         raise OSError(errno.EINVAL, f"log file {shown} is not a regular file")
 
 
-@dataclass
+@dataclass(eq=False)
 class Writer:
     pid: int
-    fd: int  # the pipe's write end: the worker's stdout/stderr, closed by the caller
+    fd: int  # the daemon's copy of the pipe's write end (each run's stdout/stderr)
+    done: trio.Event = field(default_factory=trio.Event)  # the writer process ended
+
+    def close(self) -> None:
+        """Let go of the pipe: the writer ends once the worker's processes are gone."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def start_writer(
@@ -171,15 +190,45 @@ def start_writer(
     return Writer(pid, write_end)
 
 
-async def reap_writer(reaper: ChildReaper, pid: int, worker: str, done: trio.Event) -> None:
+def _end_run(fd: int, wait: float) -> None:
+    """Mark the end of a run in the pipe, then wait (at most ``wait`` seconds) until the
+    writer has read everything. Blocking: the mark waits for room in a full pipe."""
+    try:
+        os.write(fd, logwriter.RUN_END)
+    except BrokenPipeError:
+        return  # the writer is gone; the next spawn starts a new one
+    deadline = time.monotonic() + wait
+    unread = array.array("i", [0])
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, unread)
+        except OSError:
+            return  # no FIONREAD on a pipe here: do not wait
+        if unread[0] == 0:
+            return
+        time.sleep(0.005)
+
+
+async def end_run(writer: Writer, wait: float) -> None:
+    if writer.fd < 0 or writer.done.is_set():
+        return
+    with trio.move_on_after(wait + 1.0):
+        # Abandoned (not cancelled) past the deadline: a writer stuck on a full disk
+        # must not hold the worker's task; the thread ends when the pipe drains.
+        await trio.to_thread.run_sync(_end_run, writer.fd, wait, abandon_on_cancel=True)
+
+
+async def reap_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
     """Collect a writer's status when its worker's output ended; say so if it failed."""
     try:
-        status = await reaper.wait(pid)
+        status = await reaper.wait(writer.pid)
     finally:
-        done.set()
+        writer.done.set()
     if status != 0:
         reason = describe_status(status)
-        log.warning("log writer ended abnormally", worker=worker, pid=pid, reason=str(reason))
+        log.warning(
+            "log writer ended abnormally", worker=worker, pid=writer.pid, reason=str(reason)
+        )
 
 
 async def start_writer_async(

@@ -1,12 +1,13 @@
-"""The log writer: one small process per worker run that owns the read end of the
-worker's stdout/stderr pipe and the worker's numbered log files (docs/logging.md).
+"""The log writer: one small process per worker instance that owns the read end of
+the worker's stdout/stderr pipe and the worker's numbered log files (docs/logging.md).
 
 It runs as ``python -I -S logwriter.py DIR_FD NAME MAX_SIZE KEEP`` with the pipe as
 its stdin and the worker's log directory as the open descriptor ``DIR_FD``; it imports
 the standard library only (no site, no package), which keeps it small (RSS is
 measured in docs/logging.md) and lets it outlive the daemon: nothing in it talks to
 the daemon, so a SIGKILLed or re-executing daemon costs it nothing. It ends at EOF,
-that is when the worker and everything that inherited the pipe's write end are gone.
+that is when the daemon let go of the pipe's write end (the instance stopped, or the
+daemon is gone) and the worker and everything that inherited it are gone too.
 
 The rules it keeps:
 
@@ -23,9 +24,10 @@ The rules it keeps:
 * **Nothing lost.** The writer never drops bytes: when the disk is full it retries
   every second, and the worker blocks on its full pipe meanwhile (back-pressure, as
   s6-log). Nothing else reads the pipe, so a worker's lines reach its files in order.
-* **Several writers, one log.** A restarted worker gets a new writer while the
-  previous run's writer may still be draining (or still serving a worker adopted
-  after a daemon restart). Each append holds an exclusive ``lockf`` lock on
+* **Several writers, one log.** An instance started again after a stop gets a new
+  writer while the previous one may still be draining (a grandchild still holding
+  the pipe), and a daemon restarted while a worker ran starts new writers beside the
+  old one still serving that worker. Each append holds an exclusive ``lockf`` lock on
   ``NAME.lock`` and re-checks that its descriptor is still ``NAME`` (another writer
   may have rotated it), so the size bound and the rotation hold with any number of
   writers, and their batches of whole lines never interleave inside a line.
@@ -50,6 +52,11 @@ import time
 READ_SIZE = 256 * 1024
 LINE_MAX = 64 * 1024
 CONTINUES = b" [line continues]\n"
+# Written into the pipe by the daemon after a run of the worker ended (the writer
+# serves every run of one worker instance): an unfinished last line of that run is
+# ended here, so it is never joined with the next run's first line. A worker that
+# writes these bytes itself only ends its own line early.
+RUN_END = b"\x00\x1esupervisord-qnx run ended\x1e\x00"
 EXIT_REFUSED = 3
 
 
@@ -220,7 +227,13 @@ def run(dir_fd: int, name: str, max_size: int, keep: int) -> int:
         if not chunk:
             break
         pending += chunk
-        out = take_lines(pending, line_max)
+        parts = []
+        while (end := pending.find(RUN_END)) >= 0:
+            run = pending[:end]
+            del pending[: end + len(RUN_END)]
+            parts.append(take_lines(run, line_max, final=True))
+        parts.append(take_lines(pending, line_max))
+        out = b"".join(parts)
         if out:
             files.append(out)
     out = take_lines(pending, line_max, final=True)

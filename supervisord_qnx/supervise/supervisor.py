@@ -87,8 +87,8 @@ class Instance:
     changed: trio.Event = field(default_factory=trio.Event)
     performing: bool = False
     failures_in_a_row: int = 0
-    # Set when the current run's log writer ended (its output is all in the files).
-    log_drained: trio.Event = field(default_factory=trio.Event)
+    # The log writer serving this instance's runs until it stops (supervise/logpipe.py).
+    log_writer: logpipe.Writer | None = None
 
     @property
     def leaf(self) -> str:
@@ -149,6 +149,8 @@ TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, er
 MAX_FAILURES_IN_A_ROW = 3
 # How long an exit waits for the worker's log writer to write its last lines.
 LOG_DRAIN_WAIT = 1.0
+# No run follows these without an operator's call: the log writer is let go.
+STOPPED_FOR_GOOD = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 
 
 class Supervisor:
@@ -210,6 +212,9 @@ class Supervisor:
                 await trio.sleep_forever()
         finally:
             self.launchers.kill()
+            for tenant in self.tenants.values():
+                for inst in tenant.instances:
+                    self._release_log(inst)
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant (config order); wait until each settled."""
@@ -368,6 +373,14 @@ class Supervisor:
             finally:
                 inst.performing = False
                 inst.progressed()
+            if inst.settled_in(STOPPED_FOR_GOOD) and inst.run is None:
+                self._release_log(inst)
+
+    def _release_log(self, inst: Instance) -> None:
+        """The instance will not run again by itself: let its log writer finish."""
+        if inst.log_writer is not None:
+            inst.log_writer.close()
+            inst.log_writer = None
 
     async def _step(self, inst: Instance) -> None:
         lc, run = inst.lc, inst.run
@@ -377,11 +390,10 @@ class Supervisor:
         if run is not None and run.status is not None:
             inst.run = None
             if lc.pid == run.pid:  # not a run the lifecycle already gave up on
-                # An exit is reported once the worker's last lines are in its files
-                # (what `logs` shows then is complete), unless something it started
-                # still holds its output open.
-                with trio.move_on_after(LOG_DRAIN_WAIT):
-                    await inst.log_drained.wait()
+                # An exit is reported once the run's last lines are in its files (what
+                # `logs` shows then is complete).
+                if inst.log_writer is not None:
+                    await logpipe.end_run(inst.log_writer, LOG_DRAIN_WAIT)
                 reason = await self._exit_reason(inst, run.status)
                 now = time.monotonic()
                 self._feed(inst, lambda: lc.exited(reason, now))
@@ -485,31 +497,28 @@ class Supervisor:
     async def _spawn(self, inst: Instance) -> int:
         # The worker writes into a pipe whose reader, a log writer process of its own,
         # rotates its files and outlives the daemon if need be (supervise/logpipe.py).
-        writer = await logpipe.start_writer_async(
-            self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
-        )
-        drained = inst.log_drained = trio.Event()
-        assert self._nursery is not None
-        self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer.pid, inst.name, drained)
-        fd = writer.fd
-        try:
-            launcher = self._launcher(inst)
-            # In a thread: a launcher may prepare files first.
-            argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
-            request = SpawnRequest(
-                partition=inst.partition,
-                leaf=inst.leaf,
-                argv=argv,
-                cwd=str(inst.spec.cwd) if inst.spec.cwd else None,
-                env=self._env(inst),
-                stdout=fd,
-                stderr=fd,
+        writer = inst.log_writer
+        if writer is None or writer.done.is_set():
+            if writer is not None:
+                writer.close()  # its process ended (killed?): a new one takes over
+            writer = inst.log_writer = await logpipe.start_writer_async(
+                self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
             )
-            return await launcher.spawn(inst.target, request)
-        finally:
-            # Only the worker holds the write end from here on: its writer ends at EOF
-            # once the worker and everything it started are gone (or the spawn failed).
-            os.close(fd)
+            assert self._nursery is not None
+            self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
+        launcher = self._launcher(inst)
+        # In a thread: a launcher may prepare files first.
+        argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
+        request = SpawnRequest(
+            partition=inst.partition,
+            leaf=inst.leaf,
+            argv=argv,
+            cwd=str(inst.spec.cwd) if inst.spec.cwd else None,
+            env=self._env(inst),
+            stdout=writer.fd,
+            stderr=writer.fd,
+        )
+        return await launcher.spawn(inst.target, request)
 
     def _env(self, inst: Instance) -> dict[str, str]:
         # Workers get a small, predictable environment, not the daemon's own.
