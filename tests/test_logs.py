@@ -211,6 +211,35 @@ async def test_logs_reads_across_the_rotation_boundary(cfg: ConfigDir, start_dae
     assert reply["lines"] == held and held[-1] == "line 0499"
 
 
+async def test_a_run_ending_mid_line_is_not_joined_with_the_next_runs_output(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    """One writer serves every run of an instance: the daemon marks each run's end in
+    the pipe, so an unfinished last line ends there."""
+    code = "import os\nos.write(1, b'run %d\\nunfinished %d' % (os.getpid(), os.getpid()))\n"
+    cfg.tenant(
+        "flaky",
+        f"""
+        [restart]
+        policy = "always"
+        backoff_initial = 0.05
+        backoff_max = 0.05
+        max_restarts = 1000
+        [[worker]]
+        name = "w"
+        command = {worker_py(code)}
+        """,
+    )
+    d = await start_daemon()
+    await d.wait_for("flaky:w-0", lambda w: w["restarts"] >= 4)
+    await d.call("stop", tenant="flaky")
+    lines = cfg.worker_log("flaky", "w-0").read_text().splitlines()
+    runs = [ln.split()[1] for ln in lines if ln.startswith("run ")]
+    assert len(runs) >= 4
+    assert all(re.fullmatch(r"(run|unfinished) \d+", ln) for ln in lines), lines[:6]
+    assert [f"unfinished {p}" in lines for p in runs] == [True] * len(runs)
+
+
 async def test_tenants_whose_joined_names_collide_get_their_own_logs(
     cfg: ConfigDir, start_daemon
 ) -> None:

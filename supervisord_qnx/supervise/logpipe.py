@@ -120,15 +120,24 @@ def open_log_dir(log_dir: Path, tenant: str) -> int:
 
 
 def check_log_file(dir_fd: int, name: str, shown: Path) -> None:
-    """Refuse a log path that holds anything but a regular file (or nothing)."""
+    """Refuse a log path that holds anything but a regular file; create it if missing
+    (the file exists once the worker runs, as the files of a log never lack the newest).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise OSError(errno.ELOOP, f"log file {shown} is not a regular file (a symbolic link)")
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, f"log file {shown} is not a regular file")
+        fd = os.open(name, flags, 0o640, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            msg = f"log file {shown} is not a regular file (a symbolic link)"
+            raise OSError(exc.errno, msg) from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO nobody reads; a directory
+            raise OSError(exc.errno, f"log file {shown} is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"log file {shown} is not a regular file")
+    finally:
+        os.close(fd)
 
 
 @dataclass(eq=False)
