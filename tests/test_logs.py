@@ -240,6 +240,44 @@ async def test_a_run_ending_mid_line_is_not_joined_with_the_next_runs_output(
     assert [f"unfinished {p}" in lines for p in runs] == [True] * len(runs)
 
 
+def writers_for(log_name: str) -> list[int]:
+    """Log writer processes (children of this process: the daemon runs in it) that
+    write ``log_name``."""
+    pids = []
+    for tid in os.listdir("/proc/self/task"):
+        for pid in Path(f"/proc/self/task/{tid}/children").read_text().split():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if any(a.endswith(b"logwriter.py") for a in argv) and log_name.encode() in argv:
+                pids.append(int(pid))
+    return pids
+
+
+async def test_one_writer_serves_an_instance_until_it_stops(cfg: ConfigDir, start_daemon) -> None:
+    worker = f"w{os.getpid()}x{time.monotonic_ns()}"  # a log name no other test uses
+    cfg.tenant(
+        "steady",
+        f"""
+        restart = {{ policy = "always", backoff_initial = 0.05, backoff_max = 0.05 }}
+        [[worker]]
+        name = "{worker}"
+        command = {worker_py("print('hello')")}
+        """,
+    )
+    d = await start_daemon()
+    await d.wait_for(f"steady:{worker}-0", lambda w: w["restarts"] >= 3)
+    # Three restarts, still the one writer (no interpreter started per run).
+    assert len(writers_for(f"{worker}-0.log")) == 1
+    await d.call("stop", tenant="steady")
+    # Stopped: the daemon let go of the pipe and the writer ended.
+    with trio.fail_after(10):
+        while writers_for(f"{worker}-0.log"):
+            await trio.sleep(0.02)
+    assert cfg.worker_log("steady", f"{worker}-0").read_text().count("hello\n") >= 3
+
+
 async def test_tenants_whose_joined_names_collide_get_their_own_logs(
     cfg: ConfigDir, start_daemon
 ) -> None:
