@@ -419,7 +419,7 @@ def test_the_writer_refuses_a_symlink_planted_mid_run(tmp_path: Path) -> None:
         os.close(pipe)
         if writer.poll() is None:
             writer.kill()
-            writer.wait()
+            writer.wait(10)
     assert target.read_text() == "precious\n"
     assert (logs / "moved").read_bytes() == b"first\n"
 
