@@ -66,11 +66,6 @@ class LogSettings:
     max_size: int
     keep: int
 
-    @property
-    def bound(self) -> int:
-        """The most its files together may hold."""
-        return self.max_size * (self.keep + 1)
-
 
 def settings_for(daemon: DaemonSpec, tenant: TenantSpec, worker: WorkerBase) -> LogSettings:
     """A worker's ``log`` over its tenant's over the daemon's ``[daemon.log]``."""
@@ -206,11 +201,12 @@ def _end_run(fd: int, wait: float) -> None:
         os.write(fd, logwriter.RUN_END)
     except BrokenPipeError:
         return  # the writer is gone; the next spawn starts a new one
+    fionread = getattr(termios, "FIONREAD", None)
     deadline = time.monotonic() + wait
     unread = array.array("i", [0])
-    while time.monotonic() < deadline:
+    while fionread is not None and time.monotonic() < deadline:
         try:
-            fcntl.ioctl(fd, termios.FIONREAD, unread)
+            fcntl.ioctl(fd, fionread, unread)
         except OSError:
             return  # no FIONREAD on a pipe here: do not wait
         if unread[0] == 0:
