@@ -278,6 +278,28 @@ async def test_one_writer_serves_an_instance_until_it_stops(cfg: ConfigDir, star
     assert cfg.worker_log("steady", f"{worker}-0").read_text().count("hello\n") >= 3
 
 
+async def test_an_exit_is_reported_once_the_runs_last_lines_are_in_its_files(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    # 4 MB in one burst: the pipe holds 64 KiB, so most of it is still on its way to
+    # the files when the worker has already ended.
+    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 40000 + 'last words\\n')\n"
+    cfg.tenant(
+        "burst",
+        f"""
+        log = {{ max_size = "8MiB" }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "w"
+        command = {worker_py(code)}
+        """,
+    )
+    d = await start_daemon()
+    await d.wait_for("burst:w-0", lambda w: w["state"] == "exited", timeout=30)
+    (reply,) = await d.call("logs", tenant="burst", lines=1)
+    assert reply["lines"] == ["last words"]
+
+
 async def test_tenants_whose_joined_names_collide_get_their_own_logs(
     cfg: ConfigDir, start_daemon
 ) -> None:
