@@ -281,13 +281,13 @@ async def test_one_writer_serves_an_instance_until_it_stops(cfg: ConfigDir, star
 async def test_an_exit_is_reported_once_the_runs_last_lines_are_in_its_files(
     cfg: ConfigDir, start_daemon
 ) -> None:
-    # 4 MB in one burst: the pipe holds 64 KiB, so most of it is still on its way to
-    # the files when the worker has already ended.
-    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 40000 + 'last words\\n')\n"
+    # A slow writer: every rotation of 4 KiB files renames through up to 1000 names, so
+    # the last 64 KiB in the pipe take it a while after the worker has ended.
+    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 4000 + 'last words\\n')\n"
     cfg.tenant(
         "burst",
         f"""
-        log = {{ max_size = "8MiB" }}
+        log = {{ max_size = "4KiB", keep = 1000 }}
         restart = {{ policy = "never" }}
         [[worker]]
         name = "w"
