@@ -283,7 +283,7 @@ async def test_an_exit_is_reported_once_the_runs_last_lines_are_in_its_files(
 ) -> None:
     # A slow writer: every rotation of 4 KiB files renames through up to 1000 names, so
     # the last 64 KiB in the pipe take it a while after the worker has ended.
-    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 4000 + 'last words\\n')\n"
+    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 40000 + 'last words\\n')\n"
     cfg.tenant(
         "burst",
         f"""
