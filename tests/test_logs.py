@@ -281,9 +281,13 @@ async def test_one_writer_serves_an_instance_until_it_stops(cfg: ConfigDir, star
 async def test_an_exit_is_reported_once_the_runs_last_lines_are_in_its_files(
     cfg: ConfigDir, start_daemon
 ) -> None:
-    # A slow writer: every rotation of 4 KiB files renames through up to 1000 names, so
-    # the last 64 KiB in the pipe take it a while after the worker has ended.
-    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 40000 + 'last words\\n')\n"
+    # A slow writer: every rotation of 4 KiB files renames 1000 files, so the last
+    # 64 KiB in the pipe take it a while after the worker has ended.
+    code = "import sys\nsys.stdout.write(('x' * 99 + '\\n') * 4000 + 'last words\\n')\n"
+    log = cfg.worker_log("burst", "w-0")
+    log.parent.mkdir(parents=True)
+    for i in range(1, 1001):
+        log.with_name(f"{log.name}.{i}").write_bytes(b"old\n")
     cfg.tenant(
         "burst",
         f"""
