@@ -300,6 +300,8 @@ async def test_an_exit_is_reported_once_the_runs_last_lines_are_in_its_files(
     )
     d = await start_daemon()
     await d.wait_for("burst:w-0", lambda w: w["state"] == "exited", timeout=30)
+    # The file itself, at once (`logs` would also wait for a batch being written).
+    assert newest(log).endswith(b"\nlast words\n")
     (reply,) = await d.call("logs", tenant="burst", lines=1)
     assert reply["lines"] == ["last words"]
 
