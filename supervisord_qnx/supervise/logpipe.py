@@ -139,13 +139,15 @@ def check_log_file(dir_fd: int, name: str, shown: Path) -> None:
 class Writer:
     pid: int
     fd: int  # the daemon's copy of the pipe's write end (each run's stdout/stderr)
+    lock: int  # the log's lock file, read-only: waiting for an append in progress
     done: trio.Event = field(default_factory=trio.Event)  # the writer process ended
 
     def close(self) -> None:
         """Let go of the pipe: the writer ends once the worker's processes are gone."""
         if self.fd >= 0:
             os.close(self.fd)
-            self.fd = -1
+            os.close(self.lock)
+            self.fd = self.lock = -1
 
 
 def start_writer(
@@ -158,6 +160,11 @@ def start_writer(
         shown = log_path(log_dir, tenant, leaf)
         check_log_file(dir_fd, name, shown)
         check_log_file(dir_fd, name + ".lock", shown.with_name(name + ".lock"))
+        lock = os.open(
+            name + ".lock",
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=dir_fd,
+        )
         read_end, write_end = os.pipe()
         try:
             argv = [
@@ -186,17 +193,20 @@ def start_writer(
                 pid = reaper.adopt(proc)
         except BaseException:
             os.close(write_end)
+            os.close(lock)
             raise
         finally:
             os.close(read_end)
     finally:
         os.close(dir_fd)
-    return Writer(pid, write_end)
+    return Writer(pid, write_end, lock)
 
 
-def _end_run(fd: int, wait: float) -> None:
+def _end_run(fd: int, lock: int, wait: float) -> None:
     """Mark the end of a run in the pipe, then wait (at most ``wait`` seconds) until the
-    writer has read everything. Blocking: the mark waits for room in a full pipe."""
+    writer has read everything and written it: the pipe is empty, and the append in
+    progress (which holds the log's lock) is over. Blocking: the mark waits for room
+    in a full pipe."""
     try:
         os.write(fd, logwriter.RUN_END)
     except BrokenPipeError:
@@ -210,8 +220,22 @@ def _end_run(fd: int, wait: float) -> None:
         except OSError:
             return  # no FIONREAD on a pipe here: do not wait
         if unread[0] == 0:
+            _wait_for_append(lock, deadline)
             return
         time.sleep(0.005)
+
+
+def _wait_for_append(lock: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                return
+            time.sleep(0.002)
+            continue
+        fcntl.lockf(lock, fcntl.LOCK_UN)
+        return
 
 
 async def end_run(writer: Writer, wait: float) -> None:
@@ -220,7 +244,9 @@ async def end_run(writer: Writer, wait: float) -> None:
     with trio.move_on_after(wait + 1.0):
         # Abandoned (not cancelled) past the deadline: a writer stuck on a full disk
         # must not hold the worker's task; the thread ends when the pipe drains.
-        await trio.to_thread.run_sync(_end_run, writer.fd, wait, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(
+            _end_run, writer.fd, writer.lock, wait, abandon_on_cancel=True
+        )
 
 
 async def reap_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
