@@ -155,12 +155,12 @@ def run_daemon_scenarios(tenants: int, backend: str, prefork: bool) -> dict[str,
             times = []
             for name in names:
                 client.call("stop", tenant=name, wait=True)
-                (log / f"{name}.beat-0.log").unlink(missing_ok=True)
+                (log / "tenants" / name / "beat-0.log").unlink(missing_ok=True)
                 if cold:
                     shutil.rmtree(cache_dir, ignore_errors=True)
                 t0 = time.perf_counter()
                 client.call("start", tenant=name)
-                times.append(wait_first_line(log / f"{name}.beat-0.log", t0))
+                times.append(wait_first_line(log / "tenants" / name / "beat-0.log", t0))
             return times
 
         cold = start_all(cold=True)

@@ -20,8 +20,10 @@ A tenant writes its own log, so everything about the file is hostile input:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 BLOCK = 64 * 1024
@@ -137,3 +139,58 @@ def tail(path: Path, lines: int, *, budget: int, max_line: int = MAX_LINE) -> li
         return tail_fd(fd, lines, budget=budget, max_line=max_line)
     finally:
         os.close(fd)
+
+
+def tail_rotated(path: Path, keep: int, lines: int, *, budget: int) -> list[str]:
+    """The last ``lines`` lines of a rotated log: ``path`` (newest), then ``path.1`` …
+    ``path.<keep>`` as far back as needed, oldest line first.
+
+    The log writer writes whole lines only, so every file starts at a line boundary
+    and the tails of consecutive files join without a seam. The files are read under
+    a shared lock on ``path.lock`` (the writer rotates under the exclusive one), so a
+    rotation during the call cannot show a file twice or skip one; the writers wait
+    for at most what the budget lets this call read. One file is open at a time.
+    """
+    lock = _lock_shared(path.with_name(path.name + ".lock"))
+    try:
+        out: list[str] = []
+        for i in range(keep + 1):
+            if len(out) >= lines or budget <= 0:
+                break
+            fd = open_regular(path if i == 0 else path.with_name(f"{path.name}.{i}"))
+            if fd is None:
+                if i == 0:
+                    continue  # the writer is between a rotation's rename and its create
+                break  # numbered files are contiguous: a gap means nothing older
+            try:
+                size = os.fstat(fd).st_size
+                out[:0] = tail_fd(fd, lines - len(out), budget=budget)
+            finally:
+                os.close(fd)
+            budget -= min(size, budget)
+        return out
+    finally:
+        if lock is not None:
+            os.close(lock)  # closing the descriptor drops the lock
+
+
+def _lock_shared(path: Path) -> int | None:
+    """The shared lock on a log's lock file, or ``None`` if there is none or the writer
+    holds it for longer than a second (then the read goes on unlocked: a tail that may
+    straddle a rotation beats a ``logs`` call stuck behind a full disk)."""
+    try:
+        fd = open_regular(path)
+    except NotRegular:
+        return None
+    if fd is None:
+        return None
+    for _ in range(100):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                break
+            time.sleep(0.01)
+    os.close(fd)
+    return None

@@ -65,6 +65,10 @@ class ConfigDir:
     def log_dir(self) -> Path:
         return self.root / "log"
 
+    def worker_log(self, tenant: str, leaf: str) -> Path:
+        """The newest log file of one worker instance (``leaf`` such as ``w-0``)."""
+        return self.log_dir / "tenants" / tenant / f"{leaf}.log"
+
     def write(self, backend: str = "portable", **daemon: Any) -> Path:
         lines = [
             "[daemon]",

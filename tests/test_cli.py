@@ -289,7 +289,7 @@ def test_check_lists_every_problem_with_file_and_key(cfg: ConfigDir, tmp_path: P
     check_problems(res.stderr)
     assert not cfg.socket.exists()
     assert not mark.exists()
-    assert not (cfg.log_dir / f"{good}.w-0.log").exists()
+    assert not cfg.worker_log(good, "w-0").exists()
 
 
 def test_check_prints_tree_and_enforcement(cfg: ConfigDir) -> None:

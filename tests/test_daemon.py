@@ -215,7 +215,7 @@ async def test_logs_are_appended_across_restarts(cfg: ConfigDir, start_daemon) -
     await d.call("restart", tenant="alpha", wait=True)
     pid2 = (await d.worker("alpha:beat-0"))["pid"]
     await trio.sleep(0.3)
-    text = (cfg.log_dir / "alpha.beat-0.log").read_text()
+    text = cfg.worker_log("alpha", "beat-0").read_text()
     assert f" {pid1}\n" in text and f" {pid2}\n" in text
     tail = await d.call("logs", tenant="alpha", worker="beat", lines=2)
     assert len(tail[0]["lines"]) == 2 and tail[0]["lines"][-1].startswith("beat ")
@@ -310,7 +310,7 @@ async def test_portable_rlimits_are_in_force_before_the_program_runs(
     d = await start_daemon()
     w = await d.wait_for("limited:cat-0", lambda w: w["state"] == "exited")
     assert w["exit_reason"] == "exit:0"
-    limits = (cfg.log_dir / "limited.cat-0.log").read_text()
+    limits = cfg.worker_log("limited", "cat-0").read_text()
     data = next(line for line in limits.splitlines() if line.startswith("Max data size"))
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert data.split()[3:5] == [str(2 * 96 << 20)] * 2  # soft and hard: 2 x max

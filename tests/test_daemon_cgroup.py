@@ -135,7 +135,7 @@ async def test_first_instruction_runs_inside_the_leaf(
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
     w = await d.wait_for("probe:cat-0", lambda w: w["state"] == "exited")
     assert w["exit_reason"] == "exit:0"
-    own = fs.own_cgroups((cfg.log_dir / "probe.cat-0.log").read_text())
+    own = fs.own_cgroups(cfg.worker_log("probe", "cat-0").read_text())
     for controller in ("memory", "cpu", "pids"):
         assert own[controller].endswith(f"/{cg.name}/tenants/probe/@cat-0"), (controller, own)
 
@@ -200,7 +200,7 @@ async def test_oom_killed_by_kernel_restarted_sibling_untouched(
     assert after["pid"] == calm["pid"] and after["restarts"] == 0
     # Same process, still counting: its uptime kept growing through the hog's OOMs.
     assert after["uptime"] >= calm["uptime"] + 0.8 * (time.monotonic() - t0) - 0.1
-    assert "survived" not in (cfg.log_dir / "hog.grow-0.log").read_text()
+    assert "survived" not in cfg.worker_log("hog", "grow-0").read_text()
 
 
 PRESSURE = worker_py(
@@ -285,7 +285,7 @@ async def test_fork_bomb_stops_at_pids_and_stop_cleans_up(
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
     pids_dir = cg.dir("pids", "tenants", "bomb")
     assert read_int(pids_dir / "pids.max") == 16
-    log = cfg.log_dir / "bomb.fork-0.log"
+    log = cfg.worker_log("bomb", "fork-0")
     seen: set[int] = set()
     with trio.fail_after(20):
         while "refused" not in (log.read_text() if log.exists() else ""):
@@ -406,7 +406,7 @@ memory = { max = "64MiB" }
         ], proc.stderr
         assert "1 problem; nothing was started." in proc.stderr.splitlines(), proc.stderr
         assert not [r for r in cg.roots if r.exists()], extra
-        assert not (cfg.log_dir / "modest.w-0.log").exists()
+        assert not cfg.worker_log("modest", "w-0").exists()
 
 
 # --------------------------------------------------------------------------- teardown

@@ -154,7 +154,7 @@ async def test_first_instruction_runs_inside_the_leaf(
     d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
     w = await d.wait_for("probe:cat-0", lambda w: w["state"] == "exited", 60)
     assert w["exit_reason"] == "exit:0"
-    text = (cfg.log_dir / "probe.cat-0.log").read_text()
+    text = cfg.worker_log("probe", "cat-0").read_text()
     assert text.strip().endswith(f"/{cg.name}/tenants/probe/@cat-0"), text
 
 
@@ -199,7 +199,7 @@ async def test_oom_killed_by_kernel_restarted_sibling_untouched(
     after = await d.worker("calm:beat-0")
     assert after["pid"] == calm["pid"] and after["restarts"] == 0
     assert after["state"] == "running"
-    assert "survived" not in (cfg.log_dir / "hog.grow-0.log").read_text()
+    assert "survived" not in cfg.worker_log("hog", "grow-0").read_text()
 
 
 async def test_reload_resizes_in_place_and_a_max_below_usage_is_refused_not_oom_killed(
@@ -216,7 +216,7 @@ async def test_reload_resizes_in_place_and_a_max_below_usage_is_refused_not_oom_
     cfg.tenant("hold", body.format(m="128MiB", r="16MiB", c=hold))
     d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
     w = await d.wait_for("hold:w-0", lambda w: w["state"] == "running", 60)
-    log = cfg.log_dir / "hold.w-0.log"
+    log = cfg.worker_log("hold", "w-0")
     wait_until(lambda: log.exists() and "holding" in log.read_text(), 60, "40MiB held")
     part = cg.dir("tenants", "hold")
 
@@ -293,7 +293,7 @@ async def test_fork_bomb_stops_at_pids_and_stop_cleans_up(
     d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
     bomb = cg.dir("tenants", "bomb")
     assert read_int(bomb / "pids.max") == 16
-    log = cfg.log_dir / "bomb.fork-0.log"
+    log = cfg.worker_log("bomb", "fork-0")
     seen: set[int] = set()
     with trio.fail_after(60):
         while "refused" not in (log.read_text() if log.exists() else ""):
@@ -337,7 +337,7 @@ async def test_stop_takes_setsid_escapees_with_the_worker(
     )
     d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
     leaf = cg.dir("tenants", "esc", "@w-0")
-    log = cfg.log_dir / "esc.w-0.log"
+    log = cfg.worker_log("esc", "w-0")
     wait_until(lambda: log.exists() and "spread" in log.read_text(), 60, "the escapees")
     # The worker and its three escapees, all still in the worker's leaf.
     wait_until(lambda: len(fs.read_procs(leaf)) == 4, 30, "four processes in the leaf")

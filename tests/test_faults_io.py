@@ -91,6 +91,16 @@ HUGE_LINE = worker_py(
 )
 
 
+# The whole 20 MB line in one log file (the default rotates at 10 MiB).
+ONE_FILE = 'log = { max_size = "32MiB" }'
+
+
+async def wait_last_line(d, tenant_name: str, line: str) -> None:
+    with trio.fail_after(30):
+        while (await d.call("logs", tenant=tenant_name, lines=1))[0]["lines"] != [line]:
+            await trio.sleep(0.05)
+
+
 async def wait_log_size(d, tenant_name: str, size: int) -> Path:
     reply = await d.call("logs", tenant=tenant_name, lines=1)
     path = Path(reply[0]["file"])
@@ -103,18 +113,24 @@ async def wait_log_size(d, tenant_name: str, size: int) -> Path:
 async def test_logs_on_a_20_mb_line_is_bounded_and_marked(cfg: ConfigDir, start_daemon) -> None:
     """Reading backwards used to prepend 8 KiB blocks until it found enough newlines:
     quadratic, 18 s for a 20 MB line, and the whole line then came back (over the 1 MiB
-    message limit: too_large). Now the line comes back cut, behind the marker."""
-    tenant(cfg, "huge", HUGE_LINE)
+    message limit: too_large). Now the log writer stores the line as 64 KiB pieces,
+    each marked as continued, and `logs` returns a bounded tail whose earliest line is
+    cut behind the marker."""
+    tenant(cfg, "huge", HUGE_LINE, extra=ONE_FILE)
     d = await start_daemon()
     await wait_log_size(d, "huge", 20 * MB + 7)
-    with trio.fail_after(10):  # generous: it is two 64 KiB reads
+    await wait_last_line(d, "huge", "after")
+    with trio.fail_after(10):  # generous: a few 64 KiB reads
         reply = await d.call("logs", tenant="huge", lines=50)
     lines = reply[0]["lines"]
     assert lines[-1] == "after"
-    assert len(lines) == 2
-    assert lines[0].startswith(TRUNCATED)
-    assert set(lines[0][len(TRUNCATED) :]) == {"x"}
-    assert len(lines[0]) < 100_000  # the line's end only, not 20 MB
+    assert lines[0].startswith(TRUNCATED)  # 50 pieces of 64 KiB exceed the reply budget
+    pieces = [line.removeprefix(TRUNCATED) for line in lines[:-1]]
+    # Every piece but the line's last says that the line goes on.
+    assert all(p.endswith(" [line continues]") for p in pieces[:-1])
+    assert not pieces[-1].endswith(" [line continues]")
+    assert {c for p in pieces for c in p.removesuffix(" [line continues]")} == {"x"}
+    assert sum(len(line) for line in lines) < 1 << 20  # the line's end only, not 20 MB
 
 
 async def test_logs_returns_whole_lines_in_order(cfg: ConfigDir, start_daemon) -> None:
@@ -140,10 +156,11 @@ async def test_logs_returns_whole_lines_in_order(cfg: ConfigDir, start_daemon) -
 async def test_40_logs_on_a_huge_line_do_not_starve_a_restart(cfg: ConfigDir, start_daemon) -> None:
     """40 such calls used to fill trio's thread pool (40 threads, each reading for
     seconds), so a `restart --wait` of another tenant took 12.5 s instead of 0.06 s."""
-    tenant(cfg, "huge", HUGE_LINE)
+    tenant(cfg, "huge", HUGE_LINE, extra=ONE_FILE)
     tenant(cfg, "other", SLEEPER)
     d = await start_daemon()
     await wait_log_size(d, "huge", 20 * MB + 7)
+    await wait_last_line(d, "huge", "after")
     before = (await d.worker("other:w-0"))["pid"]
     restart_took: list[float] = []
 
@@ -174,6 +191,7 @@ async def test_a_fifo_at_a_log_path_is_refused_not_opened(cfg: ConfigDir, start_
     tenant(cfg, "quiet", SLEEPER, extra="autostart = false")
     d = await start_daemon()
     path = Path((await d.call("logs", tenant="quiet"))[0]["file"])
+    path.parent.mkdir(parents=True)
     os.mkfifo(path)
     with trio.fail_after(10), pytest.raises(RpcError) as exc:
         await d.call("logs", tenant="quiet")
@@ -189,6 +207,7 @@ async def test_a_symlink_at_a_log_path_is_not_followed(cfg: ConfigDir, start_dae
     tenant(cfg, "quiet", SLEEPER, extra="autostart = false")
     d = await start_daemon()
     path = Path((await d.call("logs", tenant="quiet"))[0]["file"])
+    path.parent.mkdir(parents=True)
     path.symlink_to(secret)
     with pytest.raises(RpcError) as exc:
         await d.call("logs", tenant="quiet")

@@ -142,8 +142,8 @@ async def test_start_during_a_slow_stop_is_answered_and_a_later_stop_holds(
 async def test_fifo_at_a_log_path_fails_that_worker_only(cfg: ConfigDir, start_daemon) -> None:
     tenant(cfg, "piped", SLEEPER)
     tenant(cfg, "calm", SLEEPER)
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(cfg.log_dir / "piped.w-0.log")
+    cfg.worker_log("piped", "w-0").parent.mkdir(parents=True)
+    os.mkfifo(cfg.worker_log("piped", "w-0"))
     with trio.fail_after(20):
         d = await start_daemon()
         w = await d.worker("piped:w-0")
@@ -160,8 +160,8 @@ async def test_symlink_at_a_log_path_is_refused(
     tenant(cfg, "linked", SLEEPER)
     target = tmp_path / "elsewhere.txt"
     target.write_text("untouched\n")
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.log_dir / "linked.w-0.log").symlink_to(target)
+    cfg.worker_log("linked", "w-0").parent.mkdir(parents=True)
+    cfg.worker_log("linked", "w-0").symlink_to(target)
     d = await start_daemon()
     w = await d.worker("linked:w-0")
     assert w["state"] == "fatal" and "is not a regular file" in w["exit_reason"]
@@ -331,7 +331,7 @@ async def test_waiting_out_a_backoff_or_a_stop_timeout_does_not_spin(
     await d.wait_for("slow:w-0", lambda w: w["state"] == "backoff")
     await d.wait_for("stub:w-0", lambda w: w["state"] == "running")
     with trio.fail_after(15):  # its SIGTERM handler is in place once it said so
-        while "up" not in (cfg.log_dir / "stub.w-0.log").read_text():
+        while "up" not in cfg.worker_log("stub", "w-0").read_text():
             await trio.sleep(0.02)
     await d.call("stop", tenant="stub", wait=False)
     assert (await d.worker("stub:w-0"))["state"] == "stopping"

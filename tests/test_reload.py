@@ -296,7 +296,7 @@ async def test_a_resize_below_what_the_partition_uses_is_refused_and_changes_not
     tenant(cfg, "beta")
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
     before = await all_running(d, {"alpha:w-0", "beta:w-0"})
-    log = cfg.log_dir / "alpha.w-0.log"
+    log = cfg.worker_log("alpha", "w-0")
     wait_until(lambda: log.exists() and "holding" in log.read_text(), 20, "the hog to hold 40MiB")
     limit = cg.dir("memory", "tenants", "alpha", "memory.limit_in_bytes")
 
@@ -467,7 +467,7 @@ async def test_portable_resizes_its_accounting_and_refuses_a_max_below_usage(
     tenant(cfg, "alpha", max_="128MiB", command=HOG)
     d = await start_daemon()
     before = await all_running(d, {"alpha:w-0"})
-    log = cfg.log_dir / "alpha.w-0.log"
+    log = cfg.worker_log("alpha", "w-0")
     wait_until(lambda: log.exists() and "holding" in log.read_text(), 20, "the hog to hold 40MiB")
 
     with pytest.raises(RpcError) as exc:

@@ -70,7 +70,7 @@ async def exercise(cfg: ConfigDir, start_daemon, name: str, **daemon_opts) -> di
     heartbeat(cfg, name, probe)
     d = await start_daemon(**daemon_opts)
     sup = d.daemon.supervisor
-    log = cfg.log_dir / f"{name}.w-0.log"
+    log = cfg.worker_log(name, "w-0")
     await first_beat(log)
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
     server = sup.launchers.forkserver_pid
@@ -120,7 +120,7 @@ async def test_prefork_cgroup1_attaches_before_the_runner(cfg: ConfigDir, start_
     probe = cfg.root / "probe.json"
     heartbeat(cfg, name, probe)
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.unique_instance("prefork"))
-    log = cfg.log_dir / f"{name}.w-0.log"
+    log = cfg.worker_log(name, "w-0")
     await first_beat(log)
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
     leaf = f"/{name}/{fs.LEAF_PREFIX}w-0"
@@ -148,7 +148,7 @@ async def test_prefork_off_uses_the_plain_runner(cfg: ConfigDir, start_daemon) -
     probe = cfg.root / "probe.json"
     heartbeat(cfg, name, probe)
     d = await start_daemon(wasm_prefork=False)
-    await first_beat(cfg.log_dir / f"{name}.w-0.log")
+    await first_beat(cfg.worker_log(name, "w-0"))
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
     assert d.daemon.supervisor.launchers.forkserver_pid is None
     assert not probe.exists()  # the hook lives only in the fork server's worker path
@@ -163,7 +163,7 @@ async def test_a_dead_fork_server_is_replaced_on_the_next_start(
     heartbeat(cfg, name, cfg.root / "probe.json")
     d = await start_daemon()
     sup = d.daemon.supervisor
-    log = cfg.log_dir / f"{name}.w-0.log"
+    log = cfg.worker_log(name, "w-0")
     await first_beat(log)
     first = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
     old = sup.launchers.forkserver_pid

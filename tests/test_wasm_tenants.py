@@ -104,7 +104,7 @@ async def test_grower_is_denied_at_its_linear_memory_cap_and_keeps_running(
     # *module* gets 16 MiB from the engine; the partition is the outer wall.
     wasm_tenant(cfg, GROWER, WASM / "grower.wat", memory_max="96MiB", limits='memory = "16MiB"')
     d = await start_daemon()
-    log = cfg.log_dir / f"{GROWER}.w-0.log"
+    log = cfg.worker_log(GROWER, "w-0")
     granted = await wait_for_line(log, "granted ")
     assert int(granted.split()[1]) <= 16 * MIB
     first = await d.wait_for(f"{GROWER}:w-0", lambda w: w["memory_denied"] > 0)
@@ -133,7 +133,7 @@ async def test_default_linear_memory_cap_is_partition_max_less_runner_overhead(
     # No [worker.limits] memory: the cap comes from the partition's 64 MiB max.
     wasm_tenant(cfg, GROWER, WASM / "grower.wat", memory_max="64MiB")
     await start_daemon()
-    granted = await wait_for_line(cfg.log_dir / f"{GROWER}.w-0.log", "granted ")
+    granted = await wait_for_line(cfg.worker_log(GROWER, "w-0"), "granted ")
     assert int(granted.split()[1]) == 64 * MIB - WASM_RUNNER_OVERHEAD == 24 * MIB
 
 
@@ -143,7 +143,7 @@ async def test_grower_under_cgroup1_stays_inside_its_kernel_partition(
     cg.require_cgroup1()
     wasm_tenant(cfg, GROWER, WASM / "grower.wat", memory_max="96MiB", limits='memory = "16MiB"')
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.unique_instance("wasm"))
-    log = cfg.log_dir / f"{GROWER}.w-0.log"
+    log = cfg.worker_log(GROWER, "w-0")
     granted = await wait_for_line(log, "granted ")
     assert int(granted.split()[1]) <= 16 * MIB
     w = await d.wait_for(f"{GROWER}:w-0", lambda w: w["memory_denied"] > 0)
@@ -176,7 +176,7 @@ async def test_trap_is_the_exit_reason_and_the_restart_policy_applies(
     assert "out of bounds" in w["exit_reason"]
     assert w["restarts"] == 2
     # The guest's own output and the runner's trap message are both in its log.
-    text = (cfg.log_dir / f"{OOB}.w-0.log").read_text()
+    text = cfg.worker_log(OOB, "w-0").read_text()
     assert text.count("about to write out of bounds") == 3
     assert "wasm trap:" in text
 
@@ -199,7 +199,7 @@ async def test_spinner_is_stopped_by_its_deadline(
     # exit, which also says "deadline", would be a deadline that does not work.
     report = outcome.read_report(cfg.root / "state" / "wasm" / f"{SPIN}.w-0.report")
     assert report["exit"]["stopped_by"] == stopped_by
-    assert f"wasm runner: deadline ({why})\n" in (cfg.log_dir / f"{SPIN}.w-0.log").read_text()
+    assert f"wasm runner: deadline ({why})\n" in cfg.worker_log(SPIN, "w-0").read_text()
 
 
 async def test_unrunnable_module_goes_fatal_without_a_restart_loop(
@@ -297,7 +297,7 @@ async def test_corrupt_cache_entry_is_rebuilt_through_the_daemon(
     await d.call("restart", tenant=BEAT, wait=True)
     w = await d.wait_for(f"{BEAT}:w-0", lambda w: w["state"] == "running")
     assert (await started_event(d, BEAT, "w-0"))["cache"] == "rebuilt"
-    await wait_for_line(cfg.log_dir / f"{BEAT}.w-0.log", "beat 3")
+    await wait_for_line(cfg.worker_log(BEAT, "w-0"), "beat 3")
     assert (await d.worker(f"{BEAT}:w-0"))["pid"] == w["pid"]
     assert cache.unframe(entry.read_bytes()) is not None  # replaced by a good entry
 
@@ -322,10 +322,10 @@ async def test_wasm_output_reaches_the_per_worker_log_like_a_command_worker(
         """,
     )
     d = await start_daemon()
-    await wait_for_line(cfg.log_dir / f"{BEAT}.pulse-0.log", "beat 3")
-    await wait_for_line(cfg.log_dir / f"{CMD}.echo-0.log", "command says hi")
+    await wait_for_line(cfg.worker_log(BEAT, "pulse-0"), "beat 3")
+    await wait_for_line(cfg.worker_log(CMD, "echo-0"), "command says hi")
     (tail,) = await d.call("logs", tenant=BEAT, worker="pulse", lines=5)
-    assert tail["file"] == str(cfg.log_dir / f"{BEAT}.pulse-0.log")
+    assert tail["file"] == str(cfg.worker_log(BEAT, "pulse-0"))
     assert any(line.startswith("beat ") for line in tail["lines"])
 
 
@@ -349,7 +349,7 @@ async def test_grower_does_not_disturb_a_heartbeat_in_another_partition(
         % (WASM / "grower.wat"),
     )
     d = await start_daemon()
-    log = cfg.log_dir / f"{BEAT}.w-0.log"
+    log = cfg.worker_log(BEAT, "w-0")
     await wait_for_line(log, "beat 2")
     # Time each line's arrival in the log file: the runner writes it with one write(2)
     # straight to the file, so arrival time is beat time.
@@ -367,7 +367,7 @@ async def test_grower_does_not_disturb_a_heartbeat_in_another_partition(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
         await d.call("start", tenant=GROWER, wait=True)
-        await wait_for_line(cfg.log_dir / f"{GROWER}.w-0.log", "granted ")
+        await wait_for_line(cfg.worker_log(GROWER, "w-0"), "granted ")
         await trio.sleep(2.0)
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]

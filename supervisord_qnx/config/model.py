@@ -130,6 +130,17 @@ SignalNumber = Annotated[int, BeforeValidator(_signal_number), Field(ge=1, le=64
 ResolvedPath = Annotated[Path, BeforeValidator(_resolve)]
 
 
+class LogSpec(Strict):
+    """How a worker's output is kept (docs/logging.md): numbered files of at most
+    ``max_size`` bytes each, ``keep`` older ones besides the current. A key left out is
+    taken from the level above (worker, tenant, ``[daemon.log]``)."""
+
+    # At least 4 KiB: a file must hold a few whole lines, and lines longer than a file
+    # are cut into pieces of the file's size.
+    max_size: Annotated[Size, Field(ge=4096)] | None = None
+    keep: Annotated[int, Field(ge=0, le=1000)] | None = None
+
+
 class WorkerBase(Strict):
     name: Name
     cwd: ResolvedPath | None = None
@@ -147,6 +158,8 @@ class WorkerBase(Strict):
     @property
     def uses_notify(self) -> bool:
         return self.ready == "notify" or self.watchdog is not None
+
+    log: LogSpec | None = None
 
 
 class CommandWorker(WorkerBase):
@@ -229,6 +242,7 @@ class TenantSpec(PartitionSpec):
     # (config/ordering.py; the loader rejects unknown names and cycles).
     after: list[Name] = Field(default_factory=list)
     restart: RestartSpec = RestartSpec()
+    log: LogSpec | None = None
     worker: Annotated[list[Worker], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -265,6 +279,17 @@ class DaemonSpec(Strict):
     # every metrics_interval seconds; None writes nothing (docs/metrics.md).
     metrics_textfile: ResolvedPath | None = None
     metrics_interval: Annotated[float, Field(ge=0.1, le=86400)] = 15.0
+    # Defaults for every worker's log rotation; tenants and workers override per key.
+    log: LogSpec = LogSpec(max_size=10 << 20, keep=5)
+
+    @field_validator("log")
+    @classmethod
+    def _log_complete(cls, value: LogSpec) -> LogSpec:
+        # The daemon's table is the last level: a key left out keeps the built-in default.
+        return LogSpec(
+            max_size=10 << 20 if value.max_size is None else value.max_size,
+            keep=5 if value.keep is None else value.keep,
+        )
 
 
 class DaemonFile(Strict):

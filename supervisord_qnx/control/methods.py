@@ -218,7 +218,10 @@ class Methods:
         for inst in instances:
             path = sup.log_path(inst)
             try:
-                text = await self.daemon.blocking(logtail.tail, path, lines, budget=budget)
+                keep = sup.log_settings(inst).keep
+                text = await self.daemon.blocking(
+                    logtail.tail_rotated, path, keep, lines, budget=budget
+                )
             except logtail.NotRegular as exc:
                 raise RpcError(ErrorCode.INVALID_STATE, f"log of {inst.name}: {exc}") from None
             except OSError as exc:

@@ -18,7 +18,6 @@ import errno
 import math
 import os
 import signal
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from supervisord_qnx.config.ordering import Ordering
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
+from supervisord_qnx.supervise import logpipe
 from supervisord_qnx.supervise.events import (
     BackendWatchFailed,
     EventBus,
@@ -101,6 +101,8 @@ class Instance:
     retired: bool = False
     owner: Tenant | None = None  # told of every change, for tenants ordered after it
     notify: NotifyEndpoint | None = None  # its NOTIFY_SOCKET (ready = "notify", watchdog)
+    # The log writer serving this instance's runs until it stops (supervise/logpipe.py).
+    log_writer: logpipe.Writer | None = None
 
     @property
     def leaf(self) -> str:
@@ -178,6 +180,10 @@ TRANSIENT_SPAWN_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, er
 # After this many failures in a row without a clean step, an instance's task stops
 # retrying its queued actions and sleeps until the operator calls again.
 MAX_FAILURES_IN_A_ROW = 3
+# How long an exit waits for the worker's log writer to write its last lines.
+LOG_DRAIN_WAIT = 1.0
+# No run follows these without an operator's call: the log writer is let go.
+STOPPED_FOR_GOOD = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 
 
 class Supervisor:
@@ -249,6 +255,9 @@ class Supervisor:
         finally:
             self.launchers.kill()
             self.notify_dir.close()
+            for tenant in self.tenants.values():
+                for inst in tenant.instances:
+                    self._release_log(inst)
 
     async def _run_instance(self, inst: Instance) -> None:
         """The instance's task (``_drive``), beside its NOTIFY_SOCKET receiver when it
@@ -416,7 +425,10 @@ class Supervisor:
         return [self._describe(i) for t in tenants for i in t.instances]
 
     def log_path(self, inst: Instance) -> Path:
-        return self.log_dir / f"{inst.tenant}.{inst.leaf}.log"
+        return logpipe.log_path(self.log_dir, inst.tenant, inst.leaf)
+
+    def log_settings(self, inst: Instance) -> logpipe.LogSettings:
+        return logpipe.settings_for(self.config.daemon, self.tenant(inst.tenant).spec, inst.spec)
 
     def find_instances(self, tenant: str, worker: str | None = None) -> list[Instance]:
         t = self.tenant(tenant)
@@ -567,6 +579,7 @@ class Supervisor:
         serving operator calls. The daemon and every other worker carry on."""
         while True:
             if inst.retired and not self._has_work(inst):
+                self._release_log(inst)  # removed by a reload: its writer may end
                 return
             if not self._has_work(inst):
                 inst.wake = trio.Event()
@@ -585,6 +598,14 @@ class Supervisor:
             finally:
                 inst.performing = False
                 inst.progressed()
+            if inst.settled_in(STOPPED_FOR_GOOD) and inst.run is None:
+                self._release_log(inst)
+
+    def _release_log(self, inst: Instance) -> None:
+        """The instance will not run again by itself: let its log writer finish."""
+        if inst.log_writer is not None:
+            inst.log_writer.close()
+            inst.log_writer = None
 
     async def _step(self, inst: Instance) -> None:
         lc, run = inst.lc, inst.run
@@ -594,6 +615,10 @@ class Supervisor:
         if run is not None and run.status is not None:
             inst.run = None
             if lc.pid == run.pid:  # not a run the lifecycle already gave up on
+                # An exit is reported once the run's last lines are in its files (what
+                # `logs` shows then is complete).
+                if inst.log_writer is not None:
+                    await logpipe.end_run(inst.log_writer, LOG_DRAIN_WAIT)
                 reason = await self._exit_reason(inst, run.status)
                 now = time.monotonic()
                 self._feed(inst, lambda: lc.exited(reason, now))
@@ -698,23 +723,30 @@ class Supervisor:
             return await self._spawn(inst)
 
     async def _spawn(self, inst: Instance) -> int:
-        fd = await trio.to_thread.run_sync(_open_log, self.log_dir, self.log_path(inst))
-        try:
-            launcher = self._launcher(inst)
-            # In a thread: a launcher may prepare files first.
-            argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
-            request = SpawnRequest(
-                partition=inst.partition,
-                leaf=inst.leaf,
-                argv=argv,
-                cwd=str(inst.spec.cwd) if inst.spec.cwd else None,
-                env=self._env(inst),
-                stdout=fd,
-                stderr=fd,
+        # The worker writes into a pipe whose reader, a log writer process of its own,
+        # rotates its files and outlives the daemon if need be (supervise/logpipe.py).
+        writer = inst.log_writer
+        if writer is None or writer.done.is_set():
+            if writer is not None:
+                writer.close()  # its process ended (killed?): a new one takes over
+            writer = inst.log_writer = await logpipe.start_writer_async(
+                self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
             )
-            return await launcher.spawn(inst.target, request)
-        finally:
-            os.close(fd)
+            assert self._nursery is not None
+            self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
+        launcher = self._launcher(inst)
+        # In a thread: a launcher may prepare files first.
+        argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
+        request = SpawnRequest(
+            partition=inst.partition,
+            leaf=inst.leaf,
+            argv=argv,
+            cwd=str(inst.spec.cwd) if inst.spec.cwd else None,
+            env=self._env(inst),
+            stdout=writer.fd,
+            stderr=writer.fd,
+        )
+        return await launcher.spawn(inst.target, request)
 
     def _env(self, inst: Instance) -> dict[str, str]:
         # Workers get a small, predictable environment, not the daemon's own.
@@ -769,30 +801,6 @@ class Supervisor:
         survivors = await self.backend.kill_leaf(inst.partition, inst.leaf)
         if survivors:
             log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=survivors)
-
-
-def _open_log(log_dir: Path, path: Path) -> int:
-    """Open a worker's log for appending, refusing anything but a regular file.
-
-    Runs in a thread, and opens with ``O_NONBLOCK``: a FIFO planted at the path
-    would otherwise block the open until someone reads it. ``O_NOFOLLOW``: a
-    symlink planted there must not redirect the daemon's writes."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o640)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
-            raise OSError(exc.errno, f"log file {path} is not a regular file") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"log file {path} is not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -1,0 +1,268 @@
+"""Where a worker's output goes: a pipe to its own log writer process, which rotates
+numbered files by size (``logwriter.py``; the design and why in docs/logging.md).
+
+One writer serves every run of one worker instance, from its first start until the
+instance stops (``stopped``, ``exited``, ``fatal``): a crash-looping worker costs no
+process start beyond its own. At the first spawn, in a worker thread, the daemon
+
+1. opens the worker's log directory ``<log_dir>/tenants/<tenant>/`` one component at a
+   time relative to the previous one, with ``O_DIRECTORY | O_NOFOLLOW`` (a symlink
+   planted in place of a directory is refused, not followed);
+2. checks that the log file and its lock file, if there, are regular files (not a
+   symlink, FIFO, ...), so a worker whose log path was tampered with fails to start
+   with the reason;
+3. makes a pipe and starts the writer with the read end as its stdin and the directory
+   as an inherited descriptor; each run gets the write end as stdout and stderr.
+
+The daemon keeps its own copy of the write end while the instance may run again, and
+after each run writes ``RUN_END`` into the pipe (the run's unfinished last line is
+ended there, never joined with the next run's first) and waits, briefly, until the
+writer has read everything: an exit is reported once the run's lines are in its files.
+When the instance stops, the daemon closes its copy; the writer then sees EOF once the
+worker and whatever it started are gone too, and exits. If the daemon dies, the kernel
+closes its copies: each writer carries on until its worker ends, and a restarted or
+re-executed daemon needs no reconnection (it starts new writers for new runs; the
+files' lock lets old and new writers share a log).
+
+Per tenant, not per name: ``a.b`` + ``c`` and ``a`` + ``b.c`` used to share
+``a.b.c-0.log``; a directory per tenant (names cannot contain ``/``) keeps them apart.
+The tenant directories sit under ``tenants/`` so that no tenant name can meet a file
+of the daemon's own in ``log_dir`` (such as ``wasm-forkserver.log``).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import subprocess
+import sys
+import termios
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import trio
+
+from supervisord_qnx.config.model import DaemonSpec, TenantSpec, WorkerBase
+from supervisord_qnx.supervise import logwriter
+from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
+
+log = structlog.get_logger("supervisord_qnx.logs")
+
+WRITER = Path(logwriter.__file__)
+TENANTS = "tenants"
+DIR_MODE = 0o750
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The effective rotation settings of one worker."""
+
+    max_size: int
+    keep: int
+
+
+def settings_for(daemon: DaemonSpec, tenant: TenantSpec, worker: WorkerBase) -> LogSettings:
+    """A worker's ``log`` over its tenant's over the daemon's ``[daemon.log]``."""
+    max_size, keep = daemon.log.max_size, daemon.log.keep
+    for spec in (tenant.log, worker.log):
+        if spec is not None:
+            max_size = spec.max_size if spec.max_size is not None else max_size
+            keep = spec.keep if spec.keep is not None else keep
+    assert max_size is not None and keep is not None  # the daemon's table has both
+    return LogSettings(max_size, keep)
+
+
+def log_name(leaf: str) -> str:
+    return f"{leaf}.log"
+
+
+def log_path(log_dir: Path, tenant: str, leaf: str) -> Path:
+    """The newest of a worker's log files; older ones add ``.1`` … ``.<keep>``."""
+    return log_dir / TENANTS / tenant / log_name(leaf)
+
+
+def open_log_dir(log_dir: Path, tenant: str) -> int:
+    """A descriptor on ``<log_dir>/tenants/<tenant>``, creating what is missing; each
+    component below ``log_dir`` opened without following a symlink. Blocking."""
+    log_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    fd = os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in (TENANTS, tenant):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, DIR_MODE, dir_fd=fd)
+            try:
+                sub = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OSError(
+                        exc.errno, f"log directory {part!r} in {log_dir} is not a directory"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_log_file(dir_fd: int, name: str, shown: Path) -> None:
+    """Refuse a log path that holds anything but a regular file; create it if missing
+    (the file exists once the worker runs, as the files of a log never lack the newest).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o640, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            msg = f"log file {shown} is not a regular file (a symbolic link)"
+            raise OSError(exc.errno, msg) from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO nobody reads; a directory
+            raise OSError(exc.errno, f"log file {shown} is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"log file {shown} is not a regular file")
+    finally:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class Writer:
+    pid: int
+    fd: int  # the daemon's copy of the pipe's write end (each run's stdout/stderr)
+    lock: int  # the log's lock file, read-only: waiting for an append in progress
+    done: trio.Event = field(default_factory=trio.Event)  # the writer process ended
+
+    def close(self) -> None:
+        """Let go of the pipe: the writer ends once the worker's processes are gone."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.close(self.lock)
+            self.fd = self.lock = -1
+
+
+def start_writer(
+    reaper: ChildReaper, log_dir: Path, tenant: str, leaf: str, settings: LogSettings
+) -> Writer:
+    """Start the log writer of one run of a worker. Blocking: call in a thread."""
+    dir_fd = open_log_dir(log_dir, tenant)
+    try:
+        name = log_name(leaf)
+        shown = log_path(log_dir, tenant, leaf)
+        check_log_file(dir_fd, name, shown)
+        check_log_file(dir_fd, name + ".lock", shown.with_name(name + ".lock"))
+        lock = os.open(
+            name + ".lock",
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=dir_fd,
+        )
+        read_end, write_end = os.pipe()
+        try:
+            argv = [
+                sys.executable,
+                "-I",  # no PYTHON* variables, no user site, no script dir games
+                "-S",  # no site: a few MiB less per writer, and no third-party import
+                str(WRITER),
+                str(dir_fd),
+                name,
+                str(settings.max_size),
+                str(settings.keep),
+            ]
+            with reaper.spawning():
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=read_end,
+                    stdout=subprocess.DEVNULL,
+                    pass_fds=(dir_fd,),
+                    close_fds=True,
+                    # Its own session: a signal to the daemon's process group (a
+                    # terminal's ^C) does not reach it; only EOF ends it.
+                    start_new_session=True,
+                    cwd="/",
+                    env={},
+                )
+                pid = reaper.adopt(proc)
+        except BaseException:
+            os.close(write_end)
+            os.close(lock)
+            raise
+        finally:
+            os.close(read_end)
+    finally:
+        os.close(dir_fd)
+    return Writer(pid, write_end, lock)
+
+
+def _end_run(fd: int, lock: int, wait: float) -> None:
+    """Mark the end of a run in the pipe, then wait (at most ``wait`` seconds) until the
+    writer has read everything and written it: the pipe is empty, and the append in
+    progress (which holds the log's lock) is over. Blocking: the mark waits for room
+    in a full pipe."""
+    try:
+        os.write(fd, logwriter.RUN_END)
+    except BrokenPipeError:
+        return  # the writer is gone; the next spawn starts a new one
+    fionread = getattr(termios, "FIONREAD", None)
+    deadline = time.monotonic() + wait
+    unread = array.array("i", [0])
+    while fionread is not None and time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(fd, fionread, unread)
+        except OSError:
+            return  # no FIONREAD on a pipe here: do not wait
+        if unread[0] == 0:
+            _wait_for_append(lock, deadline)
+            return
+        time.sleep(0.005)
+
+
+def _wait_for_append(lock: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                return
+            time.sleep(0.002)
+            continue
+        fcntl.lockf(lock, fcntl.LOCK_UN)
+        return
+
+
+async def end_run(writer: Writer, wait: float) -> None:
+    if writer.fd < 0 or writer.done.is_set():
+        return
+    with trio.move_on_after(wait + 1.0):
+        # Abandoned (not cancelled) past the deadline: a writer stuck on a full disk
+        # must not hold the worker's task; the thread ends when the pipe drains.
+        await trio.to_thread.run_sync(
+            _end_run, writer.fd, writer.lock, wait, abandon_on_cancel=True
+        )
+
+
+async def reap_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
+    """Collect a writer's status when its worker's output ended; say so if it failed."""
+    try:
+        status = await reaper.wait(writer.pid)
+    finally:
+        writer.done.set()
+    if status != 0:
+        reason = describe_status(status)
+        log.warning(
+            "log writer ended abnormally", worker=worker, pid=writer.pid, reason=str(reason)
+        )
+
+
+async def start_writer_async(
+    reaper: ChildReaper, log_dir: Path, tenant: str, leaf: str, settings: LogSettings
+) -> Writer:
+    return await trio.to_thread.run_sync(start_writer, reaper, log_dir, tenant, leaf, settings)
