@@ -154,7 +154,11 @@ async def test_first_instruction_runs_inside_the_leaf(
     d = await start_daemon(backend="cgroup2", cgroup_root=cg.name)
     w = await d.wait_for("probe:cat-0", lambda w: w["state"] == "exited", 60)
     assert w["exit_reason"] == "exit:0"
-    text = cfg.worker_log("probe", "cat-0").read_text()
+    # Its output reaches the file through its log writer, whose interpreter can take
+    # longer to start under software emulation than the 1 s an exit waits for it.
+    log = cfg.worker_log("probe", "cat-0")
+    wait_until(lambda: log.exists() and log.read_text().strip() != "", 60, "the cgroup line")
+    text = log.read_text()
     assert text.strip().endswith(f"/{cg.name}/tenants/probe/@cat-0"), text
 
 
