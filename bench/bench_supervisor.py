@@ -851,7 +851,7 @@ def hammer(target: str) -> int:
         cc = CircusClient(endpoint=where, timeout=60)
         call = lambda: cc.call({"command": "status", "properties": {}})  # noqa: E731
     elif kind == "s6":
-        names = sorted(os.listdir(where))
+        names = sorted(n for n in os.listdir(where) if not n.startswith("."))  # .s6-svscan
         call = lambda: [(Path(where) / n / "supervise" / "status").read_bytes() for n in names]  # noqa: E731
     else:
         raise ValueError(target)
@@ -967,6 +967,8 @@ def main() -> int:
                 results.append(run_tool(name, count, args))
             except Skip as exc:
                 skipped.append({"tool": name, "reason": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - one tool's failure must not lose the others' figures
+                skipped.append({"tool": name, "reason": f"failed: {type(exc).__name__}: {exc}"})
         tables.append({"count": count, "results": results, "skipped": skipped})
         if not args.json:
             print_table(results, skipped, count)
