@@ -264,6 +264,17 @@ class Qnx(Tool):
 
         wait_for(up, 60, "supervisord-qnx to answer ping")
 
+    def daemon_pids(self) -> list[int]:
+        # The daemon and its workers' log writers (one process per worker instance, see
+        # docs/logging.md): like s6's supervise processes, they are the supervisor's cost.
+        # Writers are started from the daemon's worker threads: every thread's children.
+        children = [
+            c
+            for task in Path(f"/proc/{self.pid}/task").iterdir()
+            for c in _read(task / "children").split()
+        ]
+        return [self.pid, *(int(c) for c in children if _is_log_writer(c))]
+
     def start_all(self) -> None:
         for name in self.names:
             self.client.call("start", tenant=name)
@@ -307,6 +318,20 @@ class Qnx(Tool):
             self.client.close()
         super().close()
         self.socket.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a thread that ended since the listing
+        return ""
+
+
+def _is_log_writer(pid: str) -> bool:
+    try:
+        return b"logwriter" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone since the listing
+        return False
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
