@@ -55,7 +55,7 @@ from supervisord_qnx.partition.backend import Backend, BackendError, Enforcement
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 from supervisord_qnx.supervise.events import EventBus, JobExited, JobStarted
 from supervisord_qnx.supervise.launch import Launchers, LaunchTarget
-from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
+from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
 
 log = structlog.get_logger("supervisord_qnx.jobs")
 
@@ -476,7 +476,7 @@ class Jobs:
         finally:
             if status is None:  # stopped: shutdown takes the job down with it
                 with trio.CancelScope(shield=True):
-                    _signal_group(pid, signal.SIGKILL)
+                    signal_group(pid, signal.SIGKILL)
                     await self.backend.kill_leaf(job.path, LEAF)
                     # Bounded: if the reaper itself is being cancelled, no status comes.
                     with trio.move_on_after(KILL_WAIT):
@@ -485,10 +485,10 @@ class Jobs:
 
     async def _stop_at_deadline(self, job: Job, pid: int) -> int:
         log.warning("job reached its deadline", job=job.id, timeout=job.timeout)
-        _signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
         with trio.move_on_after(STOP_GRACE):
             return await self.reaper.wait(pid)
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
         await self.backend.kill_leaf(job.path, LEAF)
         return await self.reaper.wait(pid)
 
@@ -559,12 +559,3 @@ def _open_log(log_dir: Path, path: Path) -> int:
         raise
     os.set_blocking(fd, True)
     return fd
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """Jobs lead their own session (as workers do), so the group is theirs alone."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)

@@ -54,6 +54,17 @@ def become_subreaper() -> bool:
         return False
 
 
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a worker's or a job's process group: they lead their own session
+    (``start_new_session``), so the group is theirs alone. Falls back to the pid when the
+    group is already gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def describe_status(status: int) -> ExitReason:
     """Turn a raw wait status into an exit reason: ``exit:N`` or ``signal:SIGNAME``."""
     if os.WIFSIGNALED(status):

@@ -13,7 +13,6 @@ an exception in it makes that worker ``fatal``, never the daemon exit.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import os
@@ -52,7 +51,7 @@ from supervisord_qnx.supervise.ordering import (
     stop_in_reverse,
     wait_for_after,
 )
-from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
+from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
     SETTLED_AFTER_STOP,
@@ -654,10 +653,10 @@ class Supervisor:
             await self._start_run(inst)
         elif action is Action.SIGNAL:
             if run is not None and run.status is None:
-                _signal_group(run.pid, inst.spec.stop_signal)
+                signal_group(run.pid, inst.spec.stop_signal)
         elif action is Action.KILL:
             if run is not None and run.status is None:
-                _signal_group(run.pid, signal.SIGKILL)
+                signal_group(run.pid, signal.SIGKILL)
         elif action is Action.CLEAR_LEAF:
             await self._with_partition(inst, lambda: self._clear_leaf(inst))
         elif action is Action.RELEASE_LEAF:
@@ -801,12 +800,3 @@ class Supervisor:
         survivors = await self.backend.kill_leaf(inst.partition, inst.leaf)
         if survivors:
             log.warning("leftover processes survived SIGKILL", worker=inst.name, pids=survivors)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """Workers lead their own session (start_new_session), so the group is theirs alone."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
