@@ -573,3 +573,33 @@ def test_log_keys_are_validated_and_located(cfg: ConfigDir) -> None:
     cfg.daemon_extra = 'log = { max_size = "2MiB" }\n'
     daemon = load(cfg.write()).daemon
     assert (daemon.log.max_size, daemon.log.keep) == (2 << 20, 5)
+
+
+def test_a_writer_that_stopped_reading_never_holds_the_run_end_thread(tmp_path: Path) -> None:
+    """A writer stuck on a full disk leaves the pipe full. The run-end mark must not then
+    block its thread forever (each exit of a crash-looping worker would strand one), and
+    the threads that do wait are the log's own few, not the pool spawns run in."""
+    import threading
+
+    from supervisord_qnx.supervise import logpipe
+
+    read_end, write_end = os.pipe()
+    lock = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.set_blocking(write_end, False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                os.write(write_end, b"x" * 4096)
+        os.set_blocking(write_end, True)
+        done = threading.Event()
+
+        def end() -> None:
+            logpipe._end_run(write_end, lock, 0.2)
+            done.set()
+
+        threading.Thread(target=end, daemon=True).start()
+        assert done.wait(5), "the run-end mark blocked on a full pipe"
+    finally:
+        os.close(read_end)  # unblocks a stuck write (EPIPE) so the thread can end
+        os.close(write_end)
+        os.close(lock)

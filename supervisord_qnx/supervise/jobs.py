@@ -38,6 +38,7 @@ import errno
 import math
 import os
 import signal
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
@@ -557,5 +558,12 @@ def _open_log(log_dir: Path, path: Path) -> int:
         if exc.errno in (errno.ELOOP, errno.ENXIO):
             raise OSError(exc.errno, f"log file {path} is not a regular file") from None
         raise
-    os.set_blocking(fd, True)
+    try:
+        # A device node or other non-file planted at the path is refused, as for workers.
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"log file {path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd

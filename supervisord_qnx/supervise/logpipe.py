@@ -207,11 +207,16 @@ def _end_run(fd: int, lock: int, wait: float) -> None:
     writer has read everything and written it: the pipe is empty, and the append in
     progress (which holds the log's lock) is over. Blocking: the mark waits for room
     in a full pipe."""
+    fionread = getattr(termios, "FIONREAD", None)
+    if not _room_for_mark(fd, fionread):
+        # The writer is far behind (a full disk?): the mark would block this thread until
+        # it reads again. Without it a half line may join the next run's first line;
+        # without the check every exit would leave a thread stuck here.
+        return
     try:
         os.write(fd, logwriter.RUN_END)
     except BrokenPipeError:
         return  # the writer is gone; the next spawn starts a new one
-    fionread = getattr(termios, "FIONREAD", None)
     deadline = time.monotonic() + wait
     unread = array.array("i", [0])
     while fionread is not None and time.monotonic() < deadline:
@@ -223,6 +228,22 @@ def _end_run(fd: int, lock: int, wait: float) -> None:
             _wait_for_append(lock, deadline)
             return
         time.sleep(0.005)
+
+
+def _room_for_mark(fd: int, fionread: int | None) -> bool:
+    """Whether the pipe has room for the run-end mark now (the run's processes are gone,
+    so nothing else fills it meanwhile). Where the pipe's size or fill cannot be read,
+    assume room: ``end_run`` still bounds the threads that may then wait."""
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", None)
+    if fionread is None or get_size is None:
+        return True
+    unread = array.array("i", [0])
+    try:
+        size = fcntl.fcntl(fd, get_size)
+        fcntl.ioctl(fd, fionread, unread)
+    except OSError:
+        return True
+    return size - unread[0] >= len(logwriter.RUN_END)
 
 
 def _wait_for_append(lock: int, deadline: float) -> None:
@@ -245,8 +266,23 @@ async def end_run(writer: Writer, wait: float) -> None:
         # Abandoned (not cancelled) past the deadline: a writer stuck on a full disk
         # must not hold the worker's task; the thread ends when the pipe drains.
         await trio.to_thread.run_sync(
-            _end_run, writer.fd, writer.lock, wait, abandon_on_cancel=True
+            _end_run, writer.fd, writer.lock, wait, abandon_on_cancel=True, limiter=_limiter()
         )
+
+
+# Threads that wait for writers at a run's end: their own few, so that writers stuck on a
+# full disk can never take the threads spawns and stops run in (trio's default pool).
+END_RUN_THREADS = 4
+_END_RUN_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("end_run")
+
+
+def _limiter() -> trio.CapacityLimiter:
+    try:
+        return _END_RUN_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(END_RUN_THREADS)
+        _END_RUN_LIMITER.set(limiter)
+        return limiter
 
 
 async def reap_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
