@@ -80,6 +80,7 @@ from typing import Any, ClassVar
 import trio
 
 from supervisord_qnx.partition.controls import Control, Enforcement
+from supervisord_qnx.partition.process import ProcessSettings, wrapped_argv
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 # Control and Enforcement are part of this interface's words; they live in controls.py.
@@ -115,6 +116,8 @@ class SpawnRequest:
     stdout: int  # an open file descriptor, inherited by the child
     stderr: int
     pass_fds: Sequence[int] = ()
+    # Identity, privileges, scheduling: applied after the attach, before the program.
+    process: ProcessSettings = field(default_factory=ProcessSettings)
 
     def popen_kwargs(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The ``subprocess.Popen`` settings every backend starts a worker with: no stdin,
@@ -289,6 +292,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         """Start a worker process already inside its partition. Blocking: call from a thread."""
+
+    def exec_argv(self, request: SpawnRequest) -> list[str]:
+        """The argv a backend execs for ``request``: the worker's own behind the wrappers that
+        apply ``request.process`` (``partition/process.py``). A backend whose launcher has
+        options of its own for these settings overrides it."""
+        return wrapped_argv(request.process, request.argv)
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan | None:
         """Prepare the request's leaf as ``spawn`` would, and say how a process started by

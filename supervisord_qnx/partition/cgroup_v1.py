@@ -425,7 +425,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         self.ensure_leaf(path, leaf)
         dirs = self._dirs(path, leaf)
         kwargs = request.popen_kwargs()
-        argv = list(request.argv)
+        argv = self.exec_argv(request)
         if self.spawn_strategy == "thread":
             return self._spawn_moved_thread(dirs, argv, kwargs, path)
         procs = [str(d / "cgroup.procs") for d in dirs]

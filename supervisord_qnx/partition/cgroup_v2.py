@@ -483,9 +483,9 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         kwargs = request.popen_kwargs()
         if self.spawn_strategy == "preexec":
             return subprocess.Popen(
-                list(request.argv), preexec_fn=fs.preexec_attach(procs), **kwargs
+                self.exec_argv(request), preexec_fn=fs.preexec_attach(procs), **kwargs
             )
-        return fs.spawn_shim(list(request.argv), procs, kwargs)
+        return fs.spawn_shim(self.exec_argv(request), procs, kwargs)
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         self.ensure_leaf(request.partition, request.leaf)

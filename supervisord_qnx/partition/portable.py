@@ -184,7 +184,7 @@ class PortableBackend(Backend):
 
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         limits, tag = self._prepare(request)
-        argv = _shim(list(request.argv), limits) if limits else list(request.argv)
+        argv = _shim(self.exec_argv(request), limits) if limits else self.exec_argv(request)
         return subprocess.Popen(argv, **request.popen_kwargs({**request.env, **tag}))
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:

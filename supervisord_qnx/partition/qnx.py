@@ -348,7 +348,8 @@ class QnxBackend(Backend):
         # The qnx-sim simulator's own settings, so its `on` finds the daemon's simulated
         # partitions; its `on` removes them before exec and QNX never sets them.
         env.update({k: v for k, v in os.environ.items() if k.startswith("QNX_SIM_")})
-        return subprocess.Popen(self.launch_argv(node, request.argv), **request.popen_kwargs(env))
+        argv = self.launch_argv(node, self.exec_argv(request))
+        return subprocess.Popen(argv, **request.popen_kwargs(env))
 
     def launch_argv(self, node: Partition, argv: Sequence[str]) -> list[str]:
         """``on`` with the partition and limits, then the worker's own argv."""

@@ -183,7 +183,8 @@ class WasmLauncher(Launcher):
             # The orphan sweep stays off for the whole request: the worker becomes the
             # daemon's child before the server answers, and may already have ended.
             with self.reaper.spawning():
-                pid = server.spawn(runner_argv, request.env, cwd, request.stdout, plan.as_dict())
+                settings = {**plan.as_dict(), "process": request.process.as_dict()}
+                pid = server.spawn(runner_argv, request.env, cwd, request.stdout, settings)
                 self.reaper.register(pid)
                 return pid
 

@@ -12,7 +12,8 @@ ordinary, safe ``fork`` of a plain Python process.
 Protocol, over a ``SOCK_SEQPACKET`` socketpair (one message = one datagram, so no
 framing): the server first sends ``{"ready": true}``; then, per request, the daemon
 sends JSON ``{"argv": [runner options], "env": {...}, "cwd": str, "plan":
-{"procs": [...], "rlimits": [[resource, value], ...], "env": {...}}}`` with the
+{"procs": [...], "rlimits": [[resource, value], ...], "env": {...}, "process":
+{...}}}`` (``process``: ``partition/process.py``'s settings) with the
 worker's log fd attached (``SCM_RIGHTS``), and the server answers ``{"pid": N}``
 or ``{"error": "..."}``. One request at a time (the client holds a lock).
 
@@ -266,6 +267,7 @@ def _worker(request: dict[str, Any], log_fd: int, report_fd: int) -> None:
     """W: attach, set up, report, then run the runner. Never returns."""
     import resource
 
+    from supervisord_qnx.partition import process
     from supervisord_qnx.wasm import outcome, runner
 
     t0 = time.perf_counter()
@@ -285,6 +287,9 @@ def _worker(request: dict[str, Any], log_fd: int, report_fd: int) -> None:
         if tag is not None:
             _retag(tag)
         os.setsid()
+        # Identity, privileges, scheduling: after the attach (which may need them),
+        # before any tenant code, as the exec wrappers do for other workers.
+        process.apply_self(process.ProcessSettings.from_dict(plan.get("process", {})))
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
