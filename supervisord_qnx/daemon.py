@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from supervisord_qnx import attached, sdnotify
+from supervisord_qnx import attached, identity, sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.methods import Methods
@@ -287,6 +287,7 @@ class Daemon:
                         max_message_bytes=cfg.max_message_bytes,
                         max_connections=self.max_connections,
                         task_status=task_status,
+                        **server_limits(self.config),
                     )
                 )
                 nursery.start_soon(self._signals)
@@ -337,6 +338,8 @@ class Daemon:
             log.warning("descriptor limit too low", detail=problem)
         own = need - FDS_CONNECTIONS
         self.max_connections = max(8, min(soft - own, MAX_CONNECTIONS))
+        if self.config.control.max_connections is not None:
+            self.max_connections = min(self.max_connections, self.config.control.max_connections)
 
     def _give_back_attached(self) -> None:
         """Processes a crashed predecessor attached are not leftovers: detach them (back
@@ -404,6 +407,22 @@ class Daemon:
             log.exception("reload failed")
         finally:
             _notify(sdnotify.READY)
+
+
+def server_limits(config: Config) -> dict[str, Any]:
+    """The control server's settings from ``[control]`` and ``socket_group``."""
+    control = config.control
+    group = config.daemon.socket_group
+    return {
+        "group": None if group is None else identity.gid_of(group),
+        "max_in_flight": control.max_in_flight,
+        "partial_frame_timeout": control.frame_timeout,
+        "idle_timeout": control.idle_timeout,
+        "max_connections_per_uid": control.max_connections_per_uid,
+        "max_elements": control.max_elements,
+        "max_depth": control.max_depth,
+        "decode_budget": control.decode_budget,
+    }
 
 
 def _refuse_if_live(path: Path) -> None:

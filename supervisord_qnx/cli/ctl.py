@@ -14,13 +14,15 @@ from typing import Any
 
 from supervisord_qnx.cli import run as run_cli
 from supervisord_qnx.control.client import Client, DaemonUnreachable, SubscriptionOverflow
-from supervisord_qnx.control.rpc import RpcError
+from supervisord_qnx.control.rpc import ErrorCode, RpcError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 # 5 means, for the one command that can end so: events -f, the daemon dropped this
 # follower for falling behind; reload, applied but the OS refused some resizes.
 EXIT_DROPPED = 5
 EXIT_PARTIAL = 5
+# The daemon refused: the caller's role (docs/security.md) does not allow the command.
+EXIT_DENIED = 6
 
 DEFAULT_SOCKET = os.environ.get("SUPERVISORD_QNX_SOCKET", "run/control.sock")
 
@@ -55,7 +57,9 @@ and nothing changed); 2 usage; 3 `status`: some listed worker is not running;
 5 `events -f`: the daemon dropped this follower because it fell more than
 [daemon] subscriber_queue events behind (the count is printed); `reload`: applied,
 but the OS refused some resizes (those partitions keep their previous limits; listed
-under "failed"). `run` and `job` exit with the job's code (`run --help`).
+under "failed"); 6 permission denied: your uid's role ([[control.grant]] in the
+daemon config, docs/security.md) does not allow this command (or this tenant).
+`run` and `job` exit with the job's code (`run --help`).
 
 examples:
   supervisorctl-qnx --socket run/control.sock status
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"supervisorctl-qnx: {method}: {exc.message} ({exc.code})", file=sys.stderr)
             for problem in exc.data.get("problems", []):
                 print(f"  {problem}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_DENIED if exc.code == ErrorCode.PERMISSION_DENIED else EXIT_ERROR
     if args.json and method == "metrics":
         print(json.dumps(_metric_samples(result), indent=2))
     elif args.json:
@@ -295,7 +299,7 @@ def follow_events(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     except RpcError as exc:
         print(f"supervisorctl-qnx: events: {exc.message} ({exc.code})", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_DENIED if exc.code == ErrorCode.PERMISSION_DENIED else EXIT_ERROR
     return EXIT_OK  # not reached: the stream ends only by an exception
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from supervisord_qnx import identity
 from supervisord_qnx.config import ordering
 from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec, WasmWorker
 from supervisord_qnx.partition import tree as ptree
@@ -107,6 +108,7 @@ def load(config_path: str | Path) -> Config:
     except ValidationError as exc:
         raise ConfigError(_problems_from(exc, path)) from None
 
+    problems.extend(_identity_problems(daemon_file, path))
     tenants: list[TenantSpec] = []
     tenant_files: dict[str, Path] = {}
     # Names of tenant files that failed to load: an `after` naming one is not "unknown"
@@ -158,11 +160,31 @@ def load(config_path: str | Path) -> Config:
         tenants=tenants,
         tenant_files=tenant_files,
         tree=tree,
+        control=daemon_file.control,
     )
     problems += [locate(config, p.partition, p.key, p.reason) for p in tree_problems]
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _identity_problems(daemon_file: DaemonFile, path: Path) -> list[Located]:
+    """User and group names that the system's user database does not know: a grant
+    for a misspelt group would silently grant nothing."""
+    out = []
+    group = daemon_file.daemon.socket_group
+    if group is not None and identity.gid_of(group) is None:
+        out.append(Located(str(path), "daemon.socket_group", f"no group named {group!r}"))
+    for n, grant in enumerate(daemon_file.control.grant):
+        for user in grant.uids:
+            if identity.uid_of(user) is None:
+                key = f"control.grant[{n}].uids"
+                out.append(Located(str(path), key, f"no user named {user!r}"))
+        for g in grant.groups:
+            if identity.gid_of(g) is None:
+                key = f"control.grant[{n}].groups"
+                out.append(Located(str(path), key, f"no group named {g!r}"))
+    return out
 
 
 def locate(config: Config, partition: str, key: str, reason: str) -> Located:

@@ -258,6 +258,9 @@ class TenantSpec(PartitionSpec):
 class DaemonSpec(Strict):
     socket: ResolvedPath = Path("run/control.sock")
     socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o600
+    # The socket's (and its directory's) owner group, a name or a gid, so that an
+    # operator group can connect without root (docs/security.md, "The control socket").
+    socket_group: str | Annotated[int, Field(ge=0)] | None = None
     state_dir: ResolvedPath = Path("run/state")
     log_dir: ResolvedPath = Path("run/log")
     backend: BackendName = "auto"
@@ -292,10 +295,55 @@ class DaemonSpec(Strict):
         )
 
 
+# -- the control socket: who may do what, and the server's limits (docs/security.md) --
+
+UserOrGroup = str | Annotated[int, Field(ge=0)]
+
+
+class Grant(Strict):
+    """``[[control.grant]]``: a role for the peers whose uid, or one of whose groups, is
+    listed. ``operator`` needs ``tenants``: the tenants it may act on."""
+
+    role: Literal["admin", "operator", "viewer"]
+    uids: list[UserOrGroup] = Field(default_factory=list)
+    groups: list[UserOrGroup] = Field(default_factory=list)
+    tenants: list[Name] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Grant:
+        if not self.uids and not self.groups:
+            raise ValueError("a grant needs uids or groups: whom it is for")
+        if self.role == "operator" and not self.tenants:
+            raise ValueError("an operator grant needs tenants: the tenants it may act on")
+        if self.role != "operator" and self.tenants:
+            raise ValueError(f"tenants is for operator grants; a {self.role} has no tenant list")
+        return self
+
+
+class ControlSpec(Strict):
+    """``[control]``: grants, and the limits that keep one client from costing the
+    others anything. Limits take effect at daemon start; grants also at ``reload``."""
+
+    grant: list[Grant] = Field(default_factory=list)
+    # None: as many as the descriptor limit leaves after the daemon's own needs (≤ 4096).
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 64
+    # A connection with nothing running and nothing subscribed, silent this long, is closed.
+    idle_timeout: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    # The whole of one message must arrive within this many seconds of its first byte.
+    frame_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_depth: Annotated[int, Field(ge=4, le=512)] = 32
+    max_elements: Annotated[int, Field(ge=16, le=10_000_000)] = 100_000
+    # What requests being received or run may hold, summed over all connections.
+    decode_budget: Annotated[Size, Field(ge=1 << 20)] = 64 << 20
+
+
 class DaemonFile(Strict):
     """The top-level daemon config file as written."""
 
     daemon: DaemonSpec = DaemonSpec()
+    control: ControlSpec = ControlSpec()
     partition: list[PartitionSpec] = Field(default_factory=list)
 
 
@@ -311,6 +359,7 @@ class Config(BaseModel):
     tenants: list[TenantSpec]
     tenant_files: dict[str, Path]  # tenant name -> file, for error messages and reload
     tree: PartitionTree
+    control: ControlSpec = ControlSpec()
 
     def file_for(self, partition: str) -> Path:
         """The file that declares a partition: its tenant's file, else the daemon's."""

@@ -19,6 +19,7 @@ import trio
 from supervisord_qnx import __version__, attached, logtail
 from supervisord_qnx.config.load import ConfigError
 from supervisord_qnx.config.model import Config
+from supervisord_qnx.control.access import Authorizer
 from supervisord_qnx.control.jobs import JobMethods
 from supervisord_qnx.control.metrics import Exporter, error_code
 from supervisord_qnx.control.report import partitions_report
@@ -149,17 +150,27 @@ class Methods:
         self.table.add("unsubscribe", self.unsubscribe)
         self._paths_for: Config | None = None
         self._paths: dict[str, str] = {}
+        # Who may call what (access.py): checked before every handler.
+        self.access = Authorizer(lambda: self.daemon.config, self._job_partition)
 
     async def dispatch(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
         # Every request is counted with the code it is answered with, and timed.
         began, code = time.monotonic(), "ok"
         try:
+            if method in self.table:
+                self.access.check(method, params, conn.peer)
             return await self.table(method, params, conn)
         except BaseException as exc:
             code = error_code(exc)
             raise
         finally:
             self.exporter.requests.observe(method, code, time.monotonic() - began)
+
+    def _job_partition(self, job_id: int) -> str | None:
+        try:
+            return self.daemon.jobs.get(job_id).path
+        except Exception:  # noqa: BLE001 - an unknown job belongs to no tenant
+            return None
 
     async def ping(self, params: dict[str, Any]) -> str:
         _params(params)

@@ -105,6 +105,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_STATE = "invalid_state"  # e.g. start a tenant that is already running
     PERMISSION_DENIED = "permission_denied"
     TOO_LARGE = "too_large"  # a request or its result is over the message size limit
+    OVERLOADED = "overloaded"  # the daemon holds all the requests its limits allow; retry
     CONFIG_INVALID = "config_invalid"  # carries "problems": [...]
     BACKEND_ERROR = "backend_error"  # the partition backend / OS refused
     INTERNAL = "internal"  # a bug in the daemon; the message is the exception text
@@ -347,6 +348,33 @@ def _peek_head(head: bytes) -> tuple[MessageKind | None, int | None]:
     return MessageKind(tag), msgid
 
 
+class _TooManyElements(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"message holds more than {limit} arrays, maps and elements (the server's "
+            f"max_elements); send less per request (the connection is closed)"
+        )
+
+
+def _deeper_than(message: object, limit: int) -> bool:
+    """Whether arrays and maps nest more than ``limit`` deep (iterative: the message may
+    be as deep as the decoder's own stack allows). Cheap: the message holds at most
+    ``max_elements`` containers."""
+    stack: list[tuple[object, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, list):
+            children: Any = value
+        elif isinstance(value, dict):
+            children = value.values()
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 class RpcConnection:
     """One side of one connection: bytes in, events out.
 
@@ -355,10 +383,23 @@ class RpcConnection:
     to do with kinds it does not expect.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        max_elements: int | None = None,
+        max_depth: int | None = None,
+    ) -> None:
         if max_message_bytes < 64:
             raise ValueError("max_message_bytes below 64 cannot carry even an error response")
         self.max_message_bytes = max_message_bytes
+        # What decoding one message may build (rule 4): the server sets these, a client
+        # trusts its daemon's answers (a big status is many elements).
+        self.max_elements = max_elements
+        self.max_depth = max_depth
+        self._elements = 0  # elements of the message being decoded so far
+        self.last_elements = 0  # elements of the last message decoded
+        self.last_bytes = 0  # its encoded size
         # raw=False: method names and error codes are text, so str must come
         # out as str; invalid UTF-8 is then a decode error (fatal), which is
         # right because the spec says strings are UTF-8.
@@ -373,15 +414,23 @@ class RpcConnection:
         # string or array longer than a whole message is rejected at once
         # instead of after a megabyte of waiting.
         limit = max_message_bytes
+        # max_elements: no one array or map may declare more, and the hooks count every
+        # container as it completes, so decoding stops (too_large) as soon as the
+        # message holds more in all, before it can build a million empty lists.
+        counted = max_elements is not None
+        hooks: dict[str, Any] = (
+            {"list_hook": self._count_list, "object_hook": self._count_map} if counted else {}
+        )
         self._unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=True,
             max_buffer_size=limit,
             max_str_len=limit,
             max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit // 2,
+            max_array_len=min(limit, max_elements or limit),
+            max_map_len=min(limit // 2, max_elements or limit),
             max_ext_len=limit,
+            **hooks,
         )
         self._pending = bytearray()  # received, not yet handed to the unpacker
         self._fed = 0  # stream offset up to which bytes went to the unpacker
@@ -441,13 +490,20 @@ class RpcConnection:
                 return NEED_DATA
             except ProtocolError:
                 raise
+            except _TooManyElements as exc:
+                self._fail(ErrorCode.TOO_LARGE, str(exc))
             except Exception as exc:  # noqa: BLE001 - the C decoder's types are undocumented
                 # The C decoder's exception types are not a documented
                 # contract (ValueError, FormatError, StackError,
                 # UnicodeDecodeError, ...). All mean "these bytes are not a
                 # msgpack value we accept"; the stream cannot be resynced.
                 self._fail_undecodable(exc)
+            start = self._msg_start
             self._message_done()
+            self.last_bytes = self._msg_start - start
+            self.last_elements, self._elements = self._elements, 0
+            if self.max_depth is not None and _deeper_than(message, self.max_depth):
+                return self._too_deep(message)
             return self._classify(message)
 
     def events(self) -> Iterator[Event]:
@@ -456,6 +512,20 @@ class RpcConnection:
             yield event
 
     # -- internals -----------------------------------------------------------
+
+    def _count(self, n: int) -> None:
+        self._elements += n
+        assert self.max_elements is not None
+        if self._elements > self.max_elements:
+            raise _TooManyElements(self.max_elements)
+
+    def _count_list(self, value: list[Any]) -> list[Any]:
+        self._count(len(value) + 1)
+        return value
+
+    def _count_map(self, value: dict[str, Any]) -> dict[str, Any]:
+        self._count(2 * len(value) + 1)
+        return value
 
     def _feed_more(self) -> bool:
         """Give the unpacker more of ``_pending``, never past the size limit of one message."""
@@ -545,6 +615,22 @@ class RpcConnection:
         if problem is not None:
             return _bad(kind, msgid, problem)
         return Response(msgid, RpcError.from_wire(error), result)
+
+    def _too_deep(self, message: object) -> Event:
+        """A whole message nested deeper than ``max_depth``: answerable, the stream is
+        in sync (a request gets ``bad_request``; anything else is dropped)."""
+        text = (
+            f"the message is nested deeper than {self.max_depth} levels of arrays and maps "
+            f"(the server's max_depth); send flatter data"
+        )
+        if (
+            isinstance(message, list)
+            and len(message) >= 2
+            and message[0] == MessageKind.REQUEST
+            and _is_uint32(message[1])
+        ):
+            return _bad(MessageKind.REQUEST, message[1], text)
+        return _bad(MessageKind.NOTIFICATION, None, text)
 
     def _notification(self, message: list[Any]) -> Event:
         kind = MessageKind.NOTIFICATION

@@ -35,7 +35,6 @@ import math
 import os
 import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from itertools import count
@@ -45,6 +44,15 @@ from typing import Any, Final
 import structlog
 import trio
 
+from supervisord_qnx.control import peercred
+from supervisord_qnx.control.guard import (
+    BYTES_PER_ELEMENT,
+    DecodeBudget,
+    Holding,
+    PerUid,
+    ServerLimits,
+)
+from supervisord_qnx.control.peercred import PeerCredentials
 from supervisord_qnx.control.rpc import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ConnectionClosed,
@@ -104,21 +112,11 @@ class AlreadyRunning(ServeError):
         self.path = path
 
 
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """Who is on the other end, as the kernel saw it at connect time (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
 class Connection:
     """One client connection, as handlers see it.
 
-    ``peer`` is ``None`` where the platform does not report peer credentials
-    (SO_PEERCRED is Linux-only; QNX has getpeereid(), which Python's socket
-    module does not expose).
+    ``peer`` is who connected, read at accept (``peercred.py``: SO_PEERCRED on
+    Linux, getpeereid() on QNX), or ``None`` where the platform does not say.
     """
 
     def __init__(
@@ -300,7 +298,7 @@ def _probe_existing(path: Path) -> None:
         probe.close()
 
 
-def _bind(path: Path, mode: int) -> socket.socket:
+def _bind(path: Path, mode: int, group: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # bind() creates the file with 0777 & ~umask. umask is process-wide,
@@ -312,6 +310,9 @@ def _bind(path: Path, mode: int) -> socket.socket:
             sock.bind(os.fspath(path))
         finally:
             os.umask(old_umask)
+        if group is not None:
+            # Before the chmod: the group may connect from the moment its bits are set.
+            os.chown(path, -1, group)
         os.chmod(path, mode)
         sock.listen(_LISTEN_BACKLOG)
     except OSError as exc:
@@ -339,28 +340,8 @@ def _remove_if_ours(path: Path, identity: tuple[int, int]) -> None:
         log.warning("could not remove the control socket", path=str(path), error=str(exc))
 
 
-def _peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials | None:
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid=pid, uid=uid, gid=gid)
-
-
 # ---------------------------------------------------------------------------
 # Serving
-
-
-@dataclass(frozen=True, slots=True)
-class _Limits:
-    max_message_bytes: int
-    max_in_flight: int
-    partial_frame_timeout: float
-    max_connections: int | None = None
 
 
 class _Shedder:
@@ -445,49 +426,77 @@ async def serve(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     partial_frame_timeout: float = DEFAULT_PARTIAL_FRAME_TIMEOUT,
     max_connections: int | None = None,
+    group: int | None = None,
+    max_connections_per_uid: int | None = None,
+    idle_timeout: float = math.inf,
+    max_elements: int | None = None,
+    max_depth: int | None = None,
+    decode_budget: int | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control socket at ``path`` until cancelled.
 
     Raises :class:`AlreadyRunning` or :class:`ServeError` before listening if
     the path cannot be taken; ``task_status.started(path)`` is called once
-    clients can connect. ``partial_frame_timeout`` also bounds how long a
-    response may wait for a client that does not read. Beyond
-    ``max_connections`` open connections (``None``: no limit but the
-    descriptor limit) a new connection is closed as soon as it is accepted.
+    clients can connect. ``partial_frame_timeout`` is the deadline for the whole of
+    one message from its first byte, and also bounds how long a response may wait
+    for a client that does not read. Beyond ``max_connections`` open connections
+    (``None``: no limit but the descriptor limit), or ``max_connections_per_uid``
+    from one uid, a new connection is closed as soon as it is accepted. ``group``
+    owns the socket file. The other limits: ``guard.py``.
     """
     path = Path(path)
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
     RpcConnection(max_message_bytes)  # validates the limit here, not in every connection task
+    limits = ServerLimits(
+        max_message_bytes=max_message_bytes,
+        max_in_flight=max_in_flight,
+        frame_timeout=partial_frame_timeout,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        max_connections_per_uid=max_connections_per_uid,
+        max_elements=max_elements,
+        max_depth=max_depth,
+        decode_budget=decode_budget,
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ServeError(f"cannot create the directory for the control socket: {exc}") from exc
     _probe_existing(path)
-    listener = _bind(path, mode)
+    listener = _bind(path, mode, group)
     st = os.lstat(path)
     identity = (st.st_dev, st.st_ino)
-    limits = _Limits(max_message_bytes, max_in_flight, partial_frame_timeout, max_connections)
     shedder = _Shedder(listener)
     try:
         trio_listener = trio.socket.from_stdlib_socket(listener)
         log.info("control socket listening", path=str(path), mode=oct(mode))
         async with trio.open_nursery() as nursery:
             task_status.started(path)
-            await _accept_loop(trio_listener, dispatch, limits, nursery, shedder)
+            accounts = _Accounts(DecodeBudget(decode_budget), PerUid(max_connections_per_uid))
+            await _accept_loop(trio_listener, dispatch, limits, nursery, shedder, accounts)
     finally:
         shedder.close()
         listener.close()
         _remove_if_ours(path, identity)
 
 
+@dataclass(frozen=True, slots=True)
+class _Accounts:
+    """What connections share: the decode budget and the count per uid."""
+
+    budget: DecodeBudget
+    per_uid: PerUid
+
+
 async def _accept_loop(
     listener: trio.socket.SocketType,
     dispatch: Dispatch,
-    limits: _Limits,
+    limits: ServerLimits,
     nursery: trio.Nursery,
     shedder: _Shedder,
+    accounts: _Accounts,
 ) -> None:
     ids = count(1)
     while True:
@@ -505,32 +514,46 @@ async def _accept_loop(
         if shedder.over_limit(limits.max_connections):
             sock.close()
             continue
+        peer = peercred.read(sock)
+        uid = peer.uid if peer else None
+        if not accounts.per_uid.admit(uid):
+            sock.close()
+            continue
         conn = Connection(
             trio.SocketStream(sock),
             conn_id=next(ids),
-            peer=_peer_credentials(sock),
-            write_timeout=limits.partial_frame_timeout,
+            peer=peer,
+            write_timeout=limits.frame_timeout,
         )
         shedder.open_connections += 1
-        nursery.start_soon(_serve_counted, conn, dispatch, limits, shedder)
+        nursery.start_soon(_serve_counted, conn, dispatch, limits, shedder, accounts)
 
 
 async def _serve_counted(
-    conn: Connection, dispatch: Dispatch, limits: _Limits, shedder: _Shedder
+    conn: Connection,
+    dispatch: Dispatch,
+    limits: ServerLimits,
+    shedder: _Shedder,
+    accounts: _Accounts,
 ) -> None:
+    holding = Holding(accounts.budget)
     try:
-        await _serve_connection(conn, dispatch, limits)
+        await _serve_connection(conn, dispatch, limits, holding)
     finally:
+        holding.release()
         shedder.open_connections -= 1
+        accounts.per_uid.closed(conn.peer.uid if conn.peer else None)
 
 
-async def _serve_connection(conn: Connection, dispatch: Dispatch, limits: _Limits) -> None:
+async def _serve_connection(
+    conn: Connection, dispatch: Dispatch, limits: ServerLimits, holding: Holding
+) -> None:
     peer = conn.peer
     clog = log.bind(conn=conn.id, peer_pid=peer.pid if peer else None)
     clog.debug("control connection opened", peer_uid=peer.uid if peer else None)
     try:
         async with trio.open_nursery() as requests:
-            await _read_loop(conn, dispatch, limits, requests, clog)
+            await _read_loop(conn, dispatch, limits, requests, clog, holding)
             # Fall through: the nursery lets running requests finish, so a
             # client that half-closes after sending still gets its answers;
             # but streams would run on forever, so they end here.
@@ -543,48 +566,131 @@ async def _serve_connection(conn: Connection, dispatch: Dispatch, limits: _Limit
 async def _read_loop(
     conn: Connection,
     dispatch: Dispatch,
-    limits: _Limits,
+    limits: ServerLimits,
     requests: trio.Nursery,
     clog: Any,
+    holding: Holding,
 ) -> None:
-    rpc = RpcConnection(limits.max_message_bytes)
+    rpc = RpcConnection(
+        limits.max_message_bytes, max_elements=limits.max_elements, max_depth=limits.max_depth
+    )
     in_flight = trio.Semaphore(limits.max_in_flight)
     stream = conn.stream
+    buffered = 0  # bytes of an incomplete message, as charged to ``holding``
+    frame_deadline = math.inf
     while True:
-        # Silence between messages is fine (a subscriber waits for
-        # notifications); silence in the middle of one is a stuck or hostile
-        # peer holding a buffer, so that alone is timed out.
-        timeout = limits.partial_frame_timeout if rpc.mid_frame else math.inf
+        # Silence between messages is fine for a while (a subscriber waits for
+        # notifications; a client thinks); a message must arrive whole by its deadline,
+        # counted from its first byte, however the peer trickles it (slowloris).
+        deadline = frame_deadline if rpc.mid_frame else trio.current_time() + limits.idle_timeout
         data: bytes | None = None
-        with trio.move_on_after(timeout):
+        with trio.move_on_at(deadline):
             try:
                 data = await stream.receive_some(_READ_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
         if data is None:
-            clog.info("closing connection idle in the middle of a message", timeout=timeout)
-            return
+            if _give_up_waiting(rpc, conn, in_flight, limits, clog):
+                return
+            continue
+        started = not rpc.mid_frame  # this read begins a message
         rpc.receive_data(data)
-        try:
-            for event in rpc.events():
-                if isinstance(event, Request):
-                    # Backpressure: with max_in_flight requests running, wait
-                    # here, which stops reading this connection.
-                    await in_flight.acquire()
-                    requests.start_soon(
-                        _run_request, conn, dispatch, event, in_flight, limits, clog
-                    )
-                elif isinstance(event, ConnectionClosed):
-                    if event.partial:
-                        clog.info("client closed the connection in the middle of a message")
-                    return
-                else:
-                    await _answer_other(conn, event, clog)
-        except ProtocolError as exc:
-            clog.info("protocol error, closing connection", code=str(exc.code), error=exc.message)
-            if exc.kind is MessageKind.REQUEST and exc.msgid is not None:
-                await conn.send_raw(encode_error(exc.msgid, RpcError(exc.code, exc.message)))
+        if not holding.change(rpc.buffered_bytes - buffered):
+            clog.warning(
+                "closing connection: the requests of all connections hold the whole decode budget",
+                decode_budget=limits.decode_budget,
+            )
             return
+        buffered = rpc.buffered_bytes
+        try:
+            events = await _take_events(conn, rpc, dispatch, in_flight, limits, requests,
+                                        clog, holding)  # fmt: skip
+        finally:
+            holding.change(rpc.buffered_bytes - buffered)
+            buffered = rpc.buffered_bytes
+        if events is None:
+            return
+        if (started or events) and rpc.mid_frame:
+            frame_deadline = trio.current_time() + limits.frame_timeout
+
+
+async def _take_events(
+    conn: Connection,
+    rpc: RpcConnection,
+    dispatch: Dispatch,
+    in_flight: trio.Semaphore,
+    limits: ServerLimits,
+    requests: trio.Nursery,
+    clog: Any,
+    holding: Holding,
+) -> int | None:
+    """Act on every message now complete; how many there were, or ``None`` when the
+    connection is to be closed."""
+    n = 0
+    try:
+        for event in rpc.events():
+            n += 1
+            if isinstance(event, Request):
+                # Backpressure: with max_in_flight requests running, wait
+                # here, which stops reading this connection.
+                await in_flight.acquire()
+                cost = rpc.last_bytes + rpc.last_elements * BYTES_PER_ELEMENT
+                if not holding.change(cost):
+                    in_flight.release()
+                    await _over_budget(conn, event, limits, clog)
+                    continue
+                requests.start_soon(
+                    _run_request, conn, dispatch, event, in_flight, limits, clog,
+                    lambda cost=cost: holding.change(-cost),
+                )  # fmt: skip
+            elif isinstance(event, ConnectionClosed):
+                if event.partial:
+                    clog.info("client closed the connection in the middle of a message")
+                return None
+            else:
+                await _answer_other(conn, event, clog)
+    except ProtocolError as exc:
+        clog.info("protocol error, closing connection", code=str(exc.code), error=exc.message)
+        if exc.kind is MessageKind.REQUEST and exc.msgid is not None:
+            await conn.send_raw(encode_error(exc.msgid, RpcError(exc.code, exc.message)))
+        return None
+    return n
+
+
+def _give_up_waiting(
+    rpc: RpcConnection,
+    conn: Connection,
+    in_flight: trio.Semaphore,
+    limits: ServerLimits,
+    clog: Any,
+) -> bool:
+    """A read timed out: whether to close the connection (a message not whole by its
+    deadline, or an idle connection) or wait on (its answers or its events are due)."""
+    if rpc.mid_frame:
+        clog.info(
+            "closing connection: a message did not arrive whole in time",
+            frame_timeout=limits.frame_timeout,
+        )
+        return True
+    if in_flight.value < limits.max_in_flight or conn._streams:  # noqa: SLF001
+        return False  # waiting for its answers or its events is not idleness
+    clog.info("closing idle connection", idle_timeout=limits.idle_timeout)
+    return True
+
+
+async def _over_budget(conn: Connection, request: Request, limits: ServerLimits, clog: Any) -> None:
+    clog.warning(
+        "request refused: the requests of all connections hold the whole decode budget",
+        method=request.method,
+        decode_budget=limits.decode_budget,
+    )
+    error = RpcError(
+        ErrorCode.OVERLOADED,
+        f"{request.method} was not run: the daemon holds as many requests from all "
+        f"connections as its decode budget ({limits.decode_budget} bytes) allows; "
+        f"retry later",
+    )
+    await conn.send_raw(encode_error(request.msgid, error))
 
 
 async def _answer_other(conn: Connection, event: object, clog: Any) -> None:
@@ -611,8 +717,9 @@ async def _run_request(
     dispatch: Dispatch,
     request: Request,
     in_flight: trio.Semaphore,
-    limits: _Limits,
+    limits: ServerLimits,
     clog: Any,
+    release_budget: Callable[[], object] = lambda: None,
 ) -> None:
     msgid, method = request.msgid, request.method
     stream: Streaming | None = None
@@ -659,6 +766,7 @@ async def _run_request(
         if stream is not None and sent and not conn.closed:
             # A stream is not work in flight: its slot goes back to the requests.
             in_flight.release()
+            release_budget()
             released = True
             conn._add_stream(stream.stop)  # noqa: SLF001 - the server's own registry
             try:
@@ -673,3 +781,4 @@ async def _run_request(
             stream.stop()
         if not released:
             in_flight.release()
+            release_budget()
