@@ -568,6 +568,14 @@ class RpcConnection:
 
     def _fail_undecodable(self, exc: Exception) -> NoReturn:
         text = str(exc)
+        if (
+            isinstance(exc, ValueError)
+            and ("exceeds max_array_len" in text or "exceeds max_map_len" in text)
+            and self.max_elements is not None
+            and self.max_elements < self.max_message_bytes // 2
+        ):
+            # An array or map header declaring more elements than a message may hold.
+            self._fail(ErrorCode.TOO_LARGE, str(_TooManyElements(self.max_elements)))
         if isinstance(exc, ValueError) and "exceeds max_" in text:
             # msgpack's length checks ("4294967295 exceeds max_array_len(...)"):
             # a declared length that alone is more than a whole message.
