@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from supervisord_qnx import attached, identity, sdnotify
+from supervisord_qnx import attached, identity, safedirs, sdnotify
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.methods import Methods
@@ -43,6 +43,7 @@ from supervisord_qnx.control.server import AlreadyRunning, ServeError, serve
 from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
+from supervisord_qnx.safedirs import UnsafePath
 from supervisord_qnx.supervise.events import EventBus
 from supervisord_qnx.supervise.jobs import Jobs
 from supervisord_qnx.supervise.reaper import ChildReaper, become_subreaper
@@ -252,6 +253,8 @@ class Daemon:
         # Before touching any partition: a live daemon on our socket owns them, and so
         # does whoever holds the locks (reaping "leftovers" would kill its workers).
         _refuse_if_live(Path(cfg.socket))
+        # Before anything is written into them (the lock, logs, the socket).
+        await trio.to_thread.run_sync(secure_dirs, self.config)
         roots = self.backend.lock_paths()
         await trio.to_thread.run_sync(self.ownership.take, Path(cfg.state_dir), roots)
         try:
@@ -409,6 +412,23 @@ class Daemon:
             _notify(sdnotify.READY)
 
 
+def daemon_umask(config: Config) -> int:
+    """The umask the daemon sets for itself: nothing it creates is for others, except
+    read access for the socket's group where one is configured."""
+    return 0o077 if config.daemon.socket_group is None else 0o027
+
+
+def secure_dirs(config: Config) -> None:
+    """Create or check the socket, state and log directories (``safedirs.py``); raises
+    ``UnsafePath`` if someone else could tamper with one."""
+    cfg = config.daemon
+    safedirs.secure_dir(cfg.state_dir)
+    safedirs.secure_dir(cfg.log_dir)
+    group = None if cfg.socket_group is None else identity.gid_of(cfg.socket_group)
+    mode = 0o700 if group is None else 0o750
+    safedirs.secure_dir(Path(cfg.socket).parent, mode=mode, group=group, socket_dir=True)
+
+
 def server_limits(config: Config) -> dict[str, Any]:
     """The control server's settings from ``[control]`` and ``socket_group``."""
     control = config.control
@@ -481,6 +501,7 @@ __all__ = [
     "Enforcement",
     "InUse",
     "ServeError",
+    "UnsafePath",
     "admit",
     "configure_logging",
     "make_backend",

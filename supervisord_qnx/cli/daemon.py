@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     import trio
 
     d.configure_logging(config.daemon.log_format, config.daemon.log_level)
+    # Process-wide and for good: whatever the service manager left (even 000), files
+    # the daemon creates are not for others (docs/security.md, "Files and directories").
+    os.umask(d.daemon_umask(config))
     daemon = d.Daemon(config, backend, tree, warnings)
     daemon.io_backend = io_backend
     try:
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except (d.AlreadyRunning, d.InUse) as exc:
         print(f"supervisord-qnx: {exc}", file=sys.stderr)
         return EXIT_RUNNING
+    except d.UnsafePath as exc:
+        print(f"supervisord-qnx: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except BaseExceptionGroup as group:
         # Failures inside the daemon's nursery arrive grouped; report the operator's
         # kind (socket taken, socket path unusable) plainly, re-raise anything else.
