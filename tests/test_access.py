@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ import pytest
 
 from supervisord_qnx.config.load import ConfigError, load
 from supervisord_qnx.config.model import ControlSpec, Grant
-from supervisord_qnx.control.access import METHOD_ACCESS, Role, standing
+from supervisord_qnx.control import peercred
+from supervisord_qnx.control.access import METHOD_ACCESS, Authorizer, Role, standing
 from supervisord_qnx.control.methods import Methods
 from tests.conftest import ConfigDir, cli_env, wait_until, worker_py
 from tests.test_cli import CTL, DaemonProc, ctl
@@ -58,6 +60,28 @@ def test_grants_add_up_to_the_highest_role_and_the_union_of_tenants() -> None:
     assert (st.role, st.tenants) == (Role.OPERATOR, frozenset({"a", "b"}))
     assert standing(spec, STRANGER, frozenset({OPS_GID}), daemon_uid=0).tenants == {"b"}
     assert standing(spec, STRANGER, frozenset({1}), daemon_uid=0).role is Role.NONE
+
+
+def test_peer_credentials_are_the_kernels_view_of_the_other_end() -> None:
+    # A real connected pair in this process: the kernel reports our own pid, uid, gid
+    # and supplementary groups (SO_PEERCRED and SO_PEERGROUPS).
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        peer = peercred.read(a)
+    assert peer is not None
+    assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.geteuid(), os.getegid())
+    assert set(peer.groups) == set(os.getgroups())
+
+
+def test_a_peer_of_unknown_identity_is_the_owner_only_on_a_private_socket(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "daemon.toml").write_text("[daemon]\nsocket_mode = 0o600\n")
+    private = load(tmp_path / "daemon.toml")
+    (tmp_path / "daemon.toml").write_text("[daemon]\nsocket_mode = 0o660\n")
+    shared = load(tmp_path / "daemon.toml")
+    assert Authorizer(lambda: private, lambda _: None).standing_of(None).role is Role.ADMIN
+    assert Authorizer(lambda: shared, lambda _: None).standing_of(None).role is Role.NONE
 
 
 def test_every_served_method_has_a_row_in_the_access_table_and_in_the_doc() -> None:

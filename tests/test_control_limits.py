@@ -288,3 +288,85 @@ def test_the_issues_amplification_attack_leaves_the_daemon_small(cfg: ConfigDir)
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(timeout=30)
+
+
+FLOOD = """
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+held, shut = [], 0
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(5)
+    try:
+        s.sendall(bytes([0x94, 0, 1, 0xa4]) + b"ping" + bytes([0x90]))
+        answered = s.recv(64) != b""
+    except OSError:  # closed with our ping unread: reset
+        answered = False
+    shut += not answered
+    held.append(s)
+# Half a message on every connection still open, then hold on (slowloris).
+for s in held:
+    try:
+        s.sendall(bytes([0x94, 0, 2]))
+    except OSError:
+        pass
+print(shut, flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_a_flooding_user_is_capped_and_cut_off_while_root_is_answered(cfg: ConfigDir) -> None:
+    """The daemon's [control] settings, end to end: uid 65534 (a viewer) opens 12
+    connections and leaves half a message on each; only 4 are let in, and those are
+    closed at the 1 s frame deadline; root is answered all along."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import DaemonProc
+
+    cfg.tenant("flood", "[[worker]]\nname = 'w'\ncommand = ['sleep', '600']\n")
+    cfg.daemon_extra = (
+        "\n[[control.grant]]\nrole = 'viewer'\nuids = [65534]\n\n"
+        "[control]\nmax_connections_per_uid = 4\nframe_timeout = 1.0\n"
+    )
+    cfg.write(socket_mode=0o666)
+    d = DaemonProc(cfg)
+    try:
+        flood = subprocess.Popen(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+             sys.executable, "-c", FLOOD, str(cfg.socket), "12", "20"],
+            stdout=subprocess.PIPE, text=True, cwd="/",
+        )  # fmt: skip
+        try:
+            assert flood.stdout is not None
+            assert flood.stdout.readline().strip() == "8"  # 12 - 4 shut at once
+            began = time.monotonic()
+            with Client(cfg.socket, timeout=10) as c:
+                assert c.call("ping") == "pong"
+            # The 4 held ones are gone well before the flood's 20 s hold ends.
+            fds = lambda: sum(  # noqa: E731 - a one-off probe
+                1 for f in os.listdir(f"/proc/{flood.pid}/fd")
+                if os.readlink(f"/proc/{flood.pid}/fd/{f}").startswith("socket:")
+            )  # fmt: skip
+            assert fds() == 12
+            out = d.output
+            deadline = time.monotonic() + 15
+            while "a message did not arrive whole in time" not in out() and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
+            assert out().count("a message did not arrive whole in time") == 4, out()
+            assert "too many control connections from one user" in out()
+            assert time.monotonic() - began < 15
+            with Client(cfg.socket, timeout=10) as c:
+                assert c.call("ping") == "pong"
+        finally:
+            flood.kill()
+            flood.wait(timeout=30)
+        assert d.stop() == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=30)
