@@ -116,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit codes with -f: 0 stopped with Ctrl-C (or the reader of the output went "
         "away); 1 the daemon refused the subscription; 4 the daemon is unreachable or went "
         "away; 5 the daemon dropped this follower for falling more than [daemon] "
-        "subscriber_queue events behind.",
+        "subscriber_queue events behind; 6 permission denied (no role on this daemon).",
     )
     # Also after the command (`events -f --json`), as scripts tend to write it.
     s.add_argument(

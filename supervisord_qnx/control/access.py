@@ -155,7 +155,9 @@ class Authorizer:
             private = config.daemon.socket_mode & 0o077 == 0
             return Standing(Role.ADMIN if private else Role.NONE)
         # Requests come in runs from one connection: remember the last answer.
-        if self._cache_for != (config, peer):
+        # By identity for the config: comparing two configs field by field is not cheap.
+        cached = self._cache_for
+        if cached is None or cached[0] is not config or cached[1] != peer:
             self._cached = standing(config.control, peer.uid, peer_groups(peer))
             self._cache_for = (config, peer)
         return self._cached
