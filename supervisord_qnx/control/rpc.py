@@ -47,10 +47,13 @@ Rules of the module
 4. **Size limit.** One message may be at most ``max_message_bytes`` encoded
    bytes. The decoder is never handed more than that many bytes of one
    message, so an endless or enormous frame costs at most the limit in
-   buffered bytes before it is rejected with ``too_large``. (The decoded
-   Python objects can be larger than the bytes: an array of a million empty
-   arrays is about 64 bytes per element. The control socket is only open to
-   the daemon's own user, so that bound is accepted.)
+   buffered bytes before it is rejected with ``too_large``. The decoded
+   Python objects can be far larger than the bytes (an array of a million empty
+   arrays is about 64 bytes per element), so a server also sets
+   ``max_elements``: no array or map may declare more, and every container is
+   counted as it completes, so decoding stops with ``too_large`` as soon as the
+   message holds more in all; ``max_depth`` answers deeper nesting with
+   ``bad_request`` (the message decoded whole, the stream is in sync).
 
 5. **Encoding** is the ``encode_*`` functions; they never fail on values the
    decoder produced, and they turn pydantic models, paths, sets and enums
