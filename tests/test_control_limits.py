@@ -19,9 +19,18 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisord_qnx.control.client import AsyncClient, Client, ConnectionLost
-from supervisord_qnx.control.rpc import ErrorCode, RpcConnection, encode_request
+from supervisord_qnx.control.rpc import (
+    ErrorCode,
+    InvalidMessage,
+    ProtocolError,
+    RpcConnection,
+    _deeper_than,
+    encode_request,
+)
 from tests.conftest import ConfigDir
 from tests.test_control_server import Raw, in_thread, start_server
 
@@ -370,3 +379,48 @@ def test_a_flooding_user_is_capped_and_cut_off_while_root_is_answered(cfg: Confi
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(timeout=30)
+
+
+# -- the decoder with limits, on any input -----------------------------------------------
+
+nested = st.recursive(
+    st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=30,
+)
+
+
+def elements(value: Any) -> int:
+    """Arrays, maps and their elements, counted as the decoder's limit counts them."""
+    if isinstance(value, list):
+        return len(value) + 1 + sum(elements(v) for v in value)
+    if isinstance(value, dict):
+        return 2 * len(value) + 1 + sum(elements(v) for v in value.values())
+    return 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    chunks=st.lists(
+        st.binary(max_size=64)
+        | st.builds(msgpack.packb, nested)
+        | st.builds(lambda m, p: msgpack.packb([0, m, "x", [{"p": p}]]), st.integers(0, 9), nested),
+        max_size=8,
+    )
+)
+def test_limited_decoding_raises_only_protocol_errors_and_keeps_its_bounds(
+    chunks: list[bytes],
+) -> None:
+    conn = RpcConnection(4096, max_elements=12, max_depth=4)
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        try:
+            for event in conn.events():
+                if isinstance(event, InvalidMessage):
+                    continue
+                params = getattr(event, "params", None)
+                assert elements(params) <= 12
+                assert not _deeper_than(params, 4)
+        except ProtocolError as exc:
+            assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
+            break
