@@ -424,3 +424,30 @@ def test_limited_decoding_raises_only_protocol_errors_and_keeps_its_bounds(
         except ProtocolError as exc:
             assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
             break
+
+
+@pytest.mark.parametrize("decoder", ["c", "pure-python"])
+def test_elements_are_counted_once_when_a_message_comes_a_byte_at_a_time(
+    decoder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QNX runs msgpack's pure-Python decoder, which parses an incomplete message again
+    # from its start each time more bytes come; the C one resumes. Either way a message
+    # of exactly max_elements decodes, and one more element is too many.
+    if decoder == "pure-python":
+        import msgpack.fallback
+
+        monkeypatch.setattr(msgpack, "Unpacker", msgpack.fallback.Unpacker)
+    params = {"a": [[1], [2], [3]]}
+    data = encode_request(1, "echo", params)
+    exact = elements([0, 1, "echo", [params]])
+    for limit, ok in ((exact, True), (exact - 1, False)):
+        conn = RpcConnection(4096, max_elements=limit)
+        got: list[Any] = []
+        try:
+            for i in range(len(data)):
+                conn.receive_data(data[i : i + 1])
+                got.extend(conn.events())
+        except ProtocolError as exc:
+            assert not ok and exc.code is ErrorCode.TOO_LARGE
+            continue
+        assert ok and [e.params for e in got] == [params]

@@ -435,6 +435,7 @@ class RpcConnection:
             max_ext_len=limit,
             **hooks,
         )
+        self._restarts = type(self._unpacker).__module__ == "msgpack.fallback"
         self._pending = bytearray()  # received, not yet handed to the unpacker
         self._fed = 0  # stream offset up to which bytes went to the unpacker
         self._msg_start = 0  # stream offset where the current (incomplete) message begins
@@ -483,6 +484,11 @@ class RpcConnection:
             try:
                 message = self._unpacker.unpack()
             except msgpack.OutOfData:
+                if self._restarts:
+                    # msgpack's pure-Python decoder (QNX) parses an incomplete message
+                    # again from its start on the next call, calling the hooks again; the
+                    # C one resumes where it stopped, so its count must be kept.
+                    self._elements = 0
                 if self._feed_more():
                     continue
                 if self._eof:
