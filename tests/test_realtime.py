@@ -23,6 +23,7 @@ from supervisord_qnx.partition.process import ProcessSettings, apply_self, wrapp
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, worker_py
 from tests.test_cli import ctl
+from tests.test_wasm_prefork import HEARTBEAT, ppid
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +258,28 @@ def test_exec_wrappers_and_apply_self_agree(tmp_path: Path) -> None:
     ).stdout
     assert wrapped == applied == f"{os.SCHED_BATCH} 7 [0] ({1 << 20}, {1 << 20})\n"
     assert apply_self is not None
+
+
+@needs_two
+async def test_a_preforked_wasm_worker_gets_the_same_settings(
+    cg: CgroupRoot, cfg: ConfigDir, start_daemon
+) -> None:
+    # The fork server's child applies them to itself (apply_self), not through exec.
+    cfg.tenant(
+        "wrt",
+        f"""
+        cpu = {{ max = 20 }}
+        memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "w"
+        wasm = "{HEARTBEAT}"
+        sched = {{ policy = "rr", priority = 7 }}
+        cpus = [1]
+        """,
+    )
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    w = await d.wait_for("wrt:w-0", lambda w: w["state"] == "running")
+    assert d.daemon.supervisor.launchers.forkserver_pid is not None
+    assert ppid(w["pid"]) == os.getpid()  # forked by the server, handed to the daemon
+    assert w["sched"] == {"policy": "rr", "priority": 7, "nice": 0, "cpus": "1"}
+    assert allowed_list(w["pid"]) == "1"
