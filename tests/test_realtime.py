@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from supervisord_qnx.partition.process import ProcessSettings, apply_self, wrapp
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, worker_py
 from tests.test_cli import ctl
+from tests.test_daemon_qnx import Sim, qnx_sim  # noqa: F401 - the fixture
+from tests.test_qnx_sim import cgroup_cpu_or_skip
 from tests.test_wasm_prefork import HEARTBEAT, ppid
 
 pytestmark = pytest.mark.integration
@@ -283,3 +286,51 @@ async def test_a_preforked_wasm_worker_gets_the_same_settings(
     assert ppid(w["pid"]) == os.getpid()  # forked by the server, handed to the daemon
     assert w["sched"] == {"policy": "rr", "priority": 7, "nice": 0, "cpus": "1"}
     assert allowed_list(w["pid"]) == "1"
+
+
+@needs_two
+async def test_qnx_maps_them_to_on_options_and_a_critical_budget(
+    qnx_sim: Sim,  # noqa: F811 - the fixture imported above
+    cfg: ConfigDir,
+    start_daemon,
+) -> None:
+    cgroup_cpu_or_skip()
+    qnx_sim.tenant(
+        cfg,
+        "ctl",
+        f"""
+        cpuset = "1"
+        cpu = {{ budget = 20, max = 30, critical = {{ budget_ms = 20, priority = 10 }} }}
+        [[worker]]
+        name = "loop"
+        command = {worker_py(SELF_REPORT)}
+        sched = {{ policy = "fifo", priority = 10 }}
+        memlock = "2MiB"
+        """,
+    )
+    d = await start_daemon(backend="qnx")
+    seen = await first_report(cfg, "ctl", "loop-0")
+    assert seen == {"policy": os.SCHED_FIFO, "priority": 10, "cpus": [1], "memlock": 2 << 20}
+    w = await d.wait_for("ctl:loop-0", lambda w: w["state"] == "running")
+    assert w["sched"] == {"policy": "fifo", "priority": 10, "nice": 0, "cpus": "1"}
+    # The launcher line the daemon ran (`on` execs, so ask the backend for it).
+    backend = d.daemon.backend
+    node = d.daemon.tree[f"{qnx_sim.group}/ctl"]
+    settings = ProcessSettings(sched_policy="fifo", sched_priority=10, memlock=2 << 20)
+    argv = backend.launch_argv(node, ["prog"], settings)
+    assert argv[1:] == [
+        "-p", "10f", "-R", "0x2", "-L", f"MEMLOCK:{2 << 20}:{2 << 20}",
+        "-X", f"aps={qnx_sim.aps('ctl')}", "--", "prog",
+    ]  # fmt: skip
+    # The critical budget is the APS partition's (`aps show`), and qnx-sim turns it into
+    # the RT group runtime that let the fifo worker run inside its cgroup.
+    show = subprocess.run(
+        ["aps", "show", "-f", "partitions"], capture_output=True, text=True, check=True
+    ).stdout
+    line = next(
+        ln for ln in show.splitlines() if ln.split() and ln.split()[0] == qnx_sim.aps("ctl")
+    )
+    assert "20ms" in line, show
+    rt = qnx_sim.cgroup / qnx_sim.aps("ctl") / "cpu.rt_runtime_us"
+    if rt.exists():
+        assert int(rt.read_text()) == 200_000
