@@ -120,6 +120,10 @@ async def test_cpuset_partition_keeps_its_workers_on_cpu1(
     pinned = next(c for c in tenants["children"] if c["path"] == "tenants/pinned")
     assert pinned["cpuset"] == "1" and tenants["cpuset"] is None
     assert report["enforcement"]["cpuset"] == "kernel"
+    table = (await trio.to_thread.run_sync(ctl, cfg.socket, "partitions")).stdout.splitlines()
+    header = next(ln for ln in table if ln.startswith("PARTITION"))
+    row = next(ln for ln in table if ln.strip().startswith("pinned"))
+    assert header.split()[-1] == "CPUSET" and row.split()[-1] == "1", table
 
 
 def _write(cfg: ConfigDir, partitions: str, tenants: dict[str, str], **daemon: Any) -> Path:
@@ -334,3 +338,40 @@ async def test_qnx_maps_them_to_on_options_and_a_critical_budget(
     rt = qnx_sim.cgroup / qnx_sim.aps("ctl") / "cpu.rt_runtime_us"
     if rt.exists():
         assert int(rt.read_text()) == 200_000
+
+
+def test_check_reports_rt_throttling_and_the_realtime_workers(cfg: ConfigDir) -> None:
+    from tests.test_cli import DAEMON
+
+    cfg.tenant(
+        "ctl",
+        """
+        cpu = { max = 20 }
+        [[worker]]
+        name = "loop"
+        command = ["true"]
+        sched = { policy = "rr", priority = 3 }
+        cpus = [0]
+        """,
+    )
+    cfg.write()
+    text = subprocess.run(
+        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, check=True
+    ).stdout
+    runtime = int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
+    period = int(Path("/proc/sys/kernel/sched_rt_period_us").read_text())
+    if runtime >= 0:
+        assert f"RT throttling on: real-time tasks get at most {runtime} of every {period}" in text
+    else:
+        assert "RT throttling OFF" in text
+    assert "  ctl:loop: rr/3, cpus 0, partition RT runtime 200000 µs/s\n" in text
+    data = json.loads(
+        subprocess.run(
+            [DAEMON, "--config", str(cfg.path), "--check", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert data["realtime"]["rt_throttling"]["runtime_us"] == runtime
+    assert data["realtime"]["workers"][0]["policy"] == "rr"
