@@ -375,3 +375,25 @@ def test_check_reports_rt_throttling_and_the_realtime_workers(cfg: ConfigDir) ->
     )
     assert data["realtime"]["rt_throttling"]["runtime_us"] == runtime
     assert data["realtime"]["workers"][0]["policy"] == "rr"
+
+
+async def test_reload_applies_a_tenants_new_sched_by_replacing_its_workers(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    body = """
+        sched = {{ policy = "{policy}" }}
+        [[worker]]
+        name = "w"
+        command = ["sleep", "1000"]
+        """
+    cfg.tenant("bg", body.format(policy="batch"))
+    d = await start_daemon()
+    w = await d.wait_for("bg:w-0", lambda w: w["state"] == "running")
+    assert w["sched"]["policy"] == "batch"
+    cfg.tenant("bg", body.format(policy="idle"))
+    result = await d.call("reload")
+    assert "bg" in json.dumps(result)
+    w = await d.wait_for(
+        "bg:w-0", lambda w: w["state"] == "running" and (w["sched"] or {}).get("policy") == "idle"
+    )
+    assert w["sched"]["policy"] == "idle"
