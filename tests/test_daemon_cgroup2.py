@@ -189,6 +189,9 @@ async def test_a_cpuset_partition_keeps_its_workers_on_cpu1_and_fifo_runs(
     status = Path(f"/proc/{w['pid']}/status").read_text()
     assert "Cpus_allowed_list:\t1\n" in status, status
     assert cg.dir("tenants", "pinned", "cpuset.cpus").read_text().strip() == "1"
+    # Read back once the program runs: `running` comes as soon as the pid is known, while
+    # the exec wrappers may still be on their way to chrt (slow under emulation).
+    w = await d.worker("pinned:w-0")
     assert w["sched"] == {"policy": "fifo", "priority": 10, "nice": 0, "cpus": "1"}
     assert (await d.call("partitions"))["enforcement"]["cpuset"] == "kernel"
 

@@ -285,7 +285,11 @@ async def test_a_preforked_wasm_worker_gets_the_same_settings(
         """,
     )
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
-    w = await d.wait_for("wrt:w-0", lambda w: w["state"] == "running")
+    # The child applies the settings before the runner's first line; the daemon may
+    # report `running` a moment earlier, so wait for the kernel's readback.
+    w = await d.wait_for(
+        "wrt:w-0", lambda w: w["state"] == "running" and (w["sched"] or {}).get("policy") == "rr"
+    )
     assert d.daemon.supervisor.launchers.forkserver_pid is not None
     assert ppid(w["pid"]) == os.getpid()  # forked by the server, handed to the daemon
     assert w["sched"] == {"policy": "rr", "priority": 7, "nice": 0, "cpus": "1"}
