@@ -94,7 +94,8 @@ def realtime_wrappers(settings: ProcessSettings) -> list[str]:
     (same pid): ``prlimit`` (memlock), ``taskset`` (affinity), ``nice``, ``chrt`` (policy).
     ``chrt`` comes last so the other wrappers do not run at a real-time priority, and the
     whole group before the privilege drop, which would take away the right to set them.
-    About 1 ms per wrapper on the CI machine (docs/performance.md)."""
+    One exec each: 1.5-4 ms per wrapper on the loaded CI machine (docs/performance.md),
+    paid only by workers that set these keys."""
     out: list[str] = []
     if settings.memlock is not None:
         limit = "unlimited" if settings.memlock < 0 else str(settings.memlock)
