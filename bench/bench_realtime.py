@@ -146,7 +146,7 @@ def wrapper_cost(count: int = 50) -> dict[str, float]:
     ):
         t0 = time.perf_counter()
         for _ in range(count):
-            subprocess.run(argv, check=True)
+            subprocess.run(argv, check=True, timeout=60)
         out[f"{label}_ms"] = (time.perf_counter() - t0) / count * 1000
     out["added_ms"] = out["wrapped_ms"] - out["bare_ms"]
     out["wrappers"] = float(len([a for a in wrapped_argv(settings, []) if a in

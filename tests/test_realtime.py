@@ -252,6 +252,7 @@ def test_exec_wrappers_and_apply_self_agree(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
+        timeout=60,
     ).stdout
     script = tmp_path / "self.py"
     script.write_text(
@@ -261,7 +262,7 @@ def test_exec_wrappers_and_apply_self_agree(tmp_path: Path) -> None:
         f"exec({probe!r})\n"
     )
     applied = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, check=True
+        [sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert wrapped == applied == f"{os.SCHED_BATCH} 7 [0] ({1 << 20}, {1 << 20})\n"
     assert apply_self is not None
@@ -333,7 +334,11 @@ async def test_qnx_maps_them_to_on_options_and_a_critical_budget(
     # The critical budget is the APS partition's (`aps show`), and qnx-sim turns it into
     # the RT group runtime that let the fifo worker run inside its cgroup.
     show = subprocess.run(
-        ["aps", "show", "-f", "partitions"], capture_output=True, text=True, check=True
+        ["aps", "show", "-f", "partitions"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     line = next(
         ln for ln in show.splitlines() if ln.split() and ln.split()[0] == qnx_sim.aps("ctl")
@@ -360,7 +365,11 @@ def test_check_reports_rt_throttling_and_the_realtime_workers(cfg: ConfigDir) ->
     )
     cfg.write()
     text = subprocess.run(
-        [DAEMON, "--config", str(cfg.path), "--check"], capture_output=True, text=True, check=True
+        [DAEMON, "--config", str(cfg.path), "--check"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     runtime = int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
     period = int(Path("/proc/sys/kernel/sched_rt_period_us").read_text())
@@ -375,6 +384,7 @@ def test_check_reports_rt_throttling_and_the_realtime_workers(cfg: ConfigDir) ->
             capture_output=True,
             text=True,
             check=True,
+            timeout=60,
         ).stdout
     )
     assert data["realtime"]["rt_throttling"]["runtime_us"] == runtime
