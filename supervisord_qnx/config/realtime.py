@@ -7,6 +7,7 @@ Pure: the tree and the specs in, problems and figures out.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +33,16 @@ class RealtimeProblem:
     reason: str
 
 
-def effective(tenant: Realtime, worker: Realtime) -> ProcessSettings:
-    """The worker's own keys over its tenant's, as the spawn path applies them."""
+def effective(
+    tenant: Realtime, worker: Realtime, base: ProcessSettings | None = None
+) -> ProcessSettings:
+    """The worker's own keys over its tenant's, as the spawn path applies them; the
+    other fields (identity, privileges) are ``base``'s."""
     sched = worker.sched if worker.sched is not None else tenant.sched
     cpus = worker.cpus if worker.cpus is not None else tenant.cpus
     memlock = worker.memlock if worker.memlock is not None else tenant.memlock
-    return ProcessSettings(
+    return dataclasses.replace(
+        base if base is not None else ProcessSettings(),
         sched_policy="" if sched is None else sched.policy,
         sched_priority=0 if sched is None else sched.priority,
         nice=None if sched is None else sched.nice,
