@@ -402,12 +402,15 @@ async def test_reload_applies_a_tenants_new_sched_by_replacing_its_workers(
         """
     cfg.tenant("bg", body.format(policy="batch"))
     d = await start_daemon()
-    w = await d.wait_for("bg:w-0", lambda w: w["state"] == "running")
-    assert w["sched"]["policy"] == "batch"
+    # `running` comes with the pid, possibly before chrt has run: wait for the readback.
+    w = await d.wait_for(
+        "bg:w-0", lambda w: w["state"] == "running" and (w["sched"] or {}).get("policy") == "batch"
+    )
+    first_pid = w["pid"]
     cfg.tenant("bg", body.format(policy="idle"))
     result = await d.call("reload")
     assert "bg" in json.dumps(result)
     w = await d.wait_for(
         "bg:w-0", lambda w: w["state"] == "running" and (w["sched"] or {}).get("policy") == "idle"
     )
-    assert w["sched"]["policy"] == "idle"
+    assert w["sched"]["policy"] == "idle" and w["pid"] != first_pid  # a new process
