@@ -182,6 +182,33 @@ def apply_cgroup(state: dict, part: dict) -> None:
         quota = max(1000, round(part["max_budget"] / 100 * CFS_PERIOD_US * ncpu))
     _write(cg / "cpu.cfs_period_us", str(CFS_PERIOD_US))
     _write(cg / "cpu.cfs_quota_us", str(quota))
+    _apply_critical(state, root, cg, part)
+
+
+def critical_rt_runtime(state: dict, part: dict) -> int:
+    """The critical budget as Linux RT group runtime: ``critical_ms`` of every averaging
+    window becomes the same share of ``cpu.rt_period_us`` for the partition's fifo/rr
+    threads (QNX's critical threads are those at or above the critical priority; Linux
+    RT group scheduling bounds real-time threads only, the nearest equivalent)."""
+    window = state["scheduler"].get("window_ms", 100) or 100
+    return round(min(part.get("critical_ms", 0) / window, 0.9) * RT_PERIOD_US)
+
+
+def _apply_critical(state: dict, root: Path, cg: Path, part: dict) -> None:
+    if not (cg / "cpu.rt_runtime_us").exists():
+        return  # no RT group scheduling: real-time threads need no runtime
+    runtime = critical_rt_runtime(state, part)
+    total = sum(critical_rt_runtime(state, p) for p in state["partitions"] if p["id"] != 0)
+    try:
+        have = int((root / "cpu.rt_runtime_us").read_text())
+    except (OSError, ValueError):
+        have = 0
+    if total > have:
+        _write(root / "cpu.rt_runtime_us", str(total))
+    _write(cg / "cpu.rt_runtime_us", str(runtime))
+
+
+RT_PERIOD_US = 1_000_000
 
 
 def join(part: dict, pid: int = 0, tid: int = 0) -> None:

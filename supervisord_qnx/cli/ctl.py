@@ -15,6 +15,7 @@ from typing import Any
 from supervisord_qnx.cli import run as run_cli
 from supervisord_qnx.control.client import Client, DaemonUnreachable, SubscriptionOverflow
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from supervisord_qnx.partition import realtime
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 # 5 means, for the one command that can end so: events -f, the daemon dropped this
@@ -347,6 +348,11 @@ def _render_workers(result: list[dict[str, Any]]) -> None:
     if said:
         rows[0].append("STATUS")
     live = ("starting", "running", "stopping")  # a `ready = "notify"` worker starts with a pid
+    # Scheduling as the kernel reports it (docs/realtime.md); the columns only appear
+    # when some worker runs with other than the defaults.
+    sched = any(_non_default_sched(w.get("sched")) for w in result)
+    if sched:
+        rows[0] += ["SCHED", "CPUS"]
     for w in result:
         reason = w.get("exit_reason") or "-"
         if w.get("memory_denied"):
@@ -362,9 +368,29 @@ def _render_workers(result: list[dict[str, Any]]) -> None:
                 reason,
             ]
         )
+        if sched:
+            rows[-1] += _sched_cells(w.get("sched"))
         if said:
             rows[-1].append(w.get("status_text") or "-")
     _table(rows)
+
+
+def _non_default_sched(s: dict[str, Any] | None) -> bool:
+    if not s:
+        return False
+    every = realtime.format_cpulist(realtime.host_cpus())
+    return bool(s["policy"] != "other" or s["nice"] != 0 or s["cpus"] != every)
+
+
+def _sched_cells(s: dict[str, Any] | None) -> list[str]:
+    if not s:
+        return ["-", "-"]
+    policy = s["policy"]
+    if policy in realtime.REALTIME:
+        policy += f"/{s['priority']}"
+    elif s["nice"]:
+        policy += f" nice {s['nice']}"
+    return [policy, s["cpus"]]
 
 
 def _size(value: Any) -> str:
@@ -378,6 +404,10 @@ def _size(value: Any) -> str:
 def _render_partitions(result: dict[str, Any]) -> None:
     print(f"backend: {result['backend']}")
     rows = [["PARTITION", "MIN", "MAX", "RESERVED", "CPU", "CPU MAX", "MEM NOW", "PEAK", "PIDS"]]
+    # The CPUs each partition may use, when any partition narrows them (docs/realtime.md).
+    cpusets = _any_cpuset(result["tree"])
+    if cpusets:
+        rows[0].append("CPUSET")
 
     def walk(node: dict[str, Any], depth: int) -> None:
         if node["path"]:
@@ -399,6 +429,8 @@ def _render_partitions(result: dict[str, Any]) -> None:
                     str(use.get("pids_current", "-")),
                 ]
             )
+            if cpusets:
+                rows[-1].append(node.get("cpuset") or "all")
         for child in node["children"]:
             walk(child, depth + 1)
 
@@ -410,6 +442,10 @@ def _render_partitions(result: dict[str, Any]) -> None:
         print("not enforced by this backend:")
         for item in result["unenforced"]:
             print(f"  {item['partition']}: {item['control']}")
+
+
+def _any_cpuset(node: dict[str, Any]) -> bool:
+    return bool(node.get("cpuset")) or any(_any_cpuset(c) for c in node["children"])
 
 
 def _render_logs(result: list[dict[str, Any]]) -> None:

@@ -148,6 +148,7 @@ def _report_problems(exc: Any, as_json: bool) -> int:
 
 
 def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_json: bool) -> None:
+    from supervisord_qnx.config.realtime import realtime_check, realtime_lines
     from supervisord_qnx.control.report import enforcement_table
     from supervisord_qnx.units import format_size
 
@@ -164,6 +165,7 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
                     "os_names": mapping,
                     "tree": tree.as_dict(),
                     "start_waves": _start_waves(config),
+                    "realtime": realtime_check(config, tree),
                 },
                 indent=2,
             )
@@ -200,6 +202,9 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
     print("enforcement by this backend:")
     for control, level in enforcement_table(backend).items():
         print(f"  {control:<18} {level}")
+    print()
+    for line in realtime_lines(realtime_check(config, tree)):
+        print(line)
     for w in warnings:
         print(f"warning: {w}")
 

@@ -149,6 +149,7 @@ def diff(
             flags = (sorted(old_node.flags), sorted(node.flags))
         if old != now or flags is not None:
             out.resized.append(Resize(node.path, old, now, flags))
+        out.not_applied += realtime_not_applied(old_node, node)
 
     resized_paths = {r.path for r in out.resized}
     for name, spec in new_tenants.items():
@@ -178,6 +179,12 @@ def worker_changes(
     A changed restart policy or changed flags replace every worker: the policy lives in
     each instance's lifecycle, and flags (memory isolation) are applied at spawn."""
     everything = old.restart != new.restart or set(old.flags) != set(new.flags)
+    # The tenant's real-time keys are every worker's defaults (docs/realtime.md).
+    everything = everything or (old.sched, old.cpus, old.memlock) != (
+        new.sched,
+        new.cpus,
+        new.memlock,
+    )
     before = {w.name: w for w in old.worker}
     replaced: list[str] = []
     scaled: dict[str, tuple[int, int]] = {}
@@ -194,6 +201,19 @@ def worker_changes(
         if name not in kept:
             scaled[name] = (was.instances, 0)
     return replaced, scaled
+
+
+def realtime_not_applied(old: Partition, new: Partition) -> list[str]:
+    """A live partition's cpuset, critical budget or RT runtime are written when it is
+    created; a reload does not rewrite them (docs/realtime.md): say so."""
+    keys = ("cpuset", "critical_budget_ms", "critical_priority", "rt_runtime_us")
+    changed = [k for k in keys if getattr(old, k) != getattr(new, k)]
+    if not changed:
+        return []
+    return [
+        f"partition '{new.path}': {', '.join(changed)} changed; takes effect when the "
+        "partition is created again (daemon restart, or remove and re-add the tenant)"
+    ]
 
 
 def not_applied(old: DaemonSpec, new: DaemonSpec) -> list[str]:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from supervisord_qnx import identity
 from supervisord_qnx.config import ordering
+from supervisord_qnx.config import realtime as rt
 from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec, WasmWorker
 from supervisord_qnx.partition import tree as ptree
 
@@ -163,6 +164,10 @@ def load(config_path: str | Path) -> Config:
         control=daemon_file.control,
     )
     problems += [locate(config, p.partition, p.key, p.reason) for p in tree_problems]
+    # Real-time keys that need the tree and the daemon file (config/realtime.py).
+    for rp in rt.problems(daemon_file.daemon, tenants, tree):
+        problems.append(Located(str(tenant_files[rp.tenant]), rp.key, rp.reason))
+    rt.assign_rt_runtime(tenants, tree)
     if problems:
         raise ConfigError(problems)
     return config

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from supervisord_qnx.partition import realtime
 from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.units import parse_size
@@ -76,12 +78,80 @@ class Memory(Strict):
         return self
 
 
+# -- real-time keys (issue 15, docs/realtime.md) ----------------------------------------
+
+
+class Critical(Strict):
+    """QNX APS critical budget: milliseconds per averaging window that threads at or
+    above ``priority`` may run even when the partition's budget is spent."""
+
+    budget_ms: Annotated[int, Field(ge=1, le=100_000)]
+    priority: Annotated[int, Field(ge=1, le=255)] | None = None
+
+
+class Sched(Strict):
+    """A worker's scheduling policy: ``priority`` in the policy's range as the kernel
+    reports it (0 for other/batch/idle, 1-99 for fifo/rr on Linux); ``nice`` only where
+    the kernel honours it (other, batch)."""
+
+    policy: Literal["other", "batch", "idle", "fifo", "rr"] = "other"
+    priority: int = 0
+    nice: Annotated[int, Field(ge=-20, le=19)] | None = None
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Sched:
+        lo, hi = realtime.priority_range(self.policy)
+        if not lo <= self.priority <= hi:
+            raise ValueError(
+                f"priority {self.priority} is outside {lo}..{hi}, the range of policy "
+                f"{self.policy!r} on this kernel"
+            )
+        if self.nice is not None and self.policy not in ("other", "batch"):
+            raise ValueError(f"nice has no effect under policy {self.policy!r}; remove it")
+        return self
+
+
+def _existing_cpus(value: list[int]) -> list[int]:
+    missing = realtime.missing_cpus(value)
+    if missing:
+        raise ValueError(
+            f"CPU {', '.join(map(str, missing))} does not exist on this machine "
+            f"(it has CPUs {realtime.format_cpulist(realtime.host_cpus())})"
+        )
+    return sorted(set(value))
+
+
+def _cpuset(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    cpus = realtime.parse_cpulist(value)
+    _existing_cpus(list(cpus))
+    return realtime.format_cpulist(cpus)
+
+
+Cpus = Annotated[
+    list[Annotated[int, Field(ge=0)]], Field(min_length=1), AfterValidator(_existing_cpus)
+]
+CpuSet = Annotated[str, BeforeValidator(_cpuset)]
+
+
+class Realtime(Strict):
+    """The keys a tenant and each of its workers may set; a worker's own keys override
+    its tenant's, key by key (``effective_realtime``)."""
+
+    sched: Sched | None = None
+    cpus: Cpus | None = None  # affinity, inside the partition's cpuset
+    # Raise RLIMIT_MEMLOCK so the program may mlockall(): true = unlimited, or a size.
+    memlock: bool | Size | None = None
+
+
 class Cpu(Strict):
     """Percent of one machine. ``budget`` is guaranteed and taken from the parent's budget
     (QNX adaptive partitioning); ``max`` is a hard ceiling, at least the budget."""
 
     budget: Percent | None = None
     max: Percent | None = None
+    critical: Critical | None = None
 
     @model_validator(mode="after")
     def _max_covers_budget(self) -> Cpu:
@@ -99,6 +169,8 @@ class PartitionSpec(Strict):
     memory: Memory = Memory()
     cpu: Cpu = Cpu()
     pids: Annotated[int, Field(ge=1)] | None = None
+    # CPUs the partition owns (cgroup cpuset), a kernel cpulist such as "0-1" or "1".
+    cpuset: CpuSet | None = None
 
     @field_validator("parent")
     @classmethod
@@ -141,7 +213,7 @@ class LogSpec(Strict):
     keep: Annotated[int, Field(ge=0, le=1000)] | None = None
 
 
-class WorkerBase(Strict):
+class WorkerBase(Realtime):
     name: Name
     cwd: ResolvedPath | None = None
     env: dict[str, str] = Field(default_factory=dict)
@@ -233,7 +305,7 @@ class RestartSpec(Strict):
         return self
 
 
-class TenantSpec(PartitionSpec):
+class TenantSpec(PartitionSpec, Realtime):
     """One tenant file: its own partition ``<parent>/<name>`` and the workers inside it."""
 
     parent: str = "tenants"
@@ -284,6 +356,9 @@ class DaemonSpec(Strict):
     metrics_interval: Annotated[float, Field(ge=0.1, le=86400)] = 15.0
     # Defaults for every worker's log rotation; tenants and workers override per key.
     log: LogSpec = LogSpec(max_size=10 << 20, keep=5)
+    # fifo/rr workers need a partition with cpu.max below 100% of its CPUs, unless this
+    # is true (docs/realtime.md): a runaway real-time loop must not own the machine.
+    allow_unbounded_realtime: bool = False
 
     @field_validator("log")
     @classmethod

@@ -22,7 +22,7 @@ from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.access import Authorizer
 from supervisord_qnx.control.jobs import JobMethods
 from supervisord_qnx.control.metrics import Exporter, error_code
-from supervisord_qnx.control.report import partitions_report
+from supervisord_qnx.control.report import partitions_report, with_sched
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.control.server import Connection, MethodTable, Streaming
 from supervisord_qnx.control.server import Handler as ServerHandler
@@ -192,7 +192,9 @@ class Methods:
         tenant, jobs = p.get("tenant"), self.daemon.jobs.status()
         if tenant == JOB_TENANT and tenant not in sup.tenants:
             return jobs  # transient jobs show as the tenant "job" (docs/protocol.md, run)
-        return sup.status(tenant) + (jobs if tenant is None else [])
+        rows = sup.status(tenant) + (jobs if tenant is None else [])
+        await with_sched(rows, self.daemon.blocking)
+        return rows
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)

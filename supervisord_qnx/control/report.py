@@ -8,10 +8,38 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from supervisord_qnx.partition.backend import Backend, PartitionStats, unenforced
+from supervisord_qnx.partition.realtime import format_cpulist, readback_many
 from supervisord_qnx.partition.tree import PartitionTree
 
 # How many pids of one partition the report lists (the count is always complete).
 MAX_LISTED_PIDS = 64
+
+
+def realtime_fields(tree: PartitionTree, path: str) -> dict[str, Any]:
+    """The CPUs a partition's processes may use (its own ``cpuset`` or the nearest
+    ancestor's; None: every CPU) and its APS critical budget (docs/realtime.md)."""
+    node = tree[path] if path else tree.root
+    cpus = node.effective_cpuset
+    critical = None
+    if node.critical_budget_ms is not None:
+        critical = {"budget_ms": node.critical_budget_ms, "priority": node.critical_priority}
+    return {
+        "cpuset": None if cpus is None else format_cpulist(cpus),
+        "cpu_critical": critical,
+    }
+
+
+LIVE_STATES = ("starting", "running", "stopping")
+
+
+async def with_sched(rows: list[dict[str, Any]], blocking: Callable[..., Awaitable[Any]]) -> None:
+    """Add each live worker's scheduling as the kernel reports it (``sched``: policy,
+    priority, nice, cpus; None when not running): not the configured values, which a
+    program may have changed. One thread for all the syscalls, off the event loop."""
+    pids = [r["pid"] for r in rows if r.get("pid") and r.get("state") in LIVE_STATES]
+    read = await blocking(readback_many, pids) if pids else {}
+    for r in rows:
+        r["sched"] = read.get(r.get("pid")) if r.get("state") in LIVE_STATES else None
 
 
 def enforcement_table(backend: Backend) -> dict[str, str]:
@@ -46,6 +74,7 @@ async def partitions_report(
         node["os_name"] = mapping.get(node["path"])
         # Figures changed with `set`, in force until the next reload (None: as configured).
         node["override"] = (overrides or {}).get(node["path"])
+        node.update(realtime_fields(tree, node["path"]))
         node["children"] = [decorate(c) for c in node["children"]]
         return node
 

@@ -94,6 +94,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from supervisord_qnx.partition import cgroupfs as fs
+from supervisord_qnx.partition import rt_cgroup as rtcg
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     BackendError,
@@ -107,7 +108,7 @@ from supervisord_qnx.partition.backend import (
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 SpawnStrategy = Literal["thread", "preexec", "shim"]
-CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset")
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,9 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             Control.PIDS: k if "pids" in self._by_ctrl else n,
             Control.MEMORY_ISOLATION: k,
             Control.CONTAINER: n,
+            Control.CPUSET: k if "cpuset" in self._by_ctrl else n,
+            # APS critical budgets have no Linux equivalent: said, not pretended.
+            Control.CPU_CRITICAL: n,
         }
 
     def check(self, tree: PartitionTree) -> list[str]:
@@ -270,6 +274,8 @@ class Cgroup1Backend(fs.CgroupBackendBase):
                 fs.mkdir(h.root, "")
                 if "memory" in h.controllers:
                     self._use_hierarchy(h.root, "")
+                if "cpuset" in h.controllers:
+                    rtcg.init_cpuset_root(h.root)
             self._partitions.setdefault("", Partition(""))
             self._root_ready = True
 
@@ -339,6 +345,12 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         pids = self._ctrl("pids", p)
         if pids is not None and node.pids_max is not None:
             fs.write_text(pids / "pids.max", str(node.pids_max), p)
+        cpuset = self._ctrl("cpuset", p)
+        if cpuset is not None and node.cpuset is not None:
+            rtcg.write_cpuset(cpuset, node)
+        if cpu is not None and node.rt_runtime_us:
+            root = self._by_ctrl["cpu"].root
+            rtcg.write_rt_runtime(cpu, root, node)
 
     def _limit_writes(self, old: Partition, new: Partition) -> list[tuple[Path, str]]:
         # Memory last: it is the write the kernel may refuse (EBUSY), and the others are
@@ -419,6 +431,10 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def _make_leaf_dirs(self, path: str, leaf: str) -> None:
         for d in self._dirs(path, leaf):
             fs.mkdir(d, f"{path}/{fs.LEAF_PREFIX}{leaf}")
+        node = self._partitions.get(path)
+        cpu = self._by_ctrl.get("cpu")
+        if node is not None and cpu is not None and node.rt_leaf_runtime_us:
+            rtcg.write_leaf_rt_runtime(self._dir(cpu, path, leaf), node)
 
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         path, leaf = request.partition, request.leaf

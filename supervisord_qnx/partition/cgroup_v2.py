@@ -103,6 +103,7 @@ from supervisord_qnx.partition.backend import (
     PartitionStats,
     SpawnRequest,
 )
+from supervisord_qnx.partition.realtime import format_cpulist
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 from supervisord_qnx.units import format_size
 
@@ -225,6 +226,9 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             Control.PIDS: k if "pids" in avail else n,
             Control.MEMORY_ISOLATION: k,
             Control.CONTAINER: n,
+            Control.CPUSET: k if "cpuset" in avail else n,
+            # APS critical budgets have no Linux equivalent: said, not pretended.
+            Control.CPU_CRITICAL: n,
         }
 
     def check(self, tree: PartitionTree) -> list[str]:
@@ -280,6 +284,22 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             self._evacuate_self()
             fs.write_text(d / "cgroup.subtree_control", value, partition)
         self._controllers.update(wanted)
+
+    def _enable_cpuset(self, d: Path, partition: str) -> None:
+        """``+cpuset`` in ``d``'s and each ancestor's ``cgroup.subtree_control``, top-down
+        from the mount (an empty ``cpuset.cpus`` below means "the parent's CPUs")."""
+        chain = [d, *d.parents]
+        chain = [x for x in chain if x == self.mount or self.mount in x.parents]
+        for x in reversed(chain):
+            if "cpuset" in _tokens(x / "cgroup.subtree_control"):
+                continue
+            if "cpuset" not in _tokens(x / "cgroup.controllers"):
+                raise BackendError(
+                    f"partition '{partition}': the cpuset controller is not offered in "
+                    f"{x / 'cgroup.controllers'}"
+                )
+            fs.write_text(x / "cgroup.subtree_control", "+cpuset", partition)
+        self._controllers.add("cpuset")
 
     def _evacuate_self(self) -> None:
         """Move the daemon out of its own cgroup into ``<root>.daemon`` (see module doc)."""
@@ -339,6 +359,10 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             raise BackendError(f"partition '{p}': {why}")
         with self._lock:
             d = self._dir(p)
+            if partition.effective_cpuset is not None:
+                # Only where a cpuset is asked for (docs/realtime.md): from the mount down
+                # to this partition, so its cpuset.cpus exists and its leaves inherit it.
+                self._enable_cpuset(d.parent, p)
             self._mkdir(d, p)
             self._configure(d, partition)
             # A partition holds no processes itself (they live in leaves), so it may
@@ -364,6 +388,10 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             fs.write_text(d / "cpu.max", quota, p)
         if node.pids_max is not None:
             fs.write_text(d / "pids.max", str(node.pids_max), p)
+        if node.cpuset is not None:
+            fs.write_text(d / "cpuset.cpus", format_cpulist(node.cpuset), p)
+        if node.effective_cpuset is not None:
+            self._enable_cpuset(d, p)
 
     def _limit_writes(self, old: Partition, new: Partition) -> list[tuple[Path, str]]:
         d, writes = self._dir(new.path), []

@@ -30,6 +30,8 @@ class Control(enum.StrEnum):
     PIDS = "pids"  # number of tasks (TasksMax)
     MEMORY_ISOLATION = Flag.MEMORY_ISOLATION.value  # flag: separate address spaces
     CONTAINER = Flag.CONTAINER.value  # flag: namespaces
+    CPUSET = "cpuset"  # CPUs the partition owns (AllowedCPUs / QNX runmask)
+    CPU_CRITICAL = "cpu.critical"  # QNX APS critical budget (no Linux equivalent)
 
 
 class Enforcement(enum.StrEnum):

@@ -110,6 +110,8 @@ class PortableBackend(Backend):
             Control.PIDS: Enforcement.NONE,
             Control.MEMORY_ISOLATION: Enforcement.KERNEL,
             Control.CONTAINER: Enforcement.NONE,
+            Control.CPUSET: Enforcement.NONE,
+            Control.CPU_CRITICAL: Enforcement.NONE,
         }
 
     def describe(self, tree: PartitionTree) -> dict[str, str]:

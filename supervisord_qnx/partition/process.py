@@ -22,14 +22,29 @@ server's socket (plain JSON data).
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from supervisord_qnx.partition import realtime
 
 
 @dataclass(frozen=True)
 class ProcessSettings:
     """What a worker process is set up with before exec (empty: nothing changes)."""
+
+    # -- real-time (issue 15): scheduling, CPU affinity, memory locking. Applied first in
+    # the chain: raising RLIMIT_MEMLOCK's hard limit and choosing fifo/rr need root.
+    # "" keeps the inherited policy; otherwise a name of realtime.POLICIES.
+    sched_policy: str = ""
+    sched_priority: int = 0
+    nice: int | None = None  # absolute nice value; None keeps the inherited one
+    cpus: tuple[int, ...] = ()  # affinity; () keeps the inherited (the partition's cpuset)
+    # RLIMIT_MEMLOCK (soft = hard) so the program may mlockall(): None keeps the
+    # inherited one, -1 is unlimited, else bytes.
+    memlock: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON data (lists, not tuples), only the fields that differ from the default."""
@@ -43,7 +58,9 @@ class ProcessSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProcessSettings:
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names
+        }
         return cls(**kwargs)
 
     def is_default(self) -> bool:
@@ -55,6 +72,7 @@ def wrapped_argv(settings: ProcessSettings, argv: Sequence[str]) -> list[str]:
     wrappers: list[str] = []
     if settings.is_default():
         return list(argv)
+    wrappers += realtime_wrappers(settings)
     return [*wrappers, *argv]
 
 
@@ -65,3 +83,48 @@ def apply_self(settings: ProcessSettings) -> None:
     failed start rather than run the tenant without it."""
     if settings.is_default():
         return
+    apply_realtime(settings)
+
+
+# -- real-time (issue 15) -----------------------------------------------------------------
+
+
+def realtime_wrappers(settings: ProcessSettings) -> list[str]:
+    """util-linux wrappers, each of which sets one thing and execs the rest of the argv
+    (same pid): ``prlimit`` (memlock), ``taskset`` (affinity), ``nice``, ``chrt`` (policy).
+    ``chrt`` comes last so the other wrappers do not run at a real-time priority, and the
+    whole group before the privilege drop, which would take away the right to set them.
+    One exec each: 1.5-4 ms per wrapper on the loaded CI machine (docs/performance.md),
+    paid only by workers that set these keys."""
+    out: list[str] = []
+    if settings.memlock is not None:
+        limit = "unlimited" if settings.memlock < 0 else str(settings.memlock)
+        out += ["prlimit", f"--memlock={limit}:{limit}", "--"]
+    if settings.cpus:
+        # taskset and chrt take the program as their first word after the mask/priority
+        # (they stop parsing options there); a "--" would be taken as the program.
+        out += ["taskset", "-c", realtime.format_cpulist(settings.cpus)]
+    if settings.nice is not None:
+        # nice(1) adds to the nice value the child inherits: this thread's, as it spawns.
+        delta = settings.nice - os.getpriority(os.PRIO_PROCESS, 0)
+        if delta:
+            out += ["nice", "-n", str(delta), "--"]
+    if settings.sched_policy:
+        opt = realtime.CHRT_OPTION[settings.sched_policy]
+        out += ["chrt", opt, str(settings.sched_priority)]
+    return out
+
+
+def apply_realtime(settings: ProcessSettings) -> None:
+    """``realtime_wrappers``' settings applied by the calling process to itself, in the
+    same order."""
+    if settings.memlock is not None:
+        limit = resource.RLIM_INFINITY if settings.memlock < 0 else settings.memlock
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+    if settings.cpus:
+        os.sched_setaffinity(0, settings.cpus)
+    if settings.nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, settings.nice)
+    if settings.sched_policy:
+        policy = realtime.POLICIES[settings.sched_policy]
+        os.sched_setscheduler(0, policy, os.sched_param(settings.sched_priority))

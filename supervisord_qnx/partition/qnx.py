@@ -55,6 +55,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from supervisord_qnx.partition import accounting
+from supervisord_qnx.partition import qnx_realtime as qrt
 from supervisord_qnx.partition.backend import (
     Backend,
     BackendError,
@@ -68,6 +69,7 @@ from supervisord_qnx.partition.backend import (
 )
 from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.portable import RLIMIT_SLACK, PortableBackend
+from supervisord_qnx.partition.process import ProcessSettings, wrapped_argv
 from supervisord_qnx.partition.qnx_names import SYSTEM, UnmappablePath, aps_name, collisions
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 from supervisord_qnx.units import format_size
@@ -180,12 +182,14 @@ class QnxBackend(Backend):
             Control.PIDS: Enforcement.NONE,
             Control.MEMORY_ISOLATION: Enforcement.KERNEL,
             Control.CONTAINER: Enforcement.NONE,
+            Control.CPUSET: Enforcement.KERNEL,  # on -R runmask
+            Control.CPU_CRITICAL: Enforcement.KERNEL,  # aps create -B/-P
         }
 
     # -- admission ----------------------------------------------------------------
 
     def check(self, tree: PartitionTree) -> list[str]:
-        problems = []
+        problems = qrt.check(tree)
         budgeted = [p.path for p in tree if p.cpu_budget is not None]
         for path in budgeted:
             try:
@@ -243,7 +247,7 @@ class QnxBackend(Backend):
         if partition.cpu_budget is None:
             return
         name = self._name(partition.path)
-        options = ["-b", _pct(partition.cpu_budget)]
+        options = ["-b", _pct(partition.cpu_budget), *qrt.aps_options(partition)]
         if self.limit_cpu_usage:
             if partition.cpu_max is not None and not self._policy_set:
                 self._run([self._tool(self._aps), "modify", "-S", "limit_cpu_usage"], partition)
@@ -348,12 +352,18 @@ class QnxBackend(Backend):
         # The qnx-sim simulator's own settings, so its `on` finds the daemon's simulated
         # partitions; its `on` removes them before exec and QNX never sets them.
         env.update({k: v for k, v in os.environ.items() if k.startswith("QNX_SIM_")})
-        argv = self.launch_argv(node, self.exec_argv(request))
+        argv = self.launch_argv(node, self.exec_argv(request), request.process)
         return subprocess.Popen(argv, **request.popen_kwargs(env))
 
-    def launch_argv(self, node: Partition, argv: Sequence[str]) -> list[str]:
+    def exec_argv(self, request: SpawnRequest) -> list[str]:
+        # Scheduling, runmask and memlock go to `on` (launch_argv), the rest to wrappers.
+        return wrapped_argv(qrt.without_on_settings(request.process), request.argv)
+
+    def launch_argv(
+        self, node: Partition, argv: Sequence[str], process: ProcessSettings | None = None
+    ) -> list[str]:
         """``on`` with the partition and limits, then the worker's own argv."""
-        options = []
+        options = qrt.on_options(node, process) if process is not None else []
         home = self._aps_home(node)
         if home is not None:
             options += ["-X", f"aps={home}"]

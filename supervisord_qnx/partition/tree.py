@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from supervisord_qnx.partition.controls import Control, Flag
+from supervisord_qnx.partition.realtime import format_cpulist, parse_cpulist
 from supervisord_qnx.units import format_size
 
 ROOT = ""
@@ -82,6 +83,14 @@ class Partition:
     cpu_max: float | None = None
     pids_max: int | None = None
     tenant: str | None = None  # set on a tenant's own partition
+    # -- real-time (issue 15): CPUs this partition owns (cgroup cpuset; None: the
+    # parent's), the QNX APS critical budget, and the RT runtime (µs per second) this
+    # partition's subtree needs under Linux RT group scheduling (0: no fifo/rr inside).
+    cpuset: frozenset[int] | None = None
+    critical_budget_ms: int | None = None
+    critical_priority: int | None = None
+    rt_runtime_us: int = 0
+    rt_leaf_runtime_us: int = 0  # each worker leaf's share of it (cgroup v1 leaves)
     parent: Partition | None = field(default=None, repr=False)
     children: dict[str, Partition] = field(default_factory=dict, repr=False)
 
@@ -122,6 +131,14 @@ class Partition:
         return min(caps) if caps else None
 
     @property
+    def effective_cpuset(self) -> frozenset[int] | None:
+        """The nearest ``cpuset`` on the way to the root: the CPUs its processes may use."""
+        for p in (self, *self.ancestors()):
+            if p.cpuset is not None:
+                return p.cpuset
+        return None
+
+    @property
     def effective_pids_max(self) -> int | None:
         caps = [p.pids_max for p in (self, *self.ancestors()) if p.pids_max is not None]
         return min(caps) if caps else None
@@ -145,6 +162,10 @@ class Partition:
             wanted.append(Control.MEMORY_ISOLATION)
         if Flag.CONTAINER in self.flags:
             wanted.append(Control.CONTAINER)
+        if self.cpuset is not None:
+            wanted.append(Control.CPUSET)
+        if self.critical_budget_ms is not None:
+            wanted.append(Control.CPU_CRITICAL)
         return wanted
 
     def limits(self) -> dict[str, object]:
@@ -234,6 +255,10 @@ def _depth_order(p: Partition) -> tuple[int, str]:
     return (p.depth, p.path)
 
 
+def _cpulist(cpus: Iterable[int]) -> str:
+    return format_cpulist(cpus)
+
+
 def _label(node: Partition) -> str:
     return f"'{node.path}'" if node.path else "the root partition"
 
@@ -290,6 +315,17 @@ def _node_problems(node: Partition) -> list[Problem]:
                 f"{parent_cpu_max:g}% in force at {_label(parent)}",
             )
         )
+    parent_cpus = parent.effective_cpuset
+    if node.cpuset is not None and parent_cpus is not None and not node.cpuset <= parent_cpus:
+        out.append(
+            Problem(
+                node.path,
+                "cpuset",
+                f"cpuset {_cpulist(node.cpuset)} of '{node.path}' is not inside the cpuset "
+                f"{_cpulist(parent_cpus)} of {_label(parent)}: CPU "
+                f"{_cpulist(node.cpuset - parent_cpus)} is not its parent's to give",
+            )
+        )
     parent_pids = parent.effective_pids_max
     if node.pids_max is not None and parent_pids is not None and node.pids_max > parent_pids:
         out.append(
@@ -339,6 +375,17 @@ def _sibling_problems(parent: Partition) -> list[Problem]:
     return out
 
 
+def _realtime_fields(spec: PartitionSpecLike) -> dict[str, Any]:
+    # Read with getattr: the keys are optional in the structural spec protocol.
+    cpuset = getattr(spec, "cpuset", None)
+    critical = getattr(spec.cpu, "critical", None)
+    return {
+        "cpuset": None if cpuset is None else frozenset(parse_cpulist(cpuset)),
+        "critical_budget_ms": None if critical is None else critical.budget_ms,
+        "critical_priority": None if critical is None else critical.priority,
+    }
+
+
 def build(
     partitions: Iterable[PartitionSpecLike], tenants: Iterable[PartitionSpecLike]
 ) -> tuple[PartitionTree, list[Problem]]:
@@ -375,6 +422,7 @@ def build(
                     cpu_max=spec.cpu.max,
                     pids_max=spec.pids,
                     tenant=tenant,
+                    **_realtime_fields(spec),
                 ),
                 spec.parent,
             )

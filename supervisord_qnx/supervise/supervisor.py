@@ -28,6 +28,7 @@ import trio
 
 from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
 from supervisord_qnx.config.ordering import Ordering
+from supervisord_qnx.config.realtime import effective as realtime_settings
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
@@ -744,6 +745,8 @@ class Supervisor:
             env=self._env(inst),
             stdout=writer.fd,
             stderr=writer.fd,
+            # Scheduling, affinity, memlock: the worker's keys over its tenant's.
+            process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec),
         )
         return await launcher.spawn(inst.target, request)
 
