@@ -115,6 +115,20 @@ class LiveChanges:
                 continue
             new.add(dataclasses.replace(node, parent=None, children={}), node.parent.path)
 
+    def _follow_transient(self, then: set[str], live: PartitionTree, copy: PartitionTree) -> None:
+        """Make ``copy`` (taken from ``live`` when the jobs' partitions were ``then``)
+        hold the jobs' partitions of now: drop those that ended, carry the new ones."""
+        now = set(self._transient_paths())
+        for path in sorted(then - now, key=lambda p: -p.count("/")):
+            if path in copy:
+                copy.remove(path)
+        for path in sorted(now - then, key=lambda p: p.count("/")):
+            if path not in live or path in copy:
+                continue
+            node = live[path]
+            if node.parent is not None and node.parent.path in copy:
+                copy.add(dataclasses.replace(node, parent=None, children={}), node.parent.path)
+
     # -- reload ---------------------------------------------------------------------
 
     async def reload(self, dry_run: bool = False) -> dict[str, Any]:
@@ -324,6 +338,7 @@ class LiveChanges:
                 known = ", ".join(n.path for n in host.tree) or "none"
                 raise NotFound(f"no partition {path!r} (known: {known})")
             copy = copy_tree(host.tree)
+            jobs_then = set(self._transient_paths())
             node = copy[path]
             old = Limits.of(node)
             for attr, value in figures.items():
@@ -335,6 +350,10 @@ class LiveChanges:
             self._admit_one(config, self._from_files(copy), path)
             if new != old:
                 await host.blocking(host.backend.update_limits, new.on(node))
+            # Jobs started or ended while the backend was written to changed the live
+            # tree, not the copy: follow them, or the copy loses a new job's partition
+            # (its task then fails) or keeps an ended one's.
+            self._follow_transient(jobs_then, host.tree, copy)
             host.config, host.tree = config, copy
             host.backend.adopt(copy)
             host.supervisor.rebind(config, copy)
