@@ -190,6 +190,27 @@ class LiveChanges:
     async def _apply(
         self, plan: ConfigDiff, new_config: Config, new_tree: PartitionTree
     ) -> list[dict[str, str]]:
+        sup = self.host.supervisor
+        going = _going(plan, sup)
+        # Removed tenants stop in reverse `after` order (independent ones at once), as at
+        # shutdown; then everything going is retired.
+        await sup.stop_together(list(plan.removed))
+        # From here until the replacements are asked to start, operators' start, stop and
+        # restart wait: one landing on a retired instance (its task gone) hung for ever,
+        # and the replacements would not follow it.
+        sup.hold_operators()
+        try:
+            return await self._replace(plan, new_config, new_tree, going)
+        finally:
+            sup.release_operators()
+
+    async def _replace(
+        self,
+        plan: ConfigDiff,
+        new_config: Config,
+        new_tree: PartitionTree,
+        going: list[Instance],
+    ) -> list[dict[str, str]]:
         host, sup = self.host, self.host.supervisor
         # Read before anything stops: which tenants and workers are meant to run.
         running = {n: any(i.lc.want_running for i in t.instances) for n, t in sup.tenants.items()}
@@ -197,10 +218,6 @@ class LiveChanges:
             (n, i.spec.name) for n, t in sup.tenants.items() for i in t.instances
             if i.lc.want_running
         }  # fmt: skip
-        going = _going(plan, sup)
-        # Removed tenants stop in reverse `after` order (independent ones at once), as at
-        # shutdown; then everything going is retired.
-        await sup.stop_together(list(plan.removed))
         await sup.retire(going)  # 1.
         for name in plan.removed:
             del sup.tenants[name]
@@ -241,13 +258,16 @@ class LiveChanges:
                 i for i in fresh
                 if ((name, i.spec.name) in wanted if i.spec.name in replaced else running[name])
             ]  # fmt: skip
+        # Asked before operators may go again (a stop right after this reload wins).
+        seqs = sup.start_intents(to_start)
+        sup.release_operators()
         async with trio.open_nursery() as nursery:
             # Added tenants start as at boot: each after its `after` tenants.
             added = [name for name in plan.added if new_specs[name].autostart]
             if added:
                 nursery.start_soon(sup.start_together, added)
             if to_start:
-                nursery.start_soon(sup.start_instances, to_start)
+                nursery.start_soon(sup.settle_started, to_start, seqs)
         return failed
 
     async def _remove_partitions(self, paths: list[str]) -> list[dict[str, str]]:
