@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= config/supervisord.toml
 PYTEST_ARGS ?=
 
-.PHONY: help run check test test-cgroup2 lint typecheck unit bench bench-deps mutate clean system-deps test-deps vm-deps venv
+.PHONY: help run check test test-cgroup2 lint typecheck unit bench bench-deps mutate soak clean system-deps test-deps vm-deps venv
 
 help:
 	@echo "make run     start the daemon in the foreground on $(CONFIG) (runtime files in ./run/)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench   run the benchmarks in bench/ and print the figures"
 	@echo "make check   validate $(CONFIG) and print the partition tree"
 	@echo "make mutate  mutation-test the pure core (about 8 min; see docs/testing.md)"
+	@echo "make soak    the chaos soak for SOAK_SECONDS (default 600; see docs/reliability.md)"
 	@echo "make clean   remove .venv and ./run"
 
 # System packages a fresh machine may lack. Running needs only venv support
@@ -116,6 +117,13 @@ mutate: $(STAMP)
 	rm -rf mutants
 	$(BIN)/mutmut run
 	$(BIN)/python -m tests.mutation_report
+
+# The chaos soak (tests/soak) for longer than the 60 s `make test` gives it, with its
+# figures printed. Root, for cgroup v1: SOAK_SECONDS=3600 make soak.
+SOAK_SECONDS ?= 600
+
+soak: test-deps $(STAMP)
+	$(BIN)/python -m pytest -q -s -ra tests/soak --soak-seconds=$(SOAK_SECONDS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) run build mutants *.egg-info

@@ -35,6 +35,18 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/soak/conftest.py: pytest reads options only from the conftest
+    # files it loads first, and `pytest --soak-seconds N` must work from the top.
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=None,
+        help="length of the chaos soak in tests/soak (default 60, or "
+        "$SUPERVISORD_QNX_SOAK_SECONDS); make soak runs a long one",
+    )
+
+
 def pytest_report_header() -> list[str]:
     return [f"supervisord-qnx trio I/O back end: {IO_BACKEND}"]
 

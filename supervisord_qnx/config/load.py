@@ -93,6 +93,10 @@ def _read_toml(path: Path) -> tuple[dict[str, Any] | None, list[Located]]:
         return None, [Located(str(path), "", "permission denied")]
     except tomllib.TOMLDecodeError as exc:
         return None, [Located(str(path), "", f"TOML syntax error: {exc}")]
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8; a binary file matched by the tenants pattern is a problem of
+        # that file, not a traceback.
+        return None, [Located(str(path), "", f"not UTF-8 text (byte {exc.start}): TOML is UTF-8")]
     except OSError as exc:
         return None, [Located(str(path), "", f"cannot read: {exc.strerror}")]
 

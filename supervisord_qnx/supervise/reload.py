@@ -115,6 +115,20 @@ class LiveChanges:
                 continue
             new.add(dataclasses.replace(node, parent=None, children={}), node.parent.path)
 
+    def _follow_transient(self, then: set[str], live: PartitionTree, copy: PartitionTree) -> None:
+        """Make ``copy`` (taken from ``live`` when the jobs' partitions were ``then``)
+        hold the jobs' partitions of now: drop those that ended, carry the new ones."""
+        now = set(self._transient_paths())
+        for path in sorted(then - now, key=lambda p: -p.count("/")):
+            if path in copy:
+                copy.remove(path)
+        for path in sorted(now - then, key=lambda p: p.count("/")):
+            if path not in live or path in copy:
+                continue
+            node = live[path]
+            if node.parent is not None and node.parent.path in copy:
+                copy.add(dataclasses.replace(node, parent=None, children={}), node.parent.path)
+
     # -- reload ---------------------------------------------------------------------
 
     async def reload(self, dry_run: bool = False) -> dict[str, Any]:
@@ -176,6 +190,27 @@ class LiveChanges:
     async def _apply(
         self, plan: ConfigDiff, new_config: Config, new_tree: PartitionTree
     ) -> list[dict[str, str]]:
+        sup = self.host.supervisor
+        going = _going(plan, sup)
+        # Removed tenants stop in reverse `after` order (independent ones at once), as at
+        # shutdown; then everything going is retired.
+        await sup.stop_together(list(plan.removed))
+        # From here until the replacements are asked to start, operators' start, stop and
+        # restart wait: one landing on a retired instance (its task gone) hung for ever,
+        # and the replacements would not follow it.
+        sup.hold_operators()
+        try:
+            return await self._replace(plan, new_config, new_tree, going)
+        finally:
+            sup.release_operators()
+
+    async def _replace(
+        self,
+        plan: ConfigDiff,
+        new_config: Config,
+        new_tree: PartitionTree,
+        going: list[Instance],
+    ) -> list[dict[str, str]]:
         host, sup = self.host, self.host.supervisor
         # Read before anything stops: which tenants and workers are meant to run.
         running = {n: any(i.lc.want_running for i in t.instances) for n, t in sup.tenants.items()}
@@ -183,10 +218,6 @@ class LiveChanges:
             (n, i.spec.name) for n, t in sup.tenants.items() for i in t.instances
             if i.lc.want_running
         }  # fmt: skip
-        going = _going(plan, sup)
-        # Removed tenants stop in reverse `after` order (independent ones at once), as at
-        # shutdown; then everything going is retired.
-        await sup.stop_together(list(plan.removed))
         await sup.retire(going)  # 1.
         for name in plan.removed:
             del sup.tenants[name]
@@ -227,13 +258,16 @@ class LiveChanges:
                 i for i in fresh
                 if ((name, i.spec.name) in wanted if i.spec.name in replaced else running[name])
             ]  # fmt: skip
+        # Asked before operators may go again (a stop right after this reload wins).
+        seqs = sup.start_intents(to_start)
+        sup.release_operators()
         async with trio.open_nursery() as nursery:
             # Added tenants start as at boot: each after its `after` tenants.
             added = [name for name in plan.added if new_specs[name].autostart]
             if added:
                 nursery.start_soon(sup.start_together, added)
             if to_start:
-                nursery.start_soon(sup.start_instances, to_start)
+                nursery.start_soon(sup.settle_started, to_start, seqs)
         return failed
 
     async def _remove_partitions(self, paths: list[str]) -> list[dict[str, str]]:
@@ -324,6 +358,7 @@ class LiveChanges:
                 known = ", ".join(n.path for n in host.tree) or "none"
                 raise NotFound(f"no partition {path!r} (known: {known})")
             copy = copy_tree(host.tree)
+            jobs_then = set(self._transient_paths())
             node = copy[path]
             old = Limits.of(node)
             for attr, value in figures.items():
@@ -335,6 +370,10 @@ class LiveChanges:
             self._admit_one(config, self._from_files(copy), path)
             if new != old:
                 await host.blocking(host.backend.update_limits, new.on(node))
+            # Jobs started or ended while the backend was written to changed the live
+            # tree, not the copy: follow them, or the copy loses a new job's partition
+            # (its task then fails) or keeps an ended one's.
+            self._follow_transient(jobs_then, host.tree, copy)
             host.config, host.tree = config, copy
             host.backend.adopt(copy)
             host.supervisor.rebind(config, copy)

@@ -203,6 +203,10 @@ class Supervisor:
         self.log_dir = Path(config.daemon.log_dir)
         self.state_dir = Path(config.daemon.state_dir)
         self.tenants: dict[str, Tenant] = {}
+        # Set while a reload replaces instances (hold_operators): operator calls wait, so
+        # that none lands on an instance that is going (its task is gone) and each
+        # applies to the instances that stay.
+        self._reconfiguring: trio.Event | None = None
         self._order = 0
         self._nursery: trio.Nursery | None = None
         self.launchers = Launchers(backend, reaper, tree, config.daemon)
@@ -358,6 +362,7 @@ class Supervisor:
                     tenant.blocked += f" ({exc.why})"
                     self.events.emit(StartBlocked(tenant.spec.name, exc.after, exc.why))
                     raise
+            await self._operators_may_go()  # no checkpoint after it until the intents
             if tenant.calls != call:  # a later call overruled this start while it waited
                 return [self._describe(i) for i in tenant.instances]
             tenant.blocked = None
@@ -382,6 +387,7 @@ class Supervisor:
         return self.tenants[name].changed
 
     async def stop(self, name: str, wait: bool = True) -> list[dict[str, Any]]:
+        await self._operators_may_go()
         tenant = self.tenant(name)
         tenant.calls += 1
         seqs = [self._call(inst, inst.lc.stop) for inst in tenant.instances]
@@ -394,6 +400,7 @@ class Supervisor:
     async def restart(self, name: str, wait: bool = False) -> list[dict[str, Any]]:
         """Stop the current runs, then start again; returns once the old runs are gone
         (and, with ``wait``, once the new ones settled)."""
+        await self._operators_may_go()
         tenant = self.tenant(name)
         tenant.calls += 1
         self._order += 1
@@ -402,6 +409,20 @@ class Supervisor:
         not_stopping = frozenset(State) - {State.STOPPING}
         await self._answer(tenant, seqs, SETTLED_AFTER_START if wait else not_stopping)
         return [self._describe(i) for i in tenant.instances]
+
+    def hold_operators(self) -> None:
+        """A reload is about to retire and replace instances: start, stop and restart
+        wait until ``release_operators`` (the reload's own calls do not go through them)."""
+        self._reconfiguring = trio.Event()
+
+    def release_operators(self) -> None:
+        if self._reconfiguring is not None:
+            self._reconfiguring.set()
+            self._reconfiguring = None
+
+    async def _operators_may_go(self) -> None:
+        while self._reconfiguring is not None:
+            await self._reconfiguring.wait()
 
     def _call(self, inst: Instance, call: Callable[[float], None]) -> int:
         before = inst.lc.state
@@ -511,7 +532,13 @@ class Supervisor:
 
     async def start_instances(self, instances: list[Instance]) -> None:
         """Start these instances and wait until each settled (a reload's replacements)."""
-        seqs = [self._call(inst, inst.lc.start) for inst in instances]
+        await self.settle_started(instances, self.start_intents(instances))
+
+    def start_intents(self, instances: list[Instance]) -> list[int]:
+        """Ask these instances to start (no wait); the intents' numbers for the wait."""
+        return [self._call(inst, inst.lc.start) for inst in instances]
+
+    async def settle_started(self, instances: list[Instance], seqs: list[int]) -> None:
         await self._answer_for(instances, seqs, SETTLED_AFTER_START)
 
     # -- one instance: the task that performs its lifecycle's actions ---------------
