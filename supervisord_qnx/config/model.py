@@ -281,6 +281,10 @@ class DaemonSpec(Strict):
     metrics_interval: Annotated[float, Field(ge=0.1, le=86400)] = 15.0
     # Defaults for every worker's log rotation; tenants and workers override per key.
     log: LogSpec = LogSpec(max_size=10 << 20, keep=5)
+    # What a start does with workers a previous daemon left running (docs/operations.md,
+    # "Upgrades and restarts"): adopt them (they keep running), or stop them and start
+    # afresh.
+    on_restart: Literal["adopt", "restart"] = "adopt"
 
     @field_validator("log")
     @classmethod
