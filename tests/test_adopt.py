@@ -39,7 +39,7 @@ COUNTER = worker_py(
     "    i += 1\n"
     "    time.sleep(0.005)\n"
 )
-FAILS = worker_py("import sys; sys.exit(3)")
+FAILS = worker_py("import sys; print('run', flush=True); sys.exit(3)")
 
 
 def status(cfg: ConfigDir) -> dict[str, dict[str, Any]]:
@@ -70,10 +70,17 @@ def numbers_in(cfg: ConfigDir, tenant: str) -> list[int]:
     return [int(x) for x in data.split(b"\n") if x.strip().isdigit()]
 
 
-def backend_opts(backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
+def crashy_runs(cfg: ConfigDir) -> int:
+    path = cfg.worker_log("crashy", "w-0")
+    return path.read_text().count("run\n") if path.exists() else 0
+
+
+def backend_opts(backend: str, request: pytest.FixtureRequest, daemons: Daemons) -> dict[str, str]:
     if backend != "cgroup1":
         return {}
     cg: CgroupRoot = request.getfixturevalue("cg")
+    # Finalizers run last-in first-out: the daemons stop before `cg` checks the root.
+    request.addfinalizer(daemons.close)
     return {"cgroup_root": cg.name}
 
 
@@ -114,13 +121,14 @@ def daemons(cfg: ConfigDir, tmp_path: Path) -> Any:
 def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     cfg: ConfigDir, daemons: Daemons, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    opts = backend_opts(backend, request)
+    opts = backend_opts(backend, request, daemons)
     for name in ("a", "b", "c", "held"):
         counter_tenant(cfg, name, daemons.flag)
     cfg.tenant(
         "crashy",
         f"""
-        restart = {{ policy = "on-failure", backoff_initial = 6, backoff_max = 6, max_restarts = 50 }}
+        restart = {{ policy = "on-failure", backoff_initial = 6, backoff_max = 6,
+                     max_restarts = 50 }}
         [[worker]]
         name = "w"
         command = {FAILS}
@@ -132,7 +140,6 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in running), 30, "up")
     ctl(cfg.socket, "stop", "held", check=True)
 
-
     def crashy_waits() -> bool:
         w = status(cfg)["crashy:w-0"]
         return bool(w["restarts"] >= 1 and w["state"] == "backoff")
@@ -140,6 +147,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     # Right after its first restart failed: the next one is 6 s away.
     wait_until(crashy_waits, 30, "crashy in backoff after a restart")
     before = status(cfg)
+    runs = crashy_runs(cfg)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     killed = time.monotonic()
@@ -159,6 +167,8 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     crashy = after["crashy:w-0"]
     # Still waiting out the 6 s delay it was in, with its count: not restarted afresh.
     assert crashy["state"] == "backoff" and crashy["restarts"] == before["crashy:w-0"]["restarts"]
+    time.sleep(1.0)
+    assert crashy_runs(cfg) == runs, "restarted at once, not on its schedule"
     wait_until(
         lambda: status(cfg)["crashy:w-0"]["restarts"] > before["crashy:w-0"]["restarts"],
         30,
@@ -190,7 +200,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
 def test_a_reused_pid_is_never_taken_for_a_worker(
     cfg: ConfigDir, daemons: Daemons, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    opts = backend_opts(backend, request)
+    opts = backend_opts(backend, request, daemons)
     counter_tenant(cfg, "r", daemons.flag)
     cfg.write(backend=backend, **opts)
     first = daemons.start()
@@ -211,8 +221,10 @@ def test_a_reused_pid_is_never_taken_for_a_worker(
         daemons.start()
         w = status(cfg)["r:w-0"]
         wait_until(
-            lambda: status(cfg)["r:w-0"]["state"] == "running"
-            and status(cfg)["r:w-0"]["pid"] != stranger.pid,
+            lambda: (
+                status(cfg)["r:w-0"]["state"] == "running"
+                and status(cfg)["r:w-0"]["pid"] != stranger.pid
+            ),
             30,
             "the lost worker to be restarted",
         )
@@ -313,8 +325,7 @@ def test_reexec_under_load_changes_no_pid_and_breaks_no_answer(
     before = status(cfg)
     stop, answers, errors = threading.Event(), [], []  # type: ignore[var-annotated]
     threads = [
-        threading.Thread(target=hammer, args=(cfg.socket, stop, answers, errors))
-        for _ in range(3)
+        threading.Thread(target=hammer, args=(cfg.socket, stop, answers, errors)) for _ in range(3)
     ]
     for t in threads:
         t.start()

@@ -309,7 +309,9 @@ class Supervisor:
             [
                 t.spec.name
                 for t in self.tenants.values()
-                if (t.spec.autostart and t.operator != "stopped") or t.operator == "started"
+                if ((t.spec.autostart and t.operator != "stopped") or t.operator == "started")
+                # Adopted, or waiting out a previous daemon's backoff: already on its way.
+                and not all(i.lc.want_running for i in t.instances)
             ]
         )
 
