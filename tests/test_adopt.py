@@ -373,3 +373,38 @@ def test_reexec_then_the_adopted_workers_exits_are_their_real_statuses(
     wait_until(lambda: status(cfg)["e:w-0"]["state"] == "exited", 30, "the exit")
     assert status(cfg)["e:w-0"]["exit_reason"] == "exit:0"
     assert os.path.exists(cfg.worker_log("e", "w-0"))
+
+
+def test_changed_workers_restart_and_removed_tenants_stop_once_adopted(
+    cfg: ConfigDir, daemons: Daemons
+) -> None:
+    for name in ("keep", "changed", "removed"):
+        counter_tenant(cfg, name, daemons.flag)
+    cfg.write()
+    first = daemons.start()
+    names = ["keep:w-0", "changed:w-0", "removed:w-0"]
+    wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in names), 30, "up")
+    before = status(cfg)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    # While no daemon runs: one tenant's worker changes, another tenant goes.
+    cfg.tenant("changed", (cfg.root / "tenants.d" / "changed.toml").read_text()
+               .replace('env = {', 'env = { MODE = "new", '))  # fmt: skip
+    (cfg.root / "tenants.d" / "removed.toml").unlink()
+
+    daemons.start()
+    after = status(cfg)
+    assert "removed:w-0" not in after
+    assert after["keep:w-0"]["pid"] == before["keep:w-0"]["pid"]
+    wait_until(
+        lambda: (
+            status(cfg)["changed:w-0"]["state"] == "running"
+            and status(cfg)["changed:w-0"]["pid"] != before["changed:w-0"]["pid"]
+        ),
+        30,
+        "the changed worker to run its new definition",
+    )
+    # The removed tenant's worker was stopped by the new daemon, not left unsupervised.
+    wait_until(lambda: not pid_alive(before["removed:w-0"]["pid"]), 15, "removed worker gone")
+    # And the changed one's old run was stopped, not left beside the new one.
+    wait_until(lambda: not pid_alive(before["changed:w-0"]["pid"]), 15, "old run gone")
