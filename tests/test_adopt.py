@@ -39,6 +39,24 @@ COUNTER = worker_py(
     "    i += 1\n"
     "    time.sleep(0.005)\n"
 )
+# Ends with 7 a fifth of a second after FLAG appears: after the old image's exec, before
+# the new image (a Python start-up, longer than that) adopts it.
+ENDS_LATE = worker_py(
+    "import os, sys, time\n"
+    "while not os.path.exists(os.environ['FLAG']):\n"
+    "    time.sleep(0.005)\n"
+    "time.sleep(0.2)\n"
+    "sys.exit(7)\n"
+)
+# Restarts 5 s, then 10 s after a failure: long enough to see that a restart keeps its
+# schedule through a daemon's death, even on a loaded machine.
+SLOW_RESTART = (
+    "{ "
+    + ", ".join(
+        ('policy = "on-failure"', "backoff_initial = 5", "backoff_max = 40", "max_restarts = 50")
+    )
+    + " }"
+)
 FAILS = worker_py("import sys; print('run', flush=True); sys.exit(3)")
 
 
@@ -127,8 +145,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     cfg.tenant(
         "crashy",
         f"""
-        restart = {{ policy = "on-failure", backoff_initial = 6, backoff_max = 6,
-                     max_restarts = 50 }}
+        restart = {SLOW_RESTART}
         [[worker]]
         name = "w"
         command = {FAILS}
@@ -144,7 +161,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
         w = status(cfg)["crashy:w-0"]
         return bool(w["restarts"] >= 1 and w["state"] == "backoff")
 
-    # Right after its first restart failed: the next one is 6 s away.
+    # Right after its first restart failed: the next one is 10 s away.
     wait_until(crashy_waits, 30, "crashy in backoff after a restart")
     before = status(cfg)
     runs = crashy_runs(cfg)
@@ -165,7 +182,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
         assert after[name]["uptime"] >= before[name]["uptime"] + (time.monotonic() - killed) - 0.5
     assert after["held:w-0"]["state"] == "stopped"  # the operator's stop outlived the kill
     crashy = after["crashy:w-0"]
-    # Still waiting out the 6 s delay it was in, with its count: not restarted afresh.
+    # Still waiting out the 10 s delay it was in, with its count: not restarted afresh.
     assert crashy["state"] == "backoff" and crashy["restarts"] == before["crashy:w-0"]["restarts"]
     time.sleep(1.0)
     assert crashy_runs(cfg) == runs, "restarted at once, not on its schedule"
@@ -408,3 +425,28 @@ def test_changed_workers_restart_and_removed_tenants_stop_once_adopted(
     wait_until(lambda: not pid_alive(before["removed:w-0"]["pid"]), 15, "removed worker gone")
     # And the changed one's old run was stopped, not left beside the new one.
     wait_until(lambda: not pid_alive(before["changed:w-0"]["pid"]), 15, "old run gone")
+
+
+def test_a_worker_that_ends_during_a_reexec_is_reported_with_its_real_status(
+    cfg: ConfigDir, daemons: Daemons
+) -> None:
+    cfg.tenant(
+        "gap",
+        f"""
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "w"
+        command = {ENDS_LATE}
+        env = {{ FLAG = "{daemons.flag}" }}
+        """,
+    )
+    cfg.write()
+    d = daemons.start()
+    wait_until(lambda: status(cfg)["gap:w-0"]["state"] == "running", 30, "up")
+    ctl(cfg.socket, "reexec", check=True)
+    wait_until(lambda: "re-executing" in d.output(), 30, "the exec")
+    daemons.flag.touch()
+    wait_until(lambda: d.output().count("daemon started") == 2, 30, "the new image")
+    wait_until(lambda: status(cfg)["gap:w-0"]["state"] == "exited", 30, "the exit")
+    # Its zombie waited through the exec for the new image's reaper: the real status.
+    assert status(cfg)["gap:w-0"]["exit_reason"] == "exit:7"

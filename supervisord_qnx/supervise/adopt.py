@@ -176,7 +176,10 @@ def _verify(pid: Any, ticks: Any) -> tuple[bool, int | None]:
     if not isinstance(pid, int) or not isinstance(ticks, int) or pid <= 0:
         return False, None
     pidfd = _open_pidfd(pid)
-    if start_ticks(pid) == ticks:
+    # A zombie of our own (after a reexec, a worker that ended during the exec) is
+    # still that worker: the reaper collects its real status.
+    ours = parent_of(pid) == os.getpid()
+    if start_ticks(pid, zombie=ours) == ticks:
         return True, pidfd
     if pidfd is not None:
         os.close(pidfd)

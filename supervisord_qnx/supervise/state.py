@@ -132,10 +132,11 @@ def boot_id() -> str | None:
         return None
 
 
-def start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int, *, zombie: bool = False) -> int | None:
     """When ``pid`` started, in clock ticks after boot (``/proc/PID/stat`` field 22);
-    ``None`` if it is gone, a zombie, or the platform has no such file (QNX: see
-    docs/state.md). With the pid it names one process for the whole boot."""
+    ``None`` if it is gone, a zombie (unless ``zombie``: a child of ours that ended and
+    waits for us), or the platform has no such file (QNX: see docs/state.md). With the
+    pid it names one process for the whole boot."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
@@ -143,7 +144,7 @@ def start_ticks(pid: int) -> int | None:
         return None
     # The command name in (parentheses) may hold spaces and ')': split after the last.
     rest = text.rsplit(")", 1)[1].split()
-    if rest[0] in ("Z", "X"):
+    if rest[0] == "X" or (rest[0] == "Z" and not zombie):
         return None
     return int(rest[19])
 
