@@ -360,6 +360,10 @@ class Daemon:
                 await self.supervisor.launchers.stop()
                 # The operator's decisions outlive a clean stop too.
                 await self._write_state_last("shutdown")
+                f = self.state.figures
+                log.info("runtime state writes", writes=f.writes, changes=f.changes,
+                         last_seconds=round(f.last_seconds, 4),
+                         max_seconds=round(f.max_seconds, 4))  # fmt: skip
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
