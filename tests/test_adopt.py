@@ -450,3 +450,10 @@ def test_a_worker_that_ends_during_a_reexec_is_reported_with_its_real_status(
     wait_until(lambda: status(cfg)["gap:w-0"]["state"] == "exited", 30, "the exit")
     # Its zombie waited through the exec for the new image's reaper: the real status.
     assert status(cfg)["gap:w-0"]["exit_reason"] == "exit:7"
+
+
+def test_on_restart_takes_adopt_or_restart_and_says_where_it_is_wrong(tmp_path: Path) -> None:
+    from tests.test_config import GROUP, problems, write
+
+    path = write(tmp_path, '[daemon]\non_restart = "maybe"\n' + GROUP, {})
+    assert problems(path) == [f"{path}: daemon.on_restart: Input should be 'adopt' or 'restart'"]
