@@ -87,10 +87,6 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
 CONFIG_HASH = "{config_hash}"
 
 
-def cfg_state_dir(config: Config) -> Path:
-    return Path(config.daemon.state_dir)
-
-
 def cgroup_root(config: Config) -> str | None:
     """``daemon.cgroup_root`` with ``{config_hash}`` replaced by 8 hex digits of the
     SHA-256 of the config file's resolved directory: two checkouts of one config (two
@@ -247,7 +243,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         # The runtime state (supervise/state.py), rewritten after every change, and
         # what this start found of a previous daemon (supervise/adopt.py).
-        self.state = runtime_state.StateKeeper(Path(cfg_state_dir(config)), self._snapshot)
+        self.state = runtime_state.StateKeeper(Path(config.daemon.state_dir), self._snapshot)
         self.supervisor.on_change = self.state.changed
         self.events.listeners.append(self.state.changed)
         self.plan = adopt.Plan()
