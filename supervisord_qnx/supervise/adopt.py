@@ -12,8 +12,8 @@ predecessor wrote (``state.py``) and decides, per worker instance:
   reused pid is never touched): the worker is reported ended (``exit:unknown``) and
   its restart policy restarts it;
 * **resume backoff**: it was waiting to restart; the restart comes on its schedule;
-* **stop**: its tenant was removed, its partition changed, its kind cannot be
-  adopted (wasm workers run under runners or a fork server that did not survive), or
+* **stop**: it was being stopped, its tenant was removed, its partition changed, its
+  kind cannot be adopted (wasm workers run under runners or a fork server that did not survive), or
   ``on_restart = "restart"``: the verified process is stopped (SIGTERM, then SIGKILL),
   and the tenant starts fresh.
 
@@ -249,6 +249,8 @@ def _plan_instance(
     adoptable = (
         inst is not None
         and mode == "adopt"
+        # Being stopped when its daemon died: the stop is carried out, not undone.
+        and bool(rec.get("want_running"))
         and rec.get("partition") == inst.partition
         and kind_of(inst) in ADOPTABLE_KINDS
         and rec.get("kind") in ADOPTABLE_KINDS
