@@ -178,6 +178,9 @@ class StateKeeper:
         self.figures = WriteFigures()
         self._dirty = trio.Event()
         self._write_lock = trio.Lock()
+        # One thread of its own: a slow disk delays the next write, never a spawn's or a
+        # stop's thread (trio's default pool).
+        self._thread = trio.CapacityLimiter(1)
         self.enabled = True
 
     def changed(self, *_: object) -> None:
@@ -207,7 +210,7 @@ class StateKeeper:
         data = encode(body)
         async with self._write_lock:  # one write at a time, in the order taken
             began = time.monotonic()
-            await trio.to_thread.run_sync(atomicfile.write, self.path, data)
+            await trio.to_thread.run_sync(atomicfile.write, self.path, data, limiter=self._thread)
             took = time.monotonic() - began
         f = self.figures
         f.writes += 1
