@@ -193,6 +193,8 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     )
     partitions = json.loads(ctl(cfg.socket, "--json", "partitions", check=True).stdout)
     assert partitions, "partitions answered empty"
+    # The adopted workers' log writers were found again (to mark each run's end).
+    assert "log writer not reconnected" not in second.output()
 
     # An exit of an adopted worker is seen (its pidfd), and its log kept every line:
     # the end flag makes the counters stop; they exit 0 and are reported exited.
@@ -252,7 +254,7 @@ def test_a_reused_pid_is_never_taken_for_a_worker(
         assert "worker lost while no daemon ran" in out
     finally:
         stranger.kill()
-        stranger.wait()
+        stranger.wait(timeout=30)
 
 
 def test_a_torn_state_file_is_kept_aside_and_the_daemon_starts_fresh(
