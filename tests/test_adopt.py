@@ -193,6 +193,8 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     )
     partitions = json.loads(ctl(cfg.socket, "--json", "partitions", check=True).stdout)
     assert partitions, "partitions answered empty"
+    metrics = ctl(cfg.socket, "metrics", check=True).stdout
+    assert "supervisord_qnx_adopted_workers 3.0" in metrics.splitlines()
     # The adopted workers' log writers were found again (to mark each run's end).
     assert "log writer not reconnected" not in second.output()
 

@@ -406,6 +406,7 @@ async def apply(
         waiter = gone_waiter(reaper, a.pid, a.ticks, a.child, a.pidfd)
         a.pidfd = None  # the waiter owns it now
         supervisor.adopt_run(inst, a.pid, a.started_at, waiter)
+        supervisor.adopted += 1
         log.info("adopted a running worker", worker=inst.name, pid=a.pid,
                  uptime=round(time.monotonic() - a.started_at, 3), child=a.child)  # fmt: skip
         if a.changed:

@@ -230,6 +230,8 @@ class Supervisor:
         self.tree_changed = trio.Event()
         self.ordering = Ordering({t.name: t.after for t in config.tenants})
         self.notify_dir = NotifyDir(self.state_dir)
+        # Workers adopted from a previous daemon at this one's start (metrics).
+        self.adopted = 0
         # Told of every state change and operator call (the runtime state's writer).
         self.on_change: Callable[[], None] = _nothing
         for spec in config.tenants:
