@@ -181,6 +181,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
         # Its uptime carried on through the daemon's death: not restarted at zero.
         assert after[name]["uptime"] >= before[name]["uptime"] + (time.monotonic() - killed) - 0.5
     assert after["held:w-0"]["state"] == "stopped"  # the operator's stop outlived the kill
+    assert after["held:w-0"]["exit_reason"] == before["held:w-0"]["exit_reason"]
     crashy = after["crashy:w-0"]
     # Still waiting out the 10 s delay it was in, with its count: not restarted afresh.
     assert crashy["state"] == "backoff" and crashy["restarts"] == before["crashy:w-0"]["restarts"]

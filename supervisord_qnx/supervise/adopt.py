@@ -50,6 +50,7 @@ import structlog
 import trio
 
 from supervisord_qnx.config.model import TenantSpec, WorkerBase
+from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend
 from supervisord_qnx.supervise import logpipe
 from supervisord_qnx.supervise.reaper import ChildReaper
@@ -144,6 +145,7 @@ class Plan:
     lost: list[tuple[str, str, int]] = field(default_factory=list)
     backoff: list[tuple[str, str, float]] = field(default_factory=list)
     restarts: dict[tuple[str, str], int] = field(default_factory=dict)
+    reasons: dict[tuple[str, str], str] = field(default_factory=dict)  # last exit reasons
     operator: dict[str, str] = field(default_factory=dict)
     stop: list[tuple[int, int]] = field(default_factory=list)  # (pid, ticks), verified
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +208,8 @@ def make_plan(
             inst = by_leaf.get(leaf)
             if inst is not None and isinstance(rec.get("restarts"), int) and mode == "adopt":
                 plan.restarts[(name, leaf)] = rec["restarts"]
+            if inst is not None and isinstance(rec.get("exit_reason"), str):
+                plan.reasons[(name, leaf)] = rec["exit_reason"]
             _plan_instance(plan, name, leaf, rec, inst, backend, mode, same_boot)
     return plan
 
@@ -390,6 +394,9 @@ async def apply(
     for key, restarts in plan.restarts.items():
         if key in by_name:
             by_name[key].lc.restarts = restarts
+    for key, reason in plan.reasons.items():
+        if key in by_name:  # how its last run ended, as `status` showed it
+            by_name[key].lc.exit_reason = ExitReason.parse(reason)
     changed = []
     for a in plan.adopt:
         inst = by_name[(a.tenant, a.leaf)]
