@@ -67,6 +67,27 @@ def status(cfg: ConfigDir) -> dict[str, dict[str, Any]]:
     return {w["name"]: w for w in json.loads(proc.stdout)}
 
 
+def recorded(cfg: ConfigDir, workers: dict[str, Any]) -> None:
+    """Wait until the runtime state names every running worker's pid: a SIGKILL within
+    one write (20 ms plus an fsync) of a spawn would find that run unrecorded."""
+
+    def written() -> bool:
+        try:
+            body = runtime_state.decode(
+                (cfg.root / "state" / runtime_state.STATE_FILE).read_bytes()
+            )
+        except (OSError, runtime_state.Unusable):
+            return False
+        for name, w in workers.items():
+            tenant, leaf = name.split(":")
+            rec = body["tenants"][tenant]["instances"][leaf]
+            if w["state"] == "running" and rec["pid"] != w["pid"]:
+                return False
+        return True
+
+    wait_until(written, 30, "the runtime state to name the running workers")
+
+
 def counter_tenant(cfg: ConfigDir, name: str, flag: Path, **extra: str) -> None:
     lines = "".join(f"{k} = {v}\n" for k, v in extra.items())
     cfg.tenant(
@@ -165,6 +186,7 @@ def test_a_sigkilled_daemon_is_succeeded_by_one_that_adopts_its_workers(
     wait_until(crashy_waits, 30, "crashy in backoff after a restart")
     before = status(cfg)
     runs = crashy_runs(cfg)
+    recorded(cfg, before)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     killed = time.monotonic()
@@ -227,6 +249,7 @@ def test_a_reused_pid_is_never_taken_for_a_worker(
     cfg.write(backend=backend, **opts)
     first = daemons.start()
     wait_until(lambda: status(cfg)["r:w-0"]["state"] == "running", 30, "running")
+    recorded(cfg, status(cfg))
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     # The worker's pid now names another process (this test's own): the record keeps
@@ -407,6 +430,7 @@ def test_changed_workers_restart_and_removed_tenants_stop_once_adopted(
     names = ["keep:w-0", "changed:w-0", "removed:w-0"]
     wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in names), 30, "up")
     before = status(cfg)
+    recorded(cfg, before)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     # While no daemon runs: one tenant's worker changes, another tenant goes.

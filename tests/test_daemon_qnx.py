@@ -33,6 +33,7 @@ import trio
 
 from supervisord_qnx.control.client import Client
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
+from tests.test_adopt import recorded
 from tests.test_cli import DAEMON, DaemonProc
 from tests.test_daemon_socket import epoll_fds
 from tests.test_qnx_backend import aps_partitions, cpu_ticks
@@ -306,6 +307,7 @@ def test_restart_after_sigkill_over_leftover_partitions(
     first = DaemonProc(cfg)
     try:
         orphans = _status_pids(cfg)
+        recorded(cfg, {n: {"state": "running", "pid": p} for n, p in orphans.items()})
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
     finally:
@@ -342,6 +344,7 @@ def test_a_restart_after_sigkill_adopts_the_workers_on_qnx(
     first = DaemonProc(cfg)
     try:
         before = _status_pids(cfg)
+        recorded(cfg, {n: {"state": "running", "pid": p} for n, p in before.items()})
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
     finally:
