@@ -30,6 +30,8 @@ from typing import Any
 
 import structlog
 
+from supervisord_qnx import atomicfile
+
 log = structlog.get_logger("supervisord_qnx.attached")
 
 STATE_FILE = "attached.json"
@@ -153,11 +155,10 @@ class Registry:
         if self.path is None:
             return
         if not self.entries:
-            self.path.unlink(missing_ok=True)
+            atomicfile.remove(self.path)
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([asdict(e) for e in self.entries.values()]))
-        os.replace(tmp, self.path)
+        data = json.dumps([asdict(e) for e in self.entries.values()]).encode()
+        atomicfile.write(self.path, data)
 
     def load(self) -> list[Attached]:
         """The records a previous daemon left (it crashed before detaching them)."""

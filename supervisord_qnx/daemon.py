@@ -27,6 +27,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,11 +45,14 @@ from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
 from supervisord_qnx.safedirs import UnsafePath
+from supervisord_qnx.supervise import adopt
+from supervisord_qnx.supervise import state as runtime_state
 from supervisord_qnx.supervise.events import EventBus
 from supervisord_qnx.supervise.jobs import Jobs
 from supervisord_qnx.supervise.reaper import ChildReaper, become_subreaper
 from supervisord_qnx.supervise.reload import LiveChanges
 from supervisord_qnx.supervise.supervisor import Supervisor
+from supervisord_qnx.supervise.worker import State
 
 log = structlog.get_logger("supervisord_qnx.daemon")
 
@@ -238,6 +242,13 @@ class Daemon:
         # Reload and runtime limits (supervise/reload.py); its lock also orders shutdown.
         self.live = LiveChanges(self, admit, self.jobs)
         self._nursery: trio.Nursery | None = None
+        # The runtime state (supervise/state.py), rewritten after every change, and
+        # what this start found of a previous daemon (supervise/adopt.py).
+        self.state = runtime_state.StateKeeper(Path(config.daemon.state_dir), self._snapshot)
+        self.supervisor.on_change = self.state.changed
+        self.events.listeners.append(self.state.changed)
+        self.plan = adopt.Plan()
+        self._reexec_requested = False
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -265,7 +276,11 @@ class Daemon:
             for d in (cfg.state_dir, cfg.log_dir):
                 await trio.Path(d).mkdir(parents=True, exist_ok=True)
             await trio.to_thread.run_sync(self._give_back_attached)
-            reaped = await trio.to_thread.run_sync(self.backend.reap_leftovers)
+            began = time.monotonic()
+            self.plan = await trio.to_thread.run_sync(self._plan_adoption)
+            reaped = await trio.to_thread.run_sync(
+                self.backend.reap_leftovers_keeping, self.plan.keep
+            )
         except BaseException:
             self.ownership.release()
             raise
@@ -279,6 +294,17 @@ class Daemon:
                     await trio.to_thread.run_sync(self.backend.create, node)
                     self.created.append(node.path)
                 await nursery.start(self.supervisor.run)
+                changed = await adopt.apply(
+                    self.plan, self.supervisor, self.backend, self.reaper, nursery
+                )
+                if self.plan.adopt or self.plan.lost or self.plan.backoff:
+                    log.info("carried on from the previous daemon", adopted=len(self.plan.adopt),
+                             lost=len(self.plan.lost), backoff=len(self.plan.backoff),
+                             reexec=self.plan.reexec,
+                             seconds=round(time.monotonic() - began, 3))  # fmt: skip
+                await self._restore_overrides(self.plan.overrides)
+                await nursery.start(self.state.run)
+                self.state.changed()
                 await nursery.start(self.jobs.run)
                 nursery.start_soon(self.supervisor.watch_backend)
                 methods = Methods(self)
@@ -311,17 +337,33 @@ class Daemon:
                     partitions=len(self.tree),
                 )
                 await self.supervisor.start_autostart()
+                if changed:
+                    log.info("restarting adopted workers whose definition changed",
+                             workers=[i.name for i in changed])  # fmt: skip
+                    await self.supervisor.restart_instances(changed)
                 self.ready.set()
                 _notify(f"{sdnotify.READY}\nSTATUS=tenants started")
                 nursery.start_soon(_watchdog)
                 task_status.started(self)
-                await self._shutdown.wait()
+                while True:
+                    await self._shutdown.wait()
+                    if not self._reexec_requested:
+                        break
+                    self._reexec_requested = False
+                    self._shutdown = trio.Event()
+                    await self._reexec()
                 log.info("shutting down")
                 _notify(sdnotify.STOPPING)
                 await self.jobs.stop_all()
                 async with self.live.lock:  # a reload in progress finishes first
                     await self.supervisor.stop_all()
                 await self.supervisor.launchers.stop()
+                # The operator's decisions outlive a clean stop too.
+                await self._write_state_last("shutdown")
+                f = self.state.figures
+                log.info("runtime state writes", writes=f.writes, changes=f.changes,
+                         last_seconds=round(f.last_seconds, 4),
+                         max_seconds=round(f.max_seconds, 4))  # fmt: skip
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -330,6 +372,81 @@ class Daemon:
                 self.ownership.release()
             self.stopped.set()
             log.info("daemon stopped")
+
+    def _snapshot(self) -> dict[str, Any]:
+        return adopt.snapshot(self.supervisor, self.live.overrides.to_dict())
+
+    async def _write_state_last(self, reason: str) -> None:
+        try:
+            await self.state.write_now(reason)
+        except OSError as exc:
+            log.error("cannot write the runtime state", error=str(exc))
+
+    def _plan_adoption(self) -> adopt.Plan:
+        """Read the previous daemon's state and decide what to adopt; stop what must not
+        run on (removed tenants, ``on_restart = "restart"``). Blocking."""
+        body = runtime_state.load(Path(self.config.daemon.state_dir))
+        plan = adopt.make_plan(body, self.supervisor, self.backend, self.config.daemon.on_restart)
+        for a in plan.adopt:
+            if a.child:
+                # Still our child (a reexec): claimed before the reaper's first sweep,
+                # which would otherwise take its status as an orphan's.
+                self.reaper.register(a.pid)
+        if plan.stop:
+            stopped = adopt.stop_leftovers(plan)
+            if stopped:
+                log.warning("stopped workers of the previous daemon that are not adopted",
+                            pids=stopped, on_restart=self.config.daemon.on_restart)  # fmt: skip
+        return plan
+
+    async def _restore_overrides(self, overrides: dict[str, Any]) -> None:
+        """Figures set with ``set`` before the restart apply again (until a reload)."""
+        from supervisord_qnx.partition.limits import WIRE_TO_FIGURE
+
+        for path, figures in overrides.items():
+            try:
+                attrs = {WIRE_TO_FIGURE[k]: v for k, v in figures.items()}
+                await self.live.set_limits(path, attrs)
+            except Exception as exc:  # noqa: BLE001 - one partition's figures, not the start
+                log.error("a runtime limit could not be set again; the files' figures apply",
+                          partition=path, error=str(exc))  # fmt: skip
+
+    def request_reexec(self) -> None:
+        """Re-execute the daemon (``reexec``, SIGUSR2) once the caller's answer is sent."""
+        self._reexec_requested = True
+        self._shutdown.set()
+
+    async def _reexec(self) -> None:
+        """Save the state and ``execve`` this same program (same pid: the service manager
+        sees no change); the new image adopts the workers, still its children. Every
+        descriptor the daemon opened is close-on-exec (PEP 446): sockets, pipes, the
+        ownership locks (released by the exec, taken again by the new image)."""
+        _notify(sdnotify.RELOADING)
+        await trio.sleep(0.05)  # the answer to a `reexec` call reaches its client
+        async with self.live.lock:  # a reload in progress finishes first
+            # A spawn under way would leave a child the record does not name: wait for
+            # it to be recorded (spawns take milliseconds; a stuck one, 5 s at most).
+            with trio.move_on_after(5.0):
+                while self._spawn_under_way():  # noqa: ASYNC110 - no event covers both
+                    await trio.sleep(0.005)
+            argv = [sys.executable, *sys.orig_argv[1:]]
+            log.info("re-executing", argv=argv)
+            try:
+                # No checkpoint between the snapshot and the exec: nothing changes.
+                self.state.write_sync("reexec")
+                os.execv(sys.executable, argv)
+            except OSError as exc:
+                log.error("reexec failed; the daemon runs on", error=str(exc))
+                _notify(sdnotify.READY)
+
+    def _spawn_under_way(self) -> bool:
+        if self.reaper.spawns_in_flight:
+            return True
+        return any(
+            inst.performing and inst.lc.pid is None and inst.lc.state is State.STARTING
+            for tenant in self.supervisor.tenants.values()
+            for inst in tenant.instances
+        )
 
     def _size_fds(self) -> None:
         """Raise the descriptor limit, warn if it is still short, and cap connections so
@@ -388,8 +505,13 @@ class Daemon:
                 log.error("could not remove partition", partition=path, error=str(exc))
 
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+        with trio.open_signal_receiver(*watched) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR2:
+                    log.info("signal received: re-executing", signal="SIGUSR2")
+                    self.request_reexec()
+                    continue
                 if signum == signal.SIGHUP:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._reload_on_signal)

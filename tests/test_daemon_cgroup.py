@@ -455,7 +455,8 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
             command = {SLEEPER}
             """,
         )
-    cfg.write(backend="cgroup1", cgroup_root=cg.name)
+    # "restart": the next start kills and rebuilds (the default, "adopt": test_adopt.py).
+    cfg.write(backend="cgroup1", cgroup_root=cg.name, on_restart="restart")
     first = DaemonProc(cfg)
     second: DaemonProc | None = None
     try:

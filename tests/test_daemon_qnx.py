@@ -16,7 +16,6 @@ memory figures and shutdown kills its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import trio
 
 from supervisord_qnx.control.client import Client
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
+from tests.test_adopt import recorded
 from tests.test_cli import DAEMON, DaemonProc
 from tests.test_daemon_socket import epoll_fds
 from tests.test_qnx_backend import aps_partitions, cpu_ticks
@@ -301,10 +301,13 @@ def test_restart_after_sigkill_over_leftover_partitions(
     """A daemon killed outright leaves its partitions with their budgets, its workers
     running in them and a stale socket; the next daemon must start over all of that."""
     two_beat_tenants(qnx_sim, cfg)
-    cfg.write(backend="qnx")
+    # "restart": the next daemon stops what the dead one left and starts afresh (the
+    # default, "adopt", is tested in test_adopt.py and below).
+    cfg.write(backend="qnx", on_restart="restart")
     first = DaemonProc(cfg)
     try:
         orphans = _status_pids(cfg)
+        recorded(cfg, {n: {"state": "running", "pid": p} for n, p in orphans.items()})
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
     finally:
@@ -326,14 +329,36 @@ def test_restart_after_sigkill_over_leftover_partitions(
             second.proc.kill()
             second.proc.wait(timeout=30)
     assert budget(aps_partitions(), "System") == "100%"
-    # The first daemon's orphans are not the second's: not its descendants, and their
-    # tag names a partition path, not a daemon, so it leaves them (reap_leftovers). The
-    # simulator's reboot would kill them as a QNX reboot does, but only where the cgroups
-    # are writable; this test kills them itself.
-    assert all(pid_alive(p) for p in orphans.values())
-    for pid in orphans.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    # The first daemon's orphans were stopped by the second: the runtime state named them
+    # (pid and start time), so no unsupervised worker is left behind.
+    assert not any(pid_alive(p) for p in orphans.values())
+
+
+def test_a_restart_after_sigkill_adopts_the_workers_on_qnx(
+    qnx_sim: Sim, cfg: ConfigDir, tmp_path: Path
+) -> None:
+    """The default, ``on_restart = "adopt"``: the same workers run on under the next
+    daemon (identified by the runtime state, since QNX has no cgroup to read)."""
+    two_beat_tenants(qnx_sim, cfg)
+    cfg.write(backend="qnx")
+    first = DaemonProc(cfg)
+    try:
+        before = _status_pids(cfg)
+        recorded(cfg, {n: {"state": "running", "pid": p} for n, p in before.items()})
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    finally:
+        first.log.close()
+    second = DaemonProc(cfg)
+    try:
+        assert _status_pids(cfg) == before
+        assert second.stop() == 0
+    finally:
+        if second.proc.poll() is None:
+            second.proc.kill()
+            second.proc.wait(timeout=30)
+    # Its clean stop stopped the adopted workers too.
+    assert not any(pid_alive(p) for p in before.values())
 
 
 def _status_pids(cfg: ConfigDir) -> dict[str, int]:

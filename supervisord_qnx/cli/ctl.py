@@ -49,6 +49,8 @@ commands:
   job ID                       follow a job's output; exit with its code
   reload [--dry-run]           re-read every file, apply only the difference (as SIGHUP)
   set PARTITION --memory-max S ...  change a live partition's limits until the next reload
+  reexec                       re-execute the daemon in place (same pid; workers keep
+                               running and are adopted); install an upgrade this way
   ping | version | shutdown
 
 exit codes: 0 ok (for `events -f`: stopped with Ctrl-C); 1 the daemon answered with
@@ -169,6 +171,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-budget", metavar="PERCENT", help="guaranteed share, or 'none'")
     s.add_argument("--cpu-max", metavar="PERCENT", help="ceiling, or 'none'")
     s.add_argument("--pids-max", metavar="N", type=int, help="most tasks at once")
+    sub.add_parser(
+        "reexec",
+        help="re-execute the daemon in place (an upgrade without stopping tenants)",
+        description="Ask the daemon to save its runtime state and execve itself: the same "
+        "pid (systemd and SLM see no change), the program as installed now, every worker "
+        "left running and adopted by the new image. Exit 0 once the daemon accepted; "
+        "control clients connected meanwhile lose their connection and must reconnect. "
+        "The same as sending the daemon SIGUSR2.",
+    )
     for name in ("ping", "version", "shutdown"):
         sub.add_parser(name, help=f"{name} the daemon")
     return p

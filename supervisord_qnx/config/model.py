@@ -359,6 +359,10 @@ class DaemonSpec(Strict):
     # fifo/rr workers need a partition with cpu.max below 100% of its CPUs, unless this
     # is true (docs/realtime.md): a runaway real-time loop must not own the machine.
     allow_unbounded_realtime: bool = False
+    # What a start does with workers a previous daemon left running (docs/operations.md,
+    # "Upgrades and restarts"): adopt them (they keep running), or stop them and start
+    # afresh.
+    on_restart: Literal["adopt", "restart"] = "adopt"
 
     @field_validator("log")
     @classmethod

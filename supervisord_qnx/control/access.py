@@ -85,6 +85,7 @@ METHOD_ACCESS: Final[Mapping[str, Access]] = {
     "detach": Access.ADMIN,
     "reload": Access.ADMIN,
     "shutdown": Access.ADMIN,
+    "reexec": Access.ADMIN,
 }
 
 

@@ -8,6 +8,7 @@ script that misspells ``wait`` should hear so, not silently not wait.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,8 @@ class DaemonView(Protocol):
         ...
 
     def request_shutdown(self) -> None: ...
+
+    def request_reexec(self) -> None: ...
 
 
 log = structlog.get_logger("supervisord_qnx.control")
@@ -140,6 +143,7 @@ class Methods:
             "shutdown": self.shutdown,
             "reload": self.reload,
             "set": self.set_limits,
+            "reexec": self.reexec,
         }
         self.table = MethodTable({name: _translated(h) for name, h in handlers.items()})
         # Reads the daemon only when rendered (building the table touches nothing).
@@ -382,6 +386,13 @@ class Methods:
         _params(params)
         self.daemon.request_shutdown()
         return "shutting down"
+
+    async def reexec(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Re-execute the daemon in place (docs/operations.md, "Upgrades and restarts"):
+        answered first, then the connection closes with the old image."""
+        _params(params)
+        self.daemon.request_reexec()
+        return {"pid": os.getpid(), "reexec": "started"}
 
 
 _REFUSAL = {

@@ -165,6 +165,7 @@ class _Snapshot:
     partitions: list[_Partition]
     backend: Backend
     io_backend: str
+    adopted: int = 0
 
 
 class _DaemonCollector:
@@ -187,7 +188,9 @@ class _DaemonCollector:
             )
             for node in d.tree
         ]
-        return _Snapshot(d.supervisor.status(), partitions, d.backend, d.io_backend)
+        return _Snapshot(
+            d.supervisor.status(), partitions, d.backend, d.io_backend, d.supervisor.adopted
+        )
 
     def collect(self) -> Iterator[Metric]:
         snap = trio.from_thread.run_sync(self._snapshot)
@@ -206,10 +209,10 @@ def _daemon_families(snap: _Snapshot) -> Iterable[Metric]:
     info.add_metric([__version__, platform.python_version(), snap.backend.name, snap.io_backend], 1)
     adopted = GaugeMetricFamily(
         f"{PREFIX}_adopted_workers",
-        "Workers this daemon adopted from a previous instance instead of starting them "
-        "(always 0: adoption is not implemented yet).",
+        "Workers this daemon adopted from a previous instance (a SIGKILLed, crashed or "
+        "re-executed daemon) at its start, instead of starting them.",
     )
-    adopted.add_metric([], 0)
+    adopted.add_metric([], snap.adopted)
     return [info, adopted]
 
 

@@ -72,7 +72,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -371,6 +371,25 @@ class Backend(abc.ABC):
                 return pids
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    # -- adoption (supervise/adopt.py): a previous daemon's workers still running ------
+
+    def leaf_members(self, path: str, leaf: str) -> list[int] | None:
+        """The processes the kernel itself holds in a worker's leaf (cgroup.procs), read
+        without any bookkeeping of this daemon (a previous one made the leaf); ``None``
+        where the backend has no kernel record to cross-check (portable, QNX). Blocking."""
+        return None
+
+    def reap_leftovers_keeping(self, keep: Collection[tuple[str, str]]) -> list[str]:
+        """``reap_leftovers``, sparing the worker leaves ``(path, leaf)`` whose processes
+        are adopted (and their ancestors). Backends that reap nothing need no override."""
+        return self.reap_leftovers()
+
+    def adopt_worker(self, path: str, leaf: str, pid: int) -> None:
+        """Take ``pid``, a previous daemon's worker in ``path``/``leaf``, as this daemon's
+        own (its leaf bookkeeping; the portable accounting counts it, though it is not
+        this daemon's descendant). Blocking. The default has nothing to record."""
+        return None
 
     def release_leaf(self, path: str, leaf: str) -> None:
         """The worker instance is gone for good (tenant stopped); drop its leaf if it has one."""

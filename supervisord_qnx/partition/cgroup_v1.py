@@ -88,7 +88,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -299,6 +299,33 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         for h in present:
             for d in fs.subtree_dirs(h.root):
                 if d == h.root:
+                    continue
+                rel = str(d.relative_to(h.root))
+                fs.rmdir_retry(d, rel)
+                if rel not in reaped:
+                    reaped.append(rel)
+        return reaped
+
+    def reap_leftovers_keeping(self, keep: Collection[tuple[str, str]]) -> list[str]:
+        if not keep:
+            return self.reap_leftovers()
+        reaped: list[str] = []
+        present = [h for h in self._hier if h.root.is_dir()]
+        if not present:
+            return reaped
+        kept = {self._dir(h, p, leaf) for h in present for p, leaf in keep}
+        # The kept leaves' ancestors stay too (they cannot be removed, and are re-made).
+        spared = kept | {a for d in kept for a in d.parents}
+        with self._lock:
+            self._forget("")
+
+        def reapable() -> list[Path]:
+            return [d for h in present for d in fs.subtree_dirs(h.root) if d not in kept]
+
+        fs.kill_subtree(reapable, "")
+        for h in present:
+            for d in fs.subtree_dirs(h.root):
+                if d in spared:
                     continue
                 rel = str(d.relative_to(h.root))
                 fs.rmdir_retry(d, rel)

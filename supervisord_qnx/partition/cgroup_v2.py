@@ -85,7 +85,7 @@ import os
 import select
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -338,6 +338,23 @@ class Cgroup2Backend(fs.CgroupBackendBase):
         reaped = []
         for d in fs.subtree_dirs(self.root):
             if d != self.root:
+                rel = str(d.relative_to(self.root))
+                self._rmdir(d, rel)
+                reaped.append(rel)
+        return reaped
+
+    def reap_leftovers_keeping(self, keep: Collection[tuple[str, str]]) -> list[str]:
+        if not keep or not self.root.is_dir():
+            return self.reap_leftovers()
+        kept = {self._dir(p, leaf) for p, leaf in keep}
+        spared = kept | {a for d in kept for a in d.parents}
+        with self._lock:
+            self._forget("")
+        # No cgroup.kill here: it would take the kept leaves with their ancestors.
+        fs.kill_subtree(lambda: [d for d in fs.subtree_dirs(self.root) if d not in kept], "")
+        reaped = []
+        for d in fs.subtree_dirs(self.root):
+            if d not in spared:
                 rel = str(d.relative_to(self.root))
                 self._rmdir(d, rel)
                 reaped.append(rel)

@@ -617,6 +617,14 @@ class CgroupBackendBase(Backend):
                 self._register(path, leaf)
             self._oom_base[(path, leaf)] = self._oom_count(path, leaf)
 
+    def leaf_members(self, path: str, leaf: str) -> list[int] | None:
+        return sorted({pid for d in self._cgroup_dirs(path, leaf) for pid in read_procs(d)})
+
+    def adopt_worker(self, path: str, leaf: str, pid: int) -> None:  # noqa: ARG002
+        # The leaf exists (spared by reap_leftovers_keeping): its bookkeeping and OOM
+        # baseline start now; an OOM kill while no daemon ran is not seen (docs/state.md).
+        self.ensure_leaf(path, leaf)
+
     def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
         with self._lock:
             if (path, leaf) not in self._leaves:

@@ -83,6 +83,8 @@ class PortableBackend(Backend):
         self.sample_interval = sample_interval
         self._partitions: dict[str, Partition] = {}
         self._attached: dict[int, str] = {}  # pid -> partition, for attach()
+        # A previous daemon's workers this one adopted: not its descendants, yet ours.
+        self._adopted: set[int] = set()
         self._limit_killed: set[tuple[str, str]] = set()  # (partition, leaf) killed at max
         self._usage: dict[str, int] = {}
         self._peak: dict[str, int] = {}
@@ -236,7 +238,7 @@ class PortableBackend(Backend):
         daemon's workers may carry the same tag. As child subreaper the daemon keeps even
         a worker's orphans in its subtree."""
         own = os.getpid()
-        keep = accounting.members(procs, [own, *self._attached]) - {own}
+        keep = accounting.members(procs, [own, *self._attached, *self._adopted]) - {own}
         return {pid: procs[pid] for pid in keep}
 
     def _members(
@@ -255,6 +257,12 @@ class PortableBackend(Backend):
 
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
         return sorted(self._members(accounting.snapshot(), path, leaf))
+
+    def adopt_worker(self, path: str, leaf: str, pid: int) -> None:  # noqa: ARG002
+        # Its processes (and their descendants) count from now on; the set only grows by
+        # the few workers adopted at a start, and a pid no longer alive matches nothing
+        # (a reused one would have to carry our tag as well).
+        self._adopted.add(pid)
 
     def stats(self, path: str) -> PartitionStats:
         return self._stats(accounting.snapshot(), path)

@@ -406,6 +406,9 @@ class QnxBackend(Backend):
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
         return self._accounting.pids(path, leaf)
 
+    def adopt_worker(self, path: str, leaf: str, pid: int) -> None:
+        self._accounting.adopt_worker(path, leaf, pid)
+
     def stats(self, path: str) -> PartitionStats:
         return self._accounting.stats(path)
 

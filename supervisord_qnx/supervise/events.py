@@ -202,6 +202,8 @@ class EventBus:
         self.history: deque[dict[str, Any]] = deque(maxlen=history)
         self._subscribers: set[Subscription] = set()
         self._seq = 0
+        # Called with every event, in the loop (the runtime state's writer: supervise/state.py).
+        self.listeners: list[Callable[[DaemonEvent], None]] = []
 
     def emit(self, event: DaemonEvent) -> dict[str, Any]:
         self._seq += 1
@@ -211,6 +213,8 @@ class EventBus:
         self.history.append(record)
         warn = event.warning or kind in _WARNING_CONDITIONS
         (log.warning if warn else log.info)(kind, **data)
+        for listener in self.listeners:
+            listener(event)
         for sub in list(self._subscribers):
             if sub.wants is not None and not sub.wants(record):
                 continue

@@ -102,6 +102,12 @@ class ChildReaper:
             with self._lock:
                 self._in_flight -= 1
 
+    @property
+    def spawns_in_flight(self) -> int:
+        """Spawns between fork and registration now (a reexec waits for none)."""
+        with self._lock:
+            return self._in_flight
+
     def register(self, pid: int) -> None:
         """Claim ``pid`` (call inside ``spawning()``, before it exits). Thread-safe."""
         with self._lock:

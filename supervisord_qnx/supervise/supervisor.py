@@ -53,6 +53,7 @@ from supervisord_qnx.supervise.ordering import (
     wait_for_after,
 )
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
+from supervisord_qnx.supervise.state import start_ticks
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
     SETTLED_AFTER_STOP,
@@ -68,6 +69,16 @@ class NotFound(Exception):
     pass
 
 
+# What an adopted run that was not our child ended with, when the backend cannot tell.
+UNKNOWN_EXIT = ExitReason(ExitKind.EXIT, "unknown")
+# Waits for an adopted run's end; its wait status when it was our child, else None.
+GoneWaiter = Callable[[], Awaitable[int | None]]
+
+
+def _nothing() -> None:
+    return None
+
+
 @dataclass(eq=False)
 class Run:
     """One process of an instance: what the exit watcher fills in when it ends."""
@@ -75,6 +86,9 @@ class Run:
     pid: int
     status: int | None = None  # the wait status, once the process ended
     failure: Exception | None = None  # waiting for it failed (raised in the task)
+    # False for a previous daemon's run adopted while not our child: no wait status
+    # comes; its end is told by its pidfd (supervise/adopt.py), its reason by the backend.
+    known: bool = True
 
 
 @dataclass(eq=False)
@@ -103,6 +117,10 @@ class Instance:
     notify: NotifyEndpoint | None = None  # its NOTIFY_SOCKET (ready = "notify", watchdog)
     # The log writer serving this instance's runs until it stops (supervise/logpipe.py).
     log_writer: logpipe.Writer | None = None
+    # For the runtime state (supervise/state.py): the current run's and the log writer's
+    # start times (/proc/PID/stat field 22), which make their pids unambiguous later.
+    ticks: int | None = None
+    writer_ticks: int | None = None
 
     @property
     def leaf(self) -> str:
@@ -165,6 +183,9 @@ class Tenant:
     blocked: str | None = None
     # Set and replaced whenever one of its instances changes, for the tenants after it.
     changed: trio.Event = field(default_factory=trio.Event)
+    # The operator's last word on it ("started", "stopped" or None): kept in the runtime
+    # state, so a tenant stopped by hand stays stopped when the daemon starts again.
+    operator: str | None = None
 
     def __post_init__(self) -> None:
         for inst in self.instances:
@@ -214,6 +235,10 @@ class Supervisor:
         self.tree_changed = trio.Event()
         self.ordering = Ordering({t.name: t.after for t in config.tenants})
         self.notify_dir = NotifyDir(self.state_dir)
+        # Workers adopted from a previous daemon at this one's start (metrics).
+        self.adopted = 0
+        # Told of every state change and operator call (the runtime state's writer).
+        self.on_change: Callable[[], None] = _nothing
         for spec in config.tenants:
             count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
@@ -287,7 +312,15 @@ class Supervisor:
 
     async def start_autostart(self) -> None:
         """Start every autostart tenant; wait until each settled (or was given up)."""
-        await self.start_together([t.spec.name for t in self.tenants.values() if t.spec.autostart])
+        await self.start_together(
+            [
+                t.spec.name
+                for t in self.tenants.values()
+                if ((t.spec.autostart and t.operator != "stopped") or t.operator == "started")
+                # Adopted, or waiting out a previous daemon's backoff: already on its way.
+                and not all(i.lc.want_running for i in t.instances)
+            ]
+        )
 
     async def start_together(self, names: list[str]) -> None:
         """Start ``names`` at once, each after the tenants it is ``after`` (all of ``names``
@@ -319,7 +352,9 @@ class Supervisor:
         order, concurrently where they are not ordered; wait until each is stopped."""
         for name in names:
             self.tenant(name)  # unknown names fail here, before anything is stopped
-        await stop_in_reverse(self.ordering, names, lambda name: self.stop(name, wait=True))
+        await stop_in_reverse(
+            self.ordering, names, lambda name: self.stop(name, wait=True, operator=False)
+        )
 
     # -- operator commands ---------------------------------------------------------
     #
@@ -339,6 +374,7 @@ class Supervisor:
         raises ``AfterFailed`` (and leaves it stopped) if one of them did not come up."""
         tenant = self.tenant(name)
         tenant.starting += 1
+        tenant.operator = "started"
         return await self._start(tenant, wait)
 
     async def _start(self, tenant: Tenant, wait: bool) -> list[dict[str, Any]]:
@@ -386,10 +422,14 @@ class Supervisor:
     def _tenant_changed(self, name: str) -> trio.Event:
         return self.tenants[name].changed
 
-    async def stop(self, name: str, wait: bool = True) -> list[dict[str, Any]]:
+    async def stop(
+        self, name: str, wait: bool = True, *, operator: bool = True
+    ) -> list[dict[str, Any]]:
         await self._operators_may_go()
         tenant = self.tenant(name)
         tenant.calls += 1
+        if operator:  # not the daemon's own shutdown: that stop is not a decision to keep
+            tenant.operator = "stopped"
         seqs = [self._call(inst, inst.lc.stop) for inst in tenant.instances]
         if wait:
             await self._answer(tenant, seqs, SETTLED_AFTER_STOP)
@@ -403,6 +443,7 @@ class Supervisor:
         await self._operators_may_go()
         tenant = self.tenant(name)
         tenant.calls += 1
+        tenant.operator = "started"
         self._order += 1
         tenant.start_order = self._order
         seqs = [self._call(inst, inst.lc.restart) for inst in tenant.instances]
@@ -428,6 +469,7 @@ class Supervisor:
         before = inst.lc.state
         call(time.monotonic())
         self._changed(inst, before)
+        self.on_change()
         inst.wake.set()
         return inst.lc.intent_seq
 
@@ -548,6 +590,7 @@ class Supervisor:
         lc = inst.lc
         if lc.state is before:
             return
+        self.on_change()
         inst.progressed()
         reason = None if lc.exit_reason is None else str(lc.exit_reason)
         self.events.emit(StateChanged(inst.name, str(before), str(lc.state), lc.pid, reason))
@@ -646,7 +689,10 @@ class Supervisor:
                 # `logs` shows then is complete).
                 if inst.log_writer is not None:
                     await logpipe.end_run(inst.log_writer, LOG_DRAIN_WAIT)
-                reason = await self._exit_reason(inst, run.status)
+                if run.known:
+                    reason = await self._exit_reason(inst, run.status)
+                else:
+                    reason = await self._unknown_exit_reason(inst)
                 now = time.monotonic()
                 self._feed(inst, lambda: lc.exited(reason, now))
             return
@@ -730,6 +776,7 @@ class Supervisor:
             self._feed(inst, lambda: lc.spawn_failed(why, time.monotonic(), transient=transient))
             return
         run = inst.run = Run(pid)
+        inst.ticks = start_ticks(pid)  # our child, not yet waited for: not reused yet
         self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, inst, run)
@@ -759,6 +806,7 @@ class Supervisor:
             writer = inst.log_writer = await logpipe.start_writer_async(
                 self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
             )
+            inst.writer_ticks = start_ticks(writer.pid)
             assert self._nursery is not None
             self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
         launcher = self._launcher(inst)
@@ -817,6 +865,46 @@ class Supervisor:
         if told is not None:
             return told
         return describe_status(status)
+
+    async def _unknown_exit_reason(self, inst: Instance) -> ExitReason:
+        """An adopted run that was not our child ended: no wait status reaches us, only
+        what the backend can still tell (a cgroup's OOM counter), else ``exit:unknown``."""
+        try:
+            reason = await trio.to_thread.run_sync(
+                self.backend.leaf_exit_reason, inst.partition, inst.leaf
+            )
+        except BackendError:
+            reason = None
+        return ExitReason.parse(reason) if reason is not None else UNKNOWN_EXIT
+
+    def adopt_run(self, inst: Instance, pid: int, started_at: float, gone: GoneWaiter) -> None:
+        """Make a previous daemon's live run of ``inst`` this one's (supervise/adopt.py):
+        ``running`` with its pid and uptime; ``gone`` returns once it ended (``None``) or
+        with its wait status when it is our child (after a reexec)."""
+        run = inst.run = Run(pid, known=False)
+        self._feed(inst, lambda: inst.lc.adopted(pid, started_at, time.monotonic()))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_adopted, inst, run, gone)
+
+    def resume_backoff(self, inst: Instance, delay: float) -> None:
+        """A previous daemon's backoff of ``inst`` goes on: restart in ``delay`` seconds."""
+        self._feed(inst, lambda: inst.lc.resumed(delay, time.monotonic()))
+        inst.wake.set()
+
+    async def restart_instances(self, instances: list[Instance]) -> None:
+        """Restart these instances (adopted ones whose definition changed meanwhile)."""
+        seqs = [self._call(inst, inst.lc.restart) for inst in instances]
+        not_stopping = frozenset(State) - {State.STOPPING}
+        await self._answer_for(instances, seqs, not_stopping)
+
+    async def _watch_adopted(self, inst: Instance, run: Run, gone: GoneWaiter) -> None:
+        try:
+            status = await gone()
+            run.known = status is not None
+            run.status = 0 if status is None else status
+        except Exception as exc:  # noqa: BLE001 - handed to the instance task's boundary
+            run.failure = exc
+        inst.wake.set()
 
     async def refresh_counters(self) -> None:
         """Re-read live counters running workers report (for ``status``)."""

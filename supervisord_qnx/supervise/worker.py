@@ -72,6 +72,8 @@ class Event(enum.StrEnum):
     EXIT_STOPPED = "exit-stopped"  # the process ended while being stopped
     TIMER = "timer"  # the backoff delay or the stop timeout elapsed
     FAILURE = "failure"  # an internal or backend failure: give up on this instance
+    ADOPTED = "adopted"  # a previous daemon's run found alive (supervise/adopt.py)
+    RESUMED = "resumed"  # a previous daemon's backoff carried on (supervise/adopt.py)
 
 
 class Action(enum.StrEnum):
@@ -90,6 +92,9 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.STOPPED, E.RESTART): (S.STARTING, (A.SPAWN,)),
     (S.STOPPED, E.STOP): (S.STOPPED, ()),
     (S.STOPPED, E.FAILURE): (S.FATAL, ()),
+    # At start-up only: what a previous daemon left (supervise/adopt.py).
+    (S.STOPPED, E.ADOPTED): (S.RUNNING, ()),
+    (S.STOPPED, E.RESUMED): (S.BACKOFF, ()),
     (S.EXITED, E.START): (S.STARTING, (A.SPAWN,)),
     (S.EXITED, E.RESTART): (S.STARTING, (A.SPAWN,)),
     (S.EXITED, E.STOP): (S.STOPPED, (A.RELEASE_LEAF,)),
@@ -255,6 +260,22 @@ class Lifecycle:
         if self.state in (S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF):
             self.tracker.reset()
         self._apply(E.RESTART, now)
+
+    # -- what a previous daemon left (start-up only) ---------------------------------
+
+    def adopted(self, pid: int, started_at: float, now: float) -> None:
+        """A run a previous daemon started is still alive: it is this one's now (its
+        uptime counts from ``started_at``, monotonic, the same clock across daemons)."""
+        self._intent(True)
+        self.pid, self.started_at = pid, started_at
+        self._apply(E.ADOPTED, now)
+
+    def resumed(self, delay: float, now: float) -> None:
+        """A previous daemon's backoff goes on: the restart comes ``delay`` seconds from
+        now (its original schedule)."""
+        self._intent(True)
+        self.backoff_delay = max(0.0, delay)
+        self._apply(E.RESUMED, now)
 
     # -- what happened --------------------------------------------------------------
 

@@ -1,0 +1,226 @@
+"""The daemon's runtime state in ``state_dir/runtime.json``: what a restarted or
+re-executed daemon needs to carry on where its predecessor stopped (docs/state.md).
+
+What it holds: the operator's decisions (tenants stopped or started by hand, figures
+changed with ``set``), and per worker instance its state, pid and start time, restart
+count, backoff deadline, the fingerprint of its definition and its log writer. What
+it is for: adoption (``supervise/adopt.py``) and operator-stopped tenants that stay
+stopped.
+
+Why one JSON file, rewritten whole: it is small (about 300 bytes per worker), a
+reader needs all of it at once, and one atomic replace (``atomicfile.write``: temp
+file, ``fsync``, ``rename``, ``fsync`` of the directory) can never leave half of an
+update. Around the body sit a format name, a version and the SHA-256 of the body: a
+file that is torn (a disk that lied about ``fsync``), edited by hand or written by a
+newer daemon is *detected*, logged, moved aside (kept for a post-mortem) and the
+daemon starts as on a fresh boot. It never crashes on it, and never adopts from it.
+
+Writes never block the event loop and coalesce: a change only sets a flag; one task
+takes a snapshot (in the loop, so it is consistent), waits ``COALESCE`` seconds for
+the burst to end, and writes it in a thread. A burst of a hundred state changes (a
+tenant of 100 workers starting) costs one or two writes, not a hundred.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from supervisord_qnx import atomicfile
+
+log = structlog.get_logger("supervisord_qnx.state")
+
+STATE_FILE = "runtime.json"
+FORMAT = "supervisord-qnx-runtime-state"
+VERSION = 1
+# How long a change waits for more before the file is written: short enough that a
+# SIGKILL right after an operator's `stop` answer rarely loses it (the answer itself
+# waits for the stop, which takes longer), long enough to fold a start-up's burst.
+COALESCE = 0.02
+
+
+class Unusable(Exception):
+    """The state file cannot be trusted (torn, corrupt, unknown format or version)."""
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(
+        {"format": FORMAT, "version": VERSION, "sha256": digest, "body": body},
+        sort_keys=True,
+        indent=1,
+    ).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """The body of a state file; raises ``Unusable`` with the reason."""
+    try:
+        outer = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Unusable(f"not JSON (torn or corrupt): {exc}") from None
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+        raise Unusable("not a supervisord-qnx runtime state file")
+    if outer.get("version") != VERSION:
+        raise Unusable(
+            f"version {outer.get('version')!r}, this daemon reads version {VERSION} only"
+        )
+    body = outer.get("body")
+    if not isinstance(body, dict):
+        raise Unusable("no body")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    if hashlib.sha256(canonical.encode()).hexdigest() != outer.get("sha256"):
+        raise Unusable("checksum mismatch (torn or edited)")
+    return body
+
+
+def load(state_dir: Path) -> dict[str, Any] | None:
+    """The previous instance's state, or ``None`` (none, or unusable: then the file is
+    moved aside as ``runtime.json.bad-<unix time>`` and the reason logged). Blocking."""
+    path = state_dir / STATE_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _set_aside(path, f"cannot be opened: {exc}")
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        _set_aside(path, f"cannot be read: {exc}")
+        return None
+    try:
+        return decode(data)
+    except Unusable as exc:
+        _set_aside(path, str(exc))
+        return None
+
+
+def _set_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+    try:
+        os.replace(path, aside)
+        atomicfile.sync_dir(path.parent)
+    except OSError as exc:
+        log.error("runtime state unusable and cannot be moved aside; starting fresh",
+                  file=str(path), reason=why, error=str(exc))  # fmt: skip
+        return
+    log.error("runtime state unusable; kept aside, starting as on a fresh boot",
+              file=str(path), kept=str(aside), reason=why)  # fmt: skip
+
+
+# -- identifying a process across daemon lifetimes ----------------------------------
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux); a state file from another boot adopts nothing."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def start_ticks(pid: int, *, zombie: bool = False) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (``/proc/PID/stat`` field 22);
+    ``None`` if it is gone, a zombie (unless ``zombie``: a child of ours that ended and
+    waits for us), or the platform has no such file (QNX: see docs/state.md). With the
+    pid it names one process for the whole boot."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name in (parentheses) may hold spaces and ')': split after the last.
+    rest = text.rsplit(")", 1)[1].split()
+    if rest[0] == "X" or (rest[0] == "Z" and not zombie):
+        return None
+    return int(rest[19])
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# -- writing --------------------------------------------------------------------------
+
+
+@dataclass
+class WriteFigures:
+    writes: int = 0
+    changes: int = 0
+    last_seconds: float = 0.0
+    max_seconds: float = 0.0
+
+
+class StateKeeper:
+    """Writes ``snapshot()`` to the state file after every change, coalesced, in a
+    thread. ``changed()`` is cheap and may be called from any task of the loop."""
+
+    def __init__(self, state_dir: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.path = state_dir / STATE_FILE
+        self.snapshot = snapshot
+        self.figures = WriteFigures()
+        self._dirty = trio.Event()
+        self._write_lock = trio.Lock()
+        # One thread of its own: a slow disk delays the next write, never a spawn's or a
+        # stop's thread (trio's default pool).
+        self._thread = trio.CapacityLimiter(1)
+        self.enabled = True
+
+    def changed(self, *_: object) -> None:
+        self.figures.changes += 1
+        self._dirty.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._dirty.wait()
+            await trio.sleep(COALESCE)
+            self._dirty = trio.Event()
+            try:
+                await self.write_now()
+            except OSError as exc:
+                # A full or read-only disk: the daemon supervises on; the next change
+                # tries again, and a restart meanwhile starts from the last good file.
+                log.error("cannot write the runtime state", file=str(self.path), error=str(exc))
+                await trio.sleep(1.0)
+
+    async def write_now(self, reason: str = "running") -> None:
+        """Write the state as it is now (also the final write before a reexec)."""
+        if not self.enabled:
+            return
+        body = self.snapshot()
+        body["reason"] = reason
+        data = encode(body)
+        async with self._write_lock:  # one write at a time, in the order taken
+            began = time.monotonic()
+            await trio.to_thread.run_sync(atomicfile.write, self.path, data, limiter=self._thread)
+            took = time.monotonic() - began
+        f = self.figures
+        f.writes += 1
+        f.last_seconds = took
+        f.max_seconds = max(f.max_seconds, took)
+
+    def write_sync(self, reason: str) -> None:
+        """Blocking write (shutdown's last word, when the loop is ending)."""
+        if not self.enabled:
+            return
+        body = self.snapshot()
+        body["reason"] = reason
+        atomicfile.write(self.path, encode(body))
