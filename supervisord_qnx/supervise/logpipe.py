@@ -11,8 +11,9 @@ process start beyond its own. At the first spawn, in a worker thread, the daemon
 2. checks that the log file and its lock file, if there, are regular files (not a
    symlink, FIFO, ...), so a worker whose log path was tampered with fails to start
    with the reason;
-3. makes a pipe and starts the writer with the read end as its stdin and the directory
-   as an inherited descriptor; each run gets the write end as stdout and stderr.
+3. makes a pipe and has the writer server (``logserver.py``) fork a writer with the read
+   end as its stdin and the directory as an open descriptor (or, without a server,
+   starts ``logwriter.py`` on its own); each run gets the write end as stdout and stderr.
 
 The daemon keeps its own copy of the write end while the instance may run again, and
 after each run writes ``RUN_END`` into the pipe (the run's unfinished last line is
@@ -50,6 +51,7 @@ import trio
 
 from supervisord_qnx.config.model import DaemonSpec, TenantSpec, WorkerBase
 from supervisord_qnx.supervise import logwriter
+from supervisord_qnx.supervise.logserver import ServerClient, ServerGone, WriterServer
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 
 log = structlog.get_logger("supervisord_qnx.logs")
@@ -151,9 +153,15 @@ class Writer:
 
 
 def start_writer(
-    reaper: ChildReaper, log_dir: Path, tenant: str, leaf: str, settings: LogSettings
+    reaper: ChildReaper,
+    log_dir: Path,
+    tenant: str,
+    leaf: str,
+    settings: LogSettings,
+    server: ServerClient | None = None,
 ) -> Writer:
-    """Start the log writer of one run of a worker. Blocking: call in a thread."""
+    """Start the log writer of one run of a worker: forked by ``server`` when there is
+    one (``logserver.py``), else an interpreter of its own. Blocking: call in a thread."""
     dir_fd = open_log_dir(log_dir, tenant)
     try:
         name = log_name(leaf)
@@ -167,6 +175,10 @@ def start_writer(
         )
         read_end, write_end = os.pipe()
         try:
+            if server is not None:
+                pid = _fork_writer(reaper, server, read_end, dir_fd, name, settings)
+                if pid is not None:
+                    return Writer(pid, write_end, lock)
             argv = [
                 sys.executable,
                 "-I",  # no PYTHON* variables, no user site, no script dir games
@@ -200,6 +212,26 @@ def start_writer(
     finally:
         os.close(dir_fd)
     return Writer(pid, write_end, lock)
+
+
+def _fork_writer(
+    reaper: ChildReaper,
+    server: ServerClient,
+    read_end: int,
+    dir_fd: int,
+    name: str,
+    settings: LogSettings,
+) -> int | None:
+    """The pid of a writer forked by ``server``; ``None`` if the server is gone (the
+    caller starts this one alone; the next spawn gets a new server)."""
+    try:
+        with reaper.spawning():
+            pid = server.fork_writer(read_end, dir_fd, name, settings.max_size, settings.keep)
+            reaper.register(pid)
+    except ServerGone as exc:
+        log.warning("log writer server unavailable; starting the writer alone", error=str(exc))
+        return None
+    return pid
 
 
 def _end_run(fd: int, lock: int, wait: float) -> None:
@@ -299,6 +331,14 @@ async def reap_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
 
 
 async def start_writer_async(
-    reaper: ChildReaper, log_dir: Path, tenant: str, leaf: str, settings: LogSettings
+    reaper: ChildReaper,
+    log_dir: Path,
+    tenant: str,
+    leaf: str,
+    settings: LogSettings,
+    server: WriterServer | None = None,
 ) -> Writer:
-    return await trio.to_thread.run_sync(start_writer, reaper, log_dir, tenant, leaf, settings)
+    client = None if server is None else await server.ready()
+    return await trio.to_thread.run_sync(
+        start_writer, reaper, log_dir, tenant, leaf, settings, client
+    )

@@ -729,7 +729,12 @@ class Supervisor:
             if writer is not None:
                 writer.close()  # its process ended (killed?): a new one takes over
             writer = inst.log_writer = await logpipe.start_writer_async(
-                self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
+                self.reaper,
+                self.log_dir,
+                inst.tenant,
+                inst.leaf,
+                self.log_settings(inst),
+                self.launchers.log_writers,
             )
             assert self._nursery is not None
             self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
