@@ -324,7 +324,10 @@ async def end_run(writer: Writer, wait: float) -> None:
         )
 
 
-# How often end_run looks whether the writer has read the pipe empty (event loop).
+# How often end_run looks whether the writer has read the pipe empty (event loop): soon
+# at first (a writer usually reads the mark within a fraction of a millisecond, and a
+# restart waits for this), then less often, up to DRAIN_POLL.
+DRAIN_POLL_FIRST = 0.0002
 DRAIN_POLL = 0.002
 
 
@@ -344,6 +347,7 @@ async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
         return
     deadline = trio.current_time() + wait
     unread = array.array("i", [0])
+    poll = DRAIN_POLL_FIRST
     while trio.current_time() < deadline:
         try:
             fcntl.ioctl(writer.mark_fd, fionread, unread)
@@ -351,14 +355,16 @@ async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
             return
         if unread[0] == 0:
             break
-        await trio.sleep(DRAIN_POLL)
+        await trio.sleep(poll)
+        poll = min(2 * poll, DRAIN_POLL)
     while trio.current_time() < deadline and writer.lock >= 0:
         try:
             fcntl.lockf(writer.lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 return
-            await trio.sleep(DRAIN_POLL)
+            await trio.sleep(poll)
+            poll = min(2 * poll, DRAIN_POLL)
             continue
         fcntl.lockf(writer.lock, fcntl.LOCK_UN)
         return
