@@ -135,7 +135,9 @@ def run(floods: int, seconds: float, calls: int) -> dict[str, Any]:
             writers = [
                 p
                 for p in children(daemon.pid)
-                if "logwriter" in Path(f"/proc/{p}/cmdline").read_text()
+                if "logwriter" in (cmd := Path(f"/proc/{p}/cmdline").read_text())
+                # Not the writer server that forks them (supervise/logserver.py).
+                and "--serve" not in cmd.split("\0")
             ]
             flooding = status_latency(client, calls)
             # CPU and throughput over a window without control calls: the daemon's own

@@ -23,6 +23,9 @@ Measured, for each tool and each N (``--count 100 1000`` by default):
 * **RSS** of the supervisor's processes (s6: s6-svscan plus every s6-supervise) with N
   configured and none running, with N running, and the difference per worker; after
   ``--churn`` restarts of a worker that exits at once (ours), and the growth over them.
+  Also the PSS of the same processes (shared pages split between them: forked processes
+  such as our log writers or s6's supervise processes share most of theirs) and the RSS
+  of the daemon process alone.
 * **idle CPU**: the supervisor's user + system CPU over ``--idle`` seconds with N running,
   from ``/proc/<pid>/stat``, as a percent of one CPU.
 * **stop all**: from the shutdown request until the daemon process has exited (every
@@ -90,6 +93,19 @@ class Skip(Exception):
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes sharing them, so
+    that forked processes (our log writers, s6's supervise processes) add up honestly."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -726,6 +742,8 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
         out["start_first"] = starts[0]
         time.sleep(0.5)
         out["rss_running"] = sum(map(rss_bytes, tool.daemon_pids()))
+        out["rss_daemon_running"] = rss_bytes(tool.pid)
+        out["pss_running"] = sum(map(pss_bytes, tool.daemon_pids()))
         out["rss_per_worker"] = (out["rss_running"] - out["rss_idle"]) / tool.count
 
         pids = tool.daemon_pids()
@@ -904,6 +922,8 @@ ROWS: list[tuple[str, str, float, str]] = [
     ("rss_idle", "RSS, N configured, none running", 1 / 2**20, "MiB"),
     ("rss_running", "RSS, N running", 1 / 2**20, "MiB"),
     ("rss_per_worker", "RSS per running worker", 1 / 2**10, "KiB"),
+    ("rss_daemon_running", "RSS of the daemon process alone", 1 / 2**20, "MiB"),
+    ("pss_running", "PSS, N running", 1 / 2**20, "MiB"),
     ("idle_cpu_pct", "idle CPU with N running", 1, "%"),
     ("rss_after_churn", "RSS after the churn restarts", 1 / 2**20, "MiB"),
     ("churn_growth", "RSS growth over the churn", 1 / 2**10, "KiB"),

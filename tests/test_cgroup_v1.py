@@ -244,6 +244,22 @@ async def test_memory_pressure_event_when_usage_crosses_max_minus_reserved(
     proc.wait(timeout=30)
 
 
+def test_pressure_thresholds_are_armed_before_a_partitions_first_worker(
+    backend: Cgroup1Backend,
+) -> None:
+    """Thresholds are armed in the background (each costs the kernel an RCU grace
+    period); a partition's first leaf, i.e. anything that runs in it, waits for its own."""
+    names = [f"p{i}" for i in range(12)]
+    limits: dict[str, object] = {"memory_max": 128 * MiB, "memory_reserved": 64 * MiB}
+    make_tree(backend, *((n, limits) for n in names))
+    for n in reversed(names):  # the last created first: the likeliest to be still arming
+        backend.ensure_leaf(n, f"{n}-0")
+        watched = backend._notifier.keys()  # a list of the keys with a live eventfd
+        assert ("pressure", n, None) in watched, n
+    for n in names:
+        backend.destroy(n)
+
+
 def test_limits_are_written_to_the_kernel_files(backend: Cgroup1Backend) -> None:
     make_tree(
         backend,

@@ -144,6 +144,10 @@ def test_a_flood_stays_bounded_whole_and_in_order_through_a_daemon_sigkill(
         problems: list[str] = []
         problems += sample_bound(path.parent, path.name, MAX_SIZE, KEEP)
         before_kill = last_number(path)
+        # The writer was forked by the daemon's writer server, not started on its own
+        # (supervise/logserver.py): what follows is that forked writer's doing.
+        (writer,) = children_writing(first.proc.pid, path.name)
+        assert b"--serve" in Path(f"/proc/{writer}/cmdline").read_bytes().split(b"\0")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
         killed_at = time.monotonic()
@@ -240,19 +244,84 @@ async def test_a_run_ending_mid_line_is_not_joined_with_the_next_runs_output(
     assert [f"unfinished {p}" in lines for p in runs] == [True] * len(runs)
 
 
+def holds_lock_of(pid: int | str, log_name: str) -> bool:
+    """Whether ``pid`` has ``log_name``'s lock file open (``w-0.log``, or ``ten/w-0.log``
+    where several tenants have a ``w-0``): what a log writer does for its whole life,
+    forked or started (its command line names the log only when started)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(f"/{log_name}.lock"):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def children_writing(parent: int | str, log_name: str) -> list[int]:
+    """Log writer processes among ``parent``'s children that write ``log_name``."""
+    pids = []
+    for tid in os.listdir(f"/proc/{parent}/task"):
+        for pid in Path(f"/proc/{parent}/task/{tid}/children").read_text().split():
+            if holds_lock_of(pid, log_name):
+                pids.append(int(pid))
+    return pids
+
+
 def writers_for(log_name: str) -> list[int]:
     """Log writer processes (children of this process: the daemon runs in it) that
     write ``log_name``."""
-    pids = []
-    for tid in os.listdir("/proc/self/task"):
-        for pid in Path(f"/proc/self/task/{tid}/children").read_text().split():
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except FileNotFoundError:
-                continue
-            if any(a.endswith(b"logwriter.py") for a in argv) and log_name.encode() in argv:
-                pids.append(int(pid))
-    return pids
+    return children_writing("self", log_name)
+
+
+async def test_a_dead_writer_server_is_replaced_and_its_writers_write_on(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    """Writers are forked by one pre-started server; its death costs the writers it
+    forked nothing (they never talk to it again), and the next start gets a new one."""
+    ticker = worker_py(
+        "import time\ni = 0\nwhile True:\n    print(f'{i:09d} ' + 'x' * 22)\n"
+        "    i += 1\n    time.sleep(0.01)\n"
+    )
+    cfg.tenant("ticks", f'[[worker]]\nname = "w"\ncommand = {ticker}\n')
+    hello = worker_py("import time\nprint('hello')\ntime.sleep(1000)")
+    cfg.tenant("later", f'autostart = false\n[[worker]]\nname = "w"\ncommand = {hello}\n')
+    d = await start_daemon()
+    sup = d.daemon.supervisor
+    path = cfg.worker_log("ticks", "w-0")
+    await d.wait_for("ticks:w-0", lambda w: w["state"] == "running")
+    with trio.fail_after(15):
+        while not path.exists() or LINE.match(path.read_bytes().split(b"\n")[0] or b"") is None:
+            await trio.sleep(0.02)
+    old = sup.launchers.log_writers.pids
+    assert old
+    (writer,) = writers_for(f"ticks/{path.name}")
+    assert b"--serve" in Path(f"/proc/{writer}/cmdline").read_bytes().split(b"\0")
+    for pid in old:  # every server: the next start must start a new one
+        os.kill(pid, signal.SIGKILL)
+    with trio.fail_after(10):
+        while any(pid_alive(p) for p in old) or sup.launchers.log_writers.pids:
+            await trio.sleep(0.02)  # reaped by the daemon, not left a zombie
+    seen = last_number(path)
+    with trio.fail_after(15):
+        while last_number(path) < seen + 20:  # the ticker's writer writes on
+            await trio.sleep(0.02)
+    assert writers_for(f"ticks/{path.name}") == [writer]
+    await d.call("start", tenant="later", wait=True)
+    later = cfg.worker_log("later", "w-0")
+    with trio.fail_after(15):
+        while b"hello\n" not in (later.read_bytes() if later.exists() else b""):
+            await trio.sleep(0.02)
+    new = sup.launchers.log_writers.pids
+    assert new and not set(new) & set(old)
+    (later_writer,) = writers_for(f"later/{later.name}")
+    assert b"--serve" in Path(f"/proc/{later_writer}/cmdline").read_bytes().split(b"\0")
+    await d.call("stop", tenant="ticks")
+    numbers, _ = read_numbers(path, 5)
+    assert numbers == list(range(numbers[-1] + 1)), "a line lost, doubled or out of order"
 
 
 async def test_one_writer_serves_an_instance_until_it_stops(cfg: ConfigDir, start_daemon) -> None:

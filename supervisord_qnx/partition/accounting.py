@@ -20,9 +20,11 @@ configured ``sample_interval``.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 TAG = "SUPERVISORD_QNX_LEAF"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -116,3 +118,49 @@ def members(
                 found.add(child)
                 stack.append(child)
     return found
+
+
+T = TypeVar("T")
+
+
+class SharedScan(Generic[T]):
+    """Concurrent callers share one ``/proc`` scan, never an older one: each gets the
+    result of a scan that *started after it asked* (so it sees every process that
+    existed when it asked), and a scan already under way that started too early is
+    waited out, then one new scan serves everyone who queued meanwhile.
+
+    Why: a scan reads ``/proc/<pid>/stat`` of every process on the machine. A shutdown
+    of 100 workers asked for 100 scans at once (each stop checks its worker's leaf), a
+    second of a 2-core machine's CPU; shared, they are two or three."""
+
+    def __init__(self, scan: Callable[[], T]) -> None:
+        self._scan = scan
+        self._cond = threading.Condition()
+        self._running = False
+        self._started = 0  # scans started so far
+        self._done = 0  # the newest scan finished with a result
+        self._result: T | None = None
+
+    def get(self) -> T:
+        with self._cond:
+            need = self._started + 1  # the first scan to start from now on
+            while True:
+                if self._done >= need:
+                    assert self._result is not None
+                    return self._result
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    mine = self._started
+                    break
+                self._cond.wait()
+        result: T | None = None
+        try:
+            result = self._scan()
+        finally:
+            with self._cond:
+                self._running = False
+                if result is not None:  # a failed scan leaves the waiters to start another
+                    self._done, self._result = mine, result
+                self._cond.notify_all()
+        return result

@@ -91,6 +91,8 @@ class PortableBackend(Backend):
         self._pressure: dict[str, int] = {}  # pressure events so far, per partition
         self._above: set[str] = set()  # partitions now above max - reserved (edge trigger)
         self._lock = threading.Lock()
+        # Leaf membership checks share /proc scans (accounting.SharedScan).
+        self._scans = accounting.SharedScan(self._scan)
         # Set by watch() while it sleeps for want of a partition with a max.
         self._watch_wake: tuple[trio.lowlevel.TrioToken | None, trio.Event | None] = (None, None)
 
@@ -256,7 +258,14 @@ class PortableBackend(Backend):
         return accounting.members(procs, roots, lambda tag: accounting.in_subtree(tag, path), tags)
 
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
-        return sorted(self._members(accounting.snapshot(), path, leaf))
+        procs, tags = self._scans.get()
+        return sorted(self._members(procs, path, leaf, tags))
+
+    def _scan(self) -> tuple[dict[int, accounting.ProcInfo], dict[int, str | None]]:
+        """One /proc snapshot and the tags of the daemon's descendants in it."""
+        procs = accounting.snapshot()
+        own = os.getpid()
+        return procs, {pid: accounting.read_tag(pid) for pid in self._ours(procs) if pid != own}
 
     def adopt_worker(self, path: str, leaf: str, pid: int) -> None:  # noqa: ARG002
         # Its processes (and their descendants) count from now on; the set only grows by

@@ -25,6 +25,7 @@ from supervisord_qnx.config.model import CommandWorker, DaemonSpec, WasmWorker, 
 from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
+from supervisord_qnx.supervise.logserver import WriterServer
 from supervisord_qnx.supervise.prefork import ForkServerKeeper
 from supervisord_qnx.supervise.reaper import ChildReaper
 from supervisord_qnx.wasm.forkserver import ForkServerGone
@@ -232,6 +233,8 @@ class Launchers:
         self, backend: Backend, reaper: ChildReaper, tree: PartitionTree, daemon: DaemonSpec
     ) -> None:
         self.forkserver = ForkServerKeeper(reaper, Path(daemon.log_dir) / "wasm-forkserver.log")
+        # Forks every worker's log writer (supervise/logserver.py).
+        self.log_writers = WriterServer(reaper)
         self._wasm_prefork = daemon.wasm_prefork
         self.command = Launcher(backend, reaper)
         self.wasm = WasmLauncher(
@@ -241,6 +244,8 @@ class Launchers:
     def bind(self, nursery: trio.Nursery) -> None:
         """The supervisor's nursery, which owns the fork server's watcher task."""
         self.forkserver.nursery = nursery
+        self.log_writers.nursery = nursery
+        self.log_writers.prestart()
 
     def for_spec(self, spec: WorkerBase) -> Launcher:
         return self.wasm if isinstance(spec, WasmWorker) else self.command
@@ -249,6 +254,8 @@ class Launchers:
         """Only a child subreaper gets the fork server's workers as its own children
         (docs/wasm.md, 7.), so pre-forked starts need the daemon to be one."""
         self.wasm.prefork = self._wasm_prefork and subreaper
+        # The same holds for forked log writers.
+        self.log_writers.enabled = subreaper
 
     @property
     def forkserver_pid(self) -> int | None:
@@ -256,9 +263,11 @@ class Launchers:
 
     async def stop(self) -> None:
         await self.forkserver.stop()
+        await self.log_writers.stop()
 
     def kill(self) -> None:
         self.forkserver.kill()
+        self.log_writers.kill()
 
 
 def _denials(report: dict[str, Any]) -> int:

@@ -1,7 +1,9 @@
 """The log writer: one small process per worker instance that owns the read end of
 the worker's stdout/stderr pipe and the worker's numbered log files (docs/logging.md).
 
-It runs as ``python -I -S logwriter.py DIR_FD NAME MAX_SIZE KEEP`` with the pipe as
+It is forked by the writer server (``python -I -S logwriter.py --serve FD``, see
+``serve`` below and ``logserver.py``), or runs on its own as
+``python -I -S logwriter.py DIR_FD NAME MAX_SIZE KEEP``; either way with the pipe as
 its stdin and the worker's log directory as the open descriptor ``DIR_FD``; it imports
 the standard library only (no site, no package), which keeps it small (RSS is
 measured in docs/logging.md) and lets it outlive the daemon: nothing in it talks to
@@ -242,21 +244,127 @@ def run(dir_fd: int, name: str, max_size: int, keep: int) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    # Only EOF ends the writer: a terminal's ^C, a hang-up or a stray SIGTERM to the
-    # daemon's group must not cut a worker's output off while the worker still runs.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+# -- the writer server: writers forked, not started -----------------------------------
+#
+# ``python -I -S logwriter.py --serve FD`` is started once by the daemon; it has imported
+# this module already, so a writer costs two ``fork``s of a small, single-threaded process
+# (no interpreter start) and shares the server's pages copy-on-write. Protocol over the
+# ``SOCK_SEQPACKET`` socket ``FD`` (one datagram = one message): the server sends
+# ``ready``; per request the daemon sends ``NAME\0MAX_SIZE\0KEEP`` with two descriptors
+# attached (the pipe's read end, the log directory) and the server answers the writer's
+# pid in decimal, or ``error: ...``. It ends at EOF (the daemon closed its end or died);
+# the writers it forked carry on, they never talk to it again.
+#
+# Per request it forks an intermediate, which forks the writer W, tells the server W's
+# pid and exits at once; the server reaps it before it answers. The daemon is a child
+# subreaper, so W is then the *daemon's* child: the daemon waits for it like for any
+# writer it started itself, and W is in its own session (``setsid``), so that it lives
+# on through the daemon's SIGKILL exactly as a started writer does.
+
+SERVER_READY = b"ready"
+MAX_REQUEST = 4096
+
+
+def serve(sock_fd: int) -> int:
+    import gc
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    # What exists now lives as long as the server: the collector must never walk it in a
+    # writer, which would copy its pages (gc.freeze's documented use before fork).
+    gc.freeze()
+    sock.send(SERVER_READY)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 2)
+        except ConnectionError:
+            return 0
+        if not msg:
+            return 0  # the daemon closed its end: it is shutting down, or gone
+        try:
+            try:
+                if len(fds) != 2:
+                    raise ValueError(f"expected a pipe and a directory, got {len(fds)} fds")
+                name, max_size, keep = msg.decode().split("\0")
+                answer = str(_fork_writer(fds[0], fds[1], name, int(max_size), int(keep)))
+            except Exception as exc:  # noqa: BLE001 - one bad request is answered, not fatal
+                answer = f"error: {type(exc).__name__}: {exc}"
+            sock.send(answer.encode())
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _fork_writer(pipe_fd: int, dir_fd: int, name: str, max_size: int, keep: int) -> int:
+    r, w = os.pipe()
     try:
-        dir_fd, name, max_size, keep = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
-    except (IndexError, ValueError):
-        print("usage: logwriter.py DIR_FD NAME MAX_SIZE KEEP", file=sys.stderr)
-        return 2
+        a = os.fork()
+        if a == 0:  # the intermediate: fork W, report its pid, leave
+            code = 1
+            try:
+                os.close(r)
+                pid = os.fork()
+                if pid == 0:
+                    os.close(w)
+                    _writer(pipe_fd, dir_fd, name, max_size, keep)  # never returns
+                os.write(w, str(pid).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        w = -1
+        _, status = os.waitpid(a, 0)
+        data = os.read(r, 64)
+    finally:
+        os.close(r)
+        if w != -1:
+            os.close(w)
+    if status != 0 or not data.isdigit():
+        raise OSError(f"the intermediate process failed (wait status {status})")
+    return int(data)
+
+
+def _writer(pipe_fd: int, dir_fd: int, name: str, max_size: int, keep: int) -> None:
+    """W: its own session, the pipe as stdin, nothing else of the server's; then write."""
+    code = 1
+    try:
+        os.setsid()
+        os.dup2(pipe_fd, 0)
+        top = max(pipe_fd, dir_fd) + 1
+        for fd in range(3, top):  # the server's socket and other requests' leftovers
+            if fd != dir_fd:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.closerange(top, os.sysconf("SC_OPEN_MAX"))
+        code = _run_checked(dir_fd, name, max_size, keep)
+    finally:
+        os._exit(code)
+
+
+def _run_checked(dir_fd: int, name: str, max_size: int, keep: int) -> int:
     try:
         return run(dir_fd, name, max_size, keep)
     except Refused as exc:
         print(f"supervisord-qnx log writer: refusing {exc}; stopping", file=sys.stderr)
         return EXIT_REFUSED
+
+
+def main(argv: list[str]) -> int:
+    # Only EOF ends the writer: a terminal's ^C, a hang-up or a stray SIGTERM to the
+    # daemon's group must not cut a worker's output off while the worker still runs.
+    # (The server sets the same, which its forked writers inherit.)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if len(argv) == 3 and argv[1] == "--serve":
+        return serve(int(argv[2]))
+    try:
+        dir_fd, name, max_size, keep = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
+    except (IndexError, ValueError):
+        print("usage: logwriter.py DIR_FD NAME MAX_SIZE KEEP | --serve FD", file=sys.stderr)
+        return 2
+    return _run_checked(dir_fd, name, max_size, keep)
 
 
 if __name__ == "__main__":

@@ -804,7 +804,12 @@ class Supervisor:
             if writer is not None:
                 writer.close()  # its process ended (killed?): a new one takes over
             writer = inst.log_writer = await logpipe.start_writer_async(
-                self.reaper, self.log_dir, inst.tenant, inst.leaf, self.log_settings(inst)
+                self.reaper,
+                self.log_dir,
+                inst.tenant,
+                inst.leaf,
+                self.log_settings(inst),
+                self.launchers.log_writers,
             )
             inst.writer_ticks = start_ticks(writer.pid)
             assert self._nursery is not None
