@@ -224,6 +224,7 @@ class Daemon:
             self.events,
             log_dir=Path(config.daemon.log_dir),
             enforcement=config.daemon.enforcement,
+            daemon_spec=config.daemon,
         )
         self.io_backend = "native"
         self._shutdown = trio.Event()

@@ -142,6 +142,7 @@ def _report_problems(exc: Any, as_json: bool) -> int:
 
 
 def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_json: bool) -> None:
+    from supervisord_qnx.config import identity
     from supervisord_qnx.control.report import enforcement_table
     from supervisord_qnx.units import format_size
 
@@ -158,6 +159,8 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
                     "os_names": mapping,
                     "tree": tree.as_dict(),
                     "start_waves": _start_waves(config),
+                    "identities": identity.describe(config),
+                    "identity_notes": identity.notes(config),
                 },
                 indent=2,
             )
@@ -194,8 +197,19 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
     print("enforcement by this backend:")
     for control, level in enforcement_table(backend).items():
         print(f"  {control:<18} {level}")
-    for w in warnings:
+    _print_identities(config)
+    for w in [*warnings, *identity.notes(config)]:
         print(f"warning: {w}")
+
+
+def _print_identities(config: Any) -> None:
+    """Who each tenant's workers run as (docs/security.md#tenants)."""
+    from supervisord_qnx.config import identity
+
+    print()
+    print("tenants run as:")
+    for tenant, who in identity.describe(config).items():
+        print(f"  {tenant:<24} {who}")
 
 
 def _start_waves(config: Any) -> list[list[str]]:

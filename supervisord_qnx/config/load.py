@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from supervisord_qnx.config import ordering
+from supervisord_qnx.config import identity, ordering
 from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec, WasmWorker
 from supervisord_qnx.partition import tree as ptree
 
@@ -160,6 +160,9 @@ def load(config_path: str | Path) -> Config:
         tree=tree,
     )
     problems += [locate(config, p.partition, p.key, p.reason) for p in tree_problems]
+    # Who each worker runs as (config/identity.py): unknown users, root without allow_root.
+    for name, key, reason in identity.problems(config):
+        problems.append(Located(str(tenant_files[name]), key, reason))
     if problems:
         raise ConfigError(problems)
     return config

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from supervisord_qnx.partition.controls import Flag
+from supervisord_qnx.partition.privileges import CAPABILITIES
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.units import parse_size
 
@@ -161,6 +162,11 @@ class WorkerBase(Strict):
 
     log: LogSpec | None = None
 
+    # Identity (docs/security.md#tenants): None takes the tenant's.
+    user: str | None = None
+    group: str | None = None
+    supplementary_groups: list[str] | None = None
+
 
 class CommandWorker(WorkerBase):
     """A worker that is any program: ``command = ["python3", "-u", "beat.py"]``."""
@@ -233,6 +239,43 @@ class RestartSpec(Strict):
         return self
 
 
+def _capability(value: object) -> object:
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if not name.startswith("CAP_"):
+            name = "CAP_" + name
+        if name not in CAPABILITIES:
+            raise ValueError(f"{value!r} is not a Linux capability such as 'CAP_NET_BIND_SERVICE'")
+        return name
+    return value
+
+
+def _umask(value: object) -> object:
+    # TOML has octal integers (0o077); a string "077" is read as octal too.
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an octal umask such as '077'") from None
+    return value
+
+
+Capability = Annotated[str, BeforeValidator(_capability)]
+Umask = Annotated[int, BeforeValidator(_umask), Field(ge=0, le=0o777)]
+# -1 means "unlimited" for every resource limit.
+RlimitCount = Annotated[int, Field(ge=-1)]
+RlimitSize = Annotated[int, BeforeValidator(lambda v: -1 if v == "unlimited" else parse_size(v))]
+
+
+class Rlimits(Strict):
+    """Resource limits (soft = hard) a tenant's workers start with; None: the daemon's."""
+
+    nofile: Annotated[int, Field(ge=1)] | None = None
+    core: RlimitSize | None = 0  # no core dumps unless a tenant asks for them
+    nproc: Annotated[int, Field(ge=1)] | None = None
+    stack: RlimitSize | None = None
+
+
 class TenantSpec(PartitionSpec):
     """One tenant file: its own partition ``<parent>/<name>`` and the workers inside it."""
 
@@ -243,6 +286,14 @@ class TenantSpec(PartitionSpec):
     after: list[Name] = Field(default_factory=list)
     restart: RestartSpec = RestartSpec()
     log: LogSpec | None = None
+    # Identity and privileges (docs/security.md#tenants; config/identity.py resolves them).
+    user: str | None = None  # a name, a number or "dynamic"; None: [daemon] default_user
+    group: str | None = None  # None: the user's primary group
+    supplementary_groups: list[str] = Field(default_factory=list)
+    allow_root: bool = False  # the only way a worker runs as uid 0
+    capabilities: list[Capability] = Field(default_factory=list)
+    umask: Umask = 0o077
+    rlimits: Rlimits = Rlimits()
     worker: Annotated[list[Worker], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -281,6 +332,17 @@ class DaemonSpec(Strict):
     metrics_interval: Annotated[float, Field(ge=0.1, le=86400)] = 15.0
     # Defaults for every worker's log rotation; tenants and workers override per key.
     log: LogSpec = LogSpec(max_size=10 << 20, keep=5)
+    # Who a tenant without `user` runs as (docs/security.md#tenants): a user name or
+    # number, or "dynamic" for a uid of its own from `dynamic_uids` per tenant.
+    default_user: str = "nobody"
+    dynamic_uids: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (61184, 65519)
+
+    @field_validator("dynamic_uids")
+    @classmethod
+    def _uid_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[1] < value[0]:
+            raise ValueError(f"the range {value[0]}..{value[1]} is empty")
+        return value
 
     @field_validator("log")
     @classmethod

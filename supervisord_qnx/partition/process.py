@@ -26,10 +26,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from supervisord_qnx.partition import privileges
+
 
 @dataclass(frozen=True)
 class ProcessSettings:
     """What a worker process is set up with before exec (empty: nothing changes)."""
+
+    # -- identity and privileges (issue 13; docs/security.md#tenants, privileges.py) --
+    uid: int | None = None  # setresuid; None: the daemon's own
+    gid: int | None = None  # setresgid; None: the daemon's own
+    groups: tuple[int, ...] | None = None  # supplementary groups; None: unchanged
+    no_new_privs: bool = False  # PR_SET_NO_NEW_PRIVS
+    # Capability names (``CAP_NET_BIND_SERVICE``) left in the bounding, inheritable and
+    # ambient sets; every other one is dropped. None: the sets are left alone.
+    capabilities: tuple[str, ...] | None = None
+    umask: int | None = None
+    # Resource limits, soft = hard (``RLIM_INFINITY`` = -1); None: inherited.
+    rlimit_nofile: int | None = None
+    rlimit_core: int | None = None
+    rlimit_nproc: int | None = None
+    rlimit_stack: int | None = None
+    dumpable: bool = True  # False: PR_SET_DUMPABLE 0 (processes that are not exec'd)
+    # -- end of identity and privileges --
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON data (lists, not tuples), only the fields that differ from the default."""
@@ -43,7 +62,9 @@ class ProcessSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProcessSettings:
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names
+        }
         return cls(**kwargs)
 
     def is_default(self) -> bool:
@@ -55,6 +76,8 @@ def wrapped_argv(settings: ProcessSettings, argv: Sequence[str]) -> list[str]:
     wrappers: list[str] = []
     if settings.is_default():
         return list(argv)
+    # Identity and privileges last: what comes before may need root.
+    wrappers += privileges.wrappers(settings)
     return [*wrappers, *argv]
 
 
@@ -65,3 +88,4 @@ def apply_self(settings: ProcessSettings) -> None:
     failed start rather than run the tenant without it."""
     if settings.is_default():
         return
+    privileges.apply_self(settings)
