@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,17 @@ def uid_of(pid: int) -> int:
     return int(proc_status(pid)["Uid"].split()[0])
 
 
+@pytest.fixture
+def daemon_dumps_cores() -> Iterator[None]:
+    """The daemon (this process) may dump cores: its workers must still get none."""
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, core)
+
+
 async def test_a_worker_cannot_reach_another_tenants_worker(
-    cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
+    cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch, daemon_dumps_cores: None
 ) -> None:
     # The daemon runs in this process: its own environment must reach no worker.
     monkeypatch.setenv("INVOCATION_ID", "daemon-secret-invocation")
@@ -195,7 +206,7 @@ async def test_a_worker_cannot_reach_another_tenants_worker(
 
 
 async def test_listed_capabilities_are_the_only_ones_a_worker_keeps(
-    cfg: ConfigDir, start_daemon
+    cfg: ConfigDir, start_daemon, daemon_dumps_cores: None
 ) -> None:
     name = f"conf-cap-{RUN}"
     cfg.tenant(
@@ -219,6 +230,7 @@ async def test_listed_capabilities_are_the_only_ones_a_worker_keeps(
         assert status[field] == "0000000000000400", (field, status[field])
     assert status["NoNewPrivs"] == "1"
     assert seen["umask"] == 0o027
+    assert seen["core"] == [0, 0]  # the default, not the daemon's own
 
 
 async def test_root_needs_allow_root_and_keeps_no_capabilities(
@@ -312,7 +324,7 @@ async def test_wasm_worker_from_the_fork_server_is_confined(
     cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("INVOCATION_ID", "daemon-secret-invocation")
-    name = f"conf-wasm-{RUN}"
+    name, plain = f"conf-wasm-{RUN}", f"conf-wasm-plain-{RUN}"
     probe = cfg.root / "probe.json"
     cfg.tenant(
         name,
@@ -325,7 +337,11 @@ async def test_wasm_worker_from_the_fork_server_is_confined(
         env = {{ {PROBE_ENV} = "{probe}" }}
         """,
     )
+    # Without memory-isolation a forked worker is dumpable, as an exec'd one would be.
+    cfg.tenant(plain, f'[[worker]]\nname = "w"\nwasm = "{HEARTBEAT}"\n')
     d = await start_daemon()
+    other = await d.wait_for(f"{plain}:w-0", lambda w: w["state"] == "running")
+    assert os.stat(f"/proc/{other['pid']}/mem").st_uid == uid_of(other["pid"]) == 65534
     w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
     pid = w["pid"]
     with trio.fail_after(20):
