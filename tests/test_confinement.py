@@ -14,6 +14,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -423,3 +424,72 @@ def test_qnx_on_carries_identity_abilities_and_limits() -> None:
         "prog",
         "x",
     ]
+
+
+CONTAINED = """
+import errno, json, os, socket, sys, time
+out = sys.argv[1]
+def attempt(fn):
+    try:
+        fn()
+        return 'allowed'
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc))
+def write(path):
+    with open(path, 'w') as f:
+        f.write('x')
+seen = {
+    'pid': os.getpid(),
+    'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
+    'tmp': sorted(os.listdir('/tmp')),
+    'write_tmp': attempt(lambda: write('/tmp/mine')),
+    'write_writable': attempt(lambda: write(out + '/inside')),
+    'write_var_tmp': attempt(lambda: write('/var/tmp/conf-probe')),
+    'interfaces': sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]),
+    'connect': attempt(lambda: socket.create_connection(('127.0.0.1', 9), timeout=2)),
+}
+print('RESULT ' + json.dumps(seen), flush=True)
+time.sleep(1000)
+"""
+
+
+async def test_container_worker_sees_only_itself_and_writes_only_where_allowed(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    name, other = f"conf-ctr-{RUN}", f"conf-ctr-b-{RUN}"
+    out = cfg.root / "out"
+    out.mkdir()
+    out.chmod(0o1777)
+    marker = Path(tempfile.mkstemp(prefix=f"conf-marker-{RUN}-")[1])
+    argv = "[" + ", ".join(json.dumps(a) for a in (PY, "-c", CONTAINED, str(out))) + "]"
+    cfg.tenant(other, f'[[worker]]\nname = "victim"\ncommand = {victim_argv("ctr-" + RUN)}\n')
+    cfg.tenant(
+        name,
+        f"""
+        flags = ["container"]
+        writable = ["{out}"]
+        network = "none"
+        [[worker]]
+        name = "probe"
+        command = {argv}
+        """,
+    )
+    d = await start_daemon()
+    seen = await result_line(cfg.worker_log(name, "probe-0"))
+    w = await d.wait_for(f"{name}:probe-0", lambda w: w["state"] == "running")
+    # Its own PID namespace: its init is 1; nothing else of the box is visible.
+    assert seen["pids"] == [1, seen["pid"]], seen["pids"]
+    # A private /tmp (the box's marker file is not there), writable.
+    assert marker.name not in seen["tmp"] and seen["write_tmp"] == "allowed"
+    assert seen["write_writable"] == "allowed"
+    assert (out / "inside").read_text() == "x"
+    # Everything else is read-only: /var/tmp is world-writable on the box, not in here.
+    assert seen["write_var_tmp"] == "EROFS"
+    assert not Path("/var/tmp/conf-probe").exists()
+    assert seen["interfaces"] == ["lo"] and seen["connect"] == "ENETUNREACH"
+    # The supervised pid is the one the daemon started; a stop reaches the program.
+    assert Path(f"/proc/{w['pid']}/cmdline").read_bytes().split(b"\0")[0].endswith(b"unshare")
+    stopped = await d.call("stop", tenant=name, wait=True)
+    marker.unlink()
+    assert stopped[0]["state"] == "stopped"
+    assert stopped[0]["exit_reason"] != "stopped (signal:SIGKILL)", stopped

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supervisord_qnx.config.model import Config, DaemonSpec, TenantSpec, WorkerBase
+from supervisord_qnx.partition import container
 from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.process import ProcessSettings
 
@@ -64,11 +65,21 @@ def can_switch_users() -> bool:
     return os.geteuid() == 0
 
 
-def memory_isolated(config: Config, tenant: TenantSpec) -> bool:
+def _flagged(config: Config, tenant: TenantSpec, flag: Flag) -> bool:
     if tenant.path in config.tree:
         node = config.tree[tenant.path]
-        return any(Flag.MEMORY_ISOLATION in p.flags for p in (node, *node.ancestors()))
-    return Flag.MEMORY_ISOLATION in tenant.flags
+        return any(flag in p.flags for p in (node, *node.ancestors()))
+    return flag in tenant.flags
+
+
+def memory_isolated(config: Config, tenant: TenantSpec) -> bool:
+    return _flagged(config, tenant, Flag.MEMORY_ISOLATION)
+
+
+def contained(config: Config, tenant: TenantSpec) -> bool:
+    """The container flag, where this machine can give it (else the backend's
+    enforcement says ``none``: strict refused the config, best-effort warned)."""
+    return _flagged(config, tenant, Flag.CONTAINER) and container.unavailable() is None
 
 
 def _wants_dynamic(config: Config, tenant: TenantSpec) -> bool:
@@ -203,7 +214,7 @@ def process_settings(
     group vanished since the config was loaded."""
     isolated = memory_isolated(config, tenant)
     limits = tenant.rlimits
-    common = {
+    common: dict[str, object] = {
         "no_new_privs": True,
         "umask": tenant.umask,
         "rlimit_nofile": limits.nofile,
@@ -212,6 +223,10 @@ def process_settings(
         "rlimit_stack": limits.stack,
         "dumpable": not isolated,
     }
+    if contained(config, tenant):
+        common["container"] = True
+        common["writable"] = tuple(str(p) for p in tenant.writable)
+        common["network_none"] = tenant.network == "none"
     if not can_switch_users():
         return ProcessSettings(**common)  # type: ignore[arg-type]
     who = resolve(config, tenant, worker, index)

@@ -294,7 +294,24 @@ class TenantSpec(PartitionSpec):
     capabilities: list[Capability] = Field(default_factory=list)
     umask: Umask = 0o077
     rlimits: Rlimits = Rlimits()
+    # The container flag (docs/security.md#container): what stays writable, the network.
+    writable: list[ResolvedPath] = Field(default_factory=list)
+    network: Literal["host", "none"] = "host"
     worker: Annotated[list[Worker], Field(min_length=1)]
+
+    @field_validator("writable")
+    @classmethod
+    def _plain_paths(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if any(c.isspace() for c in str(path)) or str(path) == "/":
+                raise ValueError(f"{str(path)!r}: a writable path must not be / or hold spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _container_keys(self) -> TenantSpec:
+        if Flag.CONTAINER not in self.flags and (self.writable or self.network != "host"):
+            raise ValueError('writable and network need flags = ["container"]')
+        return self
 
     @model_validator(mode="after")
     def _unique_workers(self) -> TenantSpec:

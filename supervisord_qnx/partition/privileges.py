@@ -13,8 +13,8 @@ Two ways in, one result (see ``process.py``):
   ``resource`` and ``prctl``/``capset`` through ``ctypes`` (the wasm fork server's
   children, which are never exec'd).
 
-A leaf module: it imports nothing of the package, so the config model can take its
-capability names from here.
+It imports only ``container`` (a leaf), so the config model can take its capability
+names from here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import resource
 import shutil
 import sys
 from typing import Protocol
+
+from supervisord_qnx.partition import container
 
 #: Linux capability names and numbers (linux/capability.h).
 CAPABILITIES: dict[str, int] = {
@@ -114,6 +116,12 @@ class Settings(Protocol):
     def rlimit_stack(self) -> int | None: ...
     @property
     def dumpable(self) -> bool: ...
+    @property
+    def container(self) -> bool: ...
+    @property
+    def writable(self) -> tuple[str, ...]: ...
+    @property
+    def network_none(self) -> bool: ...
 
 
 def rlimits(s: Settings) -> list[tuple[int, int]]:
@@ -155,6 +163,9 @@ def wrappers(s: Settings) -> list[str]:
         steps.append(f"ulimit {flag} {shown}")
     if steps:
         out += ["/bin/sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh"]
+    if s.container:
+        # Namespaces and mounts need root: before the privilege drop.
+        out += container.wrappers(tuple(s.writable), s.network_none)
     priv: list[str] = []
     if s.gid is not None:
         priv += ["--regid", str(s.gid)]
@@ -223,6 +234,8 @@ def apply_self(s: Settings) -> None:
     """Apply ``s`` to the calling (single-threaded) process; ``OSError`` if a step fails.
 
     On a system without ``prctl`` (QNX) only the identity, umask and limits apply."""
+    if s.container:
+        raise OSError("a container worker is started by exec (unshare), not in-process")
     if s.umask is not None:
         os.umask(s.umask)
     for res, value in rlimits(s):

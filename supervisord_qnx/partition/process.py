@@ -48,6 +48,10 @@ class ProcessSettings:
     rlimit_nproc: int | None = None
     rlimit_stack: int | None = None
     dumpable: bool = True  # False: PR_SET_DUMPABLE 0 (processes that are not exec'd)
+    # The container flag (partition/container.py): namespaces, read-only mounts.
+    container: bool = False
+    writable: tuple[str, ...] = ()  # paths left writable inside the container
+    network_none: bool = False  # an empty network namespace
     # -- end of identity and privileges --
 
     def as_dict(self) -> dict[str, Any]:

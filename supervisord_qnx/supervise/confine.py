@@ -94,3 +94,16 @@ def per_user_cache(request: SpawnRequest) -> SpawnRequest:
         os.chown(own, *owner, follow_symlinks=False)
     argv[i] = str(own)
     return dataclasses.replace(request, argv=argv)
+
+
+def container_writes(request: SpawnRequest, report: Path) -> SpawnRequest:
+    """A container wasm worker's report file and module cache stay writable in it.
+    Blocking."""
+    argv = list(request.argv)
+    extra = [str(report)]
+    if "--cache-dir" in argv:
+        cache = argv[argv.index("--cache-dir") + 1]
+        Path(cache).mkdir(mode=0o700, parents=True, exist_ok=True)  # a bind mount needs it
+        extra.append(cache)
+    process = dataclasses.replace(request.process, writable=(*request.process.writable, *extra))
+    return dataclasses.replace(request, process=process)

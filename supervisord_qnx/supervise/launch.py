@@ -165,6 +165,11 @@ class WasmLauncher(Launcher):
             functools.partial(confine.grant, report, request.process, create=True)
         )
         request = await trio.to_thread.run_sync(confine.per_user_cache, request)
+        if request.process.container:
+            # Namespaces come from unshare, an exec: the plain runner. Its report and
+            # module cache stay writable inside.
+            request = await trio.to_thread.run_sync(confine.container_writes, request, report)
+            return await super().spawn(target, request)
         if self.prefork:
             pid = await self._spawn_preforked(request)
             if pid is not None:
