@@ -273,6 +273,7 @@ def test_check_shows_who_each_tenant_runs_as(cfg: ConfigDir) -> None:
         capture_output=True,
         text=True,
         check=True,
+        timeout=60,
     ).stdout
     section = out.split("tenants run as:\n", 1)[1].splitlines()
     lines = {line.split()[0]: line for line in section if line.startswith("  chk-")}
