@@ -494,3 +494,48 @@ async def test_container_worker_sees_only_itself_and_writes_only_where_allowed(
     marker.unlink()
     assert stopped[0]["state"] == "stopped"
     assert stopped[0]["exit_reason"] != "stopped (signal:SIGKILL)", stopped
+
+
+DELEGATED = """
+import json, os, time
+line = [l for l in open('/proc/self/cgroup') if ':memory:' in l][0]
+partition = '/sys/fs/cgroup/memory' + line.strip().split(':', 2)[2].rsplit('/', 1)[0]
+def attempt(fn):
+    try:
+        fn()
+        return 'allowed'
+    except OSError as exc:
+        return type(exc).__name__
+def move():
+    with open(partition + '/mine/cgroup.procs', 'w') as f:
+        f.write(str(os.getpid()))
+def raise_limit():
+    with open(partition + '/memory.limit_in_bytes', 'w') as f:
+        f.write('-1')
+out = {'mkdir': attempt(lambda: os.mkdir(partition + '/mine'))}
+out['move'] = attempt(move) if out['mkdir'] == 'allowed' else 'no sub-partition'
+out['limit'] = attempt(raise_limit)
+print('RESULT ' + json.dumps(out), flush=True)
+time.sleep(1000)
+"""
+
+
+async def test_delegate_hands_over_the_subtree_never_the_partitions_limits(
+    cfg: ConfigDir, start_daemon, cg
+) -> None:
+    kept, handed = f"conf-nodel-{RUN}", f"conf-del-{RUN}"
+    for name, extra in ((kept, ""), (handed, "delegate = true\n")):
+        cfg.tenant(
+            name,
+            extra + f'memory = {{ max = "32MiB" }}\n'
+            f'[[worker]]\nname = "w"\ncommand = {worker_py(DELEGATED)}\n',
+        )
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    assert (await result_line(cfg.worker_log(kept, "w-0")))["mkdir"] == "PermissionError"
+    seen = await result_line(cfg.worker_log(handed, "w-0"))
+    assert seen == {"mkdir": "allowed", "move": "allowed", "limit": "PermissionError"}
+    w = await d.wait_for(f"{handed}:w-0", lambda w: w["state"] == "running")
+    assert f"/{handed}/mine\n" in Path(f"/proc/{w['pid']}/cgroup").read_text()
+    assert int(cg.dir("memory", "tenants", handed, "memory.limit_in_bytes").read_text()) == 32 << 20
+    # Stopping removes what the tenant made too (the cg fixture checks nothing is left).
+    await d.call("stop", tenant=handed, wait=True)

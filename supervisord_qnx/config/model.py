@@ -297,6 +297,8 @@ class TenantSpec(PartitionSpec):
     # The container flag (docs/security.md#container): what stays writable, the network.
     writable: list[ResolvedPath] = Field(default_factory=list)
     network: Literal["host", "none"] = "host"
+    # Hand the tenant's partition directory to its user (systemd's Delegate=).
+    delegate: bool = False
     worker: Annotated[list[Worker], Field(min_length=1)]
 
     @field_validator("writable")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from supervisord_qnx.config import identity
 from supervisord_qnx.config.model import Config, TenantSpec, WorkerBase
-from supervisord_qnx.partition.backend import SpawnRequest
+from supervisord_qnx.partition.backend import Backend, BackendError, SpawnRequest
 from supervisord_qnx.partition.process import ProcessSettings
 
 #: The PATH a worker gets unless its tenant sets one: never the daemon's own.
@@ -107,3 +107,15 @@ def container_writes(request: SpawnRequest, report: Path) -> SpawnRequest:
         extra.append(cache)
     process = dataclasses.replace(request.process, writable=(*request.process.writable, *extra))
     return dataclasses.replace(request, process=process)
+
+
+def delegate(backend: Backend, partition: str, settings: ProcessSettings) -> None:
+    """``delegate = true``: the partition's directory becomes the worker's uid's (every
+    start, so a partition re-created from outside is handed over again). Blocking."""
+    if settings.uid is None:
+        return  # the daemon's own user already owns it
+    gid = settings.gid if settings.gid is not None else settings.uid
+    try:
+        backend.delegate(partition, settings.uid, gid)
+    except BackendError as exc:
+        raise OSError(errno.EPERM, str(exc)) from None

@@ -753,9 +753,10 @@ class Supervisor:
     def _process_settings(self, inst: Instance) -> ProcessSettings:
         """Identity and privileges (supervise/confine.py); the worker's own notify socket
         becomes its uid's. Blocking."""
-        settings = confine.settings_for(
-            self.config, self.tenant(inst.tenant).spec, inst.spec, inst.index
-        )
+        spec = self.tenant(inst.tenant).spec
+        settings = confine.settings_for(self.config, spec, inst.spec, inst.index)
+        if spec.delegate:
+            confine.delegate(self.backend, inst.partition, settings)
         if inst.notify is not None:
             confine.grant(inst.notify.path, settings)
         return settings
