@@ -539,3 +539,30 @@ async def test_delegate_hands_over_the_subtree_never_the_partitions_limits(
     assert int(cg.dir("memory", "tenants", handed, "memory.limit_in_bytes").read_text()) == 32 << 20
     # Stopping removes what the tenant made too (the cg fixture checks nothing is left).
     await d.call("stop", tenant=handed, wait=True)
+
+
+async def test_the_fork_server_runs_in_a_partition_of_its_own(
+    cfg: ConfigDir, start_daemon, cg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INVOCATION_ID", "daemon-secret-invocation")
+    name = f"conf-fs-{RUN}"
+    cfg.tenant(name, f'[[worker]]\nname = "w"\nwasm = "{HEARTBEAT}"\n')
+    d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
+    await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
+    server = d.daemon.supervisor.launchers.forkserver_pid
+    assert server is not None
+    memory = [
+        line
+        for line in Path(f"/proc/{server}/cgroup").read_text().splitlines()
+        if ":memory:" in line
+    ]
+    # Its own leaf under the daemon's root, not the daemon's own cgroup.
+    assert memory and memory[0].endswith(f"/{cg.name}/@wasm-forkserver"), memory
+    assert server in [
+        int(p) for p in cg.dir("memory", "@wasm-forkserver", "cgroup.procs").read_text().split()
+    ]
+    # Started with a scrubbed environment: nothing of the daemon's.
+    environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+    assert not [e for e in environ if e.startswith(b"INVOCATION_ID=")]
+    assert b"PATH=/usr/local/bin:/usr/bin:/bin" in environ
+    # The cg fixture fails the test if the leaf is left behind after shutdown.

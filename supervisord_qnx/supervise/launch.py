@@ -244,7 +244,9 @@ class Launchers:
     def __init__(
         self, backend: Backend, reaper: ChildReaper, tree: PartitionTree, daemon: DaemonSpec
     ) -> None:
-        self.forkserver = ForkServerKeeper(reaper, Path(daemon.log_dir) / "wasm-forkserver.log")
+        self.forkserver = ForkServerKeeper(
+            reaper, Path(daemon.log_dir) / "wasm-forkserver.log", backend
+        )
         self._wasm_prefork = daemon.wasm_prefork
         self.command = Launcher(backend, reaper)
         self.wasm = WasmLauncher(

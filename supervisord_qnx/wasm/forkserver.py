@@ -110,6 +110,9 @@ class ForkServerClient:
         self.log_path = log_path
         self.python = python
         self.pid: int | None = None
+        # cgroup.procs files the server joins before its interpreter starts (its own
+        # partition, supervise/prefork.py), through the same exec shim as workers.
+        self.attach_procs: tuple[str, ...] = ()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -122,10 +125,16 @@ class ForkServerClient:
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log:
+                argv = [self.python, "-m", __name__, "--fd", str(theirs.fileno())]
+                if self.attach_procs:
+                    from supervisord_qnx.partition.cgroupfs import SHIM
+
+                    procs = self.attach_procs
+                    argv = ["/bin/sh", "-c", SHIM, "sh", str(len(procs)), *procs, *argv]
 
                 def popen() -> int:
                     proc = subprocess.Popen(
-                        [self.python, "-m", __name__, "--fd", str(theirs.fileno())],
+                        argv,
                         env=server_env(),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
