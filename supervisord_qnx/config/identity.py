@@ -100,8 +100,23 @@ def _uid_taken(uid: int) -> bool:
     return False
 
 
+# The last config's table: every spawn asks, and the answer changes only with the config
+# (a reload makes a new Config object).
+_last: tuple[Config, dict[str, int]] | None = None
+
+
 def dynamic_uids(config: Config) -> dict[str, int]:
     """Tenant name -> its dynamic uid (and gid). ``IdentityError`` if the range is full."""
+    global _last
+    last = _last
+    if last is not None and last[0] is config:
+        return last[1]
+    table = _allocate(config)
+    _last = (config, table)
+    return table
+
+
+def _allocate(config: Config) -> dict[str, int]:
     lo, hi = config.daemon.dynamic_uids
     size = hi - lo + 1
     taken: set[int] = set()
