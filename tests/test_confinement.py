@@ -566,3 +566,28 @@ async def test_the_fork_server_runs_in_a_partition_of_its_own(
     assert not [e for e in environ if e.startswith(b"INVOCATION_ID=")]
     assert b"PATH=/usr/local/bin:/usr/bin:/bin" in environ
     # The cg fixture fails the test if the leaf is left behind after shutdown.
+
+
+@pytest.mark.parametrize(
+    ("head", "key", "reason"),
+    [
+        ('user = "no-such-user-here"\n', "user", "no such user: 'no-such-user-here'"),
+        ('group = "no-such-group-here"\n', "group", "no such group: 'no-such-group-here'"),
+        ('capabilities = ["CAP_FLY"]\n', "capabilities[0]", "'CAP_FLY' is not a Linux capability"),
+        ('umask = "9"\n', "umask", "'9' is not an octal umask"),
+        ('network = "none"\n', "(tenant)", "writable and network need flags"),
+        ('flags = ["container"]\nwritable = ["/"]\n', "writable", "must not be / or hold"),
+        ("rlimits = { nofile = 0 }\n", "rlimits.nofile", "greater than or equal to 1"),
+    ],
+)
+def test_bad_confinement_settings_name_file_key_and_reason(
+    cfg: ConfigDir, head: str, key: str, reason: str
+) -> None:
+    path = cfg.tenant("bad", head + '[[worker]]\nname = "w"\ncommand = ["true"]\n')
+    cfg.write()
+    with pytest.raises(ConfigError) as err:
+        load(cfg.path)
+    text = str(err.value)
+    assert str(path) in text and reason in text, text
+    if key != "(tenant)":
+        assert f"{path}: {key}" in text, text
