@@ -445,7 +445,7 @@ seen = {
     'tmp': sorted(os.listdir('/tmp')),
     'write_tmp': attempt(lambda: write('/tmp/mine')),
     'write_writable': attempt(lambda: write(out + '/inside')),
-    'write_var_tmp': attempt(lambda: write('/var/tmp/conf-probe')),
+    'write_var_tmp': attempt(lambda: write(sys.argv[2])),
     'interfaces': sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]),
     'connect': attempt(lambda: socket.create_connection(('127.0.0.1', 9), timeout=2)),
 }
@@ -462,7 +462,9 @@ async def test_container_worker_sees_only_itself_and_writes_only_where_allowed(
     out.mkdir()
     out.chmod(0o1777)
     marker = Path(tempfile.mkstemp(prefix=f"conf-marker-{RUN}-")[1])
-    argv = "[" + ", ".join(json.dumps(a) for a in (PY, "-c", CONTAINED, str(out))) + "]"
+    elsewhere = Path(f"/var/tmp/conf-probe-{RUN}")  # world-writable on the box
+    args = (PY, "-c", CONTAINED, str(out), str(elsewhere))
+    argv = "[" + ", ".join(json.dumps(a) for a in args) + "]"
     cfg.tenant(other, f'[[worker]]\nname = "victim"\ncommand = {victim_argv("ctr-" + RUN)}\n')
     cfg.tenant(
         name,
@@ -486,7 +488,7 @@ async def test_container_worker_sees_only_itself_and_writes_only_where_allowed(
     assert (out / "inside").read_text() == "x"
     # Everything else is read-only: /var/tmp is world-writable on the box, not in here.
     assert seen["write_var_tmp"] == "EROFS"
-    assert not Path("/var/tmp/conf-probe").exists()
+    assert not elsewhere.exists()
     assert seen["interfaces"] == ["lo"] and seen["connect"] == "ENETUNREACH"
     # The supervised pid is the one the daemon started; a stop reaches the program.
     assert Path(f"/proc/{w['pid']}/cmdline").read_bytes().split(b"\0")[0].endswith(b"unshare")
