@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from supervisord_qnx import attached, identity, safedirs, sdnotify
+from supervisord_qnx import attached, safedirs, sdnotify, userdb
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.methods import Methods
@@ -232,6 +232,7 @@ class Daemon:
             self.events,
             log_dir=Path(config.daemon.log_dir),
             enforcement=config.daemon.enforcement,
+            daemon_spec=config.daemon,
         )
         self.io_backend = "native"
         self._shutdown = trio.Event()
@@ -557,7 +558,7 @@ def secure_dirs(config: Config) -> None:
     cfg = config.daemon
     safedirs.secure_dir(cfg.state_dir)
     safedirs.secure_dir(cfg.log_dir)
-    group = None if cfg.socket_group is None else identity.gid_of(cfg.socket_group)
+    group = None if cfg.socket_group is None else userdb.gid_of(cfg.socket_group)
     mode = 0o700 if group is None else 0o750
     safedirs.secure_dir(Path(cfg.socket).parent, mode=mode, group=group, socket_dir=True)
 
@@ -567,7 +568,7 @@ def server_limits(config: Config) -> dict[str, Any]:
     control = config.control
     group = config.daemon.socket_group
     return {
-        "group": None if group is None else identity.gid_of(group),
+        "group": None if group is None else userdb.gid_of(group),
         "max_in_flight": control.max_in_flight,
         "partial_frame_timeout": control.frame_timeout,
         "idle_timeout": control.idle_timeout,

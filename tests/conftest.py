@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 import tempfile
 import textwrap
@@ -51,12 +52,25 @@ def pytest_report_header() -> list[str]:
     return [f"supervisord-qnx trio I/O back end: {IO_BACKEND}"]
 
 
+def reachable_by_workers(path: Path) -> None:
+    """Workers run as unprivileged users (docs/security.md#tenants), while pytest makes
+    its temporary directories 0700 for root: let any user pass through every directory
+    above ``path`` (search only, no listing) and write into ``path`` itself (sticky, as
+    /tmp), so that test workers can reach their scripts and write their probe files."""
+    path.chmod(0o1777)
+    for parent in path.parents:
+        st = parent.stat()
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o001:
+            parent.chmod(stat.S_IMODE(st.st_mode) | 0o711)
+
+
 class ConfigDir:
     """A temporary config directory: ``daemon.toml`` plus ``tenants.d/*.toml``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "tenants.d").mkdir(parents=True, exist_ok=True)
+        reachable_by_workers(root)
         # Short (sun_path limit), and in $TMPDIR: the cgroup2 VM points it at a tmpfs,
         # since a Unix socket cannot live on the 9p share it sees this machine through.
         self.socket = Path(tempfile.gettempdir()) / f"sqnx-{uuid.uuid4().hex[:10]}.sock"

@@ -171,7 +171,12 @@ async def test_stop_escalates_to_sigkill_after_timeout(cfg: ConfigDir, start_dae
     )
     d = await start_daemon()
     pid = (await d.worker("stubborn:w-0"))["pid"]
-    await trio.sleep(0.3)  # let it install its handler
+    # Until it says so, its SIGTERM handler may not be installed yet (a fixed sleep is
+    # too short on a loaded machine, behind the exec wrappers of an unprivileged start).
+    log = cfg.worker_log("stubborn", "w-0")
+    with trio.fail_after(30):
+        while not (log.exists() and "ready" in log.read_text()):
+            await trio.sleep(0.02)
     result = await d.call("stop", tenant="stubborn")
     assert result[0]["state"] == "stopped"
     assert result[0]["exit_reason"] == "stopped (signal:SIGKILL)"

@@ -101,7 +101,10 @@ def budget(rows: dict[str, dict[str, str]], name: str) -> str:
 
 # -- CPU budgets ---------------------------------------------------------------------
 
-SPIN = ["taskset", "-c", "0", PY, "-c", "while True: pass"]
+# Pinned from inside, not by `taskset`: workers run as an unprivileged user, who may not
+# be able to reach this interpreter by path (a Python under root's 0700 home), and
+# taskset's own exec of it would be that user's lookup.
+SPIN = [PY, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"]
 
 
 async def test_cpu_shares_follow_budgets_20_and_60_through_the_daemon(
@@ -132,10 +135,12 @@ async def test_cpu_shares_follow_budgets_20_and_60_through_the_daemon(
     assert rows[qnx_sim.aps("low")]["parent"] == rows[group]["id"]
     await trio.sleep(0.5)  # both spinning and pinned before measuring
     for name, pid in pids.items():
-        # `on` and taskset exec, so the pid the daemon reports is the spinner itself.
+        # `on` and the wrappers exec, so the pid the daemon reports is the spinner itself.
         cgroup = f":/{qnx_sim.cgroup.name}/{qnx_sim.aps(name)}\n"
         assert cgroup in Path(f"/proc/{pid}/cgroup").read_text()
-        assert os.sched_getaffinity(pid) == {0}
+        with trio.fail_after(20):  # the spinner pins itself once its interpreter is up
+            while os.sched_getaffinity(pid) != {0}:
+                await trio.sleep(0.05)
     before = {n: cpu_ticks(p) for n, p in pids.items()}
     await trio.sleep(3.0)
     used = {n: cpu_ticks(p) - before[n] for n, p in pids.items()}

@@ -289,7 +289,8 @@ async def test_corrupt_cache_entry_is_rebuilt_through_the_daemon(
     await d.wait_for(f"{BEAT}:w-0", lambda w: w["state"] == "running")
     assert (await started_event(d, BEAT, "w-0"))["cache"] == "miss"
     cache_dir = cfg.root / "state" / "wasm-cache"
-    (entry,) = cache_dir.glob("*.cwasm")
+    # One directory per worker uid (supervise/confine.py): workers run as nobody here.
+    (entry,) = cache_dir.glob("uid-*/*.cwasm")
     blob = bytearray(entry.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # one flipped bit-pattern in the native code
     entry.write_bytes(bytes(blob))

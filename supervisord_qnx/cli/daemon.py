@@ -148,6 +148,7 @@ def _report_problems(exc: Any, as_json: bool) -> int:
 
 
 def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_json: bool) -> None:
+    from supervisord_qnx.config import identity
     from supervisord_qnx.config.realtime import realtime_check, realtime_lines
     from supervisord_qnx.control.report import enforcement_table
     from supervisord_qnx.units import format_size
@@ -166,6 +167,8 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
                     "tree": tree.as_dict(),
                     "start_waves": _start_waves(config),
                     "realtime": realtime_check(config, tree),
+                    "identities": identity.describe(config),
+                    "identity_notes": identity.notes(config),
                 },
                 indent=2,
             )
@@ -205,8 +208,19 @@ def _print_check(config: Any, backend: Any, tree: Any, warnings: list[str], as_j
     print()
     for line in realtime_lines(realtime_check(config, tree)):
         print(line)
-    for w in warnings:
+    _print_identities(config)
+    for w in [*warnings, *identity.notes(config)]:
         print(f"warning: {w}")
+
+
+def _print_identities(config: Any) -> None:
+    """Who each tenant's workers run as (docs/security.md#tenants)."""
+    from supervisord_qnx.config import identity
+
+    print()
+    print("tenants run as:")
+    for tenant, who in identity.describe(config).items():
+        print(f"  {tenant:<24} {who}")
 
 
 def _start_waves(config: Any) -> list[list[str]]:

@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from supervisord_qnx import identity
-from supervisord_qnx.config import ordering
+from supervisord_qnx import userdb
+from supervisord_qnx.config import identity, ordering
 from supervisord_qnx.config import realtime as rt
 from supervisord_qnx.config.model import Config, DaemonFile, TenantSpec, WasmWorker
 from supervisord_qnx.partition import tree as ptree
@@ -172,6 +172,9 @@ def load(config_path: str | Path) -> Config:
     for rp in rt.problems(daemon_file.daemon, tenants, tree):
         problems.append(Located(str(tenant_files[rp.tenant]), rp.key, rp.reason))
     rt.assign_rt_runtime(tenants, tree)
+    # Who each worker runs as (config/identity.py): unknown users, root without allow_root.
+    for name, key, reason in identity.problems(config):
+        problems.append(Located(str(tenant_files[name]), key, reason))
     if problems:
         raise ConfigError(problems)
     return config
@@ -182,15 +185,15 @@ def _identity_problems(daemon_file: DaemonFile, path: Path) -> list[Located]:
     for a misspelt group would silently grant nothing."""
     out = []
     group = daemon_file.daemon.socket_group
-    if group is not None and identity.gid_of(group) is None:
+    if group is not None and userdb.gid_of(group) is None:
         out.append(Located(str(path), "daemon.socket_group", f"no group named {group!r}"))
     for n, grant in enumerate(daemon_file.control.grant):
         for user in grant.uids:
-            if identity.uid_of(user) is None:
+            if userdb.uid_of(user) is None:
                 key = f"control.grant[{n}].uids"
                 out.append(Located(str(path), key, f"no user named {user!r}"))
         for g in grant.groups:
-            if identity.gid_of(g) is None:
+            if userdb.gid_of(g) is None:
                 key = f"control.grant[{n}].groups"
                 out.append(Located(str(path), key, f"no group named {g!r}"))
     return out

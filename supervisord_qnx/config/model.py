@@ -29,6 +29,7 @@ from pydantic import (
 
 from supervisord_qnx.partition import realtime
 from supervisord_qnx.partition.controls import Flag
+from supervisord_qnx.partition.privileges import CAPABILITIES
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.units import parse_size
 
@@ -233,6 +234,11 @@ class WorkerBase(Realtime):
 
     log: LogSpec | None = None
 
+    # Identity (docs/security.md#tenants): None takes the tenant's.
+    user: str | None = None
+    group: str | None = None
+    supplementary_groups: list[str] | None = None
+
 
 class CommandWorker(WorkerBase):
     """A worker that is any program: ``command = ["python3", "-u", "beat.py"]``."""
@@ -305,6 +311,43 @@ class RestartSpec(Strict):
         return self
 
 
+def _capability(value: object) -> object:
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if not name.startswith("CAP_"):
+            name = "CAP_" + name
+        if name not in CAPABILITIES:
+            raise ValueError(f"{value!r} is not a Linux capability such as 'CAP_NET_BIND_SERVICE'")
+        return name
+    return value
+
+
+def _umask(value: object) -> object:
+    # TOML has octal integers (0o077); a string "077" is read as octal too.
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an octal umask such as '077'") from None
+    return value
+
+
+Capability = Annotated[str, BeforeValidator(_capability)]
+Umask = Annotated[int, BeforeValidator(_umask), Field(ge=0, le=0o777)]
+# -1 means "unlimited" for every resource limit.
+RlimitCount = Annotated[int, Field(ge=-1)]
+RlimitSize = Annotated[int, BeforeValidator(lambda v: -1 if v == "unlimited" else parse_size(v))]
+
+
+class Rlimits(Strict):
+    """Resource limits (soft = hard) a tenant's workers start with; None: the daemon's."""
+
+    nofile: Annotated[int, Field(ge=1)] | None = None
+    core: RlimitSize | None = 0  # no core dumps unless a tenant asks for them
+    nproc: Annotated[int, Field(ge=1)] | None = None
+    stack: RlimitSize | None = None
+
+
 class TenantSpec(PartitionSpec, Realtime):
     """One tenant file: its own partition ``<parent>/<name>`` and the workers inside it."""
 
@@ -315,7 +358,34 @@ class TenantSpec(PartitionSpec, Realtime):
     after: list[Name] = Field(default_factory=list)
     restart: RestartSpec = RestartSpec()
     log: LogSpec | None = None
+    # Identity and privileges (docs/security.md#tenants; config/identity.py resolves them).
+    user: str | None = None  # a name, a number or "dynamic"; None: [daemon] default_user
+    group: str | None = None  # None: the user's primary group
+    supplementary_groups: list[str] = Field(default_factory=list)
+    allow_root: bool = False  # the only way a worker runs as uid 0
+    capabilities: list[Capability] = Field(default_factory=list)
+    umask: Umask = 0o077
+    rlimits: Rlimits = Rlimits()
+    # The container flag (docs/security.md#container): what stays writable, the network.
+    writable: list[ResolvedPath] = Field(default_factory=list)
+    network: Literal["host", "none"] = "host"
+    # Hand the tenant's partition directory to its user (systemd's Delegate=).
+    delegate: bool = False
     worker: Annotated[list[Worker], Field(min_length=1)]
+
+    @field_validator("writable")
+    @classmethod
+    def _plain_paths(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if any(c.isspace() for c in str(path)) or str(path) == "/":
+                raise ValueError(f"{str(path)!r}: a writable path must not be / or hold spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _container_keys(self) -> TenantSpec:
+        if Flag.CONTAINER not in self.flags and (self.writable or self.network != "host"):
+            raise ValueError('writable and network need flags = ["container"]')
+        return self
 
     @model_validator(mode="after")
     def _unique_workers(self) -> TenantSpec:
@@ -363,6 +433,17 @@ class DaemonSpec(Strict):
     # "Upgrades and restarts"): adopt them (they keep running), or stop them and start
     # afresh.
     on_restart: Literal["adopt", "restart"] = "adopt"
+    # Who a tenant without `user` runs as (docs/security.md#tenants): a user name or
+    # number, or "dynamic" for a uid of its own from `dynamic_uids` per tenant.
+    default_user: str = "nobody"
+    dynamic_uids: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (61184, 65519)
+
+    @field_validator("dynamic_uids")
+    @classmethod
+    def _uid_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[1] < value[0]:
+            raise ValueError(f"the range {value[0]}..{value[1]} is empty")
+        return value
 
     @field_validator("log")
     @classmethod

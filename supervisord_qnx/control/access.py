@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import structlog
 
-from supervisord_qnx import identity
+from supervisord_qnx import userdb
 from supervisord_qnx.config.model import Config, ControlSpec
 from supervisord_qnx.control.peercred import PeerCredentials
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
@@ -105,8 +105,8 @@ def standing(
         return Standing(Role.ADMIN)
     role, tenants = Role.NONE, set[str]()
     for grant in control.grant:
-        uids = {identity.uid_of(u) for u in grant.uids}
-        gids = {identity.gid_of(g) for g in grant.groups}
+        uids = {userdb.uid_of(u) for u in grant.uids}
+        gids = {userdb.gid_of(g) for g in grant.groups}
         if uid not in uids and not groups & gids:
             continue
         granted = Role[grant.role.upper()]
@@ -119,7 +119,7 @@ def standing(
 def peer_groups(peer: PeerCredentials) -> frozenset[int]:
     """The peer's groups: those its process had at connect (primary and, where the
     kernel reports them, supplementary) and those the user database gives its uid."""
-    return frozenset({peer.gid, *peer.groups}) | identity.groups_of_uid(peer.uid, peer.gid)
+    return frozenset({peer.gid, *peer.groups}) | userdb.groups_of_uid(peer.uid, peer.gid)
 
 
 def tenant_of_partition(path: str, tenant_paths: Mapping[str, str]) -> str | None:

@@ -299,6 +299,13 @@ class Backend(abc.ABC):
         options of its own for these settings overrides it."""
         return wrapped_argv(request.process, request.argv)
 
+    def delegate(self, path: str, uid: int, gid: int) -> None:
+        """Hand the partition's directory to ``uid``/``gid`` so that it may create
+        sub-partitions and move its own processes among them, never change the limits
+        of the partition itself (systemd's ``Delegate=``; docs/security.md#tenants).
+        Default: this backend has nothing to hand over."""
+        raise BackendError(f"partition '{path}': the {self.name} backend cannot delegate")
+
     def attach_plan(self, request: SpawnRequest) -> AttachPlan | None:
         """Prepare the request's leaf as ``spawn`` would, and say how a process started by
         someone else attaches itself to it; ``None`` (the default) when this backend can

@@ -673,6 +673,20 @@ class CgroupBackendBase(Backend):
                 self._oom_seen.pop(lf, None)
         return bool(gone)
 
+    #: The files of a delegated directory its new owner may write: the directory itself
+    #: (new sub-cgroups), membership, and (v2) which controllers its children get.
+    DELEGATED_FILES = ("cgroup.procs", "tasks", "cgroup.subtree_control", "cgroup.threads")
+
+    def delegate(self, path: str, uid: int, gid: int) -> None:
+        for d in self._cgroup_dirs(path):
+            try:
+                os.chown(d, uid, gid, follow_symlinks=False)
+                for name in self.DELEGATED_FILES:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chown(d / name, uid, gid, follow_symlinks=False)
+            except OSError as exc:
+                raise _err(path, d, "delegating", exc) from exc
+
     def _present(self, path: str, leaf: str | None = None) -> bool:
         return all(d.is_dir() for d in self._cgroup_dirs(path, leaf))
 

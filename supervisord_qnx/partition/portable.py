@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from supervisord_qnx.partition import accounting
+from supervisord_qnx.partition import accounting, container
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     Backend,
@@ -113,7 +113,7 @@ class PortableBackend(Backend):
             Control.CPU_MAX: Enforcement.NONE,
             Control.PIDS: Enforcement.NONE,
             Control.MEMORY_ISOLATION: Enforcement.KERNEL,
-            Control.CONTAINER: Enforcement.NONE,
+            Control.CONTAINER: Enforcement.NONE if container.unavailable() else Enforcement.KERNEL,
             Control.CPUSET: Enforcement.NONE,
             Control.CPU_CRITICAL: Enforcement.NONE,
         }

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from supervisord_qnx.partition import realtime
+from supervisord_qnx.partition import privileges, realtime
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,27 @@ class ProcessSettings:
     # RLIMIT_MEMLOCK (soft = hard) so the program may mlockall(): None keeps the
     # inherited one, -1 is unlimited, else bytes.
     memlock: int | None = None
+
+    # -- identity and privileges (issue 13; docs/security.md#tenants, privileges.py) --
+    uid: int | None = None  # setresuid; None: the daemon's own
+    gid: int | None = None  # setresgid; None: the daemon's own
+    groups: tuple[int, ...] | None = None  # supplementary groups; None: unchanged
+    no_new_privs: bool = False  # PR_SET_NO_NEW_PRIVS
+    # Capability names (``CAP_NET_BIND_SERVICE``) left in the bounding, inheritable and
+    # ambient sets; every other one is dropped. None: the sets are left alone.
+    capabilities: tuple[str, ...] | None = None
+    umask: int | None = None
+    # Resource limits, soft = hard (``RLIM_INFINITY`` = -1); None: inherited.
+    rlimit_nofile: int | None = None
+    rlimit_core: int | None = None
+    rlimit_nproc: int | None = None
+    rlimit_stack: int | None = None
+    dumpable: bool = True  # False: PR_SET_DUMPABLE 0 (processes that are not exec'd)
+    # The container flag (partition/container.py): namespaces, read-only mounts.
+    container: bool = False
+    writable: tuple[str, ...] = ()  # paths left writable inside the container
+    network_none: bool = False  # an empty network namespace
+    # -- end of identity and privileges --
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON data (lists, not tuples), only the fields that differ from the default."""
@@ -73,6 +94,8 @@ def wrapped_argv(settings: ProcessSettings, argv: Sequence[str]) -> list[str]:
     if settings.is_default():
         return list(argv)
     wrappers += realtime_wrappers(settings)
+    # Identity and privileges last: what comes before may need root.
+    wrappers += privileges.wrappers(settings)
     return [*wrappers, *argv]
 
 
@@ -84,6 +107,7 @@ def apply_self(settings: ProcessSettings) -> None:
     if settings.is_default():
         return
     apply_realtime(settings)
+    privileges.apply_self(settings)
 
 
 # -- real-time (issue 15) -----------------------------------------------------------------

@@ -52,6 +52,7 @@ import resource
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 
 from supervisord_qnx.partition import accounting
@@ -118,6 +119,9 @@ class QnxBackend(Backend):
         home_partition: str = SYSTEM,
     ) -> None:
         self.sample_interval = sample_interval
+        # QNX's own `on` switches user (-u), locks abilities (-A) and sets limits (-L)
+        # for the worker (docs/security.md#tenants); qnx-sim's `on` does not.
+        self.native_on_identity = sys.platform.startswith("qnx")
         self.max_partitions = max_partitions
         self.limit_cpu_usage = limit_cpu_usage
         self.home_partition = home_partition
@@ -356,14 +360,22 @@ class QnxBackend(Backend):
         return subprocess.Popen(argv, **request.popen_kwargs(env))
 
     def exec_argv(self, request: SpawnRequest) -> list[str]:
-        # Scheduling, runmask and memlock go to `on` (launch_argv), the rest to wrappers.
-        return wrapped_argv(qrt.without_on_settings(request.process), request.argv)
+        """Scheduling, runmask and memlock go to ``on`` (``launch_argv``). On QNX the
+        identity, ability lock and limits go to ``on`` too (``on_options``) and only the
+        umask stays a ``/bin/sh`` wrapper; elsewhere (the qnx-sim simulator on Linux) the
+        Linux wrappers apply them."""
+        rest = qrt.without_on_settings(request.process)
+        if not self.native_on_identity:
+            return wrapped_argv(rest, request.argv)
+        return wrapped_argv(ProcessSettings(umask=rest.umask), request.argv)
 
     def launch_argv(
         self, node: Partition, argv: Sequence[str], process: ProcessSettings | None = None
     ) -> list[str]:
         """``on`` with the partition and limits, then the worker's own argv."""
         options = qrt.on_options(node, process) if process is not None else []
+        if process is not None and self.native_on_identity:
+            options += on_options(process)
         home = self._aps_home(node)
         if home is not None:
             options += ["-X", f"aps={home}"]
@@ -471,3 +483,33 @@ class QnxBackend(Backend):
             if len(fields) >= 2 and fields[1].isdigit():
                 names.add(fields[0])
         return names
+
+
+# QNX `on -L` resource names for the settings' limits.
+_ON_LIMITS = (
+    ("NOFILE", "rlimit_nofile"),
+    ("CORE", "rlimit_core"),
+    ("NPROC", "rlimit_nproc"),
+    ("STACK", "rlimit_stack"),
+)
+
+
+def on_options(s: ProcessSettings) -> list[str]:
+    """QNX ``on`` options for a worker's identity and privileges (docs/security.md):
+    ``-u uid:gid[,gid...]``, ``-A lock`` for ``no_new_privs`` (its abilities can no
+    longer be changed), ``-L NAME:n:n`` per limit. Capabilities have no ``on`` form
+    (a non-root process holds no privileged ability unless ``secpol`` grants one)."""
+    out: list[str] = []
+    if s.uid is not None:
+        spec = str(s.uid)
+        if s.gid is not None:
+            spec += f":{s.gid}" + "".join(f",{g}" for g in s.groups or ())
+        out += ["-u", spec]
+    if s.no_new_privs:
+        out += ["-A", "lock"]
+    for name, field in _ON_LIMITS:
+        value = getattr(s, field)
+        if value is not None:
+            shown = "unlimited" if value < 0 else str(value)
+            out += ["-L", f"{name}:{shown}:{shown}"]
+    return out

@@ -50,10 +50,20 @@ import structlog
 import trio
 from pydantic import ValidationError
 
-from supervisord_qnx.config.model import CommandWorker, Cpu, Memory, WasmWorker, WorkerBase
+from supervisord_qnx.config import identity
+from supervisord_qnx.config.model import (
+    CommandWorker,
+    Cpu,
+    DaemonSpec,
+    Memory,
+    WasmWorker,
+    WorkerBase,
+)
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, Enforcement, SpawnRequest
+from supervisord_qnx.partition.process import ProcessSettings
 from supervisord_qnx.partition.tree import Partition, PartitionTree
+from supervisord_qnx.supervise import confine
 from supervisord_qnx.supervise.events import EventBus, JobExited, JobStarted
 from supervisord_qnx.supervise.launch import Launchers, LaunchTarget
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
@@ -237,8 +247,11 @@ class Jobs:
         *,
         log_dir: Path,
         enforcement: str,
+        daemon_spec: DaemonSpec | None = None,
     ) -> None:
         self.tree = tree
+        # default_user: who jobs run as (config/identity.py).
+        self.daemon_spec = daemon_spec if daemon_spec is not None else DaemonSpec()
         self.backend = backend
         self.reaper = reaper
         self.launchers = launchers
@@ -506,15 +519,23 @@ class Jobs:
                 env=self._env(job),
                 stdout=fd,
                 stderr=fd,
+                process=await trio.to_thread.run_sync(self._process_settings),
             )
             return await launcher.spawn(job.target, request)
         finally:
             os.close(fd)
 
+    def _process_settings(self) -> ProcessSettings:
+        """Who a job runs as (config/identity.py): the default user, no privileges."""
+        try:
+            return identity.job_settings(self.daemon_spec)
+        except identity.IdentityError as exc:
+            raise OSError(errno.EPERM, f"{exc.key}: {exc.reason}") from None
+
     def _env(self, job: Job) -> dict[str, str]:
         # As for workers: a small, predictable environment, not the daemon's own.
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PATH": confine.WORKER_PATH,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "SUPERVISORD_QNX_JOB": str(job.id),
             "SUPERVISORD_QNX_PARTITION": job.path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import sys
@@ -25,6 +26,7 @@ from supervisord_qnx.config.model import CommandWorker, DaemonSpec, WasmWorker, 
 from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
+from supervisord_qnx.supervise import confine
 from supervisord_qnx.supervise.logserver import WriterServer
 from supervisord_qnx.supervise.prefork import ForkServerKeeper
 from supervisord_qnx.supervise.reaper import ChildReaper
@@ -158,6 +160,17 @@ class WasmLauncher(Launcher):
         return max(WASM_PAGE, (share - WASM_RUNNER_OVERHEAD) // WASM_PAGE * WASM_PAGE)
 
     async def spawn(self, target: LaunchTarget, request: SpawnRequest) -> int:
+        # A runner that is not the daemon's user appends to a report made its own.
+        report = self.report_path(target)
+        await trio.to_thread.run_sync(
+            functools.partial(confine.grant, report, request.process, create=True)
+        )
+        request = await trio.to_thread.run_sync(confine.per_user_cache, request)
+        if request.process.container:
+            # Namespaces come from unshare, an exec: the plain runner. Its report and
+            # module cache stay writable inside.
+            request = await trio.to_thread.run_sync(confine.container_writes, request, report)
+            return await super().spawn(target, request)
         if self.prefork:
             pid = await self._spawn_preforked(request)
             if pid is not None:
@@ -232,7 +245,9 @@ class Launchers:
     def __init__(
         self, backend: Backend, reaper: ChildReaper, tree: PartitionTree, daemon: DaemonSpec
     ) -> None:
-        self.forkserver = ForkServerKeeper(reaper, Path(daemon.log_dir) / "wasm-forkserver.log")
+        self.forkserver = ForkServerKeeper(
+            reaper, Path(daemon.log_dir) / "wasm-forkserver.log", backend
+        )
         # Forks every worker's log writer (supervise/logserver.py).
         self.log_writers = WriterServer(reaper)
         self._wasm_prefork = daemon.wasm_prefork

@@ -18,16 +18,23 @@ from pathlib import Path
 import structlog
 import trio
 
+from supervisord_qnx.partition.backend import Backend, BackendError, SpawnRequest
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.wasm.forkserver import ForkServerClient, ForkServerGone
 
 log = structlog.get_logger("supervisord_qnx.prefork")
 
 
+#: The fork server's own partition: a leaf of the daemon's root partition (its own
+#: cgroup on the cgroup backends), so it is counted, limited and killed with the rest.
+FORKSERVER_LEAF = "wasm-forkserver"
+
+
 class ForkServerKeeper:
-    def __init__(self, reaper: ChildReaper, log_path: Path) -> None:
+    def __init__(self, reaper: ChildReaper, log_path: Path, backend: Backend | None = None) -> None:
         self.reaper = reaper
         self.log_path = log_path
+        self.backend = backend
         self.nursery: trio.Nursery | None = None  # set by the supervisor's run()
         self._server: ForkServerClient | None = None
         self._exits: dict[int, trio.Event] = {}  # server pid -> reaped
@@ -50,6 +57,7 @@ class ForkServerKeeper:
                 # it; its watcher task reaps it.
                 self._kill_pid(server.pid)
             server = ForkServerClient(self.log_path)
+            server.attach_procs = await self._own_partition()
 
             def spawn_child(popen: Callable[[], int]) -> int:
                 with self.reaper.spawning():
@@ -69,6 +77,28 @@ class ForkServerKeeper:
             self._server = server
             self._watch(server)
             return server
+
+    async def _own_partition(self) -> tuple[str, ...]:
+        """The ``cgroup.procs`` files the server writes itself into before it runs (the
+        attach shim, as workers do); none where the backend attaches otherwise."""
+        if self.backend is None:
+            return ()
+        request = SpawnRequest("", FORKSERVER_LEAF, (), None, {}, -1, -1)
+        try:
+            plan = await trio.to_thread.run_sync(self.backend.attach_plan, request)
+        except (BackendError, KeyError) as exc:
+            # The user-space backends keep no record of the root partition: there the
+            # server stays where the daemon is.
+            log.info("wasm fork server: no partition of its own", error=repr(exc))
+            return ()
+        return plan.procs if plan is not None else ()
+
+    async def _release_partition(self) -> None:
+        if self.backend is not None:
+            try:
+                await trio.to_thread.run_sync(self.backend.release_leaf, "", FORKSERVER_LEAF)
+            except (BackendError, KeyError) as exc:
+                log.warning("wasm fork server: its partition stays", error=str(exc))
 
     def _kill_pid(self, pid: int | None) -> None:
         exited = self._exits.get(pid) if pid is not None else None
@@ -107,7 +137,10 @@ class ForkServerKeeper:
             with trio.move_on_after(timeout):
                 await exited.wait()
             if exited.is_set():
-                return
+                break
+        # Only now, with no server left that could live in it (one that died earlier
+        # was replaced into the same leaf).
+        await self._release_partition()
 
     def kill(self) -> None:
         """Last resort when the supervisor is torn down without ``stop``: the server must

@@ -31,8 +31,9 @@ from supervisord_qnx.config.ordering import Ordering
 from supervisord_qnx.config.realtime import effective as realtime_settings
 from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
+from supervisord_qnx.partition.process import ProcessSettings
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise import logpipe
+from supervisord_qnx.supervise import confine, logpipe
 from supervisord_qnx.supervise.events import (
     BackendWatchFailed,
     EventBus,
@@ -817,6 +818,7 @@ class Supervisor:
         launcher = self._launcher(inst)
         # In a thread: a launcher may prepare files first.
         argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
+        process = await trio.to_thread.run_sync(self._process_settings, inst)
         request = SpawnRequest(
             partition=inst.partition,
             leaf=inst.leaf,
@@ -825,15 +827,27 @@ class Supervisor:
             env=self._env(inst),
             stdout=writer.fd,
             stderr=writer.fd,
-            # Scheduling, affinity, memlock: the worker's keys over its tenant's.
-            process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec),
+            # Identity and privileges (confine), then the worker's scheduling, affinity
+            # and memlock keys over its tenant's (config/realtime.py).
+            process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec, base=process),
         )
         return await launcher.spawn(inst.target, request)
+
+    def _process_settings(self, inst: Instance) -> ProcessSettings:
+        """Identity and privileges (supervise/confine.py); the worker's own notify socket
+        becomes its uid's. Blocking."""
+        spec = self.tenant(inst.tenant).spec
+        settings = confine.settings_for(self.config, spec, inst.spec, inst.index)
+        if spec.delegate:
+            confine.delegate(self.backend, inst.partition, settings)
+        if inst.notify is not None:
+            confine.grant(inst.notify.path, settings)
+        return settings
 
     def _env(self, inst: Instance) -> dict[str, str]:
         # Workers get a small, predictable environment, not the daemon's own.
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PATH": confine.WORKER_PATH,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "SUPERVISORD_QNX_TENANT": inst.tenant,
             "SUPERVISORD_QNX_WORKER": inst.spec.name,

@@ -85,6 +85,19 @@ class ForkServerRefused(OSError):
 # -- the daemon's side ------------------------------------------------------------------
 
 
+def server_env() -> dict[str, str]:
+    """The server's start-up environment, which every worker it forks shows in
+    ``/proc/PID/environ`` (the block a process was exec'd with): never the daemon's own
+    (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``, ``INVOCATION_ID``, secrets). A minimal PATH,
+    the locale, ``PYTHONPATH`` where the daemon's own import path needs it, and the leaf
+    tag's slot."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": os.environ.get("LANG", "C.UTF-8")}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env[TAG] = TAG_SLOT
+    return env
+
+
 class ForkServerClient:
     """One fork server process, owned by the daemon. Blocking methods: call from a thread.
 
@@ -97,6 +110,9 @@ class ForkServerClient:
         self.log_path = log_path
         self.python = python
         self.pid: int | None = None
+        # cgroup.procs files the server joins before its interpreter starts (its own
+        # partition, supervise/prefork.py), through the same exec shim as workers.
+        self.attach_procs: tuple[str, ...] = ()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -109,11 +125,17 @@ class ForkServerClient:
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log:
+                argv = [self.python, "-m", __name__, "--fd", str(theirs.fileno())]
+                if self.attach_procs:
+                    from supervisord_qnx.partition.cgroupfs import SHIM
+
+                    procs = self.attach_procs
+                    argv = ["/bin/sh", "-c", SHIM, "sh", str(len(procs)), *procs, *argv]
 
                 def popen() -> int:
                     proc = subprocess.Popen(
-                        [self.python, "-m", __name__, "--fd", str(theirs.fileno())],
-                        env={**os.environ, TAG: TAG_SLOT},
+                        argv,
+                        env=server_env(),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
@@ -195,6 +217,12 @@ def serve(fd: int) -> None:
     import ctypes  # noqa: F401 - imported before forking, used by the workers
     import resource  # noqa: F401
 
+    # Everything a worker imports after it dropped to its tenant's user, who may not
+    # be able to read the interpreter's own library directory (a Python installed
+    # under a private home): the privilege drop, and the cache's temporary files.
+    import tempfile  # noqa: F401
+
+    from supervisord_qnx.partition import process  # noqa: F401
     from supervisord_qnx.wasm import runner  # noqa: F401 - imports wasmtime
     from supervisord_qnx.wasm.runner_args import RunnerArgs
 
