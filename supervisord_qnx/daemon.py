@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -552,11 +553,20 @@ def daemon_umask(config: Config) -> int:
     return 0o077 if config.daemon.socket_group is None else 0o027
 
 
+STATE_DIR_MODE = 0o711
+
+
 def secure_dirs(config: Config) -> None:
     """Create or check the socket, state and log directories (``safedirs.py``); raises
     ``UnsafePath`` if someone else could tamper with one."""
     cfg = config.daemon
-    safedirs.secure_dir(cfg.state_dir)
+    # 0711, not 0700: unprivileged workers must reach their own notify socket and wasm
+    # report file in it by path (each 0600 and owned by that worker's uid, in
+    # subdirectories only the daemon can write); others can pass through, never list.
+    state = safedirs.secure_dir(cfg.state_dir, mode=STATE_DIR_MODE)
+    st = os.lstat(state)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o011 != 0o011:
+        os.chmod(state, stat.S_IMODE(st.st_mode) | 0o011)  # made 0700 by an older version
     safedirs.secure_dir(cfg.log_dir)
     group = None if cfg.socket_group is None else userdb.gid_of(cfg.socket_group)
     mode = 0o700 if group is None else 0o750
