@@ -18,8 +18,9 @@ help:
 	@echo "make soak    the chaos soak for SOAK_SECONDS (default 600; see docs/reliability.md)"
 	@echo "make clean   remove .venv and ./run"
 
-# System packages a fresh machine may lack. Running needs only venv support
-# for python3; the tests also use procps/util-linux (ps, taskset) and systemd
+# System packages a fresh machine may lack. Running needs venv support for python3
+# and util-linux (setpriv, unshare, chrt, taskset, prlimit: the exec wrappers that
+# confine and schedule workers, partition/process.py); the tests also use procps and systemd
 # (`systemd-analyze verify` of the service unit). Root installs what is
 # missing (apt-get update first); others are told what to install.
 define apt_install
@@ -37,7 +38,8 @@ define apt_install
 	fi
 endef
 
-RUN_DEPS  := "$(PY) -c 'import venv, ensurepip':python3-venv"
+RUN_DEPS  := "$(PY) -c 'import venv, ensurepip':python3-venv" "command -v setpriv:util-linux" \
+	"command -v unshare:util-linux"
 TEST_DEPS := "command -v ps:procps" "command -v taskset:util-linux" "command -v systemd-analyze:systemd"
 
 system-deps:
