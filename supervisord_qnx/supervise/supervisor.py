@@ -772,6 +772,13 @@ class Supervisor:
         except BackendError:
             raise
         except OSError as exc:
+            killed = await self._killed_while_starting(inst)
+            if killed is not None:
+                # It did start, and its partition's limit ended it before it could say
+                # its pid (a preforked worker is in its partition before it reports):
+                # an exit at the limit, for the policy to judge, not a failed spawn.
+                self._feed(inst, lambda: lc.exited(killed, time.monotonic()))
+                return
             transient = exc.errno in TRANSIENT_SPAWN_ERRORS
             why = exc.strerror or str(exc)
             self._feed(inst, lambda: lc.spawn_failed(why, time.monotonic(), transient=transient))
@@ -781,6 +788,17 @@ class Supervisor:
         self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, inst, run)
+
+    async def _killed_while_starting(self, inst: Instance) -> ExitReason | None:
+        """``memory-limit``/``oom-killed`` when the backend ended this leaf's process at its
+        limit during the failed start; ``None`` when nothing says so."""
+        try:
+            reason = await trio.to_thread.run_sync(
+                self.backend.leaf_exit_reason, inst.partition, inst.leaf
+            )
+        except BackendError:
+            return None
+        return ExitReason.parse(reason) if reason is not None else None
 
     async def _watch_exit(self, inst: Instance, run: Run) -> None:
         try:
