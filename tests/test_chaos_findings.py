@@ -119,8 +119,19 @@ async def test_a_start_during_a_reload_that_replaces_the_worker_is_answered_and_
     replies = await reload_with(d, ("start", {"tenant": "alpha", "wait": True}))
     assert replies["reload"]["restarted"]["names"] == ["alpha:w"]
     w = await d.wait_for("alpha:w-0", lambda w: w["state"] == "running", timeout=10)
-    environ = Path(f"/proc/{w['pid']}/environ").read_bytes().split(b"\0")
-    assert b"GENERATION=1" in environ
+    assert b"GENERATION=1" in await program_environ(w["pid"])
+
+
+async def program_environ(pid: int, timeout: float = 10.0) -> list[bytes]:
+    """The worker program's environment. ``running`` comes with the pid, which execs
+    through its wrappers (attach shim, setpriv) into the program: while an exec is in
+    progress the kernel shows an empty environ, so wait until there is one."""
+    with trio.fail_after(timeout):
+        while True:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            if environ:
+                return environ.split(b"\0")
+            await trio.sleep(0.01)
 
 
 async def test_a_stop_during_a_reload_that_replaces_the_worker_holds(

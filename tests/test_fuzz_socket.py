@@ -303,9 +303,16 @@ def exchange(path: Any, data: bytes) -> list[Any]:
     return out
 
 
-def kept_worker(cfg: ConfigDir) -> dict[str, Any]:
+def kept_worker(cfg: ConfigDir, timeout: float = 30.0) -> dict[str, Any]:
+    """The kept tenant's worker once it runs: the daemon serves its socket before its
+    autostart is done, so the first test of the module may ask before it has a pid."""
+    deadline = time.monotonic() + timeout
     with Client(cfg.socket, timeout=10) as c:
-        return next(w for w in c.call("status") if w["tenant"] == KEPT)
+        while True:
+            w = next(w for w in c.call("status") if w["tenant"] == KEPT)
+            if (w["state"] == "running" and w["pid"]) or time.monotonic() > deadline:
+                return w
+            time.sleep(0.05)
 
 
 @pytest.mark.timeout(240)
