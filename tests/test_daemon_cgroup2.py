@@ -484,7 +484,8 @@ def test_after_sigkill_of_the_daemon_the_next_start_reaps_leftovers(
             command = {SLEEPER}
             """,
         )
-    cfg.write(backend="cgroup2", cgroup_root=cg.name)
+    # Kill and rebuild is what "restart" asks for; the default ("adopt") keeps them.
+    cfg.write(backend="cgroup2", cgroup_root=cg.name, on_restart="restart")
     started: list[Daemon] = []
     try:
         first = Daemon(cfg, "first")
