@@ -21,22 +21,24 @@ pytestmark = pytest.mark.integration
 
 # A worker that starts a grandchild in a session of its own (the stop signal to the
 # worker's process group does not reach it: only the leaf's clean-up does), writes the
-# grandchild's pid to its log and to PIDFILE, and on SIGTERM writes its run's last line.
+# grandchild's pid to its log and to PIDFILE, and on SIGTERM writes its run's last line
+# (its handler is in place before the pid file appears, which the tests wait for).
 LEAVES_A_GRANDCHILD = """
 import signal, subprocess, sys, time
-g = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-open(PIDFILE + ".tmp", "w").write(str(g.pid))
-__import__("os").replace(PIDFILE + ".tmp", PIDFILE)
-print(f"grandchild {g.pid}", flush=True)
 def term(*_):
     print("last line of the run", flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, term)
+g = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+print(f"grandchild {g.pid}", flush=True)
+open(PIDFILE + ".tmp", "w").write(str(g.pid))
+__import__("os").replace(PIDFILE + ".tmp", PIDFILE)
 while True:
     time.sleep(0.1)
 """
 
-# On SIGTERM, says whether the grandchild named in PIDFILE (another tenant's) is gone.
+# On SIGTERM, says whether the grandchild named in PIDFILE (another tenant's) is gone;
+# "up" once its handler is in place.
 LOOKS_AT_A_GRANDCHILD = """
 import signal, sys, time
 def gone(pid):
@@ -116,6 +118,7 @@ async def test_shutdown_keeps_after_order_down_to_the_grandchildren(
     tenant(cfg, "free", program(LEAVES_A_GRANDCHILD, tmp_path / "free.pid"))
     d = await start_daemon(backend="cgroup1", cgroup_root=cg.name)
     grandchild = int(await wait_for_file(pidfile))
+    await wait_for_file(cfg.worker_log("early", "w-0"))  # "up": its handler is in place
     free_grandchild = int(await wait_for_file(tmp_path / "free.pid"))
 
     assert await d.call("shutdown") == "shutting down"
