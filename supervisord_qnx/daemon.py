@@ -30,7 +30,6 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,8 +64,6 @@ T = TypeVar("T")
 # requests waits here and never takes the threads that spawns and stops run in
 # (trio's default limiter).
 SLOW_IO_THREADS = 4
-# Threads removing partitions at shutdown (see _destroy_partitions).
-DESTROY_THREADS = 8
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
@@ -361,6 +358,8 @@ class Daemon:
                 _notify(sdnotify.STOPPING)
                 await self.jobs.stop_all()
                 async with self.live.lock:  # a reload in progress finishes first
+                    # Stopped workers leave their leaves to _destroy_partitions below.
+                    self.supervisor.shutdown.begin()
                     await self.supervisor.stop_all()
                 await self.supervisor.launchers.stop()
                 # The operator's decisions outlive a clean stop too.
@@ -503,19 +502,10 @@ class Daemon:
         self._release_attached()
 
         # What was created, not what the tree holds: a reload cut short creates first and
-        # replaces the tree last. Deepest first; the partitions of one depth at the same
-        # time (independent of each other; the portable backend's /proc scans are then
-        # shared, 0.5 s instead of one scan after another at 100 tenants).
-        def destroy(path: str) -> None:
-            try:
-                self.backend.destroy(path)
-            except Exception as exc:  # noqa: BLE001 - remove every other partition anyway
-                log.error("could not remove partition", partition=path, error=str(exc))
-
-        depths = sorted({p.count("/") for p in self.created}, reverse=True)
-        with ThreadPoolExecutor(DESTROY_THREADS, "destroy") as pool:
-            for depth in depths:
-                list(pool.map(destroy, sorted(p for p in self.created if p.count("/") == depth)))
+        # replaces the tree last. Deepest first, all at once where the backend can (the
+        # workers stopped by the shutdown left their leaves to this: supervise/shutdown.py).
+        for path, exc in self.backend.destroy_all(list(self.created)):
+            log.error("could not remove partition", partition=path, error=str(exc))
 
     async def _signals(self) -> None:
         watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)

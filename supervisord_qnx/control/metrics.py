@@ -34,17 +34,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import trio
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 
 from supervisord_qnx import __version__
 from supervisord_qnx.control.rpc import RpcError
@@ -52,6 +45,16 @@ from supervisord_qnx.partition.backend import Backend, Control, Enforcement, Par
 from supervisord_qnx.partition.tree import PartitionTree
 from supervisord_qnx.supervise.supervisor import Supervisor
 from supervisord_qnx.supervise.worker import State
+
+# prometheus_client is imported at the first render, not with the daemon: its import is
+# some 30 ms and a few MiB of a daemon that may never be asked for metrics (issue 14).
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        Metric,
+    )
 
 log = structlog.get_logger("supervisord_qnx.metrics")
 
@@ -120,6 +123,8 @@ class RequestStats:
             self._sums[label] = self._sums.get(label, 0.0) + seconds
 
     def families(self) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
         with self._lock:
             counts = dict(self._counts)
             buckets = {m: list(b) for m, b in self._buckets.items()}
@@ -201,6 +206,8 @@ class _DaemonCollector:
 
 
 def _daemon_families(snap: _Snapshot) -> Iterable[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
     info = GaugeMetricFamily(
         f"{PREFIX}_build_info",
         "Always 1; the daemon's version, Python, partition backend and trio I/O back end.",
@@ -220,6 +227,8 @@ _WORKER_LABELS = ["tenant", "worker", "instance"]
 
 
 def _worker_families(workers: list[dict[str, Any]]) -> Iterable[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     state = GaugeMetricFamily(
         f"{PREFIX}_worker_state",
         "1 for the state each worker instance is in, 0 for every other state (one-hot).",
@@ -255,6 +264,8 @@ def _worker_families(workers: list[dict[str, Any]]) -> Iterable[Metric]:
 
 
 def _partition_families(snap: _Snapshot) -> Iterable[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     def gauge(name: str, doc: str) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"{PREFIX}_partition_{name}", doc, labels=["partition"])
 
@@ -305,14 +316,29 @@ class Exporter:
 
     def __init__(self, daemon: MetricsSource, known_method: Callable[[str], bool]) -> None:
         self.requests = RequestStats(known_method)
-        self.registry = CollectorRegistry()
-        # The daemon process itself: RSS, open and maximum descriptors, CPU, start time
-        # (where /proc is Linux'; elsewhere the library reports nothing).
-        ProcessCollector(namespace=PREFIX, registry=self.registry)
-        self.registry.register(_DaemonCollector(daemon, self.requests))
+        self._daemon = daemon
+        self._registry: CollectorRegistry | None = None
+        self._made = threading.Lock()  # two renders at once make one registry
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """Made at the first render (prometheus_client is imported then)."""
+        with self._made:
+            if self._registry is None:
+                from prometheus_client import CollectorRegistry, ProcessCollector
+
+                registry = CollectorRegistry()
+                # The daemon process itself: RSS, open and maximum descriptors, CPU, start
+                # time (where /proc is Linux'; elsewhere the library reports nothing).
+                ProcessCollector(namespace=PREFIX, registry=registry)
+                registry.register(_DaemonCollector(self._daemon, self.requests))
+                self._registry = registry
+            return self._registry
 
     def render(self) -> str:
         """The exposition text. Blocking, and must run in a trio worker thread."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry).decode("utf-8")
 
 

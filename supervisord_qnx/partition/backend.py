@@ -45,6 +45,7 @@ The interface, in the order the daemon uses it:
 ``release_leaf(path, lf)``  the worker is stopped for good: drop its leaf
 ``watch(tree, emit)``       async: the event source (pressure, OOM kills, limit kills)
 ``destroy(path)``           kill and remove a partition's subtree, deepest first
+``destroy_all(paths)``      the same for many at once (the daemon's shutdown)
 ``close()``                 release descriptors
 ==========================  ================================================================
 
@@ -73,6 +74,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -288,6 +290,31 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def destroy(self, path: str) -> None:
         """Kill every process left in the partition's subtree and remove it, deepest first."""
+
+    # Threads removing partitions in destroy_all's default.
+    DESTROY_THREADS = 8
+
+    def destroy_all(self, paths: Collection[str]) -> list[tuple[str, Exception]]:
+        """``destroy`` every partition of ``paths`` (what the daemon created; parents may
+        be among them), deepest first; returns the ``(path, error)`` of those that failed,
+        having tried every other. Blocking.
+
+        Default: the partitions of one depth at the same time (independent of each other;
+        the portable backend's /proc scans are then shared), one depth after another.
+        A backend that can kill and remove everything in one pass overrides it."""
+        failures: list[tuple[str, Exception]] = []
+
+        def destroy(path: str) -> None:
+            try:
+                self.destroy(path)
+            except Exception as exc:  # noqa: BLE001 - remove every other partition anyway
+                failures.append((path, exc))
+
+        depths = sorted({p.count("/") for p in paths}, reverse=True)
+        with ThreadPoolExecutor(self.DESTROY_THREADS, "destroy") as pool:
+            for depth in depths:
+                list(pool.map(destroy, sorted(p for p in paths if p.count("/") == depth)))
+        return failures
 
     @abc.abstractmethod
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:

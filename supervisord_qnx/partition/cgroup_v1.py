@@ -440,6 +440,41 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
         self._remove_subtree(tops, path)
 
+    def destroy_all(self, paths: Collection[str]) -> list[tuple[str, Exception]]:
+        """All of ``paths`` in one pass (the daemon's shutdown): the bookkeeping of each
+        outermost partition forgotten once, every directory below them listed once, every
+        process in them killed in one loop, then every directory removed, deepest first.
+
+        One ``destroy`` per partition, 8 at a time, listed each subtree three times (the
+        kill loop's two reads and the removal), and each directory listing of a memory
+        cgroup is some 30 entries: at 100 tenants that was 0.2 s of a shutdown, most of
+        the partitions' removal (issue 14)."""
+        paths = [p for p in paths if p]
+        outermost = [p for p in paths if not any(q != p and fs.under(p, q) for q in paths)]
+        where: dict[Path, str] = {}
+        for top_path in outermost:
+            for top in self._dirs(top_path):
+                for d in fs.subtree_dirs(top):  # deepest first within each subtree
+                    where.setdefault(d, top_path)
+        with self._lock:
+            for top_path in outermost:
+                self._forget(top_path)
+        failures: list[tuple[str, Exception]] = []
+        try:
+            fs.kill_subtree(lambda: where, ", ".join(outermost))
+        except BackendError as exc:
+            return [(p, exc) for p in outermost]  # processes left: no rmdir can succeed
+        failed: set[str] = set()
+        for d in sorted(where, key=lambda d: len(d.parts), reverse=True):
+            if where[d] in failed:
+                continue
+            try:
+                fs.rmdir_retry(d, where[d])
+            except BackendError as exc:
+                failed.add(where[d])
+                failures.append((where[d], exc))
+        return failures
+
     def _remove_subtree(self, tops: Sequence[Path], path: str) -> None:
         for top in tops:
             for d in fs.subtree_dirs(top):

@@ -54,6 +54,7 @@ from supervisord_qnx.supervise.ordering import (
     wait_for_after,
 )
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
+from supervisord_qnx.supervise.shutdown import BulkShutdown
 from supervisord_qnx.supervise.state import start_ticks
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
@@ -240,6 +241,9 @@ class Supervisor:
         self.adopted = 0
         # Told of every state change and operator call (the runtime state's writer).
         self.on_change: Callable[[], None] = _nothing
+        # Begun by the daemon's shutdown: stopped workers leave their leaves to the
+        # partitions' removal (supervise/shutdown.py).
+        self.shutdown = BulkShutdown(lambda name: self.ordering.after(name))
         for spec in config.tenants:
             count = sum(w.instances for w in spec.worker)
             self.tenants[spec.name] = Tenant(
@@ -732,6 +736,8 @@ class Supervisor:
         elif action is Action.KILL:
             if run is not None and run.status is None:
                 signal_group(run.pid, signal.SIGKILL)
+        elif action in (Action.CLEAR_LEAF, Action.RELEASE_LEAF) and self._left_to_shutdown(inst):
+            return  # the partition's removal kills what is left and removes the leaf
         elif action is Action.CLEAR_LEAF:
             await self._with_partition(inst, lambda: self._clear_leaf(inst))
         elif action is Action.RELEASE_LEAF:
@@ -888,8 +894,12 @@ class Supervisor:
         """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
         launcher's own word (what the worker's runner reported) over the raw wait status."""
         try:
-            reason = await trio.to_thread.run_sync(
-                self.backend.leaf_exit_reason, inst.partition, inst.leaf
+            reason = (
+                None  # stopped by the shutdown: no thread hop, no backend lock
+                if self._left_to_shutdown(inst)
+                else await trio.to_thread.run_sync(
+                    self.backend.leaf_exit_reason, inst.partition, inst.leaf
+                )
             )
         except BackendError as exc:
             # The leaf's counters are gone (its partition removed from outside): the wait
@@ -949,6 +959,9 @@ class Supervisor:
             for inst in tenant.instances:
                 if inst.state is State.RUNNING:
                     await self._launcher(inst).refresh(inst.target)
+
+    def _left_to_shutdown(self, inst: Instance) -> bool:
+        return self.shutdown.defers(inst.tenant, inst.lc.want_running)
 
     async def _clear_leaf(self, inst: Instance) -> None:
         """Kill whatever the worker left in its partition leaf (grandchildren included)."""
