@@ -54,7 +54,6 @@ from supervisord_qnx.supervise.ordering import (
     wait_for_after,
 )
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
-from supervisord_qnx.supervise.state import start_ticks
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
     SETTLED_AFTER_STOP,
@@ -120,8 +119,8 @@ class Instance:
     log_writer: logpipe.Writer | None = None
     # For the runtime state (supervise/state.py): the current run's and the log writer's
     # start times (/proc/PID/stat field 22), which make their pids unambiguous later.
-    ticks: int | None = None
-    writer_ticks: int | None = None
+    ticks: int | str | None = None
+    writer_ticks: int | str | None = None
 
     @property
     def leaf(self) -> str:
@@ -777,7 +776,7 @@ class Supervisor:
             self._feed(inst, lambda: lc.spawn_failed(why, time.monotonic(), transient=transient))
             return
         run = inst.run = Run(pid)
-        inst.ticks = start_ticks(pid)  # our child, not yet waited for: not reused yet
+        inst.ticks = await self._start_time(pid)  # our child, not waited for: not reused
         self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, inst, run)
@@ -812,7 +811,7 @@ class Supervisor:
                 self.log_settings(inst),
                 self.launchers.log_writers,
             )
-            inst.writer_ticks = start_ticks(writer.pid)
+            inst.writer_ticks = await self._start_time(writer.pid)
             assert self._nursery is not None
             self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
         launcher = self._launcher(inst)
@@ -832,6 +831,14 @@ class Supervisor:
             process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec, base=process),
         )
         return await launcher.spawn(inst.target, request)
+
+    async def _start_time(self, pid: int) -> int | str | None:
+        """A process's start time for the runtime state, by the backend's clock
+        (partition/proctime.py); one that runs a utility (QNX's pidin) in a thread."""
+        clock = self.backend.process_clock()
+        if clock.cheap:
+            return clock.start_time(pid)
+        return await trio.to_thread.run_sync(clock.start_time, pid)
 
     def _process_settings(self, inst: Instance) -> ProcessSettings:
         """Identity and privileges (supervise/confine.py); the worker's own notify socket
