@@ -486,3 +486,74 @@ def test_on_restart_takes_adopt_or_restart_and_says_where_it_is_wrong(tmp_path: 
 
     path = write(tmp_path, '[daemon]\non_restart = "maybe"\n' + GROUP, {})
     assert problems(path) == [f"{path}: daemon.on_restart: Input should be 'adopt' or 'restart'"]
+
+
+# ------------------------------------------------------------ wasm workers
+
+WASM = Path(__file__).resolve().parent.parent / "config" / "wasm"
+
+
+def test_wasm_workers_are_adopted_and_their_report_says_how_they_ended(
+    cfg: ConfigDir, daemons: Daemons
+) -> None:
+    """A wasm runner survives its daemon like a command: adopted (same pid, uptime kept),
+    its `status` complete; once it ends, its exit reason is its runner's report, not
+    `exit:unknown`; an adopted one is stopped like any other."""
+    run = os.urandom(3).hex()  # the portable backend finds leaves by tag: unique names
+    pulse, finite = f"pulse-{run}", f"finite-{run}"
+    cfg.tenant(
+        pulse,
+        f"""
+        memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "w"
+        wasm = "{WASM / "heartbeat.wat"}"
+        """,
+    )
+    # 200 beats, 100 ms apart: returns from _start (exit:0) some 20 s after it starts.
+    cfg.tenant(
+        finite,
+        f"""
+        memory = {{ max = "128MiB" }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "w"
+        wasm = "{WASM / "heartbeat.wat"}"
+        args = ["200"]
+        """,
+    )
+    cfg.write()
+    first = daemons.start()
+    names = [f"{pulse}:w-0", f"{finite}:w-0"]
+    wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in names), 60, "up")
+    # Beating: the module runs (not only its runner's start-up).
+    wait_until(
+        lambda: all("beat 3" in cfg.worker_log(n.split(":")[0], "w-0").read_text(errors="replace")
+                    for n in names if cfg.worker_log(n.split(":")[0], "w-0").exists()),
+        60,
+        "both beating",
+    )  # fmt: skip
+    before = status(cfg)
+    recorded(cfg, before)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    killed = time.monotonic()
+
+    second = daemons.start()
+    after = status(cfg)
+    for name in names:
+        assert after[name]["state"] == "running", after[name]
+        assert after[name]["pid"] == before[name]["pid"]
+        assert after[name]["kind"] == "wasm" and "memory_denied" in after[name]
+        assert after[name]["uptime"] >= before[name]["uptime"] + (time.monotonic() - killed) - 0.5
+    assert "stopped workers of the previous daemon" not in second.output()
+
+    # The finite one returns from _start by itself: its report's exit:0, no restart.
+    wait_until(lambda: status(cfg)[names[1]]["state"] == "exited", 90, "the finite one to end")
+    assert status(cfg)[names[1]]["exit_reason"] == "exit:0"
+    # The endless one is stopped by the operator like a worker of this daemon.
+    pid = after[names[0]]["pid"]
+    ctl(cfg.socket, "stop", pulse, check=True)
+    assert status(cfg)[names[0]]["state"] == "stopped"
+    assert not pid_alive(pid)
+    assert second.stop() == 0

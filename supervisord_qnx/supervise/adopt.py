@@ -13,7 +13,7 @@ predecessor wrote (``state.py``) and decides, per worker instance:
   its restart policy restarts it;
 * **resume backoff**: it was waiting to restart; the restart comes on its schedule;
 * **stop**: it was being stopped, its tenant was removed, its partition changed, its
-  kind cannot be adopted (wasm workers run under runners or a fork server that did not survive), or
+  kind cannot be adopted (today every kind can: commands and wasm runners), or
   ``on_restart = "restart"``: the verified process is stopped (SIGTERM, then SIGKILL),
   and the tenant starts fresh.
 
@@ -64,7 +64,9 @@ log = structlog.get_logger("supervisord_qnx.adopt")
 POLL_INTERVAL = 0.25
 # How long a stopped leftover gets between SIGTERM and SIGKILL.
 LEFTOVER_STOP_WAIT = 5.0
-ADOPTABLE_KINDS = frozenset({"command"})
+# A wasm worker is a runner process like any other; its report file's path is the
+# instance's own (WasmLauncher.report_path), and the runner keeps writing it.
+ADOPTABLE_KINDS = frozenset({"command", "wasm"})
 Clock = LinuxClock | QnxClock
 
 

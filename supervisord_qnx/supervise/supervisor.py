@@ -894,14 +894,18 @@ class Supervisor:
 
     async def _unknown_exit_reason(self, inst: Instance) -> ExitReason:
         """An adopted run that was not our child ended: no wait status reaches us, only
-        what the backend can still tell (a cgroup's OOM counter), else ``exit:unknown``."""
+        what the backend can still tell (a cgroup's OOM counter), then what the process
+        reported itself (a wasm runner's report), else ``exit:unknown``."""
         try:
             reason = await trio.to_thread.run_sync(
                 self.backend.leaf_exit_reason, inst.partition, inst.leaf
             )
         except BackendError:
             reason = None
-        return ExitReason.parse(reason) if reason is not None else UNKNOWN_EXIT
+        if reason is not None:
+            return ExitReason.parse(reason)
+        told = await self._launcher(inst).reported_exit(inst.target)
+        return told if told is not None else UNKNOWN_EXIT
 
     def adopt_run(self, inst: Instance, pid: int, started_at: float, gone: GoneWaiter) -> None:
         """Make a previous daemon's live run of ``inst`` this one's (supervise/adopt.py):
