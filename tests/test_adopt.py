@@ -557,3 +557,65 @@ def test_wasm_workers_are_adopted_and_their_report_says_how_they_ended(
     assert status(cfg)[names[0]]["state"] == "stopped"
     assert not pid_alive(pid)
     assert second.stop() == 0
+
+
+# ------------------------------------------------------------ the unrecorded window
+
+
+def test_an_unrecorded_worker_of_this_daemon_is_stopped_and_no_other_process_is(
+    cfg: ConfigDir, daemons: Daemons
+) -> None:
+    """Portable: a worker the dead daemon spawned but never recorded (its state written
+    just before the spawn) runs on unsupervised; the next start finds it by this
+    daemon's owner value in its environment and stops it. A process with the same leaf
+    tag but another daemon's owner value, or none, is never touched."""
+    run = os.urandom(3).hex()
+    kept, late = f"kept-{run}", f"late-{run}"
+    counter_tenant(cfg, kept, daemons.flag)
+    counter_tenant(cfg, late, daemons.flag)
+    cfg.write(backend="portable")
+    first = daemons.start()
+    names = [f"{kept}:w-0", f"{late}:w-0"]
+    wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in names), 30, "up")
+    before = status(cfg)
+    recorded(cfg, before)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    # The state as a write just before `late`'s spawn left it: starting, no pid yet.
+    path = cfg.root / "state" / runtime_state.STATE_FILE
+    body = runtime_state.decode(path.read_bytes())
+    rec = body["tenants"][late]["instances"]["w-0"]
+    rec.update(state="starting", pid=None, ticks=None, started_at=None, writer=None)
+    path.write_bytes(runtime_state.encode(body))
+    orphan = before[names[1]]["pid"]
+    assert pid_alive(orphan)
+    # Same leaf tag, another daemon's owner value / none: not this daemon's.
+    tag = f"{before[names[1]]['partition']}:w-0"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    strangers = [
+        subprocess.Popen(sleeper, env={**os.environ, "SUPERVISORD_QNX_LEAF": tag, **extra})
+        for extra in ({"SUPERVISORD_QNX_OWNER": "0123456789abcdef"}, {})
+    ]
+    try:
+        second = daemons.start()
+        after = status(cfg)
+        assert after[names[0]]["pid"] == before[names[0]]["pid"]  # adopted, not a leftover
+        wait_until(lambda: not pid_alive(orphan), 30, "the unrecorded worker stopped")
+        assert "stopped workers of the previous daemon that its state did not name" in (
+            second.output()
+        )
+        wait_until(
+            lambda: (
+                status(cfg)[names[1]]["state"] == "running"
+                and status(cfg)[names[1]]["pid"] != orphan
+            ),
+            30,
+            "the late tenant started afresh",
+        )
+        assert pid_alive(before[names[0]]["pid"])
+        for s in strangers:
+            assert s.poll() is None and pid_alive(s.pid), "another daemon's process was stopped"
+    finally:
+        for s in strangers:
+            s.kill()
+            s.wait(30)

@@ -33,7 +33,7 @@ from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.process import ProcessSettings
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise import confine, logpipe
+from supervisord_qnx.supervise import confine, leftovers, logpipe
 from supervisord_qnx.supervise.events import (
     BackendWatchFailed,
     EventBus,
@@ -235,6 +235,9 @@ class Supervisor:
         self.tree_changed = trio.Event()
         self.ordering = Ordering({t.name: t.after for t in config.tenants})
         self.notify_dir = NotifyDir(self.state_dir)
+        # In every worker's environment: names this daemon's workers after its death
+        # (supervise/leftovers.py).
+        self.owner = leftovers.owner_value(self.state_dir)
         # Workers adopted from a previous daemon at this one's start (metrics).
         self.adopted = 0
         # Told of every state change and operator call (the runtime state's writer).
@@ -862,6 +865,7 @@ class Supervisor:
             "SUPERVISORD_QNX_PARTITION": inst.partition,
         }
         env.update(inst.spec.env)
+        env[leftovers.OWNER_ENV] = self.owner  # after the tenant's env: not overridable
         if inst.spec.uses_notify and inst.notify is None:
             raise OSError(errno.EIO, "no NOTIFY_SOCKET for this worker (see the daemon's log)")
         if inst.notify is not None:
