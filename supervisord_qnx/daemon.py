@@ -46,7 +46,7 @@ from supervisord_qnx.ownership import InUse, Ownership
 from supervisord_qnx.partition import tree as ptree
 from supervisord_qnx.partition.backend import Backend, Enforcement, unenforced
 from supervisord_qnx.safedirs import UnsafePath
-from supervisord_qnx.supervise import adopt
+from supervisord_qnx.supervise import adopt, leftovers
 from supervisord_qnx.supervise import state as runtime_state
 from supervisord_qnx.supervise.events import EventBus
 from supervisord_qnx.supervise.jobs import Jobs
@@ -401,6 +401,9 @@ class Daemon:
             if stopped:
                 log.warning("stopped workers of the previous daemon that are not adopted",
                             pids=stopped, on_restart=self.config.daemon.on_restart)  # fmt: skip
+        if self.backend.name == "portable":
+            # Spawned too late to be recorded: nothing but their environment names them.
+            leftovers.stop(self.supervisor.owner, plan.keep, adopt.LEFTOVER_STOP_WAIT)
         return plan
 
     async def _restore_overrides(self, overrides: dict[str, Any]) -> None:

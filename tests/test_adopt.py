@@ -486,3 +486,136 @@ def test_on_restart_takes_adopt_or_restart_and_says_where_it_is_wrong(tmp_path: 
 
     path = write(tmp_path, '[daemon]\non_restart = "maybe"\n' + GROUP, {})
     assert problems(path) == [f"{path}: daemon.on_restart: Input should be 'adopt' or 'restart'"]
+
+
+# ------------------------------------------------------------ wasm workers
+
+WASM = Path(__file__).resolve().parent.parent / "config" / "wasm"
+
+
+def test_wasm_workers_are_adopted_and_their_report_says_how_they_ended(
+    cfg: ConfigDir, daemons: Daemons
+) -> None:
+    """A wasm runner survives its daemon like a command: adopted (same pid, uptime kept),
+    its `status` complete; once it ends, its exit reason is its runner's report, not
+    `exit:unknown`; an adopted one is stopped like any other."""
+    run = os.urandom(3).hex()  # the portable backend finds leaves by tag: unique names
+    pulse, finite = f"pulse-{run}", f"finite-{run}"
+    cfg.tenant(
+        pulse,
+        f"""
+        memory = {{ max = "128MiB" }}
+        [[worker]]
+        name = "w"
+        wasm = "{WASM / "heartbeat.wat"}"
+        """,
+    )
+    # 200 beats, 100 ms apart: returns from _start (exit:0) some 20 s after it starts.
+    cfg.tenant(
+        finite,
+        f"""
+        memory = {{ max = "128MiB" }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "w"
+        wasm = "{WASM / "heartbeat.wat"}"
+        args = ["200"]
+        """,
+    )
+    cfg.write()
+    first = daemons.start()
+    names = [f"{pulse}:w-0", f"{finite}:w-0"]
+    wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in names), 60, "up")
+    # Beating: the module runs (not only its runner's start-up).
+    wait_until(
+        lambda: all("beat 3" in cfg.worker_log(n.split(":")[0], "w-0").read_text(errors="replace")
+                    for n in names if cfg.worker_log(n.split(":")[0], "w-0").exists()),
+        60,
+        "both beating",
+    )  # fmt: skip
+    before = status(cfg)
+    recorded(cfg, before)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    killed = time.monotonic()
+
+    second = daemons.start()
+    after = status(cfg)
+    for name in names:
+        assert after[name]["state"] == "running", after[name]
+        assert after[name]["pid"] == before[name]["pid"]
+        assert after[name]["kind"] == "wasm" and "memory_denied" in after[name]
+        assert after[name]["uptime"] >= before[name]["uptime"] + (time.monotonic() - killed) - 0.5
+    assert "stopped workers of the previous daemon" not in second.output()
+
+    # The finite one returns from _start by itself: its report's exit:0, no restart.
+    wait_until(lambda: status(cfg)[names[1]]["state"] == "exited", 90, "the finite one to end")
+    assert status(cfg)[names[1]]["exit_reason"] == "exit:0"
+    # The endless one is stopped by the operator like a worker of this daemon.
+    pid = after[names[0]]["pid"]
+    ctl(cfg.socket, "stop", pulse, check=True)
+    assert status(cfg)[names[0]]["state"] == "stopped"
+    assert not pid_alive(pid)
+    assert second.stop() == 0
+
+
+# ------------------------------------------------------------ the unrecorded window
+
+
+def test_an_unrecorded_worker_of_this_daemon_is_stopped_and_no_other_process_is(
+    cfg: ConfigDir, daemons: Daemons
+) -> None:
+    """Portable: a worker the dead daemon spawned but never recorded (its state written
+    just before the spawn) runs on unsupervised; the next start finds it by this
+    daemon's owner value in its environment and stops it. A process with the same leaf
+    tag but another daemon's owner value, or none, is never touched."""
+    run = os.urandom(3).hex()
+    kept, late = f"kept-{run}", f"late-{run}"
+    counter_tenant(cfg, kept, daemons.flag)
+    counter_tenant(cfg, late, daemons.flag)
+    cfg.write(backend="portable")
+    first = daemons.start()
+    names = [f"{kept}:w-0", f"{late}:w-0"]
+    wait_until(lambda: all(status(cfg)[n]["state"] == "running" for n in names), 30, "up")
+    before = status(cfg)
+    recorded(cfg, before)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    # The state as a write just before `late`'s spawn left it: starting, no pid yet.
+    path = cfg.root / "state" / runtime_state.STATE_FILE
+    body = runtime_state.decode(path.read_bytes())
+    rec = body["tenants"][late]["instances"]["w-0"]
+    rec.update(state="starting", pid=None, ticks=None, started_at=None, writer=None)
+    path.write_bytes(runtime_state.encode(body))
+    orphan = before[names[1]]["pid"]
+    assert pid_alive(orphan)
+    # Same leaf tag, another daemon's owner value / none: not this daemon's.
+    tag = f"{before[names[1]]['partition']}:w-0"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    strangers = [
+        subprocess.Popen(sleeper, env={**os.environ, "SUPERVISORD_QNX_LEAF": tag, **extra})
+        for extra in ({"SUPERVISORD_QNX_OWNER": "0123456789abcdef"}, {})
+    ]
+    try:
+        second = daemons.start()
+        after = status(cfg)
+        assert after[names[0]]["pid"] == before[names[0]]["pid"]  # adopted, not a leftover
+        wait_until(lambda: not pid_alive(orphan), 30, "the unrecorded worker stopped")
+        assert "stopped workers of the previous daemon that its state did not name" in (
+            second.output()
+        )
+        wait_until(
+            lambda: (
+                status(cfg)[names[1]]["state"] == "running"
+                and status(cfg)[names[1]]["pid"] != orphan
+            ),
+            30,
+            "the late tenant started afresh",
+        )
+        assert pid_alive(before[names[0]]["pid"])
+        for s in strangers:
+            assert s.poll() is None and pid_alive(s.pid), "another daemon's process was stopped"
+    finally:
+        for s in strangers:
+            s.kill()
+            s.wait(30)

@@ -196,6 +196,7 @@ async def test_a_worker_cannot_reach_another_tenants_worker(
         "SUPERVISORD_QNX_INSTANCE",
         "SUPERVISORD_QNX_PARTITION",
         "SUPERVISORD_QNX_LEAF",  # the portable backend's partition tag
+        "SUPERVISORD_QNX_OWNER",  # which daemon's worker (a digest; supervise/leftovers.py)
     }
     assert (
         Path(f"/proc/{prober['pid']}/environ")

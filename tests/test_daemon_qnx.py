@@ -32,6 +32,7 @@ import pytest
 import trio
 
 from supervisord_qnx.control.client import Client
+from supervisord_qnx.supervise import state as runtime_state
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.test_adopt import recorded
 from tests.test_cli import DAEMON, DaemonProc
@@ -58,6 +59,10 @@ def group_partition(name: str, share: int = 90) -> str:
 
 
 BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")
+# Beats until FLAG exists: ends by itself, so no test signals a process it did not start.
+FLAGGED = worker_py(
+    "import os, time\nwhile not os.path.exists(os.environ['FLAG']): time.sleep(0.05)"
+)
 
 
 @dataclass
@@ -339,6 +344,10 @@ def test_restart_after_sigkill_over_leftover_partitions(
     assert not any(pid_alive(p) for p in orphans.values())
 
 
+def _state(cfg: ConfigDir) -> dict[str, Any]:
+    return runtime_state.decode((cfg.root / "state" / runtime_state.STATE_FILE).read_bytes())
+
+
 def test_a_restart_after_sigkill_adopts_the_workers_on_qnx(
     qnx_sim: Sim, cfg: ConfigDir, tmp_path: Path
 ) -> None:
@@ -354,9 +363,18 @@ def test_a_restart_after_sigkill_adopts_the_workers_on_qnx(
         first.proc.wait(30)
     finally:
         first.log.close()
+    # The start times and the boot were read the QNX way (the simulator's `pidin`
+    # times), not from Linux's /proc/PID/stat, whose ticks are a number.
+    body = _state(cfg)
+    assert body["boot_id"].startswith("qnx-procnto-start:")
+    rec = body["tenants"]["alpha"]["instances"]["beat-0"]
+    assert isinstance(rec["ticks"], str) and re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d", rec["ticks"]
+    )
     second = DaemonProc(cfg)
     try:
         assert _status_pids(cfg) == before
+        assert "adopted a running worker" in second.output()
         assert second.stop() == 0
     finally:
         if second.proc.poll() is None:
@@ -364,6 +382,58 @@ def test_a_restart_after_sigkill_adopts_the_workers_on_qnx(
             second.proc.wait(timeout=30)
     # Its clean stop stopped the adopted workers too.
     assert not any(pid_alive(p) for p in before.values())
+
+
+def test_a_worker_whose_start_time_does_not_match_is_lost_and_never_touched_on_qnx(
+    qnx_sim: Sim, cfg: ConfigDir, tmp_path: Path
+) -> None:
+    """A recorded pid whose start time (read with `pidin`) is not the recorded one is
+    another process as far as the daemon can tell: never signalled, the worker reported
+    lost and restarted. The process ends by itself (its flag) at the end."""
+    flag = tmp_path / "flag-end"
+    qnx_sim.tenant(
+        cfg,
+        "lone",
+        f"""
+        [[worker]]
+        name = "w"
+        command = {FLAGGED}
+        env = {{ FLAG = "{flag}" }}
+        """,
+    )
+    cfg.write(backend="qnx")
+    first = DaemonProc(cfg)
+    try:
+        old = _status_pids(cfg)["lone:w-0"]
+        recorded(cfg, {"lone:w-0": {"state": "running", "pid": old}})
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    finally:
+        first.log.close()
+    try:
+        path = cfg.root / "state" / runtime_state.STATE_FILE
+        body = _state(cfg)
+        body["tenants"]["lone"]["instances"]["w-0"]["ticks"] = "2001-01-01 00:00"
+        path.write_bytes(runtime_state.encode(body))
+        second = DaemonProc(cfg)
+        try:
+            wait_until(
+                lambda: _status_pids(cfg)["lone:w-0"] != old, 30, "the lost worker restarted"
+            )
+            with Client(cfg.socket) as c:
+                (w,) = c.call("status")
+            assert w["restarts"] >= 1 and w["exit_reason"] == "exit:unknown", w
+            assert "worker lost while no daemon ran" in second.output()
+            assert pid_alive(old), "the unverified process was signalled"
+            assert second.stop() == 0
+        finally:
+            if second.proc.poll() is None:
+                second.proc.kill()
+                second.proc.wait(timeout=30)
+        assert pid_alive(old), "the unverified process was stopped with the daemon"
+    finally:
+        flag.touch()
+    wait_until(lambda: not pid_alive(old), 30, "the old run to end by itself")
 
 
 def _status_pids(cfg: ConfigDir) -> dict[str, int]:

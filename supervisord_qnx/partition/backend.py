@@ -81,6 +81,7 @@ from typing import Any, ClassVar
 
 import trio
 
+from supervisord_qnx.partition import proctime
 from supervisord_qnx.partition.controls import Control, Enforcement
 from supervisord_qnx.partition.process import ProcessSettings, wrapped_argv
 from supervisord_qnx.partition.tree import Partition, PartitionTree
@@ -413,6 +414,11 @@ class Backend(abc.ABC):
         without any bookkeeping of this daemon (a previous one made the leaf); ``None``
         where the backend has no kernel record to cross-check (portable, QNX). Blocking."""
         return None
+
+    def process_clock(self) -> proctime.LinuxClock | proctime.QnxClock:
+        """How a process is named across daemon lifetimes here (pid + start time, and
+        the boot): ``partition/proctime.py``. Default: Linux ``/proc/PID/stat``."""
+        return proctime.LINUX
 
     def reap_leftovers_keeping(self, keep: Collection[tuple[str, str]]) -> list[str]:
         """``reap_leftovers``, sparing the worker leaves ``(path, leaf)`` whose processes

@@ -55,7 +55,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from supervisord_qnx.partition import accounting
+from supervisord_qnx.partition import accounting, proctime
 from supervisord_qnx.partition import qnx_realtime as qrt
 from supervisord_qnx.partition.backend import (
     Backend,
@@ -133,6 +133,9 @@ class QnxBackend(Backend):
         self._partitions: dict[str, Partition] = {}
         self._policy_set = False
         self._run_utility: UtilityRunner = _run_plain
+        # Start times through QNX's own means (procfs devctl, or `pidin` under qnx-sim),
+        # never Linux's /proc/PID/stat: partition/proctime.py.
+        self._clock = proctime.QnxClock(_run_plain)
 
     def use_utility_runner(self, runner: UtilityRunner) -> None:
         """Run ``aps``/``on`` through ``runner`` from now on.
@@ -144,6 +147,7 @@ class QnxBackend(Backend):
         a restart) passes for success and the partition keeps its old budget.
         """
         self._run_utility = runner
+        self._clock.use_runner(runner)
 
     # -- capability ---------------------------------------------------------------
 
@@ -420,6 +424,9 @@ class QnxBackend(Backend):
 
     def adopt_worker(self, path: str, leaf: str, pid: int) -> None:
         self._accounting.adopt_worker(path, leaf, pid)
+
+    def process_clock(self) -> proctime.QnxClock:
+        return self._clock
 
     def stats(self, path: str) -> PartitionStats:
         return self._accounting.stats(path)

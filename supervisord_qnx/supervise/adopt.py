@@ -13,7 +13,7 @@ predecessor wrote (``state.py``) and decides, per worker instance:
   its restart policy restarts it;
 * **resume backoff**: it was waiting to restart; the restart comes on its schedule;
 * **stop**: it was being stopped, its tenant was removed, its partition changed, its
-  kind cannot be adopted (wasm workers run under runners or a fork server that did not survive), or
+  kind cannot be adopted (today every kind can: commands and wasm runners), or
   ``on_restart = "restart"``: the verified process is stopped (SIGTERM, then SIGKILL),
   and the tenant starts fresh.
 
@@ -52,9 +52,9 @@ import trio
 from supervisord_qnx.config.model import TenantSpec, WorkerBase
 from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend
+from supervisord_qnx.partition.proctime import LINUX, LinuxClock, QnxClock
 from supervisord_qnx.supervise import logpipe
 from supervisord_qnx.supervise.reaper import ChildReaper
-from supervisord_qnx.supervise.state import boot_id, parent_of, start_ticks
 from supervisord_qnx.supervise.supervisor import Instance, Supervisor
 from supervisord_qnx.supervise.worker import State
 
@@ -64,7 +64,10 @@ log = structlog.get_logger("supervisord_qnx.adopt")
 POLL_INTERVAL = 0.25
 # How long a stopped leftover gets between SIGTERM and SIGKILL.
 LEFTOVER_STOP_WAIT = 5.0
-ADOPTABLE_KINDS = frozenset({"command"})
+# A wasm worker is a runner process like any other; its report file's path is the
+# instance's own (WasmLauncher.report_path), and the runner keeps writing it.
+ADOPTABLE_KINDS = frozenset({"command", "wasm"})
+Clock = LinuxClock | QnxClock
 
 
 def definition(tenant: TenantSpec, worker: WorkerBase) -> str:
@@ -113,7 +116,7 @@ def snapshot(supervisor: Supervisor, overrides: dict[str, Any]) -> dict[str, Any
             }
         tenants[name] = {"operator": tenant.operator, "instances": instances}
     return {
-        "boot_id": boot_id(),
+        "boot_id": supervisor.backend.process_clock().boot_id(),
         "daemon_pid": os.getpid(),
         "written_at": time.time(),
         "monotonic": time.monotonic(),
@@ -131,7 +134,7 @@ class Adoptee:
     leaf: str
     partition: str
     pid: int
-    ticks: int
+    ticks: int | str
     started_at: float
     child: bool  # still our child (after a reexec): the reaper waits for it
     pidfd: int | None
@@ -147,9 +150,11 @@ class Plan:
     restarts: dict[tuple[str, str], int] = field(default_factory=dict)
     reasons: dict[tuple[str, str], str] = field(default_factory=dict)  # last exit reasons
     operator: dict[str, str] = field(default_factory=dict)
-    stop: list[tuple[int, int]] = field(default_factory=list)  # (pid, ticks), verified
+    stop: list[tuple[int, int | str]] = field(default_factory=list)  # (pid, ticks), verified
     overrides: dict[str, Any] = field(default_factory=dict)
     reexec: bool = False
+    # How start times are read on this platform (the backend's: partition/proctime.py).
+    clock: Clock = LINUX
 
     @property
     def keep(self) -> set[tuple[str, str]]:
@@ -172,16 +177,16 @@ def _open_pidfd(pid: int) -> int | None:
         return None
 
 
-def _verify(pid: Any, ticks: Any) -> tuple[bool, int | None]:
+def _verify(pid: Any, ticks: Any, clock: Clock) -> tuple[bool, int | None]:
     """Is ``pid`` still the process that started at ``ticks``? With a pidfd held on it
     (opened first, so the answer cannot go stale by pid reuse) where there is one."""
-    if not isinstance(pid, int) or not isinstance(ticks, int) or pid <= 0:
+    if not isinstance(pid, int) or not isinstance(ticks, (int, str)) or pid <= 0:
         return False, None
     pidfd = _open_pidfd(pid)
     # A zombie of our own (after a reexec, a worker that ended during the exec) is
     # still that worker: the reaper collects its real status.
-    ours = parent_of(pid) == os.getpid()
-    if start_ticks(pid, zombie=ours) == ticks:
+    ours = clock.parent_of(pid) == os.getpid()
+    if clock.start_time(pid, zombie=ours) == ticks:
         return True, pidfd
     if pidfd is not None:
         os.close(pidfd)
@@ -193,12 +198,12 @@ def make_plan(
 ) -> Plan:
     """Decide what happens to each instance the previous daemon recorded. Blocking
     (reads /proc and cgroup.procs): call it in a thread, before anything is reaped."""
-    plan = Plan()
+    plan = Plan(clock=backend.process_clock())
     if body is None:
         return plan
     plan.overrides = dict(body.get("overrides") or {})
     plan.reexec = body.get("reason") == "reexec" and body.get("daemon_pid") == os.getpid()
-    same_boot = body.get("boot_id") is not None and body.get("boot_id") == boot_id()
+    same_boot = body.get("boot_id") is not None and body.get("boot_id") == plan.clock.boot_id()
     for name, trec in (body.get("tenants") or {}).items():
         tenant = supervisor.tenants.get(name)
         if tenant is not None and trec.get("operator") in ("started", "stopped"):
@@ -236,7 +241,7 @@ def _plan_instance(
         return
     if pid is None or not same_boot:
         return
-    alive, pidfd = _verify(pid, rec.get("ticks"))
+    alive, pidfd = _verify(pid, rec.get("ticks"), plan.clock)
     if alive and inst is not None:
         members = backend.leaf_members(inst.partition, leaf)
         if members is not None and pid not in members:
@@ -274,7 +279,7 @@ def _plan_instance(
             pid=pid,
             ticks=rec["ticks"],
             started_at=float(rec["started_at"]),
-            child=parent_of(pid) == os.getpid(),
+            child=plan.clock.parent_of(pid) == os.getpid(),
             pidfd=pidfd,
             changed=supervisor_def != definition(_tenant_spec(inst), inst.spec),
             writer=rec.get("writer") if isinstance(rec.get("writer"), dict) else None,
@@ -291,21 +296,22 @@ def stop_leftovers(plan: Plan) -> list[int]:
     """Stop the verified processes nobody adopts: SIGTERM to each one's group, SIGKILL
     after ``LEFTOVER_STOP_WAIT``. Only a process whose start time still matches is ever
     signalled. Blocking; returns the pids stopped."""
+    clock = plan.clock
     targets = []
     for pid, ticks in plan.stop:
-        alive, pidfd = _verify(pid, ticks)
+        alive, pidfd = _verify(pid, ticks, clock)
         if alive:
             targets.append((pid, ticks, pidfd))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid, ticks, _ in targets:
-            if start_ticks(pid) == ticks:
+            if clock.start_time(pid) == ticks:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, sig)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
         deadline = time.monotonic() + LEFTOVER_STOP_WAIT
         while time.monotonic() < deadline:
-            if all(start_ticks(pid) != ticks for pid, ticks, _ in targets):
+            if all(clock.start_time(pid) != ticks for pid, ticks, _ in targets):
                 break
             time.sleep(0.02)
     for _, _, pidfd in targets:
@@ -318,7 +324,12 @@ def stop_leftovers(plan: Plan) -> list[int]:
 
 
 def gone_waiter(
-    reaper: ChildReaper, pid: int, ticks: int, child: bool, pidfd: int | None
+    reaper: ChildReaper,
+    pid: int,
+    ticks: int | str,
+    child: bool,
+    pidfd: int | None,
+    clock: Clock = LINUX,
 ) -> Callable[[], Awaitable[int | None]]:
     """How to wait for an adopted process's end: the reaper for a child, else its pidfd,
     else (no pidfd) its start time polled every ``POLL_INTERVAL`` seconds."""
@@ -334,22 +345,29 @@ def gone_waiter(
             finally:
                 os.close(pidfd)
             return None
-        while start_ticks(pid) == ticks:  # noqa: ASYNC110 - no event to wait for here
+        while True:
+            # A clock that spawns a utility (pidin) reads in a thread, never in the loop.
+            now = (
+                clock.start_time(pid)
+                if clock.cheap
+                else await trio.to_thread.run_sync(clock.start_time, pid)
+            )
+            if now != ticks:
+                return None
             await trio.sleep(POLL_INTERVAL)
-        return None
 
     return wait
 
 
 def reconnect_writer(
-    log_dir: Path, tenant: str, leaf: str, rec: dict[str, Any]
-) -> tuple[logpipe.Writer, int, int | None] | None:
+    log_dir: Path, tenant: str, leaf: str, rec: dict[str, Any], clock: Clock = LINUX
+) -> tuple[logpipe.Writer, int | str, int | None] | None:
     """The adopted worker's log writer with a write end of its pipe again (for the
     run-end mark), or ``None`` (it is gone, or this platform cannot reopen a pipe).
     Blocking. Returns the writer, its start ticks and a pidfd on it."""
     pid, ticks, pipe = rec.get("pid"), rec.get("ticks"), rec.get("pipe")
-    alive, pidfd = _verify(pid, ticks)
-    if not alive or not isinstance(pid, int) or not isinstance(ticks, int):
+    alive, pidfd = _verify(pid, ticks, clock)
+    if not alive or not isinstance(pid, int) or not isinstance(ticks, (int, str)):
         return None
     fd = lock = -1
     try:
@@ -404,13 +422,13 @@ async def apply(
         inst.ticks = a.ticks
         if a.writer is not None:
             found = await trio.to_thread.run_sync(
-                reconnect_writer, supervisor.log_dir, a.tenant, a.leaf, a.writer
+                reconnect_writer, supervisor.log_dir, a.tenant, a.leaf, a.writer, plan.clock
             )
             if found is not None:
                 writer, wticks, wfd = found
                 inst.log_writer, inst.writer_ticks = writer, wticks
-                nursery.start_soon(_watch_writer, writer, wticks, wfd)
-        waiter = gone_waiter(reaper, a.pid, a.ticks, a.child, a.pidfd)
+                nursery.start_soon(_watch_writer, writer, wticks, wfd, plan.clock)
+        waiter = gone_waiter(reaper, a.pid, a.ticks, a.child, a.pidfd, plan.clock)
         a.pidfd = None  # the waiter owns it now
         supervisor.adopt_run(inst, a.pid, a.started_at, waiter)
         supervisor.adopted += 1
@@ -433,9 +451,11 @@ async def _already_gone() -> int | None:
     return None
 
 
-async def _watch_writer(writer: logpipe.Writer, ticks: int, pidfd: int | None) -> None:
+async def _watch_writer(
+    writer: logpipe.Writer, ticks: int | str, pidfd: int | None, clock: Clock
+) -> None:
     """An adopted writer ends when its worker's output does; then a new run needs a new
     one (``Writer.done``). It may be our child (after a reexec): the reaper's orphan
     sweep collects it then."""
-    await gone_waiter(ChildReaper(), writer.pid, ticks, False, pidfd)()
+    await gone_waiter(ChildReaper(), writer.pid, ticks, False, pidfd, clock)()
     writer.done.set()

@@ -74,6 +74,11 @@ class Launcher:
         """What the process itself reported about its end; ``None``: only the status knows."""
         return None
 
+    async def reported_exit(self, target: LaunchTarget) -> ExitReason | None:
+        """How a run that was not our child (adopted after a daemon's death) ended, as
+        the process itself reported it; ``None``: it reports nothing (commands)."""
+        return None
+
     def status_fields(self, target: LaunchTarget) -> dict[str, Any]:
         """Extra fields for this worker in ``status``."""
         return {}
@@ -211,6 +216,11 @@ class WasmLauncher(Launcher):
             return None
 
     async def exit_reason(self, target: LaunchTarget, status: int) -> ExitReason | None:
+        return await self.reported_exit(target)
+
+    async def reported_exit(self, target: LaunchTarget) -> ExitReason | None:
+        # The report's path is the instance's own, and an adopted runner kept writing
+        # to it while no daemon ran: its last run's `exit` line says how it ended.
         from supervisord_qnx.wasm.outcome import read_report
 
         report = await trio.to_thread.run_sync(read_report, self.report_path(target))

@@ -33,7 +33,7 @@ from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.process import ProcessSettings
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise import confine, logpipe
+from supervisord_qnx.supervise import confine, leftovers, logpipe
 from supervisord_qnx.supervise.events import (
     BackendWatchFailed,
     EventBus,
@@ -55,7 +55,6 @@ from supervisord_qnx.supervise.ordering import (
 )
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status, signal_group
 from supervisord_qnx.supervise.shutdown import BulkShutdown
-from supervisord_qnx.supervise.state import start_ticks
 from supervisord_qnx.supervise.worker import (
     SETTLED_AFTER_START,
     SETTLED_AFTER_STOP,
@@ -121,8 +120,8 @@ class Instance:
     log_writer: logpipe.Writer | None = None
     # For the runtime state (supervise/state.py): the current run's and the log writer's
     # start times (/proc/PID/stat field 22), which make their pids unambiguous later.
-    ticks: int | None = None
-    writer_ticks: int | None = None
+    ticks: int | str | None = None
+    writer_ticks: int | str | None = None
 
     @property
     def leaf(self) -> str:
@@ -237,6 +236,9 @@ class Supervisor:
         self.tree_changed = trio.Event()
         self.ordering = Ordering({t.name: t.after for t in config.tenants})
         self.notify_dir = NotifyDir(self.state_dir)
+        # In every worker's environment: names this daemon's workers after its death
+        # (supervise/leftovers.py).
+        self.owner = leftovers.owner_value(self.state_dir)
         # Workers adopted from a previous daemon at this one's start (metrics).
         self.adopted = 0
         # Told of every state change and operator call (the runtime state's writer).
@@ -790,7 +792,7 @@ class Supervisor:
             self._feed(inst, lambda: lc.spawn_failed(why, time.monotonic(), transient=transient))
             return
         run = inst.run = Run(pid)
-        inst.ticks = start_ticks(pid)  # our child, not yet waited for: not reused yet
+        inst.ticks = await self._start_time(pid)  # our child, not waited for: not reused
         self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, inst, run)
@@ -836,7 +838,7 @@ class Supervisor:
                 self.log_settings(inst),
                 self.launchers.log_writers,
             )
-            inst.writer_ticks = start_ticks(writer.pid)
+            inst.writer_ticks = await self._start_time(writer.pid)
             assert self._nursery is not None
             self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
         launcher = self._launcher(inst)
@@ -856,6 +858,14 @@ class Supervisor:
             process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec, base=process),
         )
         return await launcher.spawn(inst.target, request)
+
+    async def _start_time(self, pid: int) -> int | str | None:
+        """A process's start time for the runtime state, by the backend's clock
+        (partition/proctime.py); one that runs a utility (QNX's pidin) in a thread."""
+        clock = self.backend.process_clock()
+        if clock.cheap:
+            return clock.start_time(pid)
+        return await trio.to_thread.run_sync(clock.start_time, pid)
 
     def _process_settings(self, inst: Instance) -> ProcessSettings:
         """Identity and privileges (supervise/confine.py); the worker's own notify socket
@@ -879,6 +889,7 @@ class Supervisor:
             "SUPERVISORD_QNX_PARTITION": inst.partition,
         }
         env.update(inst.spec.env)
+        env[leftovers.OWNER_ENV] = self.owner  # after the tenant's env: not overridable
         if inst.spec.uses_notify and inst.notify is None:
             raise OSError(errno.EIO, "no NOTIFY_SOCKET for this worker (see the daemon's log)")
         if inst.notify is not None:
@@ -915,14 +926,18 @@ class Supervisor:
 
     async def _unknown_exit_reason(self, inst: Instance) -> ExitReason:
         """An adopted run that was not our child ended: no wait status reaches us, only
-        what the backend can still tell (a cgroup's OOM counter), else ``exit:unknown``."""
+        what the backend can still tell (a cgroup's OOM counter), then what the process
+        reported itself (a wasm runner's report), else ``exit:unknown``."""
         try:
             reason = await trio.to_thread.run_sync(
                 self.backend.leaf_exit_reason, inst.partition, inst.leaf
             )
         except BackendError:
             reason = None
-        return ExitReason.parse(reason) if reason is not None else UNKNOWN_EXIT
+        if reason is not None:
+            return ExitReason.parse(reason)
+        told = await self._launcher(inst).reported_exit(inst.target)
+        return told if told is not None else UNKNOWN_EXIT
 
     def adopt_run(self, inst: Instance, pid: int, started_at: float, gone: GoneWaiter) -> None:
         """Make a previous daemon's live run of ``inst`` this one's (supervise/adopt.py):
