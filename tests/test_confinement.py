@@ -464,7 +464,9 @@ async def test_container_worker_sees_only_itself_and_writes_only_where_allowed(
     out.chmod(0o1777)
     marker = Path(tempfile.mkstemp(prefix=f"conf-marker-{RUN}-")[1])
     elsewhere = Path(f"/var/tmp/conf-probe-{RUN}")  # world-writable on the box
-    args = (PY, "-c", CONTAINED, str(out), str(elsewhere))
+    # The interpreter itself, not the venv's link to it: the checkout (and its venv) may
+    # live under /tmp, which the container replaces with a private one.
+    args = (os.path.realpath(PY), "-c", CONTAINED, str(out), str(elsewhere))
     argv = "[" + ", ".join(json.dumps(a) for a in args) + "]"
     cfg.tenant(other, f'[[worker]]\nname = "victim"\ncommand = {victim_argv("ctr-" + RUN)}\n')
     cfg.tenant(
