@@ -95,13 +95,18 @@ def newest(path: Path) -> bytes:
     raise AssertionError(f"{path} stayed absent")
 
 
-def last_number(path: Path) -> int:
-    """The number of the newest whole line in the log's newest file."""
-    for line in reversed(newest(path).split(b"\n")[:-1]):
-        m = LINE.match(line)
-        if m:
-            return int(m.group(1))
-    raise AssertionError("no numbered line yet")
+def last_number(path: Path, timeout: float = 10.0) -> int:
+    """The number of the newest whole line in the log's newest file (waiting for one:
+    right after a rotation the new file may not hold a whole line yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in reversed(newest(path).split(b"\n")[:-1]):
+            m = LINE.match(line)
+            if m:
+                return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise AssertionError("no numbered line yet")
+        time.sleep(0.01)
 
 
 def status(cfg: ConfigDir) -> list[dict]:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from supervisord_qnx.safedirs import UnsafePath, secure_dir
-from tests.conftest import ConfigDir, cli_env, worker_py
+from tests.conftest import ConfigDir, cli_env, wait_until, worker_py
 from tests.test_cli import DAEMON, DaemonProc, ctl
 
 OTHER = 65534
@@ -166,9 +166,14 @@ def test_the_daemon_creates_its_directories_private_under_umask_000(
         # Searchable, not listable: unprivileged workers reach their own files in it.
         assert mode_of(shared / "state") == 0o711
         assert mode_of(shared / "run") == 0o750 and os.stat(shared / "run").st_gid == OPS_GID
+
         # Nothing the daemon made is for others (the lock would be 0644 under umask 000).
-        made = [*(shared / "log").rglob("*"), *(shared / "state").rglob("*")]
-        assert any(tenant in str(p) for p in made)
+        def made_now() -> list[Path]:
+            return [*(shared / "log").rglob("*"), *(shared / "state").rglob("*")]
+
+        # The socket is served before autostart is through: wait for the tenant's files.
+        wait_until(lambda: any(tenant in str(p) for p in made_now()), 30, "the tenant's files")
+        made = made_now()
         assert shared / "state" / "daemon.lock" in made
         assert [(str(p), oct(mode_of(p))) for p in made if mode_of(p) & 0o007] == []
         assert ctl(sock, "ping").returncode == 0
