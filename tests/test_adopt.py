@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from supervisord_qnx.partition.proctime import LINUX
 from supervisord_qnx.supervise import state as runtime_state
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, pid_alive, wait_until, worker_py
@@ -259,7 +260,7 @@ def test_a_reused_pid_is_never_taken_for_a_worker(
         path = cfg.root / "state" / runtime_state.STATE_FILE
         body = runtime_state.decode(path.read_bytes())
         rec = body["tenants"]["r"]["instances"]["w-0"]
-        assert rec["ticks"] != runtime_state.start_ticks(stranger.pid)
+        assert rec["ticks"] != LINUX.start_time(stranger.pid)
         rec["pid"] = stranger.pid
         path.write_bytes(runtime_state.encode(body))
 

@@ -120,43 +120,6 @@ def _set_aside(path: Path, why: str) -> None:
               file=str(path), kept=str(aside), reason=why)  # fmt: skip
 
 
-# -- identifying a process across daemon lifetimes ----------------------------------
-
-
-def boot_id() -> str | None:
-    """This boot's id (Linux); a state file from another boot adopts nothing."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def start_ticks(pid: int, *, zombie: bool = False) -> int | None:
-    """When ``pid`` started, in clock ticks after boot (``/proc/PID/stat`` field 22);
-    ``None`` if it is gone, a zombie (unless ``zombie``: a child of ours that ended and
-    waits for us), or the platform has no such file (QNX: see docs/state.md). With the
-    pid it names one process for the whole boot."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    # The command name in (parentheses) may hold spaces and ')': split after the last.
-    rest = text.rsplit(")", 1)[1].split()
-    if rest[0] == "X" or (rest[0] == "Z" and not zombie):
-        return None
-    return int(rest[19])
-
-
-def parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 # -- writing --------------------------------------------------------------------------
 
 
