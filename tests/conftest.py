@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Before anything imports trio: with SUPERVISORD_QNX_IO=poll the whole run,
 # daemon included, uses the poll(2) I/O back end (as on QNX).
@@ -31,6 +31,9 @@ from supervisord_qnx.config.load import load
 from supervisord_qnx.control.client import AsyncClient
 from supervisord_qnx.daemon import Daemon, admit, make_backend
 from tests.cgroup_helpers import CgroupRoot, require_cgroup1
+
+if TYPE_CHECKING:
+    from tests.daemonproc import DaemonProc
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -262,3 +265,28 @@ def pipelined(path: Path, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         return [answers.get(i) for i in range(len(calls))]
     finally:
         s.close()
+
+
+@pytest.fixture
+def daemon_procs(cfg: ConfigDir) -> Iterator[Callable[..., DaemonProc]]:
+    """Start the daemon as a subprocess on ``cfg`` (``daemon_procs(*extra_args)``, as
+    often as a test needs); each is stopped gracefully after the test, so it leaves no
+    worker behind, and SIGKILLed only if that hangs."""
+    import subprocess
+
+    from tests.daemonproc import DaemonProc  # it imports this module: not at the top
+
+    started: list[DaemonProc] = []
+
+    def start(*extra: str) -> DaemonProc:
+        started.append(DaemonProc(cfg, *extra))
+        return started[-1]
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            try:
+                d.stop()
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait(timeout=30)

@@ -13,7 +13,7 @@ import re
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from supervisord_qnx.control import peercred
 from supervisord_qnx.control.access import METHOD_ACCESS, Authorizer, Role, standing
 from supervisord_qnx.control.methods import Methods
 from tests.conftest import ConfigDir, cli_env, wait_until, worker_py
-from tests.test_cli import CTL, DaemonProc, ctl
+from tests.daemonproc import CTL, DaemonProc, ctl
 
 VIEWER = 65534
 OPERATOR = 47101
@@ -203,22 +203,8 @@ def state(sock: Path, tenant: str) -> str:
 
 
 @pytest.fixture
-def subprocess_daemon(cfg: ConfigDir) -> Iterator[Callable[[], DaemonProc]]:
-    """A daemon in its own process (its log is read back), stopped gracefully after."""
-    started: list[DaemonProc] = []
-
-    def start() -> DaemonProc:
-        started.append(DaemonProc(cfg))
-        return started[-1]
-
-    yield start
-    for d in started:
-        if d.proc.poll() is None:
-            try:
-                d.stop()
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                d.proc.wait(timeout=30)
+def subprocess_daemon(daemon_procs: Callable[..., DaemonProc]) -> Callable[..., DaemonProc]:
+    return daemon_procs
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from supervisord_qnx.partition.proctime import LINUX
 from supervisord_qnx.supervise import state as runtime_state
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, pid_alive, wait_until, worker_py
-from tests.test_cli import DaemonProc, ctl
+from tests.daemonproc import DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
 

@@ -5,83 +5,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ConfigDir, cli_env, pid_alive, wait_until, worker_py
+from tests.conftest import REPO, ConfigDir, pid_alive, wait_until, worker_py
+from tests.daemonproc import CTL, DAEMON, DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
-DAEMON = str(BIN / "supervisord-qnx")
-CTL = str(BIN / "supervisorctl-qnx")
-
-
-def ctl(sock: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [CTL, "--socket", str(sock), *args], capture_output=True, text=True, timeout=60
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ctl {args} -> {proc.returncode}: {proc.stdout}{proc.stderr}")
-    return proc
-
-
-class DaemonProc:
-    def __init__(self, cfg: ConfigDir, *extra: str) -> None:
-        self.cfg = cfg
-        self.log = open(cfg.root / "daemon.out", "w+")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [DAEMON, "--config", str(cfg.path), *extra],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=cli_env(),
-        )
-        wait_until(self.up, 30, "the daemon to answer ping")
-
-    def up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon exited {self.proc.returncode}: {self.output()}")
-        return ctl(self.cfg.socket, "ping").returncode == 0
-
-    def output(self) -> str:
-        self.log.flush()
-        return (self.cfg.root / "daemon.out").read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(30)
-        finally:
-            if not self.log.closed:
-                self.log.close()
-        return code
 
 
 @pytest.fixture
-def daemon(cfg: ConfigDir) -> Iterator[type[DaemonProc]]:
-    started: list[DaemonProc] = []
-
-    def start(*extra: str) -> DaemonProc:
-        d = DaemonProc(cfg, *extra)
-        started.append(d)
-        return d
-
-    yield start  # type: ignore[misc]
-    for d in started:
-        # A graceful stop, so the test leaves no worker behind; SIGKILL only if it hangs.
-        if d.proc.poll() is None:
-            try:
-                d.stop()
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                d.proc.wait(timeout=30)
+def daemon(daemon_procs: Callable[..., DaemonProc]) -> Callable[..., DaemonProc]:
+    return daemon_procs
 
 
 BEAT = worker_py("import time\nwhile True: print('beat', flush=True); time.sleep(0.2)")

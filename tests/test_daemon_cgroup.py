@@ -29,7 +29,7 @@ from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
-from tests.test_cli import DAEMON, DaemonProc, ctl
+from tests.daemonproc import DAEMON, DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
 

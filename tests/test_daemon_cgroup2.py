@@ -34,7 +34,7 @@ from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
 from tests.cgroup_helpers import require_cgroup2, tree_dirs
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
-from tests.test_cli import DAEMON
+from tests.daemonproc import DAEMON
 from tests.test_daemon_cgroup import BEAT, FORK_BOMB, HOG_4X, PRESSURE, SLEEPER, SPIN
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import trio
 
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import REPO, ConfigDir, pid_alive, worker_py
-from tests.test_cli import CTL
+from tests.daemonproc import CTL
 
 pytestmark = pytest.mark.integration
 

@@ -34,8 +34,8 @@ import trio
 from supervisord_qnx.control.client import Client
 from supervisord_qnx.supervise import state as runtime_state
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
+from tests.daemonproc import DAEMON, DaemonProc
 from tests.test_adopt import recorded
-from tests.test_cli import DAEMON, DaemonProc
 from tests.test_daemon_socket import epoll_fds
 from tests.test_qnx_backend import aps_partitions, cpu_ticks
 from tests.test_qnx_sim import CPU, SIM_BIN, cgroup_cpu_or_skip

@@ -24,7 +24,7 @@ import pytest
 
 from supervisord_qnx.control.client import Client
 from tests.conftest import ConfigDir, cli_env, pid_alive, worker_py
-from tests.test_cli import DAEMON
+from tests.daemonproc import DAEMON
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import trio
 from supervisord_qnx.control.client import Client
 from supervisord_qnx.control.rpc import ErrorCode, RpcError, encode_request
 from tests.conftest import IO_BACKEND, ConfigDir, cli_env, wait_until, worker_py
-from tests.test_cli import DaemonProc
+from tests.daemonproc import DaemonProc
 from tests.test_control_server import Raw
 
 pytestmark = pytest.mark.integration

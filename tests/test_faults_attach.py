@@ -27,7 +27,7 @@ from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.partition import cgroupfs as fs
 from tests.cgroup_helpers import CgroupRoot, require_cgroup1
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
-from tests.test_cli import DAEMON, ctl
+from tests.daemonproc import DAEMON, ctl
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.daemon import fd_needs
 from supervisord_qnx.logtail import TRUNCATED
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
-from tests.test_cli import CTL, DAEMON, ctl
+from tests.daemonproc import CTL, DAEMON, ctl
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.cgroup_helpers import CgroupRoot, require_cgroup1
 from tests.conftest import REPO, ConfigDir, cli_env, pid_alive, wait_until, worker_py
-from tests.test_cli import DAEMON, ctl
+from tests.daemonproc import DAEMON, ctl
 
 pytestmark = pytest.mark.integration
 

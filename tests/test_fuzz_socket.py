@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from supervisord_qnx.control.client import Client
 from tests.conftest import ConfigDir, worker_py
-from tests.test_cli import DaemonProc
+from tests.daemonproc import DaemonProc
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from supervisord_qnx.control.rpc import RpcError
 from supervisord_qnx.partition import cgroupfs as fs
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import PY, REPO, ConfigDir, Running, pid_alive, wait_until
-from tests.test_cli import DaemonProc, ctl
+from tests.daemonproc import DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
 
@@ -52,21 +51,8 @@ def alpha(cfg: ConfigDir) -> None:
 
 
 @pytest.fixture
-def daemon(cfg: ConfigDir) -> Iterator[Callable[[], DaemonProc]]:
-    """The daemon as a subprocess on ``cfg`` (written first), stopped afterwards."""
-    started: list[DaemonProc] = []
-
-    def start() -> DaemonProc:
-        started.append(DaemonProc(cfg))
-        return started[-1]
-
-    yield start
-    for d in started:
-        try:
-            d.stop()
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.wait(timeout=30)
+def daemon(daemon_procs: Callable[..., DaemonProc]) -> Callable[..., DaemonProc]:
+    return daemon_procs
 
 
 def call(cfg: ConfigDir, method: str, **params: Any) -> Any:

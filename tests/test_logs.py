@@ -18,7 +18,7 @@ import trio
 from supervisord_qnx.supervise import logwriter
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, pid_alive, wait_until, worker_py
-from tests.test_cli import DaemonProc, ctl
+from tests.daemonproc import DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, wait_until, worker_py
-from tests.test_cli import DaemonProc, ctl
+from tests.daemonproc import DaemonProc, ctl
 
 pytestmark = pytest.mark.integration
 

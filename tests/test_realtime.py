@@ -23,7 +23,7 @@ from supervisord_qnx.config.load import ConfigError, load
 from supervisord_qnx.partition.process import ProcessSettings, apply_self, wrapped_argv
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, worker_py
-from tests.test_cli import ctl
+from tests.daemonproc import ctl
 from tests.test_daemon_qnx import Sim, qnx_sim  # noqa: F401 - the fixture
 from tests.test_qnx_sim import cgroup_cpu_or_skip
 from tests.test_wasm_prefork import HEARTBEAT, ppid

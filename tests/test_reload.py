@@ -22,7 +22,7 @@ import trio
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, Running, pid_alive, wait_until, worker_py
-from tests.test_cli import DaemonProc, ctl
+from tests.daemonproc import DaemonProc, ctl
 from tests.test_daemon_qnx import Sim, qnx_sim  # noqa: F401 - a fixture used below
 from tests.test_qnx_backend import aps_partitions
 

@@ -22,7 +22,7 @@ import pytest
 
 from supervisord_qnx.safedirs import UnsafePath, secure_dir
 from tests.conftest import ConfigDir, cli_env, wait_until, worker_py
-from tests.test_cli import DAEMON, DaemonProc, ctl
+from tests.daemonproc import DAEMON, DaemonProc, ctl
 
 OTHER = 65534
 OPS_GID = 47150

@@ -38,7 +38,7 @@ from supervisord_qnx.control.client import AsyncClient, Client
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, worker_py
-from tests.test_cli import DaemonProc
+from tests.daemonproc import DaemonProc
 from tests.test_storm import zombies_of
 
 pytestmark = pytest.mark.soak
