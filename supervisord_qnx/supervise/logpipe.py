@@ -50,8 +50,9 @@ import structlog
 import trio
 
 from supervisord_qnx.config.model import DaemonSpec, TenantSpec, WorkerBase
+from supervisord_qnx.seqpacket import ServerGone
 from supervisord_qnx.supervise import logwriter
-from supervisord_qnx.supervise.logserver import ServerClient, ServerGone, WriterServer
+from supervisord_qnx.supervise.logserver import ServerClient, WriterServer
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 
 log = structlog.get_logger("supervisord_qnx.logs")

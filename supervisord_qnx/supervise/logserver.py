@@ -24,11 +24,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import structlog
 import trio
 
+from supervisord_qnx.seqpacket import SeqpacketClient, ServerGone
 from supervisord_qnx.supervise import logwriter
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 
@@ -38,22 +38,14 @@ READY_TIMEOUT_S = 30.0
 REPLY_TIMEOUT_S = 30.0
 
 
-class ServerGone(Exception):
-    """The server is not running or broke its connection."""
-
-
-class ServerClient:
+class ServerClient(SeqpacketClient):
     """One server process and the daemon's end of its socket. Blocking: call in threads."""
 
-    def __init__(self, reaper: ChildReaper) -> None:
-        self.reaper = reaper
-        self.pid: int | None = None
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+    what = "log writer server"
 
-    @property
-    def alive(self) -> bool:
-        return self._sock is not None
+    def __init__(self, reaper: ChildReaper) -> None:
+        super().__init__()
+        self.reaper = reaper
 
     def start(self) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -84,17 +76,10 @@ class ServerClient:
             raise
         finally:
             theirs.close()
-        ours.settimeout(READY_TIMEOUT_S)
-        try:
-            ready = ours.recv(64)
-        except OSError as exc:
+        if self._handshake(ours, READY_TIMEOUT_S, 64) != logwriter.SERVER_READY:
             ours.close()
-            raise ServerGone(f"log writer server did not become ready: {exc}") from None
-        if ready != logwriter.SERVER_READY:
-            ours.close()
-            raise ServerGone("log writer server exited before it was ready")
-        ours.settimeout(REPLY_TIMEOUT_S)
-        self._sock = ours
+            raise ServerGone("log writer server did not say it was ready")
+        self._connected(ours, REPLY_TIMEOUT_S)
         return self.pid
 
     def fork_writer(self, pipe_fd: int, dir_fd: int, name: str, max_size: int, keep: int) -> int:
@@ -102,32 +87,10 @@ class ServerClient:
         the daemon's child from now on. Call inside ``reaper.spawning()`` and register the
         pid before leaving it (the writer may end at once). Raises ``ServerGone``."""
         request = f"{name}\0{max_size}\0{keep}".encode()
-        with self._lock:  # one request at a time: answers are matched by order
-            sock = self._sock
-            if sock is None:
-                raise ServerGone("log writer server not running")
-            try:
-                socket.send_fds(sock, [request], [pipe_fd, dir_fd])
-                reply = sock.recv(logwriter.MAX_REQUEST)
-            except OSError as exc:
-                self._drop()
-                raise ServerGone(f"log writer server connection lost: {exc}") from None
-            if not reply:
-                self._drop()
-                raise ServerGone("log writer server closed its connection")
+        reply = self._exchange(request, [pipe_fd, dir_fd], logwriter.MAX_REQUEST)
         if not reply.isdigit():
             raise OSError(reply.decode(errors="replace"))
         return int(reply)
-
-    def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        """Close the connection: the server exits when it reads end-of-file."""
-        with self._lock:
-            self._drop()
 
 
 class WriterServer:

@@ -51,13 +51,13 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from supervisord_qnx.partition.accounting import TAG, read_tag
+from supervisord_qnx.seqpacket import SeqpacketClient
 
 #: Placeholder value of the leaf tag in the server's own start-up environment; see
 #: ``_retag``. Long enough for any ``<partition path>:<leaf>``.
@@ -98,7 +98,7 @@ def server_env() -> dict[str, str]:
     return env
 
 
-class ForkServerClient:
+class ForkServerClient(SeqpacketClient):
     """One fork server process, owned by the daemon. Blocking methods: call from a thread.
 
     ``start`` runs the server as a child of the daemon through ``spawn_child``
@@ -106,19 +106,16 @@ class ForkServerClient:
     and registers the pid), so the daemon's reaper, not ``subprocess``, collects it.
     """
 
+    what = "fork server"
+    gone = ForkServerGone
+
     def __init__(self, log_path: Path, python: str = sys.executable) -> None:
+        super().__init__()
         self.log_path = log_path
         self.python = python
-        self.pid: int | None = None
         # cgroup.procs files the server joins before its interpreter starts (its own
         # partition, supervise/prefork.py), through the same exec shim as workers.
         self.attach_procs: tuple[str, ...] = ()
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def alive(self) -> bool:
-        return self._sock is not None
 
     def start(self, spawn_child: Callable[[Callable[[], int]], int]) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -154,17 +151,10 @@ class ForkServerClient:
         finally:
             theirs.close()
         self.pid = pid
-        ours.settimeout(READY_TIMEOUT_S)
-        try:
-            msg = ours.recv(MAX_MESSAGE)
-        except OSError as exc:
+        if not json.loads(self._handshake(ours, READY_TIMEOUT_S, MAX_MESSAGE)).get("ready"):
             ours.close()
-            raise ForkServerGone(f"fork server did not become ready: {exc}") from None
-        if not msg or not json.loads(msg).get("ready"):
-            ours.close()
-            raise ForkServerGone("fork server exited before it was ready")
-        ours.settimeout(REPLY_TIMEOUT_S)
-        self._sock = ours
+            raise ForkServerGone("fork server did not say it was ready")
+        self._connected(ours, REPLY_TIMEOUT_S)
         return pid
 
     def spawn(
@@ -179,33 +169,10 @@ class ForkServerClient:
         request = json.dumps(
             {"argv": list(runner_argv), "env": dict(env), "cwd": cwd, "plan": dict(plan)}
         ).encode()
-        with self._lock:  # replies are matched to requests by order
-            sock = self._sock
-            if sock is None:
-                raise ForkServerGone("fork server not running")
-            try:
-                socket.send_fds(sock, [request], [log_fd])
-                reply = sock.recv(MAX_MESSAGE)
-            except OSError as exc:
-                self._drop()
-                raise ForkServerGone(f"fork server connection lost: {exc}") from None
-            if not reply:
-                self._drop()
-                raise ForkServerGone("fork server closed its connection")
-        answer = json.loads(reply)
+        answer = json.loads(self._exchange(request, [log_fd], MAX_MESSAGE))
         if "pid" in answer:
             return int(answer["pid"])
         raise ForkServerRefused(str(answer.get("error", "fork server error")))
-
-    def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        """Close the connection: the server exits when it reads end-of-file."""
-        with self._lock:
-            self._drop()
 
 
 # -- the server's side ------------------------------------------------------------------
