@@ -341,3 +341,41 @@ async def test_waiting_out_a_backoff_or_a_stop_timeout_does_not_spin(
     assert used < 0.2, f"{used:.2f} s of CPU in 1 s of waiting"
     assert (await d.worker("slow:w-0"))["state"] == "backoff"
     assert (await d.worker("stub:w-0"))["state"] == "stopping"
+
+
+# Makes the daemon its tracer, then signals itself: the daemon's wait sees a ptrace
+# stop of its child, which used to be taken for the worker's end (and a replacement
+# started beside the stopped copy).
+TRACEME = worker_py(
+    "import ctypes, os, signal, time\n"
+    "print('traceme', ctypes.CDLL(None).ptrace(0, 0, None, None), flush=True)\n"
+    "os.kill(os.getpid(), signal.SIGUSR1)\n"
+    "print('resumed', flush=True)\n"
+    "time.sleep(1000)\n"
+)
+
+
+async def test_a_worker_that_makes_the_daemon_its_tracer_is_not_taken_for_dead(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenant(cfg, "tracee", TRACEME, worker="stop_timeout = 1")
+    d = await start_daemon()
+    w = await d.wait_for("tracee:w-0", lambda w: w["state"] == "running")
+    log = cfg.worker_log("tracee", "w-0")
+    proc_status = Path(f"/proc/{w['pid']}/status")
+
+    def state() -> str:
+        return proc_status.read_text().split("State:")[1].split()[0]
+
+    with trio.fail_after(30):
+        while "traceme 0\n" not in (log.read_text() if log.exists() else "") or state() != "t":
+            await trio.sleep(0.05)
+    await trio.sleep(1.0)  # what the daemon makes of the stop has had time to happen
+    # Still the same worker, running as far as the daemon knows, no replacement.
+    (now,) = await d.call("status", tenant="tracee")
+    assert (now["state"], now["pid"], now["restarts"]) == ("running", w["pid"], 0)
+    assert state() == "t"  # stopped by the tracer relation, alive
+    # A stop still ends it (SIGKILL at stop_timeout: a traced stop ignores SIGTERM).
+    await d.call("stop", tenant="tracee")
+    (now,) = await d.call("status", tenant="tracee")
+    assert now["state"] == "stopped" and not pid_alive(w["pid"])

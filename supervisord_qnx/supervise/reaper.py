@@ -54,6 +54,18 @@ def become_subreaper() -> bool:
         return False
 
 
+def note_traced_stop(pid: int, sig: int) -> None:
+    """Log a worker that made the daemon its tracer and stopped (nothing else to do)."""
+    import structlog  # only on this rare path: the reaper is imported by lighter code
+
+    structlog.get_logger("supervisord_qnx.reaper").warning(
+        "a worker made the daemon its tracer (PTRACE_TRACEME) and stopped; it stays "
+        "stopped, and a stop of it ends with SIGKILL at its stop_timeout",
+        pid=pid,
+        signal=sig,
+    )
+
+
 def signal_group(pid: int, sig: int) -> None:
     """Signal a worker's or a job's process group: they lead their own session
     (``start_new_session``), so the group is theirs alone. Falls back to the pid when the
@@ -160,6 +172,14 @@ class ChildReaper:
         except ChildProcessError:
             # Already reaped elsewhere (should not happen); report it as lost.
             got, status = pid, 255 << 8
+        if got == pid and os.WIFSTOPPED(status):
+            # Not an end: the child made the daemon its tracer (PTRACE_TRACEME) and then
+            # got a signal, and a tracer's wait reports that stop whatever the flags.
+            # Taken for an exit, it left a stopped copy behind a replacement. It cannot be
+            # let go from here: its tracer is the thread that spawned it (PTRACE_DETACH
+            # from any other thread is ESRCH). It is the tenant's own stop.
+            note_traced_stop(pid, os.WSTOPSIG(status))
+            return
         if got == pid:
             slot.status = status
             with self._lock:
