@@ -20,7 +20,10 @@ help:
 
 # System packages a fresh machine may lack. Running needs venv support for python3
 # and util-linux (setpriv, unshare, chrt, taskset, prlimit: the exec wrappers that
-# confine and schedule workers, partition/process.py); the tests also use procps and systemd
+# confine and schedule workers, partition/process.py), and libseccomp's Python binding
+# (python3-seccomp: the `seccomp` tenant key compiles its filter with it, which an
+# interpreter of the same ABI loads from Debian's dist-packages, partition/seccomp.py);
+# the tests also use procps and systemd
 # (`systemd-analyze verify` of the service unit). Root installs what is
 # missing (apt-get update first); others are told what to install.
 define apt_install
@@ -39,7 +42,7 @@ define apt_install
 endef
 
 RUN_DEPS  := "$(PY) -c 'import venv, ensurepip':python3-venv" "command -v setpriv:util-linux" \
-	"command -v unshare:util-linux"
+	"command -v unshare:util-linux" "dpkg -s python3-seccomp:python3-seccomp"
 TEST_DEPS := "command -v ps:procps" "command -v taskset:util-linux" "command -v systemd-analyze:systemd"
 
 system-deps:

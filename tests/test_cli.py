@@ -19,7 +19,6 @@ from tests.daemonproc import CTL, DAEMON, DaemonProc, ctl
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture
 def daemon(daemon_procs: Callable[..., DaemonProc]) -> Callable[..., DaemonProc]:
     return daemon_procs

@@ -573,6 +573,63 @@ async def test_the_fork_server_runs_in_a_partition_of_its_own(
     # The cg fixture fails the test if the leaf is left behind after shutdown.
 
 
+# What a tenant under `seccomp = "default"` tries: calls an unprivileged process may
+# make (so only the filter can refuse them), and one it needs (to show the filter is a
+# deny list, not a sandbox that breaks programs).
+SECCOMP_PROBE = """
+import ctypes, errno, json, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+def call(*args):
+    return 'allowed' if libc.syscall(*args) >= 0 else errno.errorcode[ctypes.get_errno()]
+status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
+out = {
+    'seccomp': status['Seccomp'].strip(),
+    'kcmp': call(312, os.getpid(), os.getpid(), 0, 0, 0),  # KCMP_FILE, of itself
+    'keyctl': call(250, 0, -3, 0),  # KEYCTL_GET_KEYRING_ID of the session keyring
+    'getpid': 'allowed' if libc.syscall(39) == os.getpid() else 'broken',
+}
+print('RESULT ' + json.dumps(out), flush=True)
+time.sleep(1000)
+"""
+
+
+async def test_seccomp_default_refuses_what_only_the_filter_can_refuse(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    filtered, plain = f"conf-sc-{RUN}", f"conf-nosc-{RUN}"
+    argv = "[" + ", ".join(json.dumps(a) for a in (PY, "-c", SECCOMP_PROBE)) + "]"
+    for name, key in ((filtered, 'seccomp = "default"\n'), (plain, "")):
+        cfg.tenant(name, f'{key}user = "nobody"\n[[worker]]\nname = "p"\ncommand = {argv}\n')
+    d = await start_daemon()
+    with_filter = await result_line(cfg.worker_log(filtered, "p-0"), timeout=60)
+    without = await result_line(cfg.worker_log(plain, "p-0"), timeout=60)
+    # The same user, the same calls: only the filter tells them apart.
+    assert without == {
+        "seccomp": "0",
+        "kcmp": "allowed",
+        "keyctl": "allowed",
+        "getpid": "allowed",
+    }
+    assert with_filter == {
+        "seccomp": "2",  # SECCOMP_MODE_FILTER
+        "kcmp": "EPERM",
+        "keyctl": "EPERM",
+        "getpid": "allowed",
+    }
+    w = await d.wait_for(f"{filtered}:p-0", lambda w: w["state"] == "running")
+    assert proc_status(w["pid"])["Uid"].split()[0] == "65534"  # the drop still happened
+
+
+async def test_seccomp_default_reaches_fork_server_workers(cfg: ConfigDir, start_daemon) -> None:
+    name = f"conf-scw-{RUN}"
+    cfg.tenant(name, f'seccomp = "default"\n[[worker]]\nname = "w"\nwasm = "{HEARTBEAT}"\n')
+    d = await start_daemon()
+    w = await d.wait_for(f"{name}:w-0", lambda w: w["state"] == "running")
+    assert d.daemon.supervisor.launchers.forkserver_pid is not None  # pre-forked, not exec'd
+    assert proc_status(w["pid"])["Seccomp"] == "2"
+    assert proc_status(d.daemon.supervisor.launchers.forkserver_pid)["Seccomp"] == "0"
+
+
 @pytest.mark.parametrize(
     ("head", "key", "reason"),
     [
@@ -583,6 +640,7 @@ async def test_the_fork_server_runs_in_a_partition_of_its_own(
         ('network = "none"\n', "(tenant)", "writable and network need flags"),
         ('flags = ["container"]\nwritable = ["/"]\n', "writable", "must not be / or hold"),
         ("rlimits = { nofile = 0 }\n", "rlimits.nofile", "greater than or equal to 1"),
+        ('seccomp = "strict"\n', "seccomp", "'none' or 'default'"),
     ],
 )
 def test_bad_confinement_settings_name_file_key_and_reason(

@@ -31,7 +31,9 @@ from typing import Any
 import pytest
 import trio
 
+from supervisord_qnx.config.load import ConfigError, load
 from supervisord_qnx.control.client import Client
+from supervisord_qnx.daemon import admit, make_backend
 from supervisord_qnx.supervise import state as runtime_state
 from tests.conftest import PY, ConfigDir, cli_env, pid_alive, wait_until, worker_py
 from tests.daemonproc import DAEMON, DaemonProc
@@ -586,3 +588,32 @@ async def test_a_job_runs_in_its_tenants_aps_partition_and_is_killed_at_its_own_
     assert f":/{qnx_sim.cgroup.name}/{qnx_sim.aps('host')}\n" in out, out
     assert f"{path}/job-1" not in d.daemon.tree
     assert [w["name"] for w in await d.call("status")] == ["host:beat-0"]
+
+
+def test_seccomp_is_refused_under_strict_and_said_under_best_effort(
+    qnx_sim: Sim, cfg: ConfigDir
+) -> None:
+    """QNX has no seccomp (procmgr abilities are its tool): the key is a control the qnx
+    backend does not enforce, so `strict` refuses the config, naming file and key, and
+    `best-effort` starts with a warning."""
+    path = cfg.tenant(
+        "sc",
+        f'parent = "{qnx_sim.group}"\nseccomp = "default"\n'
+        '[[worker]]\nname = "w"\ncommand = ["true"]\n',
+    )
+    daemon_file = cfg.write(backend="qnx")
+    config = load(daemon_file)
+    _, warnings = admit(config, make_backend(config))
+    assert warnings == [
+        f"partition '{qnx_sim.group}/sc' asks for seccomp, which the qnx backend does not enforce"
+    ]
+    daemon_file.write_text(
+        daemon_file.read_text().replace('enforcement = "best-effort"', 'enforcement = "strict"')
+    )
+    config = load(daemon_file)
+    with pytest.raises(ConfigError) as info:
+        admit(config, make_backend(config))
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: seccomp: partition '{qnx_sim.group}/sc' asks for seccomp, which the qnx "
+        'backend does not enforce (set [daemon] enforcement = "best-effort" to run anyway)'
+    ]

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supervisord_qnx.config.model import Config, DaemonSpec, TenantSpec, WorkerBase
-from supervisord_qnx.partition import container
+from supervisord_qnx.partition import container, seccomp
 from supervisord_qnx.partition.controls import Flag
 from supervisord_qnx.partition.process import ProcessSettings
 
@@ -242,6 +242,8 @@ def process_settings(
         common["container"] = True
         common["writable"] = tuple(str(p) for p in tenant.writable)
         common["network_none"] = tenant.network == "none"
+    if tenant.seccomp != "none" and seccomp.unavailable() is None:
+        common["seccomp"] = tenant.seccomp
     if not can_switch_users():
         return ProcessSettings(**common)  # type: ignore[arg-type]
     who = resolve(config, tenant, worker, index)

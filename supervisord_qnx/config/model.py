@@ -371,6 +371,8 @@ class TenantSpec(PartitionSpec, Realtime):
     network: Literal["host", "none"] = "host"
     # Hand the tenant's partition directory to its user (systemd's Delegate=).
     delegate: bool = False
+    # A syscall filter on every worker (docs/security.md#seccomp, partition/seccomp.py).
+    seccomp: Literal["none", "default"] = "none"
     worker: Annotated[list[Worker], Field(min_length=1)]
 
     @field_validator("writable")

@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from supervisord_qnx.partition import cgroupfs as fs
-from supervisord_qnx.partition import container
+from supervisord_qnx.partition import container, seccomp
 from supervisord_qnx.partition import rt_cgroup as rtcg
 from supervisord_qnx.partition.backend import (
     AttachPlan,
@@ -227,6 +227,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             Control.PIDS: k if "pids" in self._by_ctrl else n,
             Control.MEMORY_ISOLATION: k,
             Control.CONTAINER: n if container.unavailable() else k,
+            Control.SECCOMP: n if seccomp.unavailable() else k,
             Control.CPUSET: k if "cpuset" in self._by_ctrl else n,
             # APS critical budgets have no Linux equivalent: said, not pretended.
             Control.CPU_CRITICAL: n,

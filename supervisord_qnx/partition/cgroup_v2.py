@@ -92,7 +92,7 @@ from typing import ClassVar, Literal
 import trio
 
 from supervisord_qnx.partition import cgroupfs as fs
-from supervisord_qnx.partition import container
+from supervisord_qnx.partition import container, seccomp
 from supervisord_qnx.partition.backend import (
     KILL_LEAF_TIMEOUT,
     AttachPlan,
@@ -227,6 +227,7 @@ class Cgroup2Backend(fs.CgroupBackendBase):
             Control.PIDS: k if "pids" in avail else n,
             Control.MEMORY_ISOLATION: k,
             Control.CONTAINER: n if container.unavailable() else k,
+            Control.SECCOMP: n if seccomp.unavailable() else k,
             Control.CPUSET: k if "cpuset" in avail else n,
             # APS critical budgets have no Linux equivalent: said, not pretended.
             Control.CPU_CRITICAL: n,

@@ -32,6 +32,7 @@ class Control(enum.StrEnum):
     CONTAINER = Flag.CONTAINER.value  # flag: namespaces
     CPUSET = "cpuset"  # CPUs the partition owns (AllowedCPUs / QNX runmask)
     CPU_CRITICAL = "cpu.critical"  # QNX APS critical budget (no Linux equivalent)
+    SECCOMP = "seccomp"  # a syscall filter on the tenant's workers (partition/seccomp.py)
 
 
 class Enforcement(enum.StrEnum):

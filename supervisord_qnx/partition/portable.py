@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from supervisord_qnx.partition import accounting, container
+from supervisord_qnx.partition import accounting, container, seccomp
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     Backend,
@@ -114,6 +114,7 @@ class PortableBackend(Backend):
             Control.PIDS: Enforcement.NONE,
             Control.MEMORY_ISOLATION: Enforcement.KERNEL,
             Control.CONTAINER: Enforcement.NONE if container.unavailable() else Enforcement.KERNEL,
+            Control.SECCOMP: Enforcement.NONE if seccomp.unavailable() else Enforcement.KERNEL,
             Control.CPUSET: Enforcement.NONE,
             Control.CPU_CRITICAL: Enforcement.NONE,
         }

@@ -26,7 +26,7 @@ import shutil
 import sys
 from typing import Protocol
 
-from supervisord_qnx.partition import container
+from supervisord_qnx.partition import container, seccomp
 
 #: Linux capability names and numbers (linux/capability.h).
 CAPABILITIES: dict[str, int] = {
@@ -122,6 +122,8 @@ class Settings(Protocol):
     def writable(self) -> tuple[str, ...]: ...
     @property
     def network_none(self) -> bool: ...
+    @property
+    def seccomp(self) -> str: ...
 
 
 def rlimits(s: Settings) -> list[tuple[int, int]]:
@@ -166,6 +168,11 @@ def wrappers(s: Settings) -> list[str]:
     if s.container:
         # Namespaces and mounts need root: before the privilege drop.
         out += container.wrappers(tuple(s.writable), s.network_none)
+    if s.seccomp:
+        # After the namespaces (the filter denies mount and unshare), before setpriv (as
+        # the daemon's user, who can read the interpreter that loads it; setpriv's own
+        # calls are not on the list).
+        out += seccomp.wrapper(s.seccomp)
     priv: list[str] = []
     if s.gid is not None:
         priv += ["--regid", str(s.gid)]

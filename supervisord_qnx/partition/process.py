@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from supervisord_qnx.partition import privileges, realtime
+from supervisord_qnx.partition import privileges, realtime, seccomp
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class ProcessSettings:
     container: bool = False
     writable: tuple[str, ...] = ()  # paths left writable inside the container
     network_none: bool = False  # an empty network namespace
+    seccomp: str = ""  # a syscall filter profile (partition/seccomp.py); "": none
     # -- end of identity and privileges --
 
     def as_dict(self) -> dict[str, Any]:
@@ -108,6 +109,9 @@ def apply_self(settings: ProcessSettings) -> None:
         return
     apply_realtime(settings)
     privileges.apply_self(settings)
+    if settings.seccomp:
+        # Last: the filter is on everything after it, and nothing after it is the daemon's.
+        seccomp.load_self(settings.seccomp)
 
 
 # -- real-time (issue 15) -----------------------------------------------------------------

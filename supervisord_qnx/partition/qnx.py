@@ -190,6 +190,7 @@ class QnxBackend(Backend):
             Control.PIDS: Enforcement.NONE,
             Control.MEMORY_ISOLATION: Enforcement.KERNEL,
             Control.CONTAINER: Enforcement.NONE,
+            Control.SECCOMP: Enforcement.NONE,  # no seccomp; procmgr abilities instead
             Control.CPUSET: Enforcement.KERNEL,  # on -R runmask
             Control.CPU_CRITICAL: Enforcement.KERNEL,  # aps create -B/-P
         }

@@ -91,6 +91,7 @@ class Partition:
     critical_priority: int | None = None
     rt_runtime_us: int = 0
     rt_leaf_runtime_us: int = 0  # each worker leaf's share of it (cgroup v1 leaves)
+    seccomp: str = "none"  # a tenant's syscall filter profile (partition/seccomp.py)
     parent: Partition | None = field(default=None, repr=False)
     children: dict[str, Partition] = field(default_factory=dict, repr=False)
 
@@ -166,6 +167,8 @@ class Partition:
             wanted.append(Control.CPUSET)
         if self.critical_budget_ms is not None:
             wanted.append(Control.CPU_CRITICAL)
+        if self.seccomp != "none":
+            wanted.append(Control.SECCOMP)
         return wanted
 
     def limits(self) -> dict[str, object]:
@@ -422,6 +425,8 @@ def build(
                     cpu_max=spec.cpu.max,
                     pids_max=spec.pids,
                     tenant=tenant,
+                    # Only tenants have the key; groups of partitions do not.
+                    seccomp=getattr(spec, "seccomp", "none"),
                     **_realtime_fields(spec),
                 ),
                 spec.parent,

@@ -196,6 +196,12 @@ def serve(fd: int) -> None:
     # Also pre-paid: argparse's first use (regex compiles, gettext look-ups) is a few
     # ms in every child otherwise. Pure Python state, no threads.
     RunnerArgs.parse(["--module", "warm-up.wasm", "--env", "K=V"])
+    # The seccomp profile's BPF, compiled here once rather than in every child that
+    # loads it (libseccomp work, and the binding's import).
+    from supervisord_qnx.partition import seccomp
+
+    if seccomp.unavailable() is None:
+        seccomp.program("default")
     # Objects that exist now live as long as the server: keep the collector from
     # touching them in every child, which would copy their pages (docs of gc.freeze).
     gc.freeze()
