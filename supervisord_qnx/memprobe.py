@@ -77,6 +77,28 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
+def _mappings() -> dict[str, int]:
+    """Resident KiB by kind of mapping (/proc/self/smaps): ``heap`` (brk), ``file``, and
+    anonymous ones by their size in MiB (``anon:8`` holds thread stacks, ``anon:64``
+    and ``anon:<64`` glibc's per-thread arenas, ``anon:1`` pymalloc's arenas...)."""
+    out: dict[str, int] = {}
+    kind = ""
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=5)
+                if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
+                    start, _, end = first[0].partition("-")
+                    path = first[5].strip() if len(first) > 5 else ""
+                    size = (int(end, 16) - int(start, 16)) >> 20
+                    kind = "heap" if path == "[heap]" else ("file" if path else f"anon:{size}")
+                elif first[0] == "Rss:":
+                    out[kind] = out.get(kind, 0) + int(first[1])
+    except OSError:
+        return {}
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
 def sample(top: int = 40) -> dict[str, Any]:
     import tracemalloc
 
@@ -89,6 +111,7 @@ def sample(top: int = 40) -> dict[str, Any]:
         "blocks": sys.getallocatedblocks(),
         "traced": traced[0],
         "mallinfo": _mallinfo(),
+        "mappings": _mappings(),
         "gc_counts": gc.get_count(),
         "objects": len(kinds),
         "types": dict(kinds.most_common(top)),

@@ -12,12 +12,17 @@ from pathlib import Path
 
 from supervisord_qnx import memprobe
 
+# Prints whether the probe started and the threads; then waits (up to 30 s, on a loaded
+# machine) for two snapshots, the second written after the first was complete.
 PROBE = (
-    "import threading, time\n"
+    "import os, pathlib, threading, time\n"
     "from supervisord_qnx import memprobe\n"
     "started = memprobe.start_from_env()\n"
     "print(started, [t.name for t in threading.enumerate()])\n"
-    "time.sleep(1.2)\n"
+    "where = pathlib.Path(os.environ.get(memprobe.ENV_DIR, '/nonexistent'))\n"
+    "deadline = time.monotonic() + (30 if started else 0.5)\n"
+    "while time.monotonic() < deadline and len(list(where.glob('snap-*'))) < 3:\n"
+    "    time.sleep(0.1)\n"
 )
 
 
