@@ -32,6 +32,13 @@ def app_tenant(command: str, memory: str | None = None, head: str = "") -> str:
     return f'{head}{limit}[[worker]]\nname = "w"\ncommand = {command}\n'
 
 
+def rss_mib(pid: object) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def call(sock: Path, method: str, **params: object) -> object:
     with Client(sock, timeout=30) as c:
         return c.call(method, **params)
@@ -76,6 +83,8 @@ def test_a_daemon_under_another_keeps_its_processes_apart(tmp_path: Path) -> Non
         wait_until(lambda: inner.socket.exists(), 30, "the inner daemon's socket")
         wait_until(lambda: app(inner.socket)["state"] == "running", 30, "the inner app")
         hog = app(inner.socket)
+        # Its 64 MiB resident (read, never signalled: the inner daemon started it).
+        wait_until(lambda: rss_mib(hog["pid"]) >= 60, 30, "the inner app's 64 MiB")
         wait_until(lambda: app(outer.socket)["state"] == "running", 30, "the outer app")
         mine = app(outer.socket)
         # Many samples of the outer daemon's accounting (every 50 ms) with the hog's
