@@ -559,3 +559,45 @@ def test_an_error_whose_data_cannot_be_encoded_keeps_its_code() -> None:
         "gone",
         {},
     )
+
+
+# -- what a connection costs (docs/reliability.md, "Where the daemon's memory went")
+
+
+def test_a_closed_connection_is_freed_without_the_cyclic_gc() -> None:
+    """The server's connections count elements through the unpacker's hooks; hooks bound
+    to the connection made a reference cycle, so each closed connection's decoder stayed
+    allocated until a full collection: tens of MiB between two in the chaos soak."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        conn = RpcConnection(1 << 20, max_elements=1000, max_depth=32)
+        conn.receive_data(pack([0, 1, "status", [{"tenant": "a", "n": [1, 2]}]]))
+        assert isinstance(conn.next_event(), Request)
+        gone = weakref.ref(conn)
+        del conn
+        assert gone() is None, "a connection outlived its last reference"
+    finally:
+        gc.enable()
+
+
+def test_a_connection_does_not_reserve_a_whole_message_buffer() -> None:
+    """The decoder's buffer grows with the messages; it is not the 1 MiB limit up front
+    (every open control connection held 1 MiB before)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        conns = [RpcConnection(1 << 20, max_elements=1000) for _ in range(8)]
+        per_connection = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+        # A message near the limit still decodes: the buffer grows to it.
+        big = pack([0, 7, "set", [{"x": "x" * (900 << 10)}]])
+        conns[0].receive_data(big)
+        event = conns[0].next_event()
+    finally:
+        tracemalloc.stop()
+    assert per_connection < 128 << 10, per_connection
+    assert isinstance(event, Request) and len(event.params["x"]) == 900 << 10

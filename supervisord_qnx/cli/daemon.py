@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(d.daemon_umask(config))
     daemon = d.Daemon(config, backend, tree, warnings)
     daemon.io_backend = io_backend
+    from supervisord_qnx import memprobe
+
+    memprobe.start_from_env()  # a diagnostic, off unless asked for (docs/reliability.md)
     try:
         trio.run(daemon.run)
         _exit_after_shutdown(EXIT_OK)

@@ -32,14 +32,24 @@ def realtime_fields(tree: PartitionTree, path: str) -> dict[str, Any]:
 LIVE_STATES = ("starting", "running", "stopping")
 
 
+# Up to this many live workers, status reads their scheduling on the event loop.
+INLINE_SCHED_PIDS = 64
+
+
 async def with_sched(rows: list[dict[str, Any]], blocking: Callable[..., Awaitable[Any]]) -> None:
     """Add each live worker's scheduling as the kernel reports it (``sched``: policy,
     priority, nice, cpus; None when not running): not the configured values, which a
-    program may have changed. One thread for all the syscalls, off the event loop."""
+    program may have changed. Many workers: one thread for all the syscalls."""
     pids = [r["pid"] for r in rows if r.get("pid") and r.get("state") in LIVE_STATES]
-    read = await blocking(readback_many, pids) if pids else {}
+    if len(pids) <= INLINE_SCHED_PIDS:
+        # Four syscalls a pid that never wait for I/O: for a few dozen workers, cheaper
+        # on the event loop than a thread hand-off, and never queued behind the slow-I/O
+        # pool's logs/partitions/metrics reads (docs/reliability.md, "status latency").
+        read = readback_many(pids)
+    else:
+        read = await blocking(readback_many, pids)
     for r in rows:
-        r["sched"] = read.get(r.get("pid")) if r.get("state") in LIVE_STATES else None
+        r["sched"] = read.get(r.get("pid") or 0) if r.get("state") in LIVE_STATES else None
 
 
 def enforcement_table(backend: Backend) -> dict[str, str]:

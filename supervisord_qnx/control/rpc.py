@@ -92,6 +92,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
+# The unpacker's first buffer; it doubles as a longer message needs, up to the limit.
+_INITIAL_BUFFER: Final = 16 * 1024
 MSGID_MAX: Final = (1 << 32) - 1
 
 # A request head is at most: array header (1) + type (1) + uint32 msgid (5).
@@ -359,6 +361,31 @@ class _TooManyElements(Exception):
         )
 
 
+class _ElementCounter:
+    """The unpacker's hooks: count every container of the message being decoded and stop
+    the decoding (``_TooManyElements``) once it holds more than ``limit`` in all."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        self.count = 0
+        self.limit = limit
+
+    def _add(self, n: int) -> None:
+        self.count += n
+        assert self.limit is not None
+        if self.count > self.limit:
+            raise _TooManyElements(self.limit)
+
+    def list_hook(self, value: list[Any]) -> list[Any]:
+        self._add(len(value) + 1)
+        return value
+
+    def map_hook(self, value: dict[str, Any]) -> dict[str, Any]:
+        self._add(2 * len(value) + 1)
+        return value
+
+
 def _deeper_than(message: object, limit: int) -> bool:
     """Whether arrays and maps nest more than ``limit`` deep (iterative: the message may
     be as deep as the decoder's own stack allows). Cheap: the message holds at most
@@ -400,7 +427,8 @@ class RpcConnection:
         # trusts its daemon's answers (a big status is many elements).
         self.max_elements = max_elements
         self.max_depth = max_depth
-        self._elements = 0  # elements of the message being decoded so far
+        # Elements of the message being decoded so far, counted by the unpacker's hooks.
+        self._counter = _ElementCounter(max_elements)
         self.last_elements = 0  # elements of the last message decoded
         self.last_bytes = 0  # its encoded size
         # raw=False: method names and error codes are text, so str must come
@@ -421,13 +449,23 @@ class RpcConnection:
         # container as it completes, so decoding stops (too_large) as soon as the
         # message holds more in all, before it can build a million empty lists.
         counted = max_elements is not None
+        # The hooks are the counter's, not this object's: bound to self they would make
+        # a cycle (connection -> unpacker -> hook -> connection) that only a full
+        # collection of the cyclic GC frees, and every closed connection's unpacker buffer
+        # stayed allocated until then (tens of MiB between two collections in the soak,
+        # docs/reliability.md, "Where the daemon's memory went").
+        counter = self._counter
         hooks: dict[str, Any] = (
-            {"list_hook": self._count_list, "object_hook": self._count_map} if counted else {}
+            {"list_hook": counter.list_hook, "object_hook": counter.map_hook} if counted else {}
         )
         self._unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=True,
             max_buffer_size=limit,
+            # The C unpacker allocates its whole first buffer at once (1 MiB for this
+            # limit by default) and grows it by doubling as a message needs: start small,
+            # a request is usually a few dozen bytes.
+            read_size=min(limit, _INITIAL_BUFFER),
             max_str_len=limit,
             max_bin_len=limit,
             max_array_len=min(limit, max_elements or limit),
@@ -488,7 +526,7 @@ class RpcConnection:
                     # msgpack's pure-Python decoder (QNX) parses an incomplete message
                     # again from its start on the next call, calling the hooks again; the
                     # C one resumes where it stopped, so its count must be kept.
-                    self._elements = 0
+                    self._counter.count = 0
                 if self._feed_more():
                     continue
                 if self._eof:
@@ -510,7 +548,7 @@ class RpcConnection:
             start = self._msg_start
             self._message_done()
             self.last_bytes = self._msg_start - start
-            self.last_elements, self._elements = self._elements, 0
+            self.last_elements, self._counter.count = self._counter.count, 0
             if self.max_depth is not None and _deeper_than(message, self.max_depth):
                 return self._too_deep(message)
             return self._classify(message)
@@ -521,20 +559,6 @@ class RpcConnection:
             yield event
 
     # -- internals -----------------------------------------------------------
-
-    def _count(self, n: int) -> None:
-        self._elements += n
-        assert self.max_elements is not None
-        if self._elements > self.max_elements:
-            raise _TooManyElements(self.max_elements)
-
-    def _count_list(self, value: list[Any]) -> list[Any]:
-        self._count(len(value) + 1)
-        return value
-
-    def _count_map(self, value: dict[str, Any]) -> dict[str, Any]:
-        self._count(2 * len(value) + 1)
-        return value
 
     def _feed_more(self) -> bool:
         """Give the unpacker more of ``_pending``, never past the size limit of one message."""

@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 TAG = "SUPERVISORD_QNX_LEAF"
+# Which daemon started the process: a digest of its state_dir (supervise/leftovers.py),
+# in the environment beside TAG. Two daemons may have partitions of the same names; a
+# tag counts for a daemon only beside its own owner value (``read_tag``).
+OWNER = "SUPERVISORD_QNX_OWNER"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -64,16 +68,22 @@ def all_pids() -> list[int]:
         return []
 
 
-def read_tag(pid: int) -> str | None:
+def read_tag(pid: int, owner: str | None = None) -> str | None:
+    """The process's leaf tag; with ``owner``, only if the process also carries that
+    owner value (``None`` for another daemon's process of the same partition names)."""
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return None
     key = TAG.encode() + b"="
+    owner_item = None if owner is None else f"{OWNER}={owner}".encode()
+    tag, owned = None, owner_item is None
     for item in env.split(b"\0"):
         if item.startswith(key):
-            return item[len(key) :].decode("utf-8", "replace")
-    return None
+            tag = item[len(key) :].decode("utf-8", "replace")
+        elif item == owner_item:
+            owned = True
+    return tag if owned else None
 
 
 def snapshot() -> dict[int, ProcInfo]:

@@ -407,6 +407,14 @@ class Backend(abc.ABC):
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    def set_owner(self, owner: str) -> None:
+        """This daemon's owner value (``SUPERVISORD_QNX_OWNER``, supervise/leftovers.py),
+        given before any partition is created. Backends that find a partition's processes
+        by their environment tag (portable, qnx) put it in every process they start and
+        count only processes that carry it: another daemon's workers may carry the same
+        tag. The kernel backends need nothing."""
+        del owner
+
     # -- adoption (supervise/adopt.py): a previous daemon's workers still running ------
 
     def leaf_members(self, path: str, leaf: str) -> list[int] | None:

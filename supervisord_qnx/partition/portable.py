@@ -86,6 +86,9 @@ class PortableBackend(Backend):
         # A previous daemon's workers this one adopted: not its descendants, yet ours.
         self._adopted: set[int] = set()
         self._limit_killed: set[tuple[str, str]] = set()  # (partition, leaf) killed at max
+        # set_owner: a tag counts only beside this owner value (None: the tag alone, as
+        # for a backend used without a daemon).
+        self.owner: str | None = None
         self._usage: dict[str, int] = {}
         self._peak: dict[str, int] = {}
         self._pressure: dict[str, int] = {}  # pressure events so far, per partition
@@ -121,6 +124,9 @@ class PortableBackend(Backend):
 
     def describe(self, tree: PartitionTree) -> dict[str, str]:
         return {p.path: f"tag {accounting.TAG}={p.path}:<worker>" for p in tree}
+
+    def set_owner(self, owner: str) -> None:
+        self.owner = owner
 
     def reap_leftovers(self) -> list[str]:
         # Nothing of ours outlives the daemon in the OS except processes, and a
@@ -185,6 +191,9 @@ class PortableBackend(Backend):
         if any(Flag.MEMORY_ISOLATION in p.flags for p in (node, *node.ancestors())):
             limits.append((resource.RLIMIT_CORE, 0))
         tag = {accounting.TAG: accounting.tag_value(request.partition, request.leaf)}
+        if self.owner is not None:
+            # Jobs and forkserver-started workers too, not only what the supervisor spawns.
+            tag[accounting.OWNER] = self.owner
         with self._lock:
             self._limit_killed.discard((request.partition, request.leaf))
         return limits, tag
@@ -265,8 +274,13 @@ class PortableBackend(Backend):
     def _scan(self) -> tuple[dict[int, accounting.ProcInfo], dict[int, str | None]]:
         """One /proc snapshot and the tags of the daemon's descendants in it."""
         procs = accounting.snapshot()
-        own = os.getpid()
-        return procs, {pid: accounting.read_tag(pid) for pid in self._ours(procs) if pid != own}
+        return procs, self._tags(procs)
+
+    def _tags(self, procs: dict[int, accounting.ProcInfo]) -> dict[int, str | None]:
+        """The tags of the daemon's descendants among ``procs`` (``None`` for a process
+        without one, or with another daemon's owner value)."""
+        own, owner = os.getpid(), self.owner
+        return {pid: accounting.read_tag(pid, owner) for pid in self._ours(procs) if pid != own}
 
     def adopt_worker(self, path: str, leaf: str, pid: int) -> None:  # noqa: ARG002
         # Its processes (and their descendants) count from now on; the set only grows by
@@ -275,14 +289,14 @@ class PortableBackend(Backend):
         self._adopted.add(pid)
 
     def stats(self, path: str) -> PartitionStats:
-        return self._stats(accounting.snapshot(), path)
+        procs = accounting.snapshot()
+        return self._stats(procs, path, self._tags(procs))
 
     def stats_many(self, paths: Sequence[str]) -> dict[str, PartitionStats | Exception]:
         # One /proc scan and one environment read per process for all the partitions,
         # instead of both per partition (100 partitions: seconds instead of milliseconds).
         procs = accounting.snapshot()
-        own = os.getpid()
-        tags = {pid: accounting.read_tag(pid) for pid in self._ours(procs) if pid != own}
+        tags = self._tags(procs)
         out: dict[str, PartitionStats | Exception] = {}
         for path in paths:
             try:
@@ -377,7 +391,7 @@ class PortableBackend(Backend):
         usage: dict[str, int] = {}
         leaves: dict[str, set[tuple[str, int]]] = {}
         for pid in set(self._ours(procs)):
-            tag = accounting.read_tag(pid)
+            tag = accounting.read_tag(pid, self.owner)
             path = self._attached.get(pid)
             leaf = ""
             if tag is not None and ":" in tag:

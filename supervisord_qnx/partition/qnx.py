@@ -137,6 +137,9 @@ class QnxBackend(Backend):
         # never Linux's /proc/PID/stat: partition/proctime.py.
         self._clock = proctime.QnxClock(_run_plain)
 
+    def set_owner(self, owner: str) -> None:
+        self._accounting.set_owner(owner)
+
     def use_utility_runner(self, runner: UtilityRunner) -> None:
         """Run ``aps``/``on`` through ``runner`` from now on.
 
@@ -358,6 +361,8 @@ class QnxBackend(Backend):
             raise BackendError(f"partition '{request.partition}' was not created")
         env = dict(request.env)
         env[accounting.TAG] = accounting.tag_value(request.partition, request.leaf)
+        if self._accounting.owner is not None:
+            env[accounting.OWNER] = self._accounting.owner
         # The qnx-sim simulator's own settings, so its `on` finds the daemon's simulated
         # partitions; its `on` removes them before exec and QNX never sets them.
         env.update({k: v for k, v in os.environ.items() if k.startswith("QNX_SIM_")})

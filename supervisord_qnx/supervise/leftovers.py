@@ -35,7 +35,7 @@ from supervisord_qnx.partition.proctime import LINUX
 
 log = structlog.get_logger("supervisord_qnx.leftovers")
 
-OWNER_ENV = "SUPERVISORD_QNX_OWNER"
+OWNER_ENV = accounting.OWNER
 
 
 def owner_value(state_dir: Path) -> str:

@@ -239,6 +239,7 @@ class Supervisor:
         # In every worker's environment: names this daemon's workers after its death
         # (supervise/leftovers.py).
         self.owner = leftovers.owner_value(self.state_dir)
+        backend.set_owner(self.owner)  # tag-accounting backends count only our processes
         # Workers adopted from a previous daemon at this one's start (metrics).
         self.adopted = 0
         # Told of every state change and operator call (the runtime state's writer).
