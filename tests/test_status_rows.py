@@ -1,0 +1,141 @@
+"""``status`` from its packed, reused rows (control/statusrows.py), through the real daemon
+on the portable backend: what a client decodes is what ``Supervisor.status`` says, and a
+change of any shown value is in the very next answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import msgpack
+import pytest
+
+from supervisord_qnx.control.report import with_sched
+from supervisord_qnx.control.rpc import Packed, encode_response, pack_value
+from tests.conftest import ConfigDir, pid_alive, worker_py
+from tests.test_daemon_notify import SEND
+
+pytestmark = pytest.mark.integration
+
+SLEEP = worker_py("import time\ntime.sleep(600)\n")
+# Says STATUS=<contents of the file> whenever the file changes: a shown value that
+# changes with no change of state.
+SAYS = worker_py(
+    SEND + "import sys\nlast = None\nsend('READY=1')\nwhile True:\n"
+    "    try: text = open(sys.argv[1]).read()\n"
+    "    except OSError: text = None\n"
+    "    if text and text != last: send('STATUS=' + text); last = text\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+def tenants(cfg: ConfigDir) -> None:
+    cfg.tenant(
+        "calm",
+        f"""
+        restart = {{ policy = "always", backoff_initial = 0.05 }}
+        [[worker]]
+        name = "w"
+        command = {SLEEP}
+        instances = 3
+        """,
+    )
+    cfg.tenant(
+        "talky",
+        f"""
+        restart = {{ policy = "always" }}
+        [[worker]]
+        name = "n"
+        command = {SAYS[:-1]}, "{cfg.root / "said"}"]
+        ready = "notify"
+        """,
+    )
+
+
+def without_uptime(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "uptime"} for r in rows]
+
+
+def test_a_packed_result_is_the_same_message_as_the_value() -> None:
+    value = [{"state": "running", "pid": 7, "uptime": 1.5, "sched": None}]
+    assert encode_response(9, Packed(pack_value(value))) == encode_response(9, value)
+
+
+async def test_rows_are_what_the_supervisor_says_field_for_field(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenants(cfg)
+    d = await start_daemon()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    await d.call("stop", tenant="calm")  # stopped rows beside running ones
+    await d.call("start", tenant="calm", wait=True)
+    await d.call("run", partition="tenants", command=["sleep", "60"])  # a job's row too
+    for _ in range(2):  # the second answer comes from the reused rows
+        got = await d.call("status")
+        sup = d.daemon.supervisor
+        expected = sup.status() + d.daemon.jobs.status()
+        await with_sched(expected, d.daemon.blocking)
+        # Same rows, same fields in the same order, same values (uptime moves on).
+        assert [list(r) for r in got] == [list(r) for r in expected]
+        assert without_uptime(got) == without_uptime(expected)
+        for g, e in zip(got, expected, strict=True):
+            if e["uptime"] is None:
+                assert g["uptime"] is None
+            else:
+                assert 0 <= e["uptime"] - g["uptime"] < 5
+        assert {r["state"] for r in got} == {"running"}
+        assert all(r["sched"] is not None for r in got)
+        one = await d.call("status", tenant="calm")
+        assert without_uptime(one) == without_uptime(got[:3])
+
+
+async def test_a_change_is_in_the_very_next_answer(cfg: ConfigDir, start_daemon) -> None:
+    tenants(cfg)
+    d = await start_daemon()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    before = {w["name"]: w for w in await d.call("status")}
+    assert before["calm:w-1"]["state"] == "running"
+
+    # Stopped: state, pid, exit reason and sched change together, answered at once.
+    await d.call("stop", tenant="calm", wait=True)
+    after = {w["name"]: w for w in await d.call("status")}
+    for i in range(3):
+        w = after[f"calm:w-{i}"]
+        assert (w["state"], w["pid"], w["uptime"], w["sched"]) == ("stopped", None, None, None)
+        assert w["exit_reason"] is not None
+
+    await d.call("start", tenant="calm", wait=True)
+    again = {w["name"]: w for w in await d.call("status")}
+    pid = again["calm:w-1"]["pid"]
+    assert again["calm:w-1"]["state"] == "running" and pid != before["calm:w-1"]["pid"]
+    assert again["calm:w-1"]["restarts"] == 0
+
+    # Killed behind the daemon's back: the restart shows a new pid and one more restart,
+    # with nothing in between for a cache to notice but the values themselves.
+    os.kill(pid, signal.SIGKILL)
+    w = await d.wait_for("calm:w-1", lambda w: w["pid"] not in (None, pid))
+    assert w["restarts"] == 1 and w["exit_reason"] == "signal:SIGKILL"
+    assert not pid_alive(pid)
+
+    # A value that changes while the state stays: the worker's sd_notify STATUS=.
+    for text in ("one", "two"):
+        (cfg.root / "said").write_text(text)
+        w = await d.wait_for("talky:n-0", lambda w, t=text: w["status_text"] == t)
+        assert w["state"] == "running"
+
+
+async def test_many_rows_go_through_the_pool_and_say_the_same(
+    cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above INLINE_SCHED_PIDS the sched syscalls run in the slow-I/O pool: same answer.
+    from supervisord_qnx.control import statusrows
+
+    tenants(cfg)
+    d = await start_daemon()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    inline = await d.call("status")
+    monkeypatch.setattr(statusrows, "INLINE_SCHED_PIDS", 0)
+    pooled = await d.call("status")
+    assert without_uptime(pooled) == without_uptime(inline)
+    assert msgpack.packb(without_uptime(pooled)) == msgpack.packb(without_uptime(inline))
