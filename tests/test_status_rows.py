@@ -21,9 +21,11 @@ pytestmark = pytest.mark.integration
 SLEEP = worker_py("import time\ntime.sleep(600)\n")
 # Says STATUS=<contents of the file> whenever the file changes: a shown value that
 # changes with no change of state.
+# READY=1 once the test creates "go" (until then it is a live row that is not running).
 SAYS = worker_py(
-    SEND + "import sys\nlast = None\nsend('READY=1')\nwhile True:\n"
-    "    try: text = open(sys.argv[1]).read()\n"
+    SEND + "import sys\nlast = None\nwait_for(sys.argv[1] + '/go')\nsend('READY=1')\n"
+    "while True:\n"
+    "    try: text = open(sys.argv[1] + '/said').read()\n"
     "    except OSError: text = None\n"
     "    if text and text != last: send('STATUS=' + text); last = text\n"
     "    time.sleep(0.02)\n"
@@ -44,10 +46,11 @@ def tenants(cfg: ConfigDir) -> None:
     cfg.tenant(
         "talky",
         f"""
+        autostart = false
         restart = {{ policy = "always" }}
         [[worker]]
         name = "n"
-        command = {SAYS[:-1]}, "{cfg.root / "said"}"]
+        command = {SAYS[:-1]}, "{cfg.root}"]
         ready = "notify"
         """,
     )
@@ -67,7 +70,8 @@ async def test_rows_are_what_the_supervisor_says_field_for_field(
 ) -> None:
     tenants(cfg)
     d = await start_daemon()
-    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    await d.call("start", tenant="talky")  # starting until "go": it has a pid and a sched
+    await d.wait_for("talky:n-0", lambda w: w["pid"] is not None)
     await d.call("stop", tenant="calm")  # stopped rows beside running ones
     await d.call("start", tenant="calm", wait=True)
     await d.call("run", partition="tenants", command=["sleep", "60"])  # a job's row too
@@ -84,7 +88,7 @@ async def test_rows_are_what_the_supervisor_says_field_for_field(
                 assert g["uptime"] is None
             else:
                 assert 0 <= e["uptime"] - g["uptime"] < 5
-        assert {r["state"] for r in got} == {"running"}
+        assert [r["state"] for r in got] == ["running"] * 3 + ["starting", "running"]
         assert all(r["sched"] is not None for r in got)
         one = await d.call("status", tenant="calm")
         assert without_uptime(one) == without_uptime(got[:3])
@@ -93,6 +97,8 @@ async def test_rows_are_what_the_supervisor_says_field_for_field(
 async def test_a_change_is_in_the_very_next_answer(cfg: ConfigDir, start_daemon) -> None:
     tenants(cfg)
     d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
     await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
     before = {w["name"]: w for w in await d.call("status")}
     assert before["calm:w-1"]["state"] == "running"
@@ -133,6 +139,8 @@ async def test_many_rows_go_through_the_pool_and_say_the_same(
 
     tenants(cfg)
     d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
     await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
     inline = await d.call("status")
     monkeypatch.setattr(statusrows, "INLINE_SCHED_PIDS", 0)
