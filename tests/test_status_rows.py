@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from supervisord_qnx.control.report import with_sched
-from supervisord_qnx.control.rpc import Packed, encode_response, pack_value
+from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError, encode_response, pack_value
 from tests.conftest import ConfigDir, pid_alive, worker_py
 from tests.test_daemon_notify import SEND
 
@@ -147,3 +147,33 @@ async def test_many_rows_go_through_the_pool_and_say_the_same(
     pooled = await d.call("status")
     assert without_uptime(pooled) == without_uptime(inline)
     assert msgpack.packb(without_uptime(pooled)) == msgpack.packb(without_uptime(inline))
+
+
+async def test_fields_picks_a_compact_form_and_refuses_unknown_names(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    await d.call("run", partition="tenants", command=["sleep", "60"])
+    full = await d.call("status")
+    # Every field a row can carry can be asked for (a new field must be added there too).
+    from supervisord_qnx.control.statusrows import ROW_FIELDS
+
+    assert {k for r in full for k in r} <= ROW_FIELDS
+
+    small = await d.call("status", fields=["state", "name", "memory_denied", "state"])
+    assert [list(r) for r in small] == [["state", "name"]] * len(full)
+    assert small == [{"state": r["state"], "name": r["name"]} for r in full]
+    with_sched = await d.call("status", tenant="calm", fields=["pid", "sched"])
+    assert with_sched == [{"pid": r["pid"], "sched": r["sched"]} for r in full[:3]]
+    jobs = await d.call("status", tenant="job", fields=["job", "state"])
+    assert jobs == [{"job": 1, "state": "running"}]
+
+    for bad in (["stat"], [], [7]):
+        with pytest.raises(RpcError) as err:
+            await d.call("status", fields=bad)
+        assert err.value.code == ErrorCode.BAD_REQUEST
+        assert "fields" in err.value.message

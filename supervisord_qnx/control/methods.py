@@ -27,7 +27,7 @@ from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError
 from supervisord_qnx.control.server import Connection, MethodTable, Streaming
 from supervisord_qnx.control.server import Handler as ServerHandler
-from supervisord_qnx.control.statusrows import StatusRows
+from supervisord_qnx.control.statusrows import StatusRows, picked, wanted_fields
 from supervisord_qnx.control.subscribe import EventFilter, Subscribers, names_param
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.limits import BadLimits, parse_set
@@ -192,16 +192,20 @@ class Methods:
         }
 
     async def status(self, params: dict[str, Any]) -> list[dict[str, Any]] | Packed:
-        p = _params(params, tenant=(str, False))
+        p = _params(params, tenant=(str, False), fields=(list, False))
+        fields = wanted_fields(p["fields"]) if "fields" in p else None
         sup = self.daemon.supervisor
         await sup.refresh_counters()
         tenant, jobs = p.get("tenant"), self.daemon.jobs.status()
         if tenant == JOB_TENANT and tenant not in sup.tenants:
-            return jobs  # transient jobs show as the tenant "job" (docs/protocol.md, run)
+            # transient jobs show as the tenant "job" (docs/protocol.md, run)
+            return jobs if fields is None else picked(jobs, fields)
+        rows = self.status_rows
+        jobs = jobs if tenant is None else []
+        if fields is not None:
+            return await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
         # The rows Supervisor.status and with_sched give, packed and reused (statusrows.py).
-        return await self.status_rows.reply(
-            sup, tenant, jobs if tenant is None else [], self.daemon.blocking
-        )
+        return await rows.reply(sup, tenant, jobs, self.daemon.blocking)
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)

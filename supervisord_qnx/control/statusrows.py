@@ -26,6 +26,9 @@ one docs/protocol.md specifies, field for field and in the same order as
   they go to the pool, so that one call never holds the loop for milliseconds.
 
 The result is ``rpc.Packed``: the server sends it as it is, with no second encoding.
+``fields`` (opt-in) answers only the fields named, as plain rows: a client that polls
+``name`` and ``state`` of thousands of workers gets a fraction of the bytes, and no
+``sched`` syscalls unless it asks for ``sched``.
 Access is checked before the handler runs (``access.py``), so nothing here can widen
 who sees what.
 """
@@ -40,8 +43,8 @@ from typing import Any
 
 import msgpack
 
-from supervisord_qnx.control.report import LIVE_STATES
-from supervisord_qnx.control.rpc import Packed, pack_value
+from supervisord_qnx.control.report import LIVE_STATES, with_sched
+from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError, pack_value
 from supervisord_qnx.partition.realtime import NAMES, RESET_ON_FORK, format_cpulist
 from supervisord_qnx.supervise.supervisor import Instance, Supervisor
 from supervisord_qnx.supervise.worker import State
@@ -58,7 +61,35 @@ _UPTIME = msgpack.packb("uptime")
 _SCHED = msgpack.packb("sched")
 _LIVE = frozenset(s for s in State if str(s) in LIVE_STATES)
 
+# Every field a status row can have (docs/protocol.md); ``fields`` picks among them.
+ROW_FIELDS = frozenset(
+    {"tenant", "worker", "instance", "name", "kind", "state", "pid", "partition", "restarts",
+     "exit_reason", "uptime", "memory_denied", "status_text", "notify_socket",
+     "notify_ignored", "sched", "job"}
+)  # fmt: skip
+
 Blocking = Callable[..., Awaitable[Any]]
+
+
+def wanted_fields(value: list[Any]) -> list[str]:
+    """The ``fields`` of a status request, checked: field names of a row, at least one. A
+    misspelt name is ``bad_request`` (a script asking for ``stat`` should hear so)."""
+    bad = [f for f in value if not isinstance(f, str) or f not in ROW_FIELDS]
+    if bad or not value:
+        raise RpcError(
+            ErrorCode.BAD_REQUEST,
+            f"parameter 'fields' must list field names of a status row "
+            f"({', '.join(sorted(ROW_FIELDS))}); got {bad or 'none'}",
+        )
+    return list(dict.fromkeys(value))
+
+
+def picked(rows: list[dict[str, Any]], fields: list[str]) -> list[dict[str, Any]]:
+    """Only ``fields`` of each row, in that order; a field a row has not (``memory_denied``
+    of a command worker) is left out of it, as in the full form."""
+    return [{f: r[f] for f in fields if f in r} for r in rows]
+
+
 # The values a row's cached bytes were made from, and those bytes (before and after
 # uptime's value).
 Cached = tuple[tuple[Any, ...], bytes, bytes]
@@ -157,6 +188,21 @@ class StatusRows:
         cached = (key, head + _UPTIME, tail + _SCHED)
         self._rows[inst] = cached
         return cached
+
+    async def reply_fields(
+        self,
+        sup: Supervisor,
+        tenant: str | None,
+        jobs: list[dict[str, Any]],
+        fields: list[str],
+        blocking: Blocking,
+    ) -> list[dict[str, Any]]:
+        """The opt-in compact form: only ``fields`` of each row, built as dicts (a few
+        fields are small to encode), and the kernel asked for ``sched`` only if wanted."""
+        rows = sup.status(tenant) + jobs
+        if "sched" in fields:
+            await with_sched(rows, blocking)
+        return picked(rows, fields)
 
     async def reply(
         self,
