@@ -39,6 +39,25 @@ name = "w"
 command = ["sleep", "1000"]
 """
 
+# Times ``ping``, full ``status`` and ``status`` with two fields on one connection
+# (medians, ms); run as a separate process, as a user's client is.
+PROBE = """
+import json, statistics, sys, time
+from supervisord_qnx.control.client import Client
+c = Client(sys.argv[1], timeout=60)
+out = {}
+two = {"fields": ["name", "state"]}
+for name, params in (("ping", {}), ("status", {}), ("status_fields", two)):
+    method = name.split("_")[0]
+    xs = []
+    for _ in range(int(sys.argv[2])):
+        t = time.perf_counter()
+        c.call(method, **params)
+        xs.append(time.perf_counter() - t)
+    out[f"wall_{name}_ms"] = round(statistics.median(xs) * 1e3, 3)
+print(json.dumps(out))
+"""
+
 
 def write_config(root: Path, count: int) -> Path:
     (root / "tenants.d").mkdir()
@@ -92,10 +111,18 @@ async def measure(count: int, calls: int) -> dict[str, Any]:
                     t = time.process_time()
                     size[name] = len(await fn())
                     cost[name].append(time.process_time() - t)
+            # The round trip a client sees, from another process: ``ping`` is the floor
+            # (socket, dispatch, access check), ``status`` what it adds at N.
+            probe = await trio.run_process(
+                [sys.executable, "-c", PROBE, str(config.daemon.socket), str(calls)],
+                capture_stdout=True,
+            )
+            wall = json.loads(probe.stdout)
             d.request_shutdown()
         out: dict[str, Any] = {"count": count, "bytes": size["packed"], "load": os.getloadavg()[0]}
         for name, xs in cost.items():
             out[f"{name}_ms"] = round(statistics.median(xs) * 1e3, 3)
+        out.update(wall)
         return out
 
 
