@@ -195,7 +195,6 @@ class Methods:
         p = _params(params, tenant=(str, False), fields=(list, False))
         fields = wanted_fields(p["fields"]) if "fields" in p else None
         sup = self.daemon.supervisor
-        await sup.refresh_counters()
         tenant, jobs = p.get("tenant"), self.daemon.jobs.status()
         if tenant == JOB_TENANT and tenant not in sup.tenants:
             # transient jobs show as the tenant "job" (docs/protocol.md, run)
@@ -203,8 +202,10 @@ class Methods:
         rows = self.status_rows
         jobs = jobs if tenant is None else []
         if fields is not None:
+            await sup.refresh_counters()
             return await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
-        # The rows Supervisor.status and with_sched give, packed and reused (statusrows.py).
+        # The rows Supervisor.status and with_sched give (counters refreshed first),
+        # packed and reused (statusrows.py).
         return await rows.reply(sup, tenant, jobs, self.daemon.blocking)
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import msgpack
 from supervisord_qnx.control.report import LIVE_STATES, with_sched
 from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError, pack_value
 from supervisord_qnx.partition.realtime import NAMES, RESET_ON_FORK, format_cpulist
+from supervisord_qnx.supervise.launch import Launcher
 from supervisord_qnx.supervise.supervisor import Instance, Supervisor
 from supervisord_qnx.supervise.worker import State
 
@@ -153,11 +154,11 @@ class StatusRows:
         self._rows: dict[Instance, Cached] = {}
         self.sched = SchedReader()
 
-    def _row(self, sup: Supervisor, inst: Instance) -> Cached:
+    def _row(self, inst: Instance, launcher: Launcher) -> Cached:
         """The instance's row bytes around ``uptime`` and ``sched``, reused while the
         values they show are unchanged."""
         lc = inst.lc
-        extra = sup.launchers.for_spec(inst.spec).status_fields(inst.target)
+        extra = launcher.status_fields(inst.target)
         note = inst.notify
         extra["status_text"] = None if note is None else note.status_text
         if note is not None:
@@ -214,7 +215,15 @@ class StatusRows:
         """The ``status`` result for ``tenant`` (every tenant, and the jobs, for None)."""
         tenants = [sup.tenant(tenant)] if tenant is not None else list(sup.tenants.values())
         instances = [i for t in tenants for i in t.instances]
-        rows = [self._row(sup, inst) for inst in instances]
+        for_spec = sup.launchers.for_spec
+        launchers = [for_spec(i.spec) for i in instances]
+        # What a launcher reads from its running workers (wasm: memory.grow denials) is
+        # refreshed first, as Supervisor.refresh_counters does: its status_fields show it.
+        for inst, launcher in zip(instances, launchers, strict=True):
+            if launcher.reports_counters and inst.lc.state is State.RUNNING:
+                await launcher.refresh(inst.target)
+        row = self._row
+        rows = [row(inst, launcher) for inst, launcher in zip(instances, launchers, strict=True)]
         if tenant is None and len(self._rows) > len(instances):
             # Instances a reload removed: forget their rows.
             self._rows = {i: self._rows[i] for i in instances}
@@ -226,13 +235,14 @@ class StatusRows:
             sched = await blocking(self.sched.read, live)
         now = time.monotonic()
         parts = [_array_header(len(rows) + len(jobs))]
+        float64, sched_of, running = _FLOAT64.pack, sched.get, State.RUNNING
         for inst, (_, head, tail) in zip(instances, rows, strict=True):
             lc = inst.lc
-            running = lc.started_at is not None and lc.state is State.RUNNING
-            parts.append(head)
-            parts.append(_FLOAT64.pack(0xCB, round(now - lc.started_at, 3)) if running else _NIL)  # type: ignore[operator]
-            parts.append(tail)
-            parts.append(sched.get(lc.pid, _NIL) if lc.state in _LIVE else _NIL)  # type: ignore[arg-type]
+            state, began = lc.state, lc.started_at
+            up = _NIL
+            if began is not None and state is running:
+                up = float64(0xCB, round(now - began, 3))
+            parts += (head, up, tail, sched_of(lc.pid, _NIL) if state in _LIVE else _NIL)  # type: ignore[arg-type]
         for job in jobs:
             live_job = job.get("state") in LIVE_STATES
             job["sched"] = None
