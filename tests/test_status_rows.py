@@ -37,6 +37,7 @@ def tenants(cfg: ConfigDir) -> None:
         "calm",
         f"""
         restart = {{ policy = "always", backoff_initial = 0.05 }}
+        sched = {{ policy = "batch", nice = 5 }}
         [[worker]]
         name = "w"
         command = {SLEEP}
@@ -90,6 +91,9 @@ async def test_rows_are_what_the_supervisor_says_field_for_field(
                 assert 0 <= e["uptime"] - g["uptime"] < 5
         assert [r["state"] for r in got] == ["running"] * 3 + ["starting", "running"]
         assert all(r["sched"] is not None for r in got)
+        assert [(r["sched"]["policy"], r["sched"]["nice"]) for r in got] == [("batch", 5)] * 3 + [
+            ("other", 0)
+        ] * 2
         one = await d.call("status", tenant="calm")
         assert without_uptime(one) == without_uptime(got[:3])
 
