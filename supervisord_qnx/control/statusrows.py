@@ -19,12 +19,11 @@ one docs/protocol.md specifies, field for field and in the same order as
   (one clock read per call), ``sched`` from the kernel (a program may change its own
   scheduling; docs/realtime.md). The packed form of a ``sched`` map is remembered by
   what the kernel answered, since nearly every worker answers the same.
-* **The syscalls run on the event loop for up to ``INLINE_SCHED_PIDS`` pids**: two
-  short syscalls per pid (``SchedReader``) take microseconds, less than handing them to
-  a thread, and a status call then does not wait for a slot of the slow-I/O pool
-  behind ``logs`` or ``partitions`` (which showed as p99 while clients hammer
-  ``status``). Above that they go to the pool, so that one call never holds the loop
-  for milliseconds.
+* **The syscalls run on the event loop for up to ``INLINE_SCHED_PIDS`` pids**: four
+  short syscalls per pid take microseconds, less than handing them to a thread, and a
+  status call then does not wait for a slot of the slow-I/O pool behind ``logs`` or
+  ``partitions`` (which showed as p99 while clients hammer ``status``). Above that
+  they go to the pool, so that one call never holds the loop for milliseconds.
 
 The result is ``rpc.Packed``: the server sends it as it is, with no second encoding.
 ``fields`` (opt-in) answers only the fields named, as plain rows: a client that polls
@@ -36,12 +35,8 @@ who sees what.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import platform
 import struct
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -115,74 +110,21 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-# sched_getattr(2): policy, nice and priority in one syscall instead of three (x86_64
-# has its own numbers; aarch64 uses the generic table). Elsewhere (QNX, other machines)
-# the three portable calls are used.
-_SCHED_GETATTR = {"x86_64": 315, "aarch64": 275}.get(platform.machine())
-# Policies whose nice and priority sched_getattr reports as the three calls do: the
-# kernel leaves the nice of a realtime or deadline task out of it (``get_params``).
-_FAIR = frozenset({os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE})
-
-
-class _SchedAttr(ctypes.Structure):
-    """``struct sched_attr`` as of Linux 3.14 (SCHED_ATTR_SIZE_VER0, 48 bytes)."""
-
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("policy", ctypes.c_uint32),
-        ("flags", ctypes.c_uint64),
-        ("nice", ctypes.c_int32),
-        ("priority", ctypes.c_uint32),
-        ("runtime", ctypes.c_uint64),
-        ("deadline", ctypes.c_uint64),
-        ("period", ctypes.c_uint64),
-    ]
-
-
 class SchedReader:
-    """Each live pid's scheduling as ``realtime.readback`` reports it, already packed.
-
-    Two syscalls per pid (``sched_getattr``, ``sched_getaffinity``) where the kernel has
-    the first, instead of four; a realtime or deadline task, or a kernel without it,
-    takes the portable calls, which answer the same."""
+    """Each live pid's scheduling as ``realtime.readback`` reports it, already packed."""
 
     def __init__(self) -> None:
         self._forms: dict[tuple[int, int, int, frozenset[int]], bytes] = {}
-        self._syscall: Any = None
-        if _SCHED_GETATTR is not None and sys.platform == "linux":
-            self._syscall = ctypes.CDLL(None, use_errno=True).syscall
-        self._attr = _SchedAttr()
-        self._attr_ref = ctypes.byref(self._attr)
-
-    def _fair(self, pid: int) -> tuple[int, int, int] | None:
-        """(policy, priority, nice) from one sched_getattr, or None when the portable
-        calls must answer. Raises like them for a pid that is gone or not ours to see."""
-        if self._syscall(_SCHED_GETATTR, pid, self._attr_ref, 48, 0) != 0:
-            err = ctypes.get_errno()
-            if err == errno.ESRCH:
-                raise ProcessLookupError(err, os.strerror(err))
-            if err == errno.EPERM:
-                raise PermissionError(err, os.strerror(err))
-            self._syscall = None  # ENOSYS, EINVAL: this kernel has no use for it
-            return None
-        attr = self._attr
-        if attr.policy not in _FAIR:
-            return None
-        return attr.policy, attr.priority, attr.nice
 
     def read(self, pids: list[int]) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
         forms = self._forms
         for pid in pids:
             try:
-                got = self._fair(pid) if self._syscall is not None else None
-                if got is None:
-                    raw = os.sched_getscheduler(pid)
-                    priority = os.sched_getparam(pid).sched_priority
-                    nice = os.getpriority(os.PRIO_PROCESS, pid)
-                else:
-                    raw, priority, nice = got
+                raw = os.sched_getscheduler(pid)
+                priority = os.sched_getparam(pid).sched_priority
                 cpus = frozenset(os.sched_getaffinity(pid))
+                nice = os.getpriority(os.PRIO_PROCESS, pid)
             except (ProcessLookupError, PermissionError):
                 out[pid] = _NIL
                 continue
