@@ -75,6 +75,10 @@ async def test_rows_are_what_the_supervisor_says_field_for_field(
     await d.wait_for("talky:n-0", lambda w: w["pid"] is not None)
     await d.call("stop", tenant="calm")  # stopped rows beside running ones
     await d.call("start", tenant="calm", wait=True)
+    # A run is `running` from its spawn; its nice and policy are applied just before its
+    # first instruction, one after the other: wait until the kernel shows both.
+    for i in range(3):
+        await d.wait_for(f"calm:w-{i}", lambda w: w["sched"]["policy"] == "batch")
     await d.call("run", partition="tenants", command=["sleep", "60"])  # a job's row too
     for _ in range(2):  # the second answer comes from the reused rows
         got = await d.call("status")
