@@ -361,7 +361,8 @@ def _render_workers(result: list[dict[str, Any]]) -> None:
     live = ("starting", "running", "stopping")  # a `ready = "notify"` worker starts with a pid
     # Scheduling as the kernel reports it (docs/realtime.md); the columns only appear
     # when some worker runs with other than the defaults.
-    sched = any(_non_default_sched(w.get("sched")) for w in result)
+    every = realtime.format_cpulist(realtime.host_cpus())  # once, not per worker
+    sched = any(_non_default_sched(w.get("sched"), every) for w in result)
     if sched:
         rows[0] += ["SCHED", "CPUS"]
     for w in result:
@@ -386,10 +387,9 @@ def _render_workers(result: list[dict[str, Any]]) -> None:
     _table(rows)
 
 
-def _non_default_sched(s: dict[str, Any] | None) -> bool:
+def _non_default_sched(s: dict[str, Any] | None, every: str) -> bool:
     if not s:
         return False
-    every = realtime.format_cpulist(realtime.host_cpus())
     return bool(s["policy"] != "other" or s["nice"] != 0 or s["cpus"] != every)
 
 

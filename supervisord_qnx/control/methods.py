@@ -23,10 +23,11 @@ from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.access import Authorizer
 from supervisord_qnx.control.jobs import JobMethods
 from supervisord_qnx.control.metrics import Exporter, error_code
-from supervisord_qnx.control.report import partitions_report, with_sched
-from supervisord_qnx.control.rpc import ErrorCode, RpcError
+from supervisord_qnx.control.report import partitions_report
+from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError
 from supervisord_qnx.control.server import Connection, MethodTable, Streaming
 from supervisord_qnx.control.server import Handler as ServerHandler
+from supervisord_qnx.control.statusrows import StatusRows, picked, wanted_fields
 from supervisord_qnx.control.subscribe import EventFilter, Subscribers, names_param
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.limits import BadLimits, parse_set
@@ -156,6 +157,7 @@ class Methods:
         self._paths: dict[str, str] = {}
         # Who may call what (access.py): checked before every handler.
         self.access = Authorizer(lambda: self.daemon.config, self._job_partition)
+        self.status_rows = StatusRows()
 
     async def dispatch(self, method: str, params: dict[str, Any], conn: Connection) -> Any:
         # Every request is counted with the code it is answered with, and timed.
@@ -189,16 +191,22 @@ class Methods:
             "io": self.daemon.io_backend,
         }
 
-    async def status(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        p = _params(params, tenant=(str, False))
+    async def status(self, params: dict[str, Any]) -> list[dict[str, Any]] | Packed:
+        p = _params(params, tenant=(str, False), fields=(list, False))
+        fields = wanted_fields(p["fields"]) if "fields" in p else None
         sup = self.daemon.supervisor
-        await sup.refresh_counters()
         tenant, jobs = p.get("tenant"), self.daemon.jobs.status()
         if tenant == JOB_TENANT and tenant not in sup.tenants:
-            return jobs  # transient jobs show as the tenant "job" (docs/protocol.md, run)
-        rows = sup.status(tenant) + (jobs if tenant is None else [])
-        await with_sched(rows, self.daemon.blocking)
-        return rows
+            # transient jobs show as the tenant "job" (docs/protocol.md, run)
+            return jobs if fields is None else picked(jobs, fields)
+        rows = self.status_rows
+        jobs = jobs if tenant is None else []
+        if fields is not None:
+            await sup.refresh_counters()
+            return await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
+        # The rows Supervisor.status and with_sched give (counters refreshed first),
+        # packed and reused (statusrows.py).
+        return await rows.reply(sup, tenant, jobs, self.daemon.blocking)
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)

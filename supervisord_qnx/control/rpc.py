@@ -80,6 +80,7 @@ __all__ = [
     "InvalidMessage",
     "MessageKind",
     "Notification",
+    "Packed",
     "ProtocolError",
     "Request",
     "Response",
@@ -89,6 +90,7 @@ __all__ = [
     "encode_notification",
     "encode_request",
     "encode_response",
+    "pack_value",
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
@@ -276,8 +278,24 @@ def encode_request(msgid: int, method: str, params: Mapping[str, Any] | None = N
     return _pack([MessageKind.REQUEST.value, msgid, method, _params_field(params)])
 
 
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A result already encoded as one msgpack value (by ``pack_value`` pieces): sent as
+    it is, for a hot method that keeps its answer's bytes (control/statusrows.py)."""
+
+    data: bytes
+
+
+def pack_value(value: Any) -> bytes:
+    """One value as ``encode_response`` would encode it inside a message."""
+    return _pack(value)
+
+
 def encode_response(msgid: int, result: Any = None) -> bytes:
     """A success response. Raises ``TypeError`` if ``result`` cannot be encoded."""
+    if isinstance(result, Packed):
+        # The message with a nil result is the same bytes up to that last nil (0xc0).
+        return _pack([MessageKind.RESPONSE.value, msgid, None, None])[:-1] + result.data
     return _pack([MessageKind.RESPONSE.value, msgid, None, result])
 
 

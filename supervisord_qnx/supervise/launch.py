@@ -87,6 +87,9 @@ class Launcher:
         """Re-read live counters a running worker reports (for ``status``)."""
         return None
 
+    # Whether ``refresh`` does anything: ``status`` skips the call per worker otherwise.
+    reports_counters = False
+
 
 class LaunchTarget:
     """What a launcher needs to know of one worker instance."""
@@ -231,6 +234,8 @@ class WasmLauncher(Launcher):
 
     def status_fields(self, target: LaunchTarget) -> dict[str, Any]:
         return {"memory_denied": target.memory_denied}
+
+    reports_counters = True
 
     async def refresh(self, target: LaunchTarget) -> None:
         from supervisord_qnx.wasm.outcome import read_report

@@ -973,8 +973,9 @@ class Supervisor:
         """Re-read live counters running workers report (for ``status``)."""
         for tenant in self.tenants.values():
             for inst in tenant.instances:
-                if inst.state is State.RUNNING:
-                    await self._launcher(inst).refresh(inst.target)
+                launcher = self._launcher(inst)
+                if inst.state is State.RUNNING and launcher.reports_counters:
+                    await launcher.refresh(inst.target)
 
     def _left_to_shutdown(self, inst: Instance) -> bool:
         return self.shutdown.defers(inst.tenant, inst.lc.want_running)

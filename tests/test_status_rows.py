@@ -1,0 +1,187 @@
+"""``status`` from its packed, reused rows (control/statusrows.py), through the real daemon
+on the portable backend: what a client decodes is what ``Supervisor.status`` says, and a
+change of any shown value is in the very next answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import msgpack
+import pytest
+
+from supervisord_qnx.control.report import with_sched
+from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError, encode_response, pack_value
+from tests.conftest import ConfigDir, pid_alive, worker_py
+from tests.test_daemon_notify import SEND
+
+pytestmark = pytest.mark.integration
+
+SLEEP = worker_py("import time\ntime.sleep(600)\n")
+# Says STATUS=<contents of the file> whenever the file changes: a shown value that
+# changes with no change of state.
+# READY=1 once the test creates "go" (until then it is a live row that is not running).
+SAYS = worker_py(
+    SEND + "import sys\nlast = None\nwait_for(sys.argv[1] + '/go')\nsend('READY=1')\n"
+    "while True:\n"
+    "    try: text = open(sys.argv[1] + '/said').read()\n"
+    "    except OSError: text = None\n"
+    "    if text and text != last: send('STATUS=' + text); last = text\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+def tenants(cfg: ConfigDir) -> None:
+    cfg.tenant(
+        "calm",
+        f"""
+        restart = {{ policy = "always", backoff_initial = 0.05 }}
+        sched = {{ policy = "batch", nice = 5 }}
+        [[worker]]
+        name = "w"
+        command = {SLEEP}
+        instances = 3
+        """,
+    )
+    cfg.tenant(
+        "talky",
+        f"""
+        autostart = false
+        restart = {{ policy = "always" }}
+        [[worker]]
+        name = "n"
+        command = {SAYS[:-1]}, "{cfg.root}"]
+        ready = "notify"
+        """,
+    )
+
+
+def without_uptime(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "uptime"} for r in rows]
+
+
+def test_a_packed_result_is_the_same_message_as_the_value() -> None:
+    value = [{"state": "running", "pid": 7, "uptime": 1.5, "sched": None}]
+    assert encode_response(9, Packed(pack_value(value))) == encode_response(9, value)
+
+
+async def test_rows_are_what_the_supervisor_says_field_for_field(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")  # starting until "go": it has a pid and a sched
+    await d.wait_for("talky:n-0", lambda w: w["pid"] is not None)
+    await d.call("stop", tenant="calm")  # stopped rows beside running ones
+    await d.call("start", tenant="calm", wait=True)
+    # A run is `running` from its spawn; its nice and policy are applied just before its
+    # first instruction, one after the other: wait until the kernel shows both.
+    for i in range(3):
+        await d.wait_for(f"calm:w-{i}", lambda w: w["sched"]["policy"] == "batch")
+    await d.call("run", partition="tenants", command=["sleep", "60"])  # a job's row too
+    for _ in range(2):  # the second answer comes from the reused rows
+        got = await d.call("status")
+        sup = d.daemon.supervisor
+        expected = sup.status() + d.daemon.jobs.status()
+        await with_sched(expected, d.daemon.blocking)
+        # Same rows, same fields in the same order, same values (uptime moves on).
+        assert [list(r) for r in got] == [list(r) for r in expected]
+        assert without_uptime(got) == without_uptime(expected)
+        for g, e in zip(got, expected, strict=True):
+            if e["uptime"] is None:
+                assert g["uptime"] is None
+            else:
+                assert 0 <= e["uptime"] - g["uptime"] < 5
+        assert [r["state"] for r in got] == ["running"] * 3 + ["starting", "running"]
+        assert all(r["sched"] is not None for r in got)
+        assert [(r["sched"]["policy"], r["sched"]["nice"]) for r in got] == [("batch", 5)] * 3 + [
+            ("other", 0)
+        ] * 2
+        one = await d.call("status", tenant="calm")
+        assert without_uptime(one) == without_uptime(got[:3])
+
+
+async def test_a_change_is_in_the_very_next_answer(cfg: ConfigDir, start_daemon) -> None:
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    before = {w["name"]: w for w in await d.call("status")}
+    assert before["calm:w-1"]["state"] == "running"
+
+    # Stopped: state, pid, exit reason and sched change together, answered at once.
+    await d.call("stop", tenant="calm", wait=True)
+    after = {w["name"]: w for w in await d.call("status")}
+    for i in range(3):
+        w = after[f"calm:w-{i}"]
+        assert (w["state"], w["pid"], w["uptime"], w["sched"]) == ("stopped", None, None, None)
+        assert w["exit_reason"] is not None
+
+    await d.call("start", tenant="calm", wait=True)
+    again = {w["name"]: w for w in await d.call("status")}
+    pid = again["calm:w-1"]["pid"]
+    assert again["calm:w-1"]["state"] == "running" and pid != before["calm:w-1"]["pid"]
+    assert again["calm:w-1"]["restarts"] == 0
+
+    # Killed behind the daemon's back: the restart shows a new pid and one more restart,
+    # with nothing in between for a cache to notice but the values themselves.
+    os.kill(pid, signal.SIGKILL)
+    w = await d.wait_for("calm:w-1", lambda w: w["pid"] not in (None, pid))
+    assert w["restarts"] == 1 and w["exit_reason"] == "signal:SIGKILL"
+    assert not pid_alive(pid)
+
+    # A value that changes while the state stays: the worker's sd_notify STATUS=.
+    for text in ("one", "two"):
+        (cfg.root / "said").write_text(text)
+        w = await d.wait_for("talky:n-0", lambda w, t=text: w["status_text"] == t)
+        assert w["state"] == "running"
+
+
+async def test_many_rows_go_through_the_pool_and_say_the_same(
+    cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above INLINE_SCHED_PIDS the sched syscalls run in the slow-I/O pool: same answer.
+    from supervisord_qnx.control import statusrows
+
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    inline = await d.call("status")
+    monkeypatch.setattr(statusrows, "INLINE_SCHED_PIDS", 0)
+    pooled = await d.call("status")
+    assert without_uptime(pooled) == without_uptime(inline)
+    assert msgpack.packb(without_uptime(pooled)) == msgpack.packb(without_uptime(inline))
+
+
+async def test_fields_picks_a_compact_form_and_refuses_unknown_names(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    await d.call("run", partition="tenants", command=["sleep", "60"])
+    full = await d.call("status")
+    # Every field a row can carry can be asked for (a new field must be added there too).
+    from supervisord_qnx.control.statusrows import ROW_FIELDS
+
+    assert {k for r in full for k in r} <= ROW_FIELDS
+
+    small = await d.call("status", fields=["state", "name", "memory_denied", "state"])
+    assert [list(r) for r in small] == [["state", "name"]] * len(full)
+    assert small == [{"state": r["state"], "name": r["name"]} for r in full]
+    with_sched = await d.call("status", tenant="calm", fields=["pid", "sched"])
+    assert with_sched == [{"pid": r["pid"], "sched": r["sched"]} for r in full[:3]]
+    jobs = await d.call("status", tenant="job", fields=["job", "state"])
+    assert jobs == [{"job": 1, "state": "running"}]
+
+    for bad in (["stat"], [], [7]):
+        with pytest.raises(RpcError) as err:
+            await d.call("status", fields=bad)
+        assert err.value.code == ErrorCode.BAD_REQUEST
+        assert "fields" in err.value.message
