@@ -436,6 +436,37 @@ def test_destroy_leaves_no_directory_behind(backend: Cgroup1Backend) -> None:
     assert not any(r.exists() for r in backend.roots)
 
 
+def test_destroy_all_kills_and_removes_everything_even_a_process_one_hierarchy_lost(
+    backend: Cgroup1Backend,
+) -> None:
+    """The shutdown's removal lists one hierarchy and reads its ``cgroup.procs`` only
+    (every worker is in its leaf in all of them); a process that is in a leaf in every
+    hierarchy but the first (moved out of it by someone else) is still found and killed,
+    and every directory still goes."""
+    tree = make_tree(
+        backend,
+        ("tenants", {"flags": HIER, "memory_max": 256 * MiB}),
+        ("tenants/a", {"memory_max": 64 * MiB, "pids_max": 20}),
+        ("tenants/b", {"memory_max": 64 * MiB}),
+    )
+    procs = [
+        backend.spawn(request(p, f"{p[-1]}-{i}", ["sleep", "30"]))
+        for p in ("tenants/a", "tenants/b")
+        for i in range(2)
+    ]
+    # The last one leaves its leaf in the first hierarchy for that hierarchy's root.
+    first = backend.roots[0]
+    (first.parent / "cgroup.procs").write_text(str(procs[-1].pid))
+    leaf = first / "tenants" / "b" / f"{fs.LEAF_PREFIX}b-1"
+    assert str(procs[-1].pid) not in (leaf / "cgroup.procs").read_text().split()
+    assert backend.destroy_all([node.path for node in tree]) == []
+    for p in procs:
+        assert p.wait(timeout=5) == -signal.SIGKILL
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []
+    backend.close()
+    assert not any(r.exists() for r in backend.roots)
+
+
 def test_release_leaf_kills_stragglers_and_removes_the_leaf(backend: Cgroup1Backend) -> None:
     make_tree(backend, ("r", {}))
     # The worker's main process exits at once, leaving a grandchild behind in the leaf.
