@@ -38,8 +38,12 @@ def test_a_running_daemon_has_not_loaded_openssl_asyncio_or_hashlib(
     beat_tenant(cfg, "alpha")
     cfg.write()
     d = daemon()
-    # Running its worker, its state written (a digest) and a status call answered.
+    # Running its worker, its state written (a digest) and a status call answered; then
+    # a restart (a stop, an exit, a spawn from the worker threads) and the events.
     assert ctl_status_running(cfg.socket) == {"alpha:beat-0"}
+    ctl(cfg.socket, "restart", "alpha", check=True)
+    assert ctl_status_running(cfg.socket) == {"alpha:beat-0"}
+    ctl(cfg.socket, "events", check=True)
     maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
     assert "libcrypto" not in maps and "libssl" not in maps, maps
     assert "_asyncio" not in maps and "_hashlib" not in maps, maps
