@@ -436,6 +436,38 @@ def test_destroy_leaves_no_directory_behind(backend: Cgroup1Backend) -> None:
     assert not any(r.exists() for r in backend.roots)
 
 
+def test_destroy_all_kills_and_removes_everything_even_a_process_one_hierarchy_lost(
+    backend: Cgroup1Backend,
+) -> None:
+    """The shutdown's removal lists one hierarchy and reads its ``cgroup.procs`` only
+    (every worker is in its leaf in all of them); a process that is in its leaf in every
+    hierarchy but one (moved out of it by someone else) is still found and killed, and
+    every directory still goes, whichever hierarchy that one is."""
+    roots = backend.roots
+    tree = make_tree(
+        backend,
+        ("tenants", {"flags": HIER, "memory_max": 256 * MiB}),
+        ("tenants/a", {"memory_max": 64 * MiB, "pids_max": 20}),
+        ("tenants/b", {"memory_max": 64 * MiB}),
+    )
+    kept = backend.spawn(request("tenants/a", "a-0", ["sleep", "30"]))
+    procs = [kept]
+    # One process per hierarchy, each moved out of its leaf there into that hierarchy's
+    # cgroup above our root.
+    for i, root in enumerate(roots):
+        proc = backend.spawn(request("tenants/b", f"b-{i}", ["sleep", "30"]))
+        leaf = root / "tenants" / "b" / f"{fs.LEAF_PREFIX}b-{i}"
+        (root.parent / "cgroup.procs").write_text(str(proc.pid))
+        assert str(proc.pid) not in (leaf / "cgroup.procs").read_text().split()
+        procs.append(proc)
+    assert backend.destroy_all([node.path for node in tree]) == []
+    for p in procs:
+        assert p.wait(timeout=5) == -signal.SIGKILL
+    assert [d for d in tree_dirs(roots) if d not in roots] == []
+    backend.close()
+    assert not any(r.exists() for r in roots)
+
+
 def test_release_leaf_kills_stragglers_and_removes_the_leaf(backend: Cgroup1Backend) -> None:
     make_tree(backend, ("r", {}))
     # The worker's main process exits at once, leaving a grandchild behind in the leaf.

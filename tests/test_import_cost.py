@@ -5,8 +5,14 @@ those requests: here, prometheus_client, at the first ``metrics`` call or textfi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import ConfigDir
+from tests.test_cli import DaemonProc, beat_tenant, ctl, daemon  # noqa: F401 - the fixture
 
 
 def test_the_daemon_does_not_import_prometheus_client_before_it_renders_metrics() -> None:
@@ -20,3 +26,72 @@ def test_the_daemon_does_not_import_prometheus_client_before_it_renders_metrics(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "False", out
+
+
+def test_a_running_daemon_has_not_loaded_openssl_asyncio_or_hashlib(
+    cfg: ConfigDir,
+    daemon: Callable[[], DaemonProc],  # noqa: F811 - the fixture imported above
+) -> None:
+    """trio imports ssl and hmac, structlog asyncio, pydantic secrets; the daemon uses none
+    of them (supervisord_qnx/lazymod.py) and makes its own digests without hashlib
+    (supervisord_qnx/digest.py): OpenSSL's libraries are never mapped into it."""
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    d = daemon()
+    # Running its worker, its state written (a digest) and a status call answered; then
+    # a restart (a stop, an exit, a spawn from the worker threads) and the events.
+    assert ctl_status_running(cfg.socket) == {"alpha:beat-0"}
+    ctl(cfg.socket, "restart", "alpha", check=True)
+    assert ctl_status_running(cfg.socket) == {"alpha:beat-0"}
+    ctl(cfg.socket, "events", check=True)
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    assert "libcrypto" not in maps and "libssl" not in maps, maps
+    assert "_asyncio" not in maps and "_hashlib" not in maps, maps
+
+
+def ctl_status_running(sock: Path) -> set[str]:
+    data = json.loads(ctl(sock, "--json", "status", check=True).stdout)
+    return {w["name"] for w in data if w["state"] == "running"}
+
+
+def test_a_deferred_module_is_the_real_one_once_used() -> None:
+    """A stand-in loads the real module at its first attribute read, for the code that
+    imported it before (its reference) and after (``sys.modules``); a package's
+    submodules import through it."""
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.lazymod import defer\n"
+        "print(defer('asyncio', 'hmac'))\n"
+        "import asyncio, hmac\n"
+        "early = asyncio\n"
+        "print('_asyncio' in sys.modules, type(sys.modules['asyncio']).__name__)\n"
+        "import asyncio.events\n"
+        # One copy of the submodule: the one the real package imported for itself.
+        "assert asyncio.events.AbstractEventLoop is early.AbstractEventLoop\n"
+        "assert sys.modules['asyncio.events'] is sys.modules['asyncio'].events\n"
+        "async def answer():\n"
+        "    return 42\n"
+        "print(early.run(answer()), type(sys.modules['asyncio']).__name__)\n"
+        "import asyncio as later\n"
+        "print(later.run(answer()), later.Queue is early.Queue)\n"
+        "print(hmac.new(b'k', b'm', 'sha256').hexdigest()[:8])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines() == [
+        "['asyncio', 'hmac']",
+        "False _Deferred",
+        "42 module",
+        "42 True",
+        "b60090e3",
+    ], out
+
+
+def test_the_daemons_digests_are_sha256() -> None:
+    import hashlib
+
+    from supervisord_qnx.digest import sha256_hex
+
+    for data in (b"", b"state", bytes(range(256)) * 40):
+        assert sha256_hex(data) == hashlib.sha256(data).hexdigest()

@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Before anything imports trio, structlog or pydantic (supervisord_qnx/lazymod.py).
+    from supervisord_qnx.lazymod import DAEMON_DEFERRED, defer
+
+    defer(*DAEMON_DEFERRED)
     # Must run before anything imports trio: on QNX it installs the poll(2) back end.
     io_backend = _select_io()
     from supervisord_qnx import __version__

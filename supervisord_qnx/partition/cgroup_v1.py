@@ -85,6 +85,7 @@ cannot mistake the daemon for a tenant - it also refuses to signal its own pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -147,6 +148,16 @@ def _discover(
         for c in ctrls:
             found[c] = h
     return found
+
+
+def _no_tasks(pids: Hierarchy, tops: Sequence[str]) -> bool:
+    """True if ``pids.current`` (every task in the subtree, counted by the kernel) reads 0
+    for each of ``tops``: then none of their directories' ``cgroup.procs`` need reading
+    (at a shutdown the workers are gone already: 2000 reads saved at 1000 tenants)."""
+    try:
+        return all(int((pids.root / top / "pids.current").read_text().strip()) == 0 for top in tops)
+    except (OSError, ValueError):
+        return False
 
 
 class Cgroup1Backend(fs.CgroupBackendBase):
@@ -452,14 +463,17 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         the partitions' removal (issue 14)."""
         paths = [p for p in paths if p]
         outermost = [p for p in paths if not any(q != p and fs.under(p, q) for q in paths)]
+        with self._lock:
+            for top_path in outermost:
+                self._forget(top_path)
+        if self._destroy_mirrored(outermost):
+            return []
+        # What the quick pass left (anything it did not expect), the thorough way.
         where: dict[Path, str] = {}
         for top_path in outermost:
             for top in self._dirs(top_path):
                 for d in fs.subtree_dirs(top):  # deepest first within each subtree
                     where.setdefault(d, top_path)
-        with self._lock:
-            for top_path in outermost:
-                self._forget(top_path)
         failures: list[tuple[str, Exception]] = []
         try:
             fs.kill_subtree(lambda: where, ", ".join(outermost))
@@ -475,6 +489,35 @@ class Cgroup1Backend(fs.CgroupBackendBase):
                 failed.add(where[d])
                 failures.append((where[d], exc))
         return failures
+
+    def _destroy_mirrored(self, outermost: Sequence[str]) -> bool:
+        """``destroy_all``'s quick pass: True if it removed everything. The daemon makes
+        the same directories in every hierarchy and attaches every process it starts to
+        its leaf in all of them, so one hierarchy's subtrees are listed, and their
+        ``cgroup.procs`` read, instead of all five (at 100 tenants, 200 of 1005
+        directories; each memory cgroup lists some 30 files). The first ``rmdir`` that
+        fails (a directory only one hierarchy has, a process that left the subtree in
+        one hierarchy only, a cgroup the kernel still calls busy) ends it: the thorough
+        pass then lists and removes whatever is left, with retries."""
+        if not self._hier:
+            return True
+        # The pids hierarchy lists the fewest files per directory (a memory cgroup's
+        # some 30): os.walk of 2000 of them was most of this pass at 1000 tenants.
+        first = self._by_ctrl.get("pids") or self._hier[0]
+        where: dict[Path, str] = {}
+        for top_path in outermost:
+            for d in fs.subtree_dirs(self._dir(first, top_path)):
+                where.setdefault(d.relative_to(first.root), top_path)
+        try:
+            if not (first is self._by_ctrl.get("pids") and _no_tasks(first, outermost)):
+                fs.kill_subtree(lambda: (first.root / rel for rel in where), ", ".join(outermost))
+            for rel in sorted(where, key=lambda r: len(r.parts), reverse=True):
+                for h in self._hier:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(h.root / rel)
+        except (OSError, BackendError):
+            return False
+        return not any(self._dir(h, p).exists() for p in outermost for h in self._hier)
 
     def _remove_subtree(self, tops: Sequence[Path], path: str) -> None:
         for top in tops:

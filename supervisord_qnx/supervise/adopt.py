@@ -35,7 +35,6 @@ writer.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -50,6 +49,7 @@ import structlog
 import trio
 
 from supervisord_qnx.config.model import TenantSpec, WorkerBase
+from supervisord_qnx.digest import sha256_hex
 from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend
 from supervisord_qnx.partition.proctime import LINUX, LinuxClock, QnxClock
@@ -74,7 +74,7 @@ def definition(tenant: TenantSpec, worker: WorkerBase) -> str:
     """A fingerprint of what a worker runs: a change while no daemon ran restarts it."""
     data = {"partition": tenant.path, "worker": worker.model_dump(mode="json")}
     text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return sha256_hex(text.encode())[:16]
 
 
 def kind_of(inst: Instance) -> str:

@@ -21,7 +21,6 @@ carry an adopted leaf and are spared.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import structlog
 
+from supervisord_qnx.digest import sha256_hex
 from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.proctime import LINUX
 
@@ -40,7 +40,7 @@ OWNER_ENV = accounting.OWNER
 
 def owner_value(state_dir: Path) -> str:
     """This daemon's owner value: the same for every daemon of one ``state_dir``."""
-    return hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+    return sha256_hex(os.path.realpath(state_dir).encode())[:16]
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:

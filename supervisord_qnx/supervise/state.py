@@ -23,7 +23,6 @@ tenant of 100 workers starting) costs one or two writes, not a hundred.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -36,6 +35,7 @@ import structlog
 import trio
 
 from supervisord_qnx import atomicfile
+from supervisord_qnx.digest import sha256_hex
 
 log = structlog.get_logger("supervisord_qnx.state")
 
@@ -54,7 +54,7 @@ class Unusable(Exception):
 
 def encode(body: dict[str, Any]) -> bytes:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    digest = sha256_hex(canonical.encode())
     return json.dumps(
         {"format": FORMAT, "version": VERSION, "sha256": digest, "body": body},
         sort_keys=True,
@@ -78,7 +78,7 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Unusable("no body")
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    if hashlib.sha256(canonical.encode()).hexdigest() != outer.get("sha256"):
+    if sha256_hex(canonical.encode()) != outer.get("sha256"):
         raise Unusable("checksum mismatch (torn or edited)")
     return body
 
