@@ -194,6 +194,15 @@ class ChildReaper:
                 if got == pid:
                     self.orphans_reaped += 1
 
+    def orphans(self) -> list[int]:
+        """The daemon's children it did not start: a worker's descendants re-parented to
+        it (as child subreaper) when their parent ended. Thread-safe; reads one file per
+        daemon thread. A child being spawned right now (not yet registered) may be among
+        them: callers tell them apart by what they look for (a leaf's tag)."""
+        with self._lock:
+            own = set(self._own)
+        return [pid for pid in _our_children() if pid not in own]
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
             task_status.started()
