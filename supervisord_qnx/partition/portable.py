@@ -379,12 +379,13 @@ class PortableBackend(Backend):
         try:
             if self._orphans is None or key in self._unrooted:
                 return None  # only a scan can tell: in a thread
-            root = self._roots.get(key)
+            # Its process ended: the record goes (its pid may be reused from now on).
+            self._roots.pop(key, None)
             reason = "memory-limit" if key in self._limit_killed else None
             self._limit_killed.discard(key)
         finally:
             self._lock.release()
-        return LeafExit(reason, tuple(self._members_below(root, path, leaf)))
+        return LeafExit(reason, tuple(self._members_below(None, path, leaf)))
 
     def release_leaf(self, path: str, leaf: str) -> None:
         with self._lock:
@@ -393,6 +394,7 @@ class PortableBackend(Backend):
 
     def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
         with self._lock:
+            self._roots.pop((path, leaf), None)  # its process ended (the contract)
             if (path, leaf) in self._limit_killed:
                 self._limit_killed.discard((path, leaf))
                 return "memory-limit"
@@ -479,11 +481,17 @@ class PortableBackend(Backend):
         two small reads per worker instead of every process on the machine."""
         assert self._orphans is not None
         known = {pid: f"{path}:{leaf}" for (path, leaf), pid in roots.items()}
+        own = os.getpid()
+
+        def still_ours(proc: accounting.ProcInfo) -> bool:
+            # A worker's pid taken by another process since it ended is not followed:
+            # neither it nor what is below it is ours (the scan's `_ours` rule).
+            return proc.pid not in known or proc.ppid == own or proc.pid in self._adopted
+
         found: list[tuple[accounting.ProcInfo, str | None]] = []
-        for proc, depth in proctree.subtree([*known, *self._orphans(), *self._attached]):
+        trees = proctree.subtree([*known, *self._orphans(), *self._attached], still_ours)
+        for proc, depth in trees:
             if depth == 0 and proc.pid in known:
-                if proc.ppid != os.getpid() and proc.pid not in self._adopted:
-                    continue  # its pid was taken by another process since it ended
                 found.append((proc, known[proc.pid]))
             else:
                 found.append((proc, self._tag_or_attached(proc.pid)))

@@ -20,7 +20,7 @@ the scan would count as ours as well (``PortableBackend._ours``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from supervisord_qnx.partition import accounting
 
@@ -72,9 +72,13 @@ def children(pid: int, threads: int = 0) -> list[int]:
     return out
 
 
-def subtree(roots: Iterable[int]) -> Iterator[tuple[accounting.ProcInfo, int]]:
+def subtree(
+    roots: Iterable[int], root_ok: Callable[[accounting.ProcInfo], bool] | None = None
+) -> Iterator[tuple[accounting.ProcInfo, int]]:
     """Each live process of the trees below ``roots`` (the roots included), with its depth
-    (0 for a root); a zombie and what is below it is left out, as a scan leaves it out."""
+    (0 for a root); a zombie and what is below it is left out, as a scan leaves it out,
+    and so is a root that ``root_ok`` refuses (a recorded pid taken by another process
+    since) with everything below it."""
     stack = [(pid, 0) for pid in roots]
     seen: set[int] = set()
     while stack:
@@ -86,6 +90,8 @@ def subtree(roots: Iterable[int]) -> Iterator[tuple[accounting.ProcInfo, int]]:
         if got is None:
             continue
         proc, threads = got
+        if depth == 0 and root_ok is not None and not root_ok(proc):
+            continue
         yield proc, depth
         stack.extend((child, depth + 1) for child in children(pid, threads))
 
