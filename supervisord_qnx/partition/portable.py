@@ -13,6 +13,14 @@ What it enforces, honestly:
 * ``memory-isolation``: *kernel*: every worker is its own process, and gets
   ``RLIMIT_CORE = 0`` so a crash leaves no dump of tenant memory behind.
 * Nothing else: no guaranteed minimum, no CPU budget, no task limit.
+
+Which processes are a partition's: those carrying its leaf tag (``accounting.py``)
+among the daemon's descendants. In the daemon (which tells the backend its orphans,
+``use_orphan_source``) they are read from the daemon's own process trees: each worker
+the backend started and what is below it, and the daemon's orphans
+(``partition/proctree.py``), at a cost that follows the tenants, not the machine. A
+whole /proc scan remains for partition-wide questions (``stats``, ``destroy``), for a
+leaf whose process the wasm fork server started, and without an orphan source.
 """
 
 from __future__ import annotations
