@@ -221,6 +221,7 @@ class Daemon:
         # A backend that runs helper commands (QNX's aps/on) must run them through the
         # reaper, whose orphan sweep would otherwise take their exit statuses.
         backend.use_utility_runner(self.reaper.run_utility)
+        backend.use_orphan_source(self.reaper.orphans)
         self.supervisor = Supervisor(config, tree, backend, self.reaper, self.events)
         self.jobs = Jobs(
             tree,

@@ -129,6 +129,34 @@ def test_worker_first_instruction_runs_in_its_leaf(backend: Cgroup1Backend, stra
         assert "supervisord-qnx" not in text, (task.name, text)
 
 
+def test_spawn_returns_with_the_worker_in_its_leaf_in_every_hierarchy(
+    backend: Cgroup1Backend,
+) -> None:
+    """The shim moves itself through each hierarchy's ``tasks`` and says so by letting go
+    of its stdin pipe: when ``spawn`` returns, every hierarchy lists the worker already
+    (no polling by the caller), and the worker's stdin is /dev/null, as it always was."""
+    make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/web", {"memory_max": 64 * MiB}))
+    r, w = os.pipe()
+    argv = ["sh", "-c", "if cat; then echo read-eof; else echo cat-failed; fi; exec sleep 30"]
+    try:
+        proc = backend.spawn(request("tenants/web", "web-0", argv, stdout=w))
+    finally:
+        os.close(w)
+    try:
+        # Read at once, before anything else runs here: no wait_for.
+        listed = {d: fs.read_procs(d) for d in backend._dirs("tenants/web", "web-0")}
+        with os.fdopen(r, "rb") as f:
+            line = f.readline().decode()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert len(listed) == len(backend._hier)
+    for d, pids in listed.items():
+        assert pids == [proc.pid], (d, pids)
+    # cat read /dev/null to its end: stdin was neither the shim's pipe nor closed.
+    assert line == "read-eof\n"
+
+
 async def test_concurrent_spawns_from_worker_threads(backend: Cgroup1Backend) -> None:
     make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/web", {"pids_max": 64}))
     procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -213,8 +213,9 @@ async def test_a_failing_backend_call_fails_one_worker(
 
     real_make_backend = conftest.make_backend
     monkeypatch.setattr(conftest, "make_backend", make_backend)
-    # `kill_leaf` runs when a run's leaf is cleared: after an exit. `spawn` runs at start.
-    tenant(cfg, "victim", '["sh", "-c", "sleep 0.2; exit 3"]', "autostart = true")
+    # `kill_leaf` runs when a run's leaf is cleared: after an exit that left a process in
+    # it (the background sleep; an empty leaf needs no clearing). `spawn` runs at start.
+    tenant(cfg, "victim", '["sh", "-c", "sleep 30 & sleep 0.2; exit 3"]', "autostart = true")
     tenant(cfg, "calm", SLEEPER)
     d = await start_daemon()
     calm = await d.worker("calm:w-0")

@@ -24,6 +24,7 @@ The interface, in the order the daemon uses it:
 ``probe(options)``          class method: ``None`` if it can work here, else the reason
 ``from_options(options)``   class method: build it (``BackendOptions``; one convention)
 ``use_utility_runner(run)`` run helper utilities (QNX ``aps``/``on``) through the reaper
+``use_orphan_source(fn)``   the daemon's children it did not start (the reaper's word)
 ``enforcement()``           control -> kernel / supervised / none
 ``check(tree)``             backend-specific admission problems (pure)
 ``describe(tree)``          each partition's name in the OS (for ``--check``)
@@ -41,6 +42,8 @@ The interface, in the order the daemon uses it:
 ``stats(path)``             live figures
 ``stats_many(paths)``       live figures of several partitions (default: ``stats`` each)
 ``leaf_exit_reason(..)``    ``oom-killed`` / ``memory-limit`` when the backend knows it
+``leaf_after_exit(..)``     that reason and what is left in the leaf, in one call
+``leaf_after_exit_now(..)`` the same on the event loop where it cannot block, else ``None``
 ``kill_leaf(path, leaf)``   async: SIGKILL a worker's leaf until it is empty
 ``release_leaf(path, lf)``  the worker is stopped for good: drop its leaf
 ``watch(tree, emit)``       async: the event source (pressure, OOM kills, limit kills)
@@ -160,6 +163,16 @@ class AttachPlan:
         }
 
 
+@dataclass(frozen=True)
+class LeafExit:
+    """A worker leaf just after its main process ended (``Backend.leaf_after_exit``)."""
+
+    reason: str | None  # ``oom-killed`` / ``memory-limit`` when the backend knows it
+    # Processes still in the leaf (grandchildren). Empty: nothing to clear, and nothing
+    # can enter an empty leaf but the daemon's next spawn into it.
+    members: tuple[int, ...] = ()
+
+
 @dataclass
 class PartitionStats:
     """Live figures for one partition, as the kernel (or the daemon's accounting) reports them.
@@ -235,6 +248,13 @@ class Backend(abc.ABC):
         """Run helper utilities through ``runner`` from now on. The daemon passes its
         child reaper's (see ``BackendOptions.run_utility``); backends that run no
         helpers ignore it."""
+        return None
+
+    def use_orphan_source(self, orphans: Callable[[], list[int]]) -> None:
+        """``orphans()`` lists the daemon's children that it did not start (a worker's
+        descendants re-parented to the daemon as child subreaper; the reaper knows).
+        A backend that finds a leaf's processes from its own records (portable) uses it;
+        others ignore it."""
         return None
 
     def lock_paths(self) -> list[Path]:
@@ -381,6 +401,20 @@ class Backend(abc.ABC):
         Called once after the worker's main process exited, before the leaf is
         reused; return ``None`` when the backend has nothing to add.
         """
+        return None
+
+    def leaf_after_exit(self, path: str, leaf: str) -> LeafExit:
+        """``leaf_exit_reason`` and the processes still in the leaf, in one call: after a
+        worker's main process ended, one thread hop instead of two (the exit reason, then
+        clearing the leaf). Blocking."""
+        me = os.getpid()  # never: a daemon thread can sit in a leaf mid-spawn
+        reason = self.leaf_exit_reason(path, leaf)
+        return LeafExit(reason, tuple(p for p in self.pids(path, leaf) if p != me))
+
+    def leaf_after_exit_now(self, path: str, leaf: str) -> LeafExit | None:
+        """``leaf_after_exit`` answered at once, on the event loop, by a backend that can
+        do it without blocking (reads of a few small kernel files, no lock another thread
+        may hold); ``None`` (the default): call ``leaf_after_exit`` in a thread."""
         return None
 
     async def kill_leaf(self, path: str, leaf: str) -> list[int]:

@@ -67,11 +67,14 @@ The worker must run its first instruction inside its leaf. Three ways, all imple
 * ``"preexec"``: ``preexec_fn`` writes the child's pid to ``cgroup.procs``. Correct, but it
   forces a full ``fork`` of the (large) daemon instead of ``vfork``, and running Python
   between fork and exec in a threaded daemon risks deadlocks on locks other threads held.
-* ``"shim"`` (default): exec ``/bin/sh -c 'echo $$ > .../cgroup.procs ...; exec "$@"'``.
+* ``"shim"`` (default): exec ``/bin/sh -c 'echo 0 > .../tasks ...; exec "$@"'``.
   Keeps vfork, and the migrations happen in the child, off the daemon's critical path and
   in parallel with the next spawn; the worker's first instruction still runs inside (the
   shell attaches, then execs the worker under the same pid; if the leaf vanished
-  meanwhile the shell exits 126 and the worker never runs). Measured on the CI machine,
+  meanwhile the shell exits 126 and the worker never runs). The shell moves its one
+  thread (``0`` into ``tasks``), which the kernel does without the global
+  ``cgroup_threadgroup_rwsem``, and tells the spawning thread it is in by letting go of
+  its stdin pipe (``cgroupfs.JOIN_SHIM``). Measured on the CI machine,
   100 spawns timed until every worker sits in its leaf (best of 5, loaded 2-CPU VM):
   floor 178 ms, shim 238-265 ms (1.3-1.5x), thread 554-616 ms (3.1-3.5x), preexec
   ~1000 ms (5.5x). Hence the default; the cgroup2 backend uses the same shim.
@@ -573,7 +576,8 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         if self.spawn_strategy == "preexec":
             # Measured alternative only (bench/bench_spawn.py); see the module docstring.
             return subprocess.Popen(argv, preexec_fn=fs.preexec_attach(procs), **kwargs)
-        return fs.spawn_shim(argv, procs, kwargs)
+        # The shim moves its one thread through `tasks` (no global lock: fs.JOIN_SHIM).
+        return fs.spawn_shim(argv, [str(d / "tasks") for d in dirs], kwargs)
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         self.ensure_leaf(request.partition, request.leaf)

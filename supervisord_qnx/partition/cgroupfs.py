@@ -82,6 +82,7 @@ from supervisord_qnx.partition.backend import (
     BackendUnavailable,
     EventKind,
     EventSink,
+    LeafExit,
 )
 from supervisord_qnx.partition.tree import Partition, PartitionTree
 
@@ -328,40 +329,52 @@ def spawn_shim(
 ) -> subprocess.Popen[bytes]:
     """Exec ``/bin/sh`` to attach itself, then ``exec`` the worker (same pid).
 
-    Used by both cgroup backends: it keeps the spawn on the vfork path (no preexec_fn)."""
+    Used by both cgroup backends: it keeps the spawn on the vfork path (no preexec_fn).
+    ``procs`` are ``cgroup.procs`` files (the shell writes its pid) or, cgroup v1, the
+    ``tasks`` files of the leaf (it writes ``0``: see ``JOIN_SHIM``)."""
     env = kwargs.get("env")
     path_var = env.get("PATH") if isinstance(env, dict) else None
     # The shell would turn a missing program into exit 127; raise as Popen would.
     if "/" not in argv[0] and shutil.which(argv[0], path=path_var or os.defpath) is None:
         raise FileNotFoundError(2, f"No such file or directory: {argv[0]!r}")
-    full = ["/bin/sh", "-c", SHIM, "sh", str(len(procs)), *procs, *argv]
-    proc = subprocess.Popen(full, **kwargs)
-    if procs:
-        # Return once the shim is in its last cgroup (it writes them in order, then
-        # execs), so that "spawned" means "inside its partition" to everyone who looks.
-        _wait_joined(proc.pid, Path(procs[-1]))
+    if not procs:
+        return subprocess.Popen(argv, **kwargs)
+    # The shim's stdin is the write end of a pipe until it has joined its last cgroup:
+    # it then takes /dev/null (what a worker's stdin always is), and the read end here
+    # sees EOF. So "spawned" means "inside its partition" to everyone who looks, learnt
+    # from the kernel at once instead of by polling cgroup.procs.
+    joined, joining = os.pipe()
+    try:
+        full = ["/bin/sh", "-c", JOIN_SHIM, "sh", str(len(procs)), *procs, *argv]
+        proc = subprocess.Popen(full, **{**kwargs, "stdin": joining})
+    except BaseException:
+        os.close(joined)
+        raise
+    finally:
+        os.close(joining)
+    try:
+        # A shim that could not attach exits 126: EOF as well. The timeout is for a
+        # shell stuck in a cgroup write (the kernel's cgroup mutex held elsewhere).
+        select.select([joined], [], [], JOIN_TIMEOUT)
+    finally:
+        os.close(joined)
     return proc
 
 
-def _wait_joined(pid: int, procs: Path, timeout: float = 2.0) -> None:
-    """Wait until ``pid`` is listed in ``procs``, or has ended (a shim that could not
-    attach exits 126), or ``timeout`` passes. Blocking: spawns run in worker threads."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0002
-    while time.monotonic() < deadline:
-        if pid in read_procs(procs.parent) or not _running(pid):
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.01)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != b"Z"
+# Writes each file given (its pid into a ``cgroup.procs``; ``0``, i.e. "this thread",
+# into a v1 ``tasks`` file), then swaps its stdin (``spawn_shim``'s pipe) for /dev/null
+# and execs the worker. Why ``0`` into ``tasks`` (cgroup v1): moving a pid takes the
+# kernel's global cgroup_threadgroup_rwsem for writing, which waits for an RCU grace
+# period when the lock was idle (10-15 ms for the first of a spawn's moves on the loaded
+# CI machine, bench/bench_supervisor.py); the kernel moves the *calling thread* ("0",
+# and not through cgroup.procs) without that lock. The shell has one thread, so moving
+# it moves the whole process, as cgroup.procs would.
+JOIN_SHIM = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do case "$1" in */tasks) v=0;; *) v=$$;; esac; '
+    'echo $v > "$1" || exit 126; shift; n=$((n-1)); done; exec <>/dev/null; exec "$@"'
+)
+# How long a spawn waits for its shim to join its leaf before it returns anyway.
+JOIN_TIMEOUT = 2.0
 
 
 # --------------------------------------------------------------------------- killing
@@ -633,6 +646,21 @@ class CgroupBackendBase(Backend):
             before = self._oom_base.get((path, leaf), now)
             self._oom_base[(path, leaf)] = now
         return "oom-killed" if now > before else None
+
+    def leaf_after_exit_now(self, path: str, leaf: str) -> LeafExit | None:
+        """On the event loop: the OOM counter (one small file) and the leaf's
+        ``cgroup.procs`` are kernel memory, read without sleeping on I/O (the watch loop
+        reads the same counters there); only the bookkeeping lock could make it wait, so
+        when another thread holds it the caller takes the thread hop instead. Measured
+        here: 0.05-0.1 ms per exit (docs/benchmarks.md)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            reason = self.leaf_exit_reason(path, leaf)
+        finally:
+            self._lock.release()
+        me = os.getpid()
+        return LeafExit(reason, tuple(p for p in self.pids(path, leaf) if p != me))
 
     def release_leaf(self, path: str, leaf: str) -> None:
         with self._lock:

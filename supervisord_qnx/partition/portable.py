@@ -13,6 +13,14 @@ What it enforces, honestly:
 * ``memory-isolation``: *kernel*: every worker is its own process, and gets
   ``RLIMIT_CORE = 0`` so a crash leaves no dump of tenant memory behind.
 * Nothing else: no guaranteed minimum, no CPU budget, no task limit.
+
+Which processes are a partition's: those carrying its leaf tag (``accounting.py``)
+among the daemon's descendants. In the daemon (which tells the backend its orphans,
+``use_orphan_source``) they are read from the daemon's own process trees: each worker
+the backend started and what is below it, and the daemon's orphans
+(``partition/proctree.py``), at a cost that follows the tenants, not the machine. A
+whole /proc scan remains for partition-wide questions (``stats``, ``destroy``), for a
+leaf whose process the wasm fork server started, and without an orphan source.
 """
 
 from __future__ import annotations
@@ -23,11 +31,11 @@ import resource
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from supervisord_qnx.partition import accounting, container, seccomp
+from supervisord_qnx.partition import accounting, container, proctree, seccomp
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     Backend,
@@ -38,6 +46,7 @@ from supervisord_qnx.partition.backend import (
     Enforcement,
     EventKind,
     EventSink,
+    LeafExit,
     PartitionStats,
     SpawnRequest,
 )
@@ -96,6 +105,12 @@ class PortableBackend(Backend):
         self._lock = threading.Lock()
         # Leaf membership checks share /proc scans (accounting.SharedScan).
         self._scans = accounting.SharedScan(self._scan)
+        # Where a leaf's processes are found without a scan (partition/proctree.py): the
+        # process spawn started in it (or the adopted worker), and the daemon's orphans.
+        self._roots: dict[tuple[str, str], int] = {}
+        self._orphans: Callable[[], list[int]] | None = None
+        # Leaves whose process starts elsewhere (the wasm fork server): pid unknown here.
+        self._unrooted: set[tuple[str, str]] = set()
         # Set by watch() while it sleeps for want of a partition with a max.
         self._watch_wake: tuple[trio.lowlevel.TrioToken | None, trio.Event | None] = (None, None)
 
@@ -127,6 +142,9 @@ class PortableBackend(Backend):
 
     def set_owner(self, owner: str) -> None:
         self.owner = owner
+
+    def use_orphan_source(self, orphans: Callable[[], list[int]]) -> None:
+        self._orphans = orphans
 
     def reap_leftovers(self) -> list[str]:
         # Nothing of ours outlives the daemon in the OS except processes, and a
@@ -179,6 +197,9 @@ class PortableBackend(Backend):
         for p in list(self._partitions):
             if p == path or p.startswith(path + "/"):
                 self._partitions.pop(p, None)
+        with self._lock:
+            for key in [k for k in self._roots if k[0] == path or k[0].startswith(path + "/")]:
+                del self._roots[key]
 
     def _prepare(self, request: SpawnRequest) -> tuple[list[tuple[int, int]], dict[str, str]]:
         """The rlimits and the leaf tag a new worker gets, however it is started; forgets
@@ -201,10 +222,19 @@ class PortableBackend(Backend):
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         limits, tag = self._prepare(request)
         argv = _shim(self.exec_argv(request), limits) if limits else self.exec_argv(request)
-        return subprocess.Popen(argv, **request.popen_kwargs({**request.env, **tag}))
+        proc = subprocess.Popen(argv, **request.popen_kwargs({**request.env, **tag}))
+        with self._lock:
+            key = (request.partition, request.leaf)
+            self._roots[key] = proc.pid
+            self._unrooted.discard(key)
+        return proc
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         limits, tag = self._prepare(request)
+        with self._lock:
+            key = (request.partition, request.leaf)
+            self._roots.pop(key, None)
+            self._unrooted.add(key)
         return AttachPlan(rlimits=tuple(limits), env=tag)
 
     def attach(self, path: str, pid: int) -> list[int] | None:
@@ -268,8 +298,41 @@ class PortableBackend(Backend):
         return accounting.members(procs, roots, lambda tag: accounting.in_subtree(tag, path), tags)
 
     def pids(self, path: str, leaf: str | None = None) -> list[int]:
+        if leaf is not None:
+            found = self._leaf_pids(path, leaf)
+            if found is not None:
+                return found
         procs, tags = self._scans.get()
         return sorted(self._members(procs, path, leaf, tags))
+
+    def _leaf_pids(self, path: str, leaf: str) -> list[int] | None:
+        """A leaf's processes from its own trees (partition/proctree.py): below the
+        process started in it, and below the daemon's orphans (what an ended worker left
+        is re-parented to the daemon). ``None``: only a scan can tell (no orphan source,
+        or the leaf's process was started elsewhere)."""
+        key = (path, leaf)
+        with self._lock:
+            if self._orphans is None or key in self._unrooted:
+                return None
+            root = self._roots.get(key)
+        return self._members_below(root, path, leaf)
+
+    def _members_below(self, root: int | None, path: str, leaf: str) -> list[int]:
+        assert self._orphans is not None
+        roots = self._orphans()
+        if root is not None and self._still_ours(root):
+            roots.append(root)
+        return proctree.members(roots, accounting.tag_value(path, leaf))
+
+    def _still_ours(self, pid: int) -> bool:
+        """A recorded root is still the process recorded (not a reused pid): the
+        daemon's child, or an adopted worker still carrying a tag."""
+        got = proctree.info(pid)
+        if got is None:
+            return False
+        if got[0].ppid == os.getpid():
+            return True
+        return pid in self._adopted and accounting.read_tag(pid, self.owner) is not None
 
     def _scan(self) -> tuple[dict[int, accounting.ProcInfo], dict[int, str | None]]:
         """One /proc snapshot and the tags of the daemon's descendants in it."""
@@ -282,11 +345,13 @@ class PortableBackend(Backend):
         own, owner = os.getpid(), self.owner
         return {pid: accounting.read_tag(pid, owner) for pid in self._ours(procs) if pid != own}
 
-    def adopt_worker(self, path: str, leaf: str, pid: int) -> None:  # noqa: ARG002
+    def adopt_worker(self, path: str, leaf: str, pid: int) -> None:
         # Its processes (and their descendants) count from now on; the set only grows by
         # the few workers adopted at a start, and a pid no longer alive matches nothing
         # (a reused one would have to carry our tag as well).
         self._adopted.add(pid)
+        with self._lock:
+            self._roots[(path, leaf)] = pid
 
     def stats(self, path: str) -> PartitionStats:
         procs = accounting.snapshot()
@@ -326,8 +391,33 @@ class PortableBackend(Backend):
             pids=sorted(pids),
         )
 
+    def leaf_after_exit_now(self, path: str, leaf: str) -> LeafExit | None:
+        """On the event loop when the leaf's trees answer (``_leaf_pids``): a few small
+        /proc reads (the children lists of the daemon's threads, then only the processes
+        below them: kernel memory, no I/O wait), and the limit-kill record, when no
+        other thread holds the bookkeeping lock this very moment (else: a thread)."""
+        key = (path, leaf)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._orphans is None or key in self._unrooted:
+                return None  # only a scan can tell: in a thread
+            # Its process ended: the record goes (its pid may be reused from now on).
+            self._roots.pop(key, None)
+            reason = "memory-limit" if key in self._limit_killed else None
+            self._limit_killed.discard(key)
+        finally:
+            self._lock.release()
+        return LeafExit(reason, tuple(self._members_below(None, path, leaf)))
+
+    def release_leaf(self, path: str, leaf: str) -> None:
+        with self._lock:
+            self._roots.pop((path, leaf), None)
+            self._unrooted.discard((path, leaf))
+
     def leaf_exit_reason(self, path: str, leaf: str) -> str | None:
         with self._lock:
+            self._roots.pop((path, leaf), None)  # its process ended (the contract)
             if (path, leaf) in self._limit_killed:
                 self._limit_killed.discard((path, leaf))
                 return "memory-limit"
@@ -386,24 +476,49 @@ class PortableBackend(Backend):
 
     def _tally(self) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
         """Resident bytes per partition (ancestors included, as in a cgroup tree) and the
-        (leaf, pid) members of each partition, from one /proc snapshot."""
+        (leaf, pid) members of each partition: from the daemon's own trees where every
+        leaf's process is known (``_tally_trees``), else from one /proc snapshot."""
+        with self._lock:
+            trees = self._orphans is not None and not self._unrooted
+            roots = dict(self._roots)
+        if trees:
+            return self._tally_trees(roots)
         procs = accounting.snapshot()
-        usage: dict[str, int] = {}
-        leaves: dict[str, set[tuple[str, int]]] = {}
-        for pid in set(self._ours(procs)):
-            tag = accounting.read_tag(pid, self.owner)
-            path = self._attached.get(pid)
-            leaf = ""
-            if tag is not None and ":" in tag:
-                path, leaf = tag.rsplit(":", 1)
-            if path is None:
-                continue
-            parts = path.split("/")
-            for i in range(len(parts), 0, -1):
-                prefix = "/".join(parts[:i])
-                usage[prefix] = usage.get(prefix, 0) + procs[pid].rss
-            leaves.setdefault(path, set()).add((leaf, pid))
-        return usage, leaves
+        found = [(procs[pid], self._tag_or_attached(pid)) for pid in set(self._ours(procs))]
+        return _add_up(found)
+
+    def _tag_or_attached(self, pid: int) -> str | None:
+        tag = accounting.read_tag(pid, self.owner)
+        if tag is not None and ":" in tag:
+            return tag
+        path = self._attached.get(pid)
+        return None if path is None else f"{path}:"
+
+    def _tally_trees(
+        self, roots: Mapping[tuple[str, str], int]
+    ) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
+        """``_tally`` reading only the daemon's trees (partition/proctree.py): each worker
+        (its tag is known: spawn set it) and what is below it, the orphans, the attached
+        processes. A process's partition is its tag, as in the scan: read for all but
+        the workers themselves (the few processes below them). At 1000 workers this is
+        two small reads per worker instead of every process on the machine."""
+        assert self._orphans is not None
+        known = {pid: f"{path}:{leaf}" for (path, leaf), pid in roots.items()}
+        own = os.getpid()
+
+        def still_ours(proc: accounting.ProcInfo) -> bool:
+            # A worker's pid taken by another process since it ended is not followed:
+            # neither it nor what is below it is ours (the scan's `_ours` rule).
+            return proc.pid not in known or proc.ppid == own or proc.pid in self._adopted
+
+        found: list[tuple[accounting.ProcInfo, str | None]] = []
+        trees = proctree.subtree([*known, *self._orphans(), *self._attached], still_ours)
+        for proc, depth in trees:
+            if depth == 0 and proc.pid in known:
+                found.append((proc, known[proc.pid]))
+            else:
+                found.append((proc, self._tag_or_attached(proc.pid)))
+        return _add_up(found)
 
     async def watch(self, tree: PartitionTree, emit: EventSink) -> None:
         del tree  # every partition of the tree went through create(), and jobs' too
@@ -421,3 +536,22 @@ class PortableBackend(Backend):
             for event in await trio.to_thread.run_sync(self.sample):
                 emit(event)
             await trio.sleep(self.sample_interval)
+
+
+def _add_up(
+    found: list[tuple[accounting.ProcInfo, str | None]],
+) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
+    """Usage per partition (each ancestor too) and ``(leaf, pid)`` per partition, from
+    processes with their ``path:leaf`` tags (``None``: not in any partition)."""
+    usage: dict[str, int] = {}
+    leaves: dict[str, set[tuple[str, int]]] = {}
+    for proc, tag in found:
+        if tag is None:
+            continue
+        path, leaf = tag.rsplit(":", 1)
+        parts = path.split("/")
+        for i in range(len(parts), 0, -1):
+            prefix = "/".join(parts[:i])
+            usage[prefix] = usage.get(prefix, 0) + proc.rss
+        leaves.setdefault(path, set()).add((leaf, proc.pid))
+    return usage, leaves

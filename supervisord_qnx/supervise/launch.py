@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 import trio
@@ -50,6 +50,11 @@ RUNNER_MODULE = "supervisord_qnx.wasm.runner"
 class Launcher:
     """Starts command workers (the base every kind shares)."""
 
+    # ``argv`` only copies the command and ``spawn`` is ``spawn_blocking`` in a thread:
+    # the supervisor may then build the request and spawn in that one thread (one hop
+    # per start instead of three). A kind that prepares files or spawns otherwise: False.
+    one_hop: ClassVar[bool] = True
+
     def __init__(self, backend: Backend, reaper: ChildReaper) -> None:
         self.backend = backend
         self.reaper = reaper
@@ -62,13 +67,13 @@ class Launcher:
 
     async def spawn(self, target: LaunchTarget, request: SpawnRequest) -> int:
         """Start the process inside its partition; return its pid (the reaper owns it)."""
+        return await trio.to_thread.run_sync(self.spawn_blocking, request)
 
-        def spawn_blocking() -> int:
-            _require_program(request)
-            with self.reaper.spawning():
-                return self.reaper.adopt(self.backend.spawn(request))
-
-        return await trio.to_thread.run_sync(spawn_blocking)
+    def spawn_blocking(self, request: SpawnRequest) -> int:
+        """``spawn``'s work, in the calling (worker) thread."""
+        _require_program(request)
+        with self.reaper.spawning():
+            return self.reaper.adopt(self.backend.spawn(request))
 
     async def exit_reason(self, target: LaunchTarget, status: int) -> ExitReason | None:
         """What the process itself reported about its end; ``None``: only the status knows."""
@@ -112,6 +117,8 @@ class WasmLauncher(Launcher):
     """Starts WebAssembly workers through the wasm runner: from the pre-initialised fork
     server where the backend can attach a process that it did not spawn (docs/wasm.md, 7.),
     otherwise as a plain runner process."""
+
+    one_hop: ClassVar[bool] = False  # argv writes the report's directory; spawn differs
 
     def __init__(
         self,

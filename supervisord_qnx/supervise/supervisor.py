@@ -122,6 +122,9 @@ class Instance:
     # start times (/proc/PID/stat field 22), which make their pids unambiguous later.
     ticks: int | str | None = None
     writer_ticks: int | str | None = None
+    # Its leaf read empty after the last run ended, and nothing was spawned into it
+    # since: the lifecycle's clear-leaf has nothing to kill (no thread hop).
+    leaf_empty: bool = False
 
     @property
     def leaf(self) -> str:
@@ -741,6 +744,8 @@ class Supervisor:
                 signal_group(run.pid, signal.SIGKILL)
         elif action in (Action.CLEAR_LEAF, Action.RELEASE_LEAF) and self._left_to_shutdown(inst):
             return  # the partition's removal kills what is left and removes the leaf
+        elif action is Action.CLEAR_LEAF and inst.leaf_empty:
+            inst.leaf_empty = False  # seen empty after the exit: nothing can be in it
         elif action is Action.CLEAR_LEAF:
             await self._with_partition(inst, lambda: self._clear_leaf(inst))
         elif action is Action.RELEASE_LEAF:
@@ -774,6 +779,7 @@ class Supervisor:
 
     async def _start_run(self, inst: Instance) -> None:
         lc = inst.lc
+        inst.leaf_empty = False  # a process of this spawn may be in the leaf from now on
         if inst.notify is not None:
             inst.notify.reset()  # what an earlier run queued or said is not this run's
         try:
@@ -843,10 +849,24 @@ class Supervisor:
             assert self._nursery is not None
             self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
         launcher = self._launcher(inst)
+        if launcher.one_hop:
+            # A command: its argv, its settings (user lookups) and the spawn in one
+            # worker thread, one hop on a restart's path instead of three.
+            def prepare_and_spawn() -> int:
+                argv = launcher.argv(inst.target)
+                process = self._process_settings(inst)
+                return launcher.spawn_blocking(self._request(inst, writer, argv, process))
+
+            return await trio.to_thread.run_sync(prepare_and_spawn)
         # In a thread: a launcher may prepare files first.
         argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
         process = await trio.to_thread.run_sync(self._process_settings, inst)
-        request = SpawnRequest(
+        return await launcher.spawn(inst.target, self._request(inst, writer, argv, process))
+
+    def _request(
+        self, inst: Instance, writer: logpipe.Writer, argv: list[str], process: ProcessSettings
+    ) -> SpawnRequest:
+        return SpawnRequest(
             partition=inst.partition,
             leaf=inst.leaf,
             argv=argv,
@@ -858,7 +878,6 @@ class Supervisor:
             # and memlock keys over its tenant's (config/realtime.py).
             process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec, base=process),
         )
-        return await launcher.spawn(inst.target, request)
 
     async def _start_time(self, pid: int) -> int | str | None:
         """A process's start time for the runtime state, by the backend's clock
@@ -906,13 +925,16 @@ class Supervisor:
         """The most specific reason: the backend's ``oom-killed``/``memory-limit`` over the
         launcher's own word (what the worker's runner reported) over the raw wait status."""
         try:
-            reason = (
-                None  # stopped by the shutdown: no thread hop, no backend lock
-                if self._left_to_shutdown(inst)
-                else await trio.to_thread.run_sync(
-                    self.backend.leaf_exit_reason, inst.partition, inst.leaf
-                )
-            )
+            if self._left_to_shutdown(inst):
+                reason = None  # stopped by the shutdown: no thread hop, no backend lock
+            else:
+                after = self.backend.leaf_after_exit_now(inst.partition, inst.leaf)
+                if after is None:
+                    after = await trio.to_thread.run_sync(
+                        self.backend.leaf_after_exit, inst.partition, inst.leaf
+                    )
+                reason = after.reason
+                inst.leaf_empty = not after.members
         except BackendError as exc:
             # The leaf's counters are gone (its partition removed from outside): the wait
             # status still tells how it ended; the next spawn re-creates the partition.
