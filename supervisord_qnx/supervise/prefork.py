@@ -57,6 +57,8 @@ class ForkServerKeeper:
                 # it; its watcher task reaps it.
                 self._kill_pid(server.pid)
             server = ForkServerClient(self.log_path)
+            # The portable accounting's owner value (its set_owner), for every forked worker.
+            server.owner = getattr(self.backend, "owner", None)
             server.attach_procs = await self._own_partition()
 
             def spawn_child(popen: Callable[[], int]) -> int:

@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from supervisord_qnx.partition.accounting import TAG, read_tag
+from supervisord_qnx.partition.accounting import OWNER, TAG, read_tag
 from supervisord_qnx.seqpacket import SeqpacketClient
 
 #: Placeholder value of the leaf tag in the server's own start-up environment; see
@@ -85,7 +85,7 @@ class ForkServerRefused(OSError):
 # -- the daemon's side ------------------------------------------------------------------
 
 
-def server_env() -> dict[str, str]:
+def server_env(owner: str | None = None) -> dict[str, str]:
     """The server's start-up environment, which every worker it forks shows in
     ``/proc/PID/environ`` (the block a process was exec'd with): never the daemon's own
     (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``, ``INVOCATION_ID``, secrets). A minimal PATH,
@@ -95,6 +95,10 @@ def server_env() -> dict[str, str]:
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env[TAG] = TAG_SLOT
+    if owner is not None:
+        # Beside the tag in every forked worker: the portable accounting counts a tag only
+        # with its own daemon's owner value (partition/accounting.py).
+        env[OWNER] = owner
     return env
 
 
@@ -111,6 +115,7 @@ class ForkServerClient(SeqpacketClient):
 
     def __init__(self, log_path: Path, python: str = sys.executable) -> None:
         super().__init__()
+        self.owner: str | None = None  # SUPERVISORD_QNX_OWNER for server_env
         self.log_path = log_path
         self.python = python
         # cgroup.procs files the server joins before its interpreter starts (its own
@@ -132,7 +137,7 @@ class ForkServerClient(SeqpacketClient):
                 def popen() -> int:
                     proc = subprocess.Popen(
                         argv,
-                        env=server_env(),
+                        env=server_env(self.owner),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
