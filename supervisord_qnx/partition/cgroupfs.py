@@ -355,7 +355,12 @@ def spawn_shim(
     try:
         # A shim that could not attach exits 126: EOF as well. The timeout is for a
         # shell stuck in a cgroup write (the kernel's cgroup mutex held elsewhere).
-        select.select([joined], [], [], JOIN_TIMEOUT)
+        # poll, not select: a daemon with 1000 workers has descriptors past FD_SETSIZE.
+        # The process exists by now: nothing here may lose it to an exception.
+        waiter = select.poll()
+        waiter.register(joined, select.POLLIN)
+        with contextlib.suppress(OSError):
+            waiter.poll(JOIN_TIMEOUT * 1000)
     finally:
         os.close(joined)
     return proc
