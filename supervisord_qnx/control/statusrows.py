@@ -245,6 +245,7 @@ class StatusRows:
             parts += (head, up, tail, sched_of(lc.pid, _NIL) if state in _LIVE else _NIL)  # type: ignore[arg-type]
         for job in jobs:
             live_job = job.get("state") in LIVE_STATES
+            job.pop("sched", None)  # re-added below as the last key, whatever the row held
             job["sched"] = None
             packed = pack_value(job)[:-1]  # without the None just added: spliced below
             parts.append(packed)
