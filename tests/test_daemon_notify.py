@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,15 @@ def notify_tenant(
 
 
 def environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(e.split("=", 1) for e in raw.decode().split("\0") if "=" in e)
+    # A worker behind the portable backend's rlimit shim may be inside its second execve
+    # (sh -> the program): for that instant the kernel shows an empty environment. Read
+    # again until it has one (a worker's always holds PATH at least).
+    deadline = time.monotonic() + 10
+    while True:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        if raw or time.monotonic() > deadline:
+            return dict(e.split("=", 1) for e in raw.decode().split("\0") if "=" in e)
+        time.sleep(0.01)
 
 
 async def staying(d, name: str, state: str, seconds: float) -> dict:
