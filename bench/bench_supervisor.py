@@ -728,6 +728,7 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
     try:
         time.sleep(0.5)  # let start-up work (imports, partition creation) settle
         out["rss_idle"] = sum(map(rss_bytes, tool.daemon_pids()))
+        out["rss_daemon_idle"] = rss_bytes(tool.pid)
         starts = []
         for r in range(args.rounds):
             t0 = time.perf_counter()
@@ -745,6 +746,11 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
         out["rss_daemon_running"] = rss_bytes(tool.pid)
         out["pss_running"] = sum(map(pss_bytes, tool.daemon_pids()))
         out["rss_per_worker"] = (out["rss_running"] - out["rss_idle"]) / tool.count
+        # The daemon process alone (issue 14's target): log writers and s6's supervise
+        # processes left out, so what the daemon itself keeps per running worker.
+        out["rss_daemon_per_worker"] = (
+            out["rss_daemon_running"] - out["rss_daemon_idle"]
+        ) / tool.count
 
         pids = tool.daemon_pids()
         c0, t0 = sum(map(cpu_seconds, pids)), time.monotonic()
@@ -923,6 +929,8 @@ ROWS: list[tuple[str, str, float, str]] = [
     ("rss_running", "RSS, N running", 1 / 2**20, "MiB"),
     ("rss_per_worker", "RSS per running worker", 1 / 2**10, "KiB"),
     ("rss_daemon_running", "RSS of the daemon process alone", 1 / 2**20, "MiB"),
+    ("rss_daemon_idle", "daemon alone, N configured, none running", 1 / 2**20, "MiB"),
+    ("rss_daemon_per_worker", "daemon alone, per running worker", 1 / 2**10, "KiB"),
     ("pss_running", "PSS, N running", 1 / 2**20, "MiB"),
     ("idle_cpu_pct", "idle CPU with N running", 1, "%"),
     ("rss_after_churn", "RSS after the churn restarts", 1 / 2**20, "MiB"),
