@@ -962,6 +962,27 @@ def print_table(results: list[dict[str, Any]], skipped: list[dict[str, str]], co
         print(f"skipped {s['tool']}: {s['reason']}")
 
 
+def print_slopes(tables: list[dict[str, Any]]) -> None:
+    """The daemon process's RSS with N running, between the smallest and largest N of the
+    run, per worker added: what one more running worker costs it, without what it holds
+    whatever N is (its bounded event history and finished jobs fill up at any N, and
+    the spawn threads of a start come and go), which the per-N figure counts in."""
+    if len(tables) < 2:
+        return
+    low, high = min(tables, key=lambda t: t["count"]), max(tables, key=lambda t: t["count"])
+    for r in high["results"]:
+        other = next((o for o in low["results"] if o["tool"] == r["tool"]), None)
+        if other is None or "rss_daemon_running" not in r or "rss_daemon_running" not in other:
+            continue
+        slope = (r["rss_daemon_running"] - other["rss_daemon_running"]) / (
+            high["count"] - low["count"]
+        )
+        print(
+            f"daemon process RSS per running worker, N = {low['count']} → {high['count']}, "
+            f"{r['tool']}: {slope / 2**10:.1f} KiB"
+        )
+
+
 def _digits(v: float) -> int:
     return 3 if abs(v) < 1 else 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
 
@@ -1025,6 +1046,8 @@ def main() -> int:
         tables.append({"count": count, "results": results, "skipped": skipped})
         if not args.json:
             print_table(results, skipped, count)
+    if not args.json:
+        print_slopes(tables)
     if args.json:
         if len(tables) == 1:
             print(json.dumps(tables[0]))
