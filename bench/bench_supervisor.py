@@ -728,6 +728,7 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
     try:
         time.sleep(0.5)  # let start-up work (imports, partition creation) settle
         out["rss_idle"] = sum(map(rss_bytes, tool.daemon_pids()))
+        out["rss_daemon_idle"] = rss_bytes(tool.pid)
         starts = []
         for r in range(args.rounds):
             t0 = time.perf_counter()
@@ -745,6 +746,11 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
         out["rss_daemon_running"] = rss_bytes(tool.pid)
         out["pss_running"] = sum(map(pss_bytes, tool.daemon_pids()))
         out["rss_per_worker"] = (out["rss_running"] - out["rss_idle"]) / tool.count
+        # The daemon process alone (issue 14's target): log writers and s6's supervise
+        # processes left out, so what the daemon itself keeps per running worker.
+        out["rss_daemon_per_worker"] = (
+            out["rss_daemon_running"] - out["rss_daemon_idle"]
+        ) / tool.count
 
         pids = tool.daemon_pids()
         c0, t0 = sum(map(cpu_seconds, pids)), time.monotonic()
@@ -923,6 +929,8 @@ ROWS: list[tuple[str, str, float, str]] = [
     ("rss_running", "RSS, N running", 1 / 2**20, "MiB"),
     ("rss_per_worker", "RSS per running worker", 1 / 2**10, "KiB"),
     ("rss_daemon_running", "RSS of the daemon process alone", 1 / 2**20, "MiB"),
+    ("rss_daemon_idle", "RSS of the daemon, none running", 1 / 2**20, "MiB"),
+    ("rss_daemon_per_worker", "RSS of the daemon per running worker", 1 / 2**10, "KiB"),
     ("pss_running", "PSS, N running", 1 / 2**20, "MiB"),
     ("idle_cpu_pct", "idle CPU with N running", 1, "%"),
     ("rss_after_churn", "RSS after the churn restarts", 1 / 2**20, "MiB"),
@@ -952,6 +960,27 @@ def print_table(results: list[dict[str, Any]], skipped: list[dict[str, str]], co
             print(f"  {line}")
     for s in skipped:
         print(f"skipped {s['tool']}: {s['reason']}")
+
+
+def print_slopes(tables: list[dict[str, Any]]) -> None:
+    """The daemon process's RSS with N running, between the smallest and largest N of the
+    run, per worker added: what one more running worker costs it, without what it holds
+    whatever N is (its bounded event history and finished jobs fill up at any N, and
+    the spawn threads of a start come and go), which the per-N figure counts in."""
+    if len(tables) < 2:
+        return
+    low, high = min(tables, key=lambda t: t["count"]), max(tables, key=lambda t: t["count"])
+    for r in high["results"]:
+        other = next((o for o in low["results"] if o["tool"] == r["tool"]), None)
+        if other is None or "rss_daemon_running" not in r or "rss_daemon_running" not in other:
+            continue
+        slope = (r["rss_daemon_running"] - other["rss_daemon_running"]) / (
+            high["count"] - low["count"]
+        )
+        print(
+            f"daemon process RSS per running worker, N = {low['count']} → {high['count']}, "
+            f"{r['tool']}: {slope / 2**10:.1f} KiB"
+        )
 
 
 def _digits(v: float) -> int:
@@ -1017,6 +1046,8 @@ def main() -> int:
         tables.append({"count": count, "results": results, "skipped": skipped})
         if not args.json:
             print_table(results, skipped, count)
+    if not args.json:
+        print_slopes(tables)
     if args.json:
         if len(tables) == 1:
             print(json.dumps(tables[0]))

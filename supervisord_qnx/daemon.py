@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from supervisord_qnx import attached, safedirs, sdnotify, userdb
+from supervisord_qnx import attached, memtrim, safedirs, sdnotify, userdb
 from supervisord_qnx.config.load import ConfigError, Located
 from supervisord_qnx.config.model import Config
 from supervisord_qnx.control.methods import Methods
@@ -250,6 +250,9 @@ class Daemon:
         self.state = runtime_state.StateKeeper(Path(config.daemon.state_dir), self._snapshot)
         self.supervisor.on_change = self.state.changed
         self.events.listeners.append(self.state.changed)
+        # Free heap pages go back to the system after each burst of events (memtrim.py).
+        self.trimmer = memtrim.Trimmer()
+        self.events.listeners.append(self.trimmer.changed)
         self.plan = adopt.Plan()
         self._reexec_requested = False
 
@@ -346,6 +349,8 @@ class Daemon:
                     await self.supervisor.restart_instances(changed)
                 self.ready.set()
                 _notify(f"{sdnotify.READY}\nSTATUS=tenants started")
+                nursery.start_soon(self.trimmer.run)
+                self.trimmer.changed()  # what start-up alone freed
                 nursery.start_soon(_watchdog)
                 task_status.started(self)
                 while True:

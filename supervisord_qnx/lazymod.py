@@ -7,7 +7,8 @@ the daemon uses none of them, and they cost several MiB of its resident memory
 puts a stand-in into ``sys.modules`` before those libraries are imported: their
 ``import ssl`` binds the stand-in, and the first attribute anybody reads from it loads
 the real module, which then replaces the stand-in. So nothing changes for a user of the
-module except when its cost is paid (issue 14: daemon RSS).
+module except when its cost is paid (issue 14: daemon RSS). A function such a library
+takes from the module by name at import (``FORWARDED``) is a forwarder until called.
 
 Only for the ``supervisord-qnx`` process (``cli/daemon.py``), before anything imports
 trio or structlog; a module already imported is left alone.
@@ -21,12 +22,19 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 # What the daemon defers: imported by its libraries, used by none of its code paths.
 # hmac and secrets (trio's DTLS, pydantic's secret types) would import hashlib, which
 # loads OpenSSL's libcrypto; the daemon's own digests use supervisord_qnx/digest.py.
-DAEMON_DEFERRED = ("ssl", "asyncio", "hmac", "secrets")
+DAEMON_DEFERRED = ("ssl", "asyncio", "hmac", "secrets", "importlib.metadata")
+
+# Functions that a library takes from a deferred module by ``from m import f`` when it is
+# imported (reading ``f`` would load ``m`` at once): the stand-in hands out a forwarder
+# that loads ``m`` at its first call instead. pydantic's plugin loader does this with
+# ``entry_points``; structlog and pydantic read ``version`` and ``metadata`` lazily.
+FORWARDED = {"importlib.metadata": ("entry_points", "version", "metadata", "distributions")}
 
 
 class _Deferred(types.ModuleType):
@@ -85,6 +93,27 @@ def _load(stand_in: _Deferred) -> types.ModuleType:
     return module
 
 
+def _forwarder(stand_in: _Deferred, attr: str) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_load(stand_in), attr)(*args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = attr
+    return forward
+
+
+def no_pydantic_plugins() -> None:
+    """The first model pydantic builds looks for its plugins among the entry points of
+    every installed distribution (``importlib.metadata``, which imports ``email``,
+    ``zipfile`` and ``csv``: about 1.2 MiB of the daemon's memory, issue 14). The
+    daemon's configuration is validated by pydantic alone: an empty plugin registry,
+    set before any model is built, is what pydantic's own loader keeps when it found
+    none. A pydantic whose loader has no such registry is left alone (and then pays)."""
+    from pydantic.plugin import _loader
+
+    if getattr(_loader, "_plugins", False) is None:
+        _loader._plugins = {}  # noqa: SLF001 - its cache of plugins found, none here
+
+
 def defer(*names: str) -> list[str]:
     """Put a stand-in for each of ``names`` that is not imported yet; return those."""
     deferred = []
@@ -96,6 +125,13 @@ def defer(*names: str) -> list[str]:
             continue
         stand_in = _Deferred(name)
         stand_in.__spec__ = spec
+        for attr in FORWARDED.get(name, ()):
+            setattr(stand_in, attr, _forwarder(stand_in, attr))
+        if name in FORWARDED and spec.submodule_search_locations is not None:
+            # ``from pkg import f`` reads ``pkg.__path__`` first (is it a package?),
+            # which would load it: the real one's path, for a package nobody imports
+            # the submodules of (they load with the package, at the first call).
+            stand_in.__path__ = list(spec.submodule_search_locations)
         sys.modules[name] = stand_in
         _deferred.add(name)
         deferred.append(name)

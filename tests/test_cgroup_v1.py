@@ -314,6 +314,26 @@ def test_pressure_thresholds_are_armed_before_a_partitions_first_worker(
         backend.destroy(n)
 
 
+def test_an_armed_threshold_keeps_nothing_for_a_partition_never_started(
+    backend: Cgroup1Backend,
+) -> None:
+    """Once armed, a threshold's background job is forgotten, not kept (a future with its
+    lock and condition, per partition) until a first worker that may never come."""
+    names = [f"q{i}" for i in range(12)]
+    limits: dict[str, object] = {"memory_max": 128 * MiB, "memory_reserved": 64 * MiB}
+    make_tree(backend, *((n, limits) for n in names))
+    deadline = time.monotonic() + 30
+    while True:
+        watched = backend._notifier.keys()  # a list of the keys with a live eventfd
+        if not backend._arming and all(("pressure", n, None) in watched for n in names):
+            break
+        assert time.monotonic() < deadline, (backend._arming, watched)
+        time.sleep(0.02)
+    for n in names:
+        backend.ensure_leaf(n, f"{n}-0")  # armed: nothing to wait for, nothing raised
+        backend.destroy(n)
+
+
 def test_limits_are_written_to_the_kernel_files(backend: Cgroup1Backend) -> None:
     make_tree(
         backend,

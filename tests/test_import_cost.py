@@ -95,3 +95,58 @@ def test_the_daemons_digests_are_sha256() -> None:
 
     for data in (b"", b"state", bytes(range(256)) * 40):
         assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
+
+
+def test_the_daemon_builds_its_models_without_loading_importlib_metadata(cfg: ConfigDir) -> None:
+    """pydantic's plugin lookup at the first model would load ``importlib.metadata`` (and
+    with it email, zipfile, csv: 1.2 MiB of the daemon's RSS); the daemon's start-up
+    (``main``: its configuration validated, the tenants admitted) leaves it unloaded,
+    and the configuration still validates (a bad value is still refused)."""
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.cli import daemon\n"
+        f"rc = daemon.main(['--config', {str(cfg.path)!r}, '--check'])\n"
+        "from supervisord_qnx import daemon as d\n"
+        "from supervisord_qnx.control import methods\n"
+        "print(rc, type(sys.modules['importlib.metadata']).__name__,"
+        " sorted({'email', 'zipfile', 'csv'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "0 _Deferred []", out
+    cfg.tenant("alpha", '[[worker]]\nname = "beat"\ncommand = ["true"]\nstop_timeout = "soon"\n')
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert not out.stdout.splitlines()[-1].startswith("0 "), out  # refused, as before
+
+
+def test_a_function_taken_from_a_deferred_module_loads_it_when_called() -> None:
+    """``from importlib.metadata import entry_points`` (pydantic's plugin loader) binds a
+    forwarder; its first call loads the real module and answers as the real one does."""
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.lazymod import defer\n"
+        "print(defer('importlib.metadata'))\n"
+        "from importlib.metadata import entry_points, version\n"
+        "print(type(sys.modules['importlib.metadata']).__name__)\n"
+        "print(version('trio') == sys.modules['trio'].__version__ if 'trio' in sys.modules"
+        " else version('trio').count('.') >= 1)\n"
+        "print(type(sys.modules['importlib.metadata']).__name__)\n"
+        "import importlib.metadata as m\n"
+        "print(any(e.name == 'supervisord-qnx' for e in entry_points(group='console_scripts')),"
+        " m.entry_points is not entry_points, m.PackageNotFoundError.__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines() == [
+        "['importlib.metadata']",
+        "_Deferred",
+        "True",
+        "module",
+        "True True PackageNotFoundError",
+    ], out

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -51,3 +53,58 @@ async def test_a_sigchld_collects_the_ended_worker_and_the_orphan_it_left(
     with trio.fail_after(10):
         for event in waits.values():
             await event.wait()
+
+
+def _zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2] == "Z"
+
+
+async def test_on_exit_calls_back_with_the_status_later_or_at_once(nursery: trio.Nursery) -> None:
+    """``on_exit`` is ``wait`` without a task: the callback gets the raw status when the
+    child ends, or at once when it ended before anyone asked."""
+    reaper = ChildReaper()
+    await nursery.start(reaper.run)
+    got: dict[int, int] = {}
+    done = trio.Event()
+
+    def record(pid: int) -> Callable[[int], None]:
+        def callback(status: int) -> None:
+            got[pid] = status
+            done.set()
+
+        return callback
+
+    ended = _spawn(reaper, ["sh", "-c", "exit 5"])
+    with trio.fail_after(10):
+        while not _zombie(ended):  # ended, not collected: it is ours, not an orphan
+            await trio.sleep(0.01)
+    reaper.on_exit(ended, record(ended))
+    assert os.WEXITSTATUS(got[ended]) == 5  # at once
+    later = _spawn(reaper, ["sh", "-c", "sleep 0.3; exit 6"])
+    reaper.on_exit(later, record(later))
+    assert later not in got
+    with trio.fail_after(10):
+        await done.wait()
+        while later not in got:
+            await trio.sleep(0.01)
+    assert os.WEXITSTATUS(got[later]) == 6
+    assert not os.path.exists(f"/proc/{later}")  # collected, not left a zombie
+
+
+async def test_a_failing_exit_callback_does_not_stop_the_reaping(nursery: trio.Nursery) -> None:
+    reaper = ChildReaper()
+    await nursery.start(reaper.run)
+
+    def broken(status: int) -> None:
+        raise RuntimeError(f"a watcher's fault ({status})")
+
+    first = _spawn(reaper, ["sh", "-c", "sleep 0.1"])
+    reaper.on_exit(first, broken)
+    second = _spawn(reaper, ["sh", "-c", "sleep 0.5; exit 3"])
+    with trio.fail_after(10):
+        status = await reaper.wait(second)
+    assert os.WEXITSTATUS(status) == 3
+    with trio.fail_after(10):  # the broken watcher's child was collected all the same
+        while os.path.exists(f"/proc/{first}"):
+            await trio.sleep(0.01)

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supervisord-qnx {__version__}")
         return EXIT_OK
 
+    from supervisord_qnx.lazymod import no_pydantic_plugins
+
+    no_pydantic_plugins()  # before the first model is built (importlib.metadata stays out)
     from supervisord_qnx.config.load import ConfigError, load
     from supervisord_qnx.partition.backend import BackendUnavailable
 

@@ -683,9 +683,21 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             if self._armer is None:
                 self._armer = ThreadPoolExecutor(self.ARMING_THREADS, "cgroup1-pressure")
             key: fs.Key = ("pressure", path, None)
-            self._arming[path] = self._armer.submit(
+            future = self._arming[path] = self._armer.submit(
                 self._event, key, mem, "memory.usage_in_bytes", f" {threshold}"
             )
+        # Outside the lock: a future already done calls back at once, in this thread.
+        future.add_done_callback(lambda done: self._armed_well(path, done))
+
+    def _armed_well(self, path: str, done: Future[None]) -> None:
+        """A threshold armed without error has nothing left to tell: its future (a lock,
+        a condition and their waiters' lists) is dropped instead of being kept until the
+        partition's first leaf, which a tenant never started never makes (issue 14: the
+        daemon's memory per configured tenant). One that failed stays, for ``_armed``."""
+        if not done.cancelled() and done.exception() is None:
+            with self._arming_lock:
+                if self._arming.get(path) is done:
+                    del self._arming[path]
 
     def _armed(self, match: Callable[[str], bool], *, check: bool) -> None:
         """Wait until the thresholds of the partitions ``match`` selects are armed; with

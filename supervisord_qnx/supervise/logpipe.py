@@ -386,17 +386,20 @@ def _limiter() -> trio.CapacityLimiter:
         return limiter
 
 
-async def reap_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
-    """Collect a writer's status when its worker's output ended; say so if it failed."""
-    try:
-        status = await reaper.wait(writer.pid)
-    finally:
+def watch_writer(reaper: ChildReaper, writer: Writer, worker: str) -> None:
+    """Collect a writer's status when its worker's output ended, and say so if it failed.
+    A callback from the reaper, not a task waiting (one per running worker cost the
+    daemon memory, issue 14)."""
+
+    def ended(status: int) -> None:
         writer.done.set()
-    if status != 0:
-        reason = describe_status(status)
-        log.warning(
-            "log writer ended abnormally", worker=worker, pid=writer.pid, reason=str(reason)
-        )
+        if status != 0:
+            reason = describe_status(status)
+            log.warning(
+                "log writer ended abnormally", worker=worker, pid=writer.pid, reason=str(reason)
+            )
+
+    reaper.on_exit(writer.pid, ended)
 
 
 async def start_writer_async(

@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import trio
@@ -86,10 +86,12 @@ def describe_status(status: int) -> ExitReason:
 
 
 class _Slot:
-    __slots__ = ("event", "status")
+    __slots__ = ("callback", "event", "status")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        # Made by the first ``wait``: a child watched with ``on_exit`` needs none.
+        self.event: trio.Event | None = None
+        self.callback: Callable[[int], None] | None = None
         self.status: int | None = None
 
 
@@ -157,6 +159,8 @@ class ChildReaper:
         slot = self._slots.get(pid)
         if slot is None:
             slot = self._slots[pid] = _Slot()
+        if slot.event is None:
+            slot.event = trio.Event()
         self._collect(pid, slot)
         if slot.status is None:
             await slot.event.wait()
@@ -184,7 +188,37 @@ class ChildReaper:
             slot.status = status
             with self._lock:
                 self._own.discard(pid)
-            slot.event.set()
+            if slot.event is not None:
+                slot.event.set()
+            self._call_back(pid, slot)
+
+    def _call_back(self, pid: int, slot: _Slot) -> None:
+        callback, status = slot.callback, slot.status
+        if callback is None or status is None:
+            return
+        slot.callback = None
+        self._slots.pop(pid, None)  # a waiter, if any, holds its slot
+        try:
+            callback(status)
+        except Exception:  # noqa: BLE001 - one watcher's fault must not stop the reaping
+            import structlog  # only on this rare path, as above
+
+            structlog.get_logger("supervisord_qnx.reaper").exception(
+                "a child's exit callback failed", pid=pid
+            )
+
+    def on_exit(self, pid: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(status)`` in the loop once the registered child ``pid`` has
+        ended (at once if it already has): ``wait`` without a task. A task waiting in
+        ``wait`` for every running worker and another for its log writer cost the daemon
+        a few KiB per running worker (issue 14). ``callback`` must not block; what it
+        raises is logged, and the reaping goes on."""
+        slot = self._slots.get(pid)
+        if slot is None:
+            slot = self._slots[pid] = _Slot()
+        slot.callback = callback
+        self._collect(pid, slot)
+        self._call_back(pid, slot)  # collected before, by a waiter
 
     def sweep(self) -> None:
         """Collect every ended child: waited-for workers first, then adopted orphans."""

@@ -801,8 +801,7 @@ class Supervisor:
         run = inst.run = Run(pid)
         inst.ticks = await self._start_time(pid)  # our child, not waited for: not reused
         self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
-        assert self._nursery is not None
-        self._nursery.start_soon(self._watch_exit, inst, run)
+        self._watch_exit(inst, run)
 
     async def _killed_while_starting(self, inst: Instance) -> ExitReason | None:
         """``memory-limit``/``oom-killed`` when the backend ended this leaf's process at its
@@ -815,12 +814,14 @@ class Supervisor:
             return None
         return ExitReason.parse(reason) if reason is not None else None
 
-    async def _watch_exit(self, inst: Instance, run: Run) -> None:
-        try:
-            run.status = await self.reaper.wait(run.pid)
-        except Exception as exc:  # noqa: BLE001 - handed to the instance task's boundary
-            run.failure = exc
-        inst.wake.set()
+    def _watch_exit(self, inst: Instance, run: Run) -> None:
+        # A callback from the reaper, not a task waiting: a task per running worker was
+        # a few KiB of the daemon's memory each (issue 14).
+        def exited(status: int) -> None:
+            run.status = status
+            inst.wake.set()
+
+        self.reaper.on_exit(run.pid, exited)
 
     async def _spawn_in_partition(self, inst: Instance) -> int:
         try:
@@ -846,8 +847,7 @@ class Supervisor:
                 self.launchers.log_writers,
             )
             inst.writer_ticks = await self._start_time(writer.pid)
-            assert self._nursery is not None
-            self._nursery.start_soon(logpipe.reap_writer, self.reaper, writer, inst.name)
+            logpipe.watch_writer(self.reaper, writer, inst.name)
         launcher = self._launcher(inst)
         if launcher.one_hop:
             # A command: its argv, its settings (user lookups) and the spawn in one
