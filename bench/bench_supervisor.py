@@ -203,6 +203,11 @@ class Tool:
     def restarts(self, name: str) -> int:
         raise Skip(f"{self.label}: no restart counter ({name})")
 
+    def status_floor(self, calls: int) -> tuple[list[float], float]:  # noqa: ARG002
+        """What a status call costs outside the daemon's own work: latencies of the
+        cheapest call on the same connection, and the client's decode of one full reply."""
+        raise Skip(f"{self.label}: no floor measured")
+
     def shutdown(self) -> None:
         raise NotImplementedError
 
@@ -324,6 +329,21 @@ class Qnx(Tool):
 
     def restarts(self, name: str) -> int:
         return int(self.client.call("status", tenant=name)[0]["restarts"])
+
+    def status_floor(self, calls: int) -> tuple[list[float], float]:
+        import msgpack
+
+        pings = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.client.call("ping")
+            pings.append(time.perf_counter() - t0)
+        reply = msgpack.packb(self.client.call("status"))
+        rounds = 200
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            msgpack.unpackb(reply)
+        return pings, (time.perf_counter() - t0) / rounds
 
     def shutdown(self) -> None:
         self.client.call("shutdown")
@@ -762,6 +782,12 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
         out["status_p50"], out["status_p99"] = pct(lat, 0.5), pct(lat, 0.99)
         lat = status_under_load(tool, args.status_calls)
         out["status_load_p50"], out["status_load_p99"] = pct(lat, 0.5), pct(lat, 0.99)
+        try:
+            pings, decode = tool.status_floor(args.status_calls)
+        except Skip:
+            pass
+        else:
+            out["ping_p50"], out["status_decode"] = pct(pings, 0.5), decode
 
         kills = min(args.kills, tool.max_kills)
         restarts = restart_times(tool, kills)
@@ -924,6 +950,8 @@ ROWS: list[tuple[str, str, float, str]] = [
     ("status_p99", "status at N p99", 1e3, "ms"),
     ("status_load_p50", f"status, {HAMMERS} clients hammer, p50", 1e3, "ms"),
     ("status_load_p99", f"status, {HAMMERS} clients hammer, p99", 1e3, "ms"),
+    ("ping_p50", "ping p50 (a call's floor)", 1e3, "ms"),
+    ("status_decode", "status reply, client's decode", 1e3, "ms"),
     ("stop_all", "stop all (shutdown → exit)", 1e3, "ms"),
     ("rss_idle", "RSS, N configured, none running", 1 / 2**20, "MiB"),
     ("rss_running", "RSS, N running", 1 / 2**20, "MiB"),
