@@ -31,7 +31,7 @@ import resource
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import trio
 
@@ -200,6 +200,55 @@ class PortableBackend(Backend):
         with self._lock:
             for key in [k for k in self._roots if k[0] == path or k[0].startswith(path + "/")]:
                 del self._roots[key]
+
+    def destroy_all(self, paths: Collection[str]) -> list[tuple[str, Exception]]:
+        """All of ``paths`` at once (the daemon's shutdown): one walk of the daemon's own
+        trees (``_tally_trees``' walk: each worker and what is below it, the orphans, the
+        attached and adopted processes) kills every process of any of them. The default,
+        one ``destroy`` per partition, ran a /proc scan and matched every process on the
+        machine against each partition: at 100 tenants 0.25 s of a 0.4 s shutdown (issue
+        14). Only where a leaf's process started elsewhere (the wasm fork server's), or
+        without the daemon's orphans, does a scan remain the way to find them."""
+        with self._lock:
+            trees = self._orphans is not None and not self._unrooted
+            roots = dict(self._roots)
+        if not trees:
+            return super().destroy_all(paths)
+        doomed = set(paths)
+        self._kill(self._members_of_any(doomed, roots))
+        for p in list(self._partitions):
+            if _in_any(p, doomed):
+                self._partitions.pop(p, None)
+        with self._lock:
+            for key in [k for k in self._roots if _in_any(k[0], doomed)]:
+                del self._roots[key]
+        return []
+
+    def _members_of_any(self, doomed: set[str], roots: Mapping[tuple[str, str], int]) -> list[int]:
+        """The processes of the daemon's trees in any partition of ``doomed`` or below
+        one: those whose tag (or attachment) says so, and everything below them (the
+        rule of ``_members``, on these trees only)."""
+        assert self._orphans is not None
+        known = {pid: f"{path}:{leaf}" for (path, leaf), pid in roots.items()}
+        own = os.getpid()
+
+        def still_ours(proc: accounting.ProcInfo) -> bool:
+            return proc.pid not in known or proc.ppid == own or proc.pid in self._adopted
+
+        starts = [*known, *self._orphans(), *self._attached, *self._adopted]
+        members: set[int] = set()
+        # A parent comes before what is below it (proctree.subtree's order).
+        for proc, depth in proctree.subtree(starts, still_ours):
+            if proc.ppid in members:
+                members.add(proc.pid)
+                continue
+            tag = known[proc.pid] if depth == 0 and proc.pid in known else None
+            if tag is None:
+                tag = self._tag_or_attached(proc.pid)
+            if tag is not None and _in_any(tag.rsplit(":", 1)[0], doomed):
+                members.add(proc.pid)
+        members.discard(own)
+        return sorted(members)
 
     def _prepare(self, request: SpawnRequest) -> tuple[list[tuple[int, int]], dict[str, str]]:
         """The rlimits and the leaf tag a new worker gets, however it is started; forgets
@@ -536,6 +585,12 @@ class PortableBackend(Backend):
             for event in await trio.to_thread.run_sync(self.sample):
                 emit(event)
             await trio.sleep(self.sample_interval)
+
+
+def _in_any(path: str, partitions: set[str]) -> bool:
+    """Whether ``path`` is one of ``partitions`` or below one of them."""
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in partitions for i in range(len(parts), 0, -1))
 
 
 def _add_up(
