@@ -64,6 +64,9 @@ T = TypeVar("T")
 # requests waits here and never takes the threads that spawns and stops run in
 # (trio's default limiter).
 SLOW_IO_THREADS = 4
+# At shutdown, how long the daemon waits for its log writers to write out what they hold
+# once every worker is gone (a writer waits for room on a full disk meanwhile).
+LOG_WRITERS_WAIT = 2.0
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
@@ -362,9 +365,11 @@ class Daemon:
                     # Stopped workers leave their leaves to _destroy_partitions below.
                     self.supervisor.shutdown.begin()
                     await self.supervisor.stop_all()
-                await self.supervisor.launchers.stop()
-                # The operator's decisions outlive a clean stop too.
-                await self._write_state_last("shutdown")
+                # The operator's decisions outlive a clean stop too. The state file and
+                # the launchers' helpers are independent: written while they end.
+                async with trio.open_nursery() as ending:
+                    ending.start_soon(self.supervisor.launchers.stop)
+                    ending.start_soon(self._write_state_last, "shutdown")
                 f = self.state.figures
                 log.info("runtime state writes", writes=f.writes, changes=f.changes,
                          last_seconds=round(f.last_seconds, 4),
@@ -373,6 +378,8 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._destroy_partitions)
+                # Last: every line of every run is in its files (supervise/shutdown.py).
+                await self.supervisor.shutdown.writers_ended(self.reaper, LOG_WRITERS_WAIT)
                 self.backend.close()
                 self.ownership.release()
             self.stopped.set()

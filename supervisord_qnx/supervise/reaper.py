@@ -125,6 +125,12 @@ class ChildReaper:
         with self._lock:
             self._own.add(pid)
 
+    def unreaped(self, pids: Sequence[int]) -> list[int]:
+        """Those of ``pids`` that are children this reaper claimed and has not reaped yet
+        (a pid already reaped may have been reused by another process). Thread-safe."""
+        with self._lock:
+            return [pid for pid in pids if pid in self._own]
+
     def adopt(self, popen: subprocess.Popen[bytes]) -> int:
         """Take over a child started with ``subprocess`` (inside ``spawning()``): the reaper
         owns its status from here on, and ``Popen`` must never wait on (and steal) it."""

@@ -15,17 +15,30 @@ was stopped skips the three per-worker steps and leaves them to that pass:
 * its leaf is neither cleared nor released: the partition's removal kills whatever the
   run left there and removes the leaf with it, before the daemon exits.
 
-What stays per worker, because a user sees it: the stop signal and the stop timeout, the
-wait for the exit, and the run-end mark of its log (the run's last lines are in its
-files before it counts as stopped). And where ``after`` asks for order, a tenant's
-workers still clear their leaves themselves: the tenants it starts after are stopped
-only once nothing of it is left running (a grandchild that left the worker's process
-group included).
+Nor does a worker stopped by the shutdown write its log's run-end mark and wait until
+its writer has read it (at 100 workers, 100 writer processes woken twice, once for the
+mark and once for EOF, while the daemon polled each pipe): it will not run again, so
+the daemon closes its copy of the pipe once the exit is seen, and its writer ends the
+run's unfinished last line at EOF, as the mark would have, writes out whatever it holds
+and exits (docs/logging.md). The daemon waits for those writers once, all together, as
+its very last step (``writers_ended``): by then the partitions' removal has killed
+whatever a worker left holding its pipe, so every line of every run, a grandchild's
+included, is in its files before the daemon exits. The writers ran meanwhile, beside
+the rest of the shutdown.
+
+What stays per worker, because a user sees it: the stop signal and the stop timeout, and
+the wait for the exit. And where ``after`` asks for order, a tenant's workers still
+clear their leaves themselves: the tenants it starts after are stopped only once nothing
+of it is left running (a grandchild that left the worker's process group included).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+import trio
+
+from supervisord_qnx.supervise.reaper import ChildReaper
 
 
 class BulkShutdown:
@@ -35,6 +48,8 @@ class BulkShutdown:
         # The tenants a tenant starts after (Ordering.after of the current config).
         self._after = after
         self.begun = False
+        # The log writers whose pipes the daemon let go of since the shutdown began.
+        self.writers: list[int] = []
 
     def begin(self) -> None:
         """The daemon is shutting down: every partition is removed once all stopped."""
@@ -46,3 +61,29 @@ class BulkShutdown:
         stopped (not one that ended by itself and will be started again), and no
         ``after`` of its tenant waits for its leaf to be empty."""
         return self.begun and not want_running and not self._after(tenant)
+
+    def ends_log_at_eof(self, want_running: bool) -> bool:
+        """True when a worker's run, once its exit is seen, leaves the end of its log to
+        its writer's EOF instead of a run-end mark the daemon waits for: the shutdown
+        began and the worker is being stopped (it will not run again)."""
+        return self.begun and not want_running
+
+    def writer_closed(self, pid: int) -> None:
+        """The daemon closed its copy of this writer's pipe: wait for it at the end."""
+        if self.begun:
+            self.writers.append(pid)
+
+    async def writers_ended(self, reaper: ChildReaper, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline of the caller's
+        """Wait until every log writer let go of since the shutdown began has ended (its
+        last lines are in its files), at most ``timeout`` seconds (a writer waiting for
+        room on a full disk). Runs after the daemon's own tasks ended: the reaper's task
+        too, so it runs the reaper again for as long as this takes."""
+        pending = reaper.unreaped(self.writers)
+        if not pending:
+            return
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(reaper.run)
+                for pid in pending:
+                    await reaper.wait(pid)
+                nursery.cancel_scope.cancel()
