@@ -15,8 +15,9 @@ Start-up order matters and is the same every time:
 Shutdown (SIGTERM, SIGINT or the ``shutdown`` method) runs it backwards:
 tenants stopped concurrently within their timeouts (each only after the
 tenants ``after`` it), attached processes given back (not killed, unless
-attached with ``own``), partitions removed deepest first, socket removed,
-locks released, exit 0.
+attached with ``own``), partitions removed deepest first while the runtime
+state is written a last time, the log writers waited for (supervise/shutdown.py),
+socket removed, locks released, exit 0.
 """
 
 from __future__ import annotations
@@ -292,6 +293,7 @@ class Daemon:
             raise
         if reaped:
             log.warning("reaped leftovers of a previous run", partitions=reaped)
+        stopped_cleanly = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -360,24 +362,23 @@ class Daemon:
                     await self._reexec()
                 log.info("shutting down")
                 _notify(sdnotify.STOPPING)
+                self.state.hold()  # written once, when everything stopped
                 await self.jobs.stop_all()
                 async with self.live.lock:  # a reload in progress finishes first
                     # Stopped workers leave their leaves to _destroy_partitions below.
                     self.supervisor.shutdown.begin()
                     await self.supervisor.stop_all()
-                # The operator's decisions outlive a clean stop too. The state file and
-                # the launchers' helpers are independent: written while they end.
-                async with trio.open_nursery() as ending:
-                    ending.start_soon(self.supervisor.launchers.stop)
-                    ending.start_soon(self._write_state_last, "shutdown")
-                f = self.state.figures
-                log.info("runtime state writes", writes=f.writes, changes=f.changes,
-                         last_seconds=round(f.last_seconds, 4),
-                         max_seconds=round(f.max_seconds, 4))  # fmt: skip
+                await self.supervisor.shutdown.stop_launchers(self.supervisor.launchers)
+                # The operator's decisions outlive a clean stop too: written below,
+                # beside the partitions' removal (nothing can change any more then).
+                stopped_cleanly = True
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._destroy_partitions)
+                async with trio.open_nursery() as last:
+                    last.start_soon(trio.to_thread.run_sync, self._destroy_partitions)
+                    if stopped_cleanly:
+                        last.start_soon(self._write_state_final)
                 # Last: every line of every run is in its files (supervise/shutdown.py).
                 await self.supervisor.shutdown.writers_ended(self.reaper, LOG_WRITERS_WAIT)
                 self.backend.close()
@@ -387,6 +388,13 @@ class Daemon:
 
     def _snapshot(self) -> dict[str, Any]:
         return adopt.snapshot(self.supervisor, self.live.overrides.to_dict())
+
+    async def _write_state_final(self) -> None:
+        await self._write_state_last("shutdown")
+        f = self.state.figures
+        log.info("runtime state writes", writes=f.writes, changes=f.changes,
+                 last_seconds=round(f.last_seconds, 4),
+                 max_seconds=round(f.max_seconds, 4))  # fmt: skip
 
     async def _write_state_last(self, reason: str) -> None:
         try:

@@ -14,8 +14,8 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize(
     ("used", "expected"),
-    [(0, 8), (7 * MiB, 8), (8 * MiB, 4), (15 * MiB, 4), (16 * MiB, 2), (31 * MiB, 2),
-     (32 * MiB, 1), (63 * MiB, 1), (80 * MiB, 1)],
+    [(0, 16), (3 * MiB, 16), (4 * MiB, 8), (7 * MiB, 8), (8 * MiB, 4), (15 * MiB, 4),
+     (16 * MiB, 2), (31 * MiB, 2), (32 * MiB, 1), (63 * MiB, 1), (80 * MiB, 1)],
 )  # fmt: skip
 def test_the_factor_follows_the_headroom_to_the_nearest_figure(used: int, expected: int) -> None:
     assert factor(used, 64 * MiB) == expected
@@ -28,7 +28,7 @@ def test_a_partition_without_figures_is_looked_at_for_its_peak_only_now_and_then
 def test_a_partition_far_below_its_max_is_due_again_only_after_several_intervals() -> None:
     s = SampleSchedule(0.25)
     assert s.due(["a", "b"], 100.0) == {"a", "b"}  # never sampled: due at once
-    s.sampled("a", 1 * MiB, 64 * MiB, 100.0)  # 1/64 of its max
+    s.sampled("a", 6 * MiB, 64 * MiB, 100.0)  # below 1/8 of its max
     s.sampled("b", 40 * MiB, 64 * MiB, 100.0)  # above half of it
     assert s.due(["a", "b"], 100.25) == {"b"}
     assert s.due(["a"], 101.75) == set()
@@ -38,11 +38,11 @@ def test_a_partition_far_below_its_max_is_due_again_only_after_several_intervals
 def test_growth_counts_as_headroom_already_used() -> None:
     s = SampleSchedule(0.25)
     s.sampled("a", 1 * MiB, 64 * MiB, 100.0)
-    # 1 + 6 MiB is still below an eighth of 64 MiB, but it grew by 6 MiB since: treated
+    # 7 MiB is still below an eighth of 64 MiB, but it grew by 6 MiB since: treated
     # as 13 MiB, a fifth of the max.
-    s.sampled("a", 7 * MiB, 64 * MiB, 102.0)
-    assert s.due(["a"], 102.5) == set()
-    assert s.due(["a"], 103.0) == {"a"}  # 4 intervals, not 8
+    s.sampled("a", 7 * MiB, 64 * MiB, 104.0)
+    assert s.due(["a"], 104.5) == set()
+    assert s.due(["a"], 105.0) == {"a"}  # 4 intervals, not 8
 
 
 def test_a_hurry_outlasts_a_sample_that_was_under_way() -> None:
@@ -82,8 +82,8 @@ time.sleep(1000)
 async def test_a_worker_that_jumps_from_far_below_its_max_is_still_killed_at_it(
     cfg: ConfigDir, start_daemon
 ) -> None:
-    # The tests' sample_interval is 0.05 s: the slow schedule is 0.4 s, idled through
-    # several times over before the jump.
+    # The tests' sample_interval is 0.05 s: the slow schedules are 0.4 and 0.8 s, idled
+    # through more than twice before the jump.
     command = worker_py("IDLE = 2.0\n" + JUMPS)
     cfg.tenant(
         "jump",

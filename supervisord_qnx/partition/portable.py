@@ -5,7 +5,7 @@ What it enforces, honestly:
 * ``memory.max``: *supervised*. The daemon adds up the resident memory of each
   partition's processes; above ``max`` it kills the partition's processes (exit
   reason ``memory-limit``). It looks every ``sample_interval`` at a partition near
-  its max or growing fast, up to 8 intervals apart at one far below it
+  its max or growing fast, up to 16 intervals apart at one far below it
   (``sampling.py``). A fast allocator can overshoot between two samples, so each
   process also gets ``RLIMIT_DATA`` at twice the partition's max: a hard
   per-process ceiling on how far that overshoot can go.

@@ -35,10 +35,14 @@ of it is left running (a grandchild that left the worker's process group include
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from supervisord_qnx.supervise.reaper import ChildReaper
+
+if TYPE_CHECKING:
+    from supervisord_qnx.supervise.launch import Launchers
 
 
 class BulkShutdown:
@@ -48,7 +52,8 @@ class BulkShutdown:
         # The tenants a tenant starts after (Ordering.after of the current config).
         self._after = after
         self.begun = False
-        # The log writers whose pipes the daemon let go of since the shutdown began.
+        # The log writers whose pipes the daemon let go of since the shutdown began, and
+        # the servers that forked them.
         self.writers: list[int] = []
 
     def begin(self) -> None:
@@ -67,6 +72,16 @@ class BulkShutdown:
         its writer's EOF instead of a run-end mark the daemon waits for: the shutdown
         began and the worker is being stopped (it will not run again)."""
         return self.begun and not want_running
+
+    async def stop_launchers(self, launchers: Launchers) -> None:
+        """Stop what the launchers keep running once every worker stopped: the wasm fork
+        server, waited for (it gives back a leaf of its own); the log writer servers
+        are only let go of (they end at EOF) and waited for with the writers at the
+        very end, beside the partitions' removal instead of before it."""
+        servers = launchers.log_writers.pids
+        launchers.log_writers.kill()
+        self.writers.extend(servers)
+        await launchers.forkserver.stop()
 
     def writer_closed(self, pid: int) -> None:
         """The daemon closed its copy of this writer's pipe: wait for it at the end."""
