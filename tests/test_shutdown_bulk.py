@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisord_qnx.supervise import state as runtime_state
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import PY, ConfigDir, pid_alive, worker_py
 
@@ -206,3 +207,24 @@ time.sleep(float(sys.argv[2]))
 # Well within the daemon's wait for its writers (daemon.LOG_WRITERS_WAIT), and longer
 # than a shutdown of four workers takes.
 LOCK_HELD = 0.6
+
+
+async def test_the_state_file_says_how_the_shutdown_ended(
+    backend: dict[str, str], cfg: ConfigDir, start_daemon
+) -> None:
+    # Written once, beside the partitions' removal: every worker stopped, and the
+    # operator's decisions kept for the next daemon.
+    for name in ("kept", "held"):
+        tenant(cfg, name, '["sleep", "1000"]')
+    d = await start_daemon(**backend)
+    await d.call("stop", tenant="held")
+
+    assert await d.call("shutdown") == "shutting down"
+    with trio.fail_after(30):
+        await d.daemon.stopped.wait()
+
+    body = runtime_state.load(d.daemon.state.path.parent)
+    assert body is not None and body["reason"] == "shutdown"
+    assert body["tenants"]["held"]["operator"] == "stopped"
+    instances = [i for t in body["tenants"].values() for i in t["instances"].values()]
+    assert [(i["state"], i["pid"]) for i in instances] == [("stopped", None)] * 2
