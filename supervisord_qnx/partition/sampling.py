@@ -35,8 +35,9 @@ runs under ``RLIMIT_DATA`` at twice its partition's max, the kernel's own ceilin
 overshoot between samples; what changes is that a process reaching that ceiling first
 sees its allocation fail (and usually ends by itself) before the accounting kills its
 partition with ``memory-limit``. Measured at 1000 idle workers, each alone in a
-partition with a 64 MiB max: the sampler's share of a CPU went from 12.9 % to about
-1 % (docs/benchmarks.md has the figures with their load).
+partition with a 64 MiB max (bench/bench_supervisor.py's idle CPU, on the shared 2-core
+machine at load averages 14-20): the daemon's CPU went from 12.9 % of one core to
+1.2-1.4 %.
 
 Pure bookkeeping, no I/O; the caller holds whatever lock guards it.
 """

@@ -76,8 +76,8 @@ class BulkShutdown:
     async def stop_launchers(self, launchers: Launchers) -> None:
         """Stop what the launchers keep running once every worker stopped: the wasm fork
         server, waited for (it gives back a leaf of its own); the log writer servers
-        are only let go of (they end at EOF) and waited for with the writers at the
-        very end, beside the partitions' removal instead of before it."""
+        are only let go of: they end at EOF while the partitions are removed, and are
+        waited for with the writers after that, instead of before it."""
         servers = launchers.log_writers.pids
         launchers.log_writers.kill()
         self.writers.extend(servers)
