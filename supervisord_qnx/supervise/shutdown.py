@@ -34,6 +34,7 @@ of it is left running (a grandchild that left the worker's process group include
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -91,14 +92,18 @@ class BulkShutdown:
     async def writers_ended(self, reaper: ChildReaper, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline of the caller's
         """Wait until every log writer let go of since the shutdown began has ended (its
         last lines are in its files), at most ``timeout`` seconds (a writer waiting for
-        room on a full disk). Runs after the daemon's own tasks ended: the reaper's task
-        too, so it runs the reaper again for as long as this takes."""
+        room on a full disk). Runs after the daemon's own tasks ended, the reaper's task
+        too: it collects these writers itself at each SIGCHLD, and nothing else (the
+        reaper's sweep would also take the status of any other child of the process)."""
         pending = reaper.unreaped(self.writers)
         if not pending:
             return
-        with trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(reaper.run)
-                for pid in pending:
-                    await reaper.wait(pid)
-                nursery.cancel_scope.cancel()
+        with trio.move_on_after(timeout), trio.open_signal_receiver(signal.SIGCHLD) as ended:
+            # Those that ended before the receiver was in place are collected here.
+            pending = reaper.collect(pending)
+            if not pending:
+                return
+            async for _ in ended:
+                pending = reaper.collect(pending)
+                if not pending:
+                    break
