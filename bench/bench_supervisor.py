@@ -47,6 +47,7 @@ import contextlib
 import http.client
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -127,6 +128,23 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return as soon as ``proc`` has exited. ``Popen.wait`` with a timeout polls with
+    sleeps growing to 50 ms (Python < 3.13): a daemon that exits 64 ms after the shutdown
+    request was timed at 113 ms. A pidfd becomes readable at the exit itself."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd here: the polling wait
+        proc.wait(timeout)
+        return
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(fd)
+    proc.wait()
 
 
 def alive(pid: int) -> bool:
@@ -809,7 +827,7 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
         t0 = time.perf_counter()
         tool.shutdown()
         assert tool.proc is not None
-        tool.proc.wait(300)
+        wait_exit(tool.proc, 300)
         out["stop_all"] = time.perf_counter() - t0
         leftovers = [p for p in pids if alive(p)]
         if leftovers:

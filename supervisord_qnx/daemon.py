@@ -15,8 +15,9 @@ Start-up order matters and is the same every time:
 Shutdown (SIGTERM, SIGINT or the ``shutdown`` method) runs it backwards:
 tenants stopped concurrently within their timeouts (each only after the
 tenants ``after`` it), attached processes given back (not killed, unless
-attached with ``own``), partitions removed deepest first, socket removed,
-locks released, exit 0.
+attached with ``own``), partitions removed deepest first while the runtime
+state is written a last time, the log writers waited for (supervise/shutdown.py),
+socket removed, locks released, exit 0.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ T = TypeVar("T")
 # requests waits here and never takes the threads that spawns and stops run in
 # (trio's default limiter).
 SLOW_IO_THREADS = 4
+# At shutdown, how long the daemon waits for its log writers to write out what they hold
+# once every worker is gone (a writer waits for room on a full disk meanwhile).
+LOG_WRITERS_WAIT = 2.0
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
@@ -292,6 +296,7 @@ class Daemon:
             raise
         if reaped:
             log.warning("reaped leftovers of a previous run", partitions=reaped)
+        stopped_cleanly = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -362,22 +367,25 @@ class Daemon:
                     await self._reexec()
                 log.info("shutting down")
                 _notify(sdnotify.STOPPING)
+                self.state.hold()  # written once, when everything stopped
                 await self.jobs.stop_all()
                 async with self.live.lock:  # a reload in progress finishes first
                     # Stopped workers leave their leaves to _destroy_partitions below.
                     self.supervisor.shutdown.begin()
                     await self.supervisor.stop_all()
-                await self.supervisor.launchers.stop()
-                # The operator's decisions outlive a clean stop too.
-                await self._write_state_last("shutdown")
-                f = self.state.figures
-                log.info("runtime state writes", writes=f.writes, changes=f.changes,
-                         last_seconds=round(f.last_seconds, 4),
-                         max_seconds=round(f.max_seconds, 4))  # fmt: skip
+                await self.supervisor.shutdown.stop_launchers(self.supervisor.launchers)
+                # The operator's decisions outlive a clean stop too: written below,
+                # beside the partitions' removal (nothing can change any more then).
+                stopped_cleanly = True
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._destroy_partitions)
+                async with trio.open_nursery() as last:
+                    last.start_soon(trio.to_thread.run_sync, self._destroy_partitions)
+                    if stopped_cleanly:
+                        last.start_soon(self._write_state_final)
+                # Last: every line of every run is in its files (supervise/shutdown.py).
+                await self.supervisor.shutdown.writers_ended(self.reaper, LOG_WRITERS_WAIT)
                 self.backend.close()
                 self.ownership.release()
             self.stopped.set()
@@ -385,6 +393,13 @@ class Daemon:
 
     def _snapshot(self) -> dict[str, Any]:
         return adopt.snapshot(self.supervisor, self.live.overrides.to_dict())
+
+    async def _write_state_final(self) -> None:
+        await self._write_state_last("shutdown")
+        f = self.state.figures
+        log.info("runtime state writes", writes=f.writes, changes=f.changes,
+                 last_seconds=round(f.last_seconds, 4),
+                 max_seconds=round(f.max_seconds, 4))  # fmt: skip
 
     async def _write_state_last(self, reason: str) -> None:
         try:

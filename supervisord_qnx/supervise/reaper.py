@@ -127,6 +127,26 @@ class ChildReaper:
         with self._lock:
             self._own.add(pid)
 
+    def unreaped(self, pids: Sequence[int]) -> list[int]:
+        """Those of ``pids`` that are children this reaper claimed and has not reaped yet
+        (a pid already reaped may have been reused by another process). Thread-safe."""
+        with self._lock:
+            return [pid for pid in pids if pid in self._own]
+
+    def collect(self, pids: Sequence[int]) -> list[int]:
+        """Reap those of ``pids`` (claimed children) that have ended; return the others.
+        Unlike a sweep, it takes no other child's status (a process someone else in this
+        process waits for, such as a test's own child)."""
+        left = []
+        for pid in pids:
+            slot = self._slots.get(pid) or _Slot()
+            self._collect(pid, slot)
+            if slot.status is None:
+                left.append(pid)
+            else:
+                self._slots.pop(pid, None)
+        return left
+
     def adopt(self, popen: subprocess.Popen[bytes]) -> int:
         """Take over a child started with ``subprocess`` (inside ``spawning()``): the reaper
         owns its status from here on, and ``Popen`` must never wait on (and steal) it."""

@@ -145,10 +145,21 @@ class StateKeeper:
         # stop's thread (trio's default pool).
         self._thread = trio.CapacityLimiter(1)
         self.enabled = True
+        self.held = False
 
     def changed(self, *_: object) -> None:
         self.figures.changes += 1
-        self._dirty.set()
+        if not self.held:
+            self._dirty.set()
+
+    def hold(self) -> None:
+        """From now on only ``write_now`` writes: the daemon is shutting down, and its
+        last write says how it ended. Each coalesced write is a snapshot and an encoding
+        of every worker on the event loop: at 1000 workers tens of milliseconds, made
+        again every ``COALESCE`` while they stop. Should the daemon be killed half-way,
+        the file still holds the state before the shutdown began, which a new daemon
+        reads as it reads a crash's (docs/state.md)."""
+        self.held = True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -156,6 +167,8 @@ class StateKeeper:
             await self._dirty.wait()
             await trio.sleep(COALESCE)
             self._dirty = trio.Event()
+            if self.held:
+                continue
             try:
                 await self.write_now()
             except OSError as exc:

@@ -686,6 +686,7 @@ class Supervisor:
         """The instance will not run again by itself: let its log writer finish."""
         if inst.log_writer is not None:
             inst.log_writer.close()
+            self.shutdown.writer_closed(inst.log_writer.pid)
             inst.log_writer = None
 
     async def _step(self, inst: Instance) -> None:
@@ -697,8 +698,11 @@ class Supervisor:
             inst.run = None
             if lc.pid == run.pid:  # not a run the lifecycle already gave up on
                 # An exit is reported once the run's last lines are in its files (what
-                # `logs` shows then is complete).
-                if inst.log_writer is not None:
+                # `logs` shows then is complete); at the shutdown, before the daemon
+                # exits (supervise/shutdown.py).
+                if inst.log_writer is not None and not self.shutdown.ends_log_at_eof(
+                    lc.want_running
+                ):
                     await logpipe.end_run(inst.log_writer, LOG_DRAIN_WAIT)
                 if run.known:
                     reason = await self._exit_reason(inst, run.status)

@@ -1,0 +1,102 @@
+"""Portable memory sampling by headroom (partition/sampling.py): a partition far below
+its max is looked at less often, one near it or growing at every interval, and a worker
+that sat idle far below its max and then jumps above it is still killed at the max."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisord_qnx.partition.sampling import UNLIMITED, SampleSchedule, factor
+from tests.conftest import ConfigDir, worker_py
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("used", "expected"),
+    [(0, 16), (3 * MiB, 16), (4 * MiB, 8), (7 * MiB, 8), (8 * MiB, 4), (15 * MiB, 4),
+     (16 * MiB, 2), (31 * MiB, 2), (32 * MiB, 1), (63 * MiB, 1), (80 * MiB, 1)],
+)  # fmt: skip
+def test_the_factor_follows_the_headroom_to_the_nearest_figure(used: int, expected: int) -> None:
+    assert factor(used, 64 * MiB) == expected
+
+
+def test_a_partition_without_figures_is_looked_at_for_its_peak_only_now_and_then() -> None:
+    assert factor(10 * MiB, None) == UNLIMITED
+
+
+def test_a_partition_far_below_its_max_is_due_again_only_after_several_intervals() -> None:
+    s = SampleSchedule(0.25)
+    assert s.due(["a", "b"], 100.0) == {"a", "b"}  # never sampled: due at once
+    s.sampled("a", 6 * MiB, 64 * MiB, 100.0)  # below 1/8 of its max
+    s.sampled("b", 40 * MiB, 64 * MiB, 100.0)  # above half of it
+    assert s.due(["a", "b"], 100.25) == {"b"}
+    assert s.due(["a"], 101.75) == set()
+    assert s.due(["a"], 102.0) == {"a"}  # 8 intervals
+
+
+def test_growth_counts_as_headroom_already_used() -> None:
+    s = SampleSchedule(0.25)
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.0)
+    # 7 MiB is still below an eighth of 64 MiB, but it grew by 6 MiB since: treated
+    # as 13 MiB, a fifth of the max.
+    s.sampled("a", 7 * MiB, 64 * MiB, 104.0)
+    assert s.due(["a"], 104.5) == set()
+    assert s.due(["a"], 105.0) == {"a"}  # 4 intervals, not 8
+
+
+def test_a_hurry_outlasts_a_sample_that_was_under_way() -> None:
+    s = SampleSchedule(0.25)
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.0)
+    assert s.due(["a"], 100.25) == set()
+    s.hurry(["a"])  # a worker was just started in it, while a sample ran...
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.25)  # ...which then rescheduled it far away
+    assert s.due(["a"], 100.5) == {"a"}
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.5)
+    assert s.due(["a"], 100.75) == set()  # once
+
+
+def test_a_forgotten_partition_starts_afresh() -> None:
+    s = SampleSchedule(0.25)
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.0)
+    s.forget("a")
+    assert s.due(["a"], 100.25) == {"a"}
+
+
+# Idles at some 10 MiB (below an eighth of its 128 MiB max) long enough to be on the
+# slow schedule, then takes 160 MiB at once and holds it: above the max, below
+# RLIMIT_DATA (2 x max).
+JUMPS = """
+import time
+print("idle", flush=True)
+time.sleep(IDLE)
+hog = bytearray(160 << 20)
+for i in range(0, len(hog), 4096):
+    hog[i] = 1
+print("jumped", flush=True)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.integration
+async def test_a_worker_that_jumps_from_far_below_its_max_is_still_killed_at_it(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    # The tests' sample_interval is 0.05 s: the slow schedules are 0.4 and 0.8 s, idled
+    # through more than twice before the jump.
+    command = worker_py("IDLE = 2.0\n" + JUMPS)
+    cfg.tenant(
+        "jump",
+        f"""
+        memory = {{ max = "128MiB" }}
+        restart = {{ policy = "never" }}
+        [[worker]]
+        name = "w"
+        command = {command}
+        """,
+    )
+    d = await start_daemon()
+    w = await d.wait_for("jump:w-0", lambda w: w["state"] == "exited", timeout=30)
+    assert w["exit_reason"] == "memory-limit"
+    # It idled first (killed during or after the jump, whichever the sample saw).
+    assert cfg.worker_log("jump", "w-0").read_text().startswith("idle\n")
