@@ -72,9 +72,25 @@ Clock = LinuxClock | QnxClock
 
 def definition(tenant: TenantSpec, worker: WorkerBase) -> str:
     """A fingerprint of what a worker runs: a change while no daemon ran restarts it."""
+    # Specs are frozen: the fingerprint of the same two objects never changes, and every
+    # state write (one per burst of changes) asks for it once per instance.
+    key = (id(tenant), id(worker))
+    known = _DEFINITIONS.get(key)
+    if known is not None and known[0] is tenant and known[1] is worker:
+        return known[2]
     data = {"partition": tenant.path, "worker": worker.model_dump(mode="json")}
     text = json.dumps(data, sort_keys=True, default=str)
-    return sha256_hex(text.encode())[:16]
+    digest = sha256_hex(text.encode())[:16]
+    if len(_DEFINITIONS) >= _DEFINITIONS_MAX:
+        _DEFINITIONS.clear()  # specs of earlier configs (reloads) go with the rest
+    _DEFINITIONS[key] = (tenant, worker, digest)
+    return digest
+
+
+# Fingerprints by the ids of the specs, which the entries keep alive (an id is never
+# reused while its object lives, so the identity checks above cannot be fooled).
+_DEFINITIONS: dict[tuple[int, int], tuple[TenantSpec, WorkerBase, str]] = {}
+_DEFINITIONS_MAX = 65536
 
 
 def kind_of(inst: Instance) -> str:
