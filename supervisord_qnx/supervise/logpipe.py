@@ -335,20 +335,30 @@ DRAIN_POLL = 0.002
 async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
     """``_end_run`` on the event loop, no thread: the mark goes through the non-blocking
     second opening of the pipe (a write of less than PIPE_BUF is whole or fails with
-    EAGAIN, which means the pipe is full: the writer is far behind, skip the mark as
-    ``_room_for_mark`` does), and the waits are non-blocking checks between sleeps. At
-    a shutdown of 100 workers this was the difference between 100 thread hops through
-    a pool of 4 and none."""
-    try:
-        os.write(writer.mark_fd, logwriter.RUN_END)
-    except (BlockingIOError, BrokenPipeError):
-        return  # full (the writer is far behind), or the writer is gone
+    EAGAIN, which means the pipe is full: it is tried again until the deadline, then
+    skipped as ``_room_for_mark`` does), and the waits are non-blocking checks between
+    sleeps. At a shutdown of 100 workers this was the difference between 100 thread hops
+    through a pool of 4 and none."""
+    deadline = trio.current_time() + wait
+    poll = DRAIN_POLL_FIRST
+    while True:
+        try:
+            os.write(writer.mark_fd, logwriter.RUN_END)
+            break
+        except BrokenPipeError:
+            return  # the writer is gone
+        except BlockingIOError:
+            # Full: the writer is behind (a burst the run wrote just before it ended, a
+            # slow rotation). Room comes as it reads; a writer stuck for longer than the
+            # wait (a full disk) is given up on at the deadline, as the drain below is.
+            if trio.current_time() >= deadline:
+                return
+            await trio.sleep(poll)
+            poll = min(2 * poll, DRAIN_POLL)
     fionread = getattr(termios, "FIONREAD", None)
     if fionread is None:
         return
-    deadline = trio.current_time() + wait
     unread = array.array("i", [0])
-    poll = DRAIN_POLL_FIRST
     while trio.current_time() < deadline:
         try:
             fcntl.ioctl(writer.mark_fd, fionread, unread)
