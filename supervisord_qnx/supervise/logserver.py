@@ -97,9 +97,10 @@ class WriterServer:
     """Keeps ``SERVERS`` live log writer servers for the supervisor, used in turn (see the
     module docstring)."""
 
-    # One server answers one request at a time, and a request is a chain of three
-    # processes (server, intermediate, writer) that each wait for a CPU: on a loaded
-    # 2-core machine (load 20) 100 writer starts queued for 1.4 s behind one server.
+    # One server answers one request at a time, and a request is a chain of processes
+    # (server, intermediate, writer; no intermediate with Linux's clone) that each wait
+    # for a CPU: on a loaded 2-core machine (load 20) 100 writer starts queued for 1.4 s
+    # behind one server.
     # Two chains overlap their waits; each server costs about 2 MiB PSS.
     SERVERS = 2
 
