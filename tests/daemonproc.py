@@ -3,6 +3,7 @@ shared by every test that drives ``supervisord-qnx`` from outside."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -22,6 +23,14 @@ def ctl(sock: Path, *args: str, check: bool = False) -> subprocess.CompletedProc
     if check and proc.returncode != 0:
         raise AssertionError(f"ctl {args} -> {proc.returncode}: {proc.stdout}{proc.stderr}")
     return proc
+
+
+def ctl_status(sock: Path) -> list[dict]:
+    """``supervisorctl-qnx --json status`` as a script reads it. Exit 3 (it answered, and
+    some worker is not running yet) is an answer: callers wait for the state they need."""
+    proc = ctl(sock, "--json", "status")
+    assert proc.returncode in (0, 3), f"status -> {proc.returncode}: {proc.stdout}{proc.stderr}"
+    return list(json.loads(proc.stdout))
 
 
 class DaemonProc:

@@ -29,7 +29,7 @@ from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 from supervisord_qnx.partition.cgroupfs import quota_for
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, cli_env, pid_alive, wait_until, worker_py
-from tests.daemonproc import DAEMON, DaemonProc, ctl
+from tests.daemonproc import DAEMON, DaemonProc, ctl_status
 
 pytestmark = pytest.mark.integration
 
@@ -500,12 +500,7 @@ def _all_running(cfg: ConfigDir) -> list[dict]:
 
 
 def _status(cfg: ConfigDir) -> list[dict]:
-    import json
-
-    proc = ctl(cfg.socket, "--json", "status")
-    # 3: answered, and some worker is not running (yet): what _all_running waits out.
-    assert proc.returncode in (0, 3), f"status -> {proc.returncode}: {proc.stdout}{proc.stderr}"
-    return list(json.loads(proc.stdout))
+    return ctl_status(cfg.socket)
 
 
 async def test_a_running_worker_is_already_in_its_leaf(

@@ -3,7 +3,6 @@ while the daemon is dead (docs/logging.md). Real daemons, real workers, real wri
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ import trio
 from supervisord_qnx.supervise import logwriter
 from tests.cgroup_helpers import CgroupRoot
 from tests.conftest import ConfigDir, pid_alive, wait_until, worker_py
-from tests.daemonproc import DaemonProc, ctl
+from tests.daemonproc import DaemonProc, ctl_status
 
 pytestmark = pytest.mark.integration
 
@@ -110,10 +109,7 @@ def last_number(path: Path, timeout: float = 10.0) -> int:
 
 
 def status(cfg: ConfigDir) -> list[dict]:
-    proc = ctl(cfg.socket, "--json", "status")
-    # 3: answered, and some worker is not running (yet); the callers wait for the state.
-    assert proc.returncode in (0, 3), f"status -> {proc.returncode}: {proc.stdout}{proc.stderr}"
-    return list(json.loads(proc.stdout))
+    return ctl_status(cfg.socket)
 
 
 # ------------------------------------------------------------ flood + SIGKILL
