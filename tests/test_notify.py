@@ -7,6 +7,7 @@ each message. The daemon's side is in ``test_daemon_notify.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -138,3 +139,42 @@ def test_readiness_keys_are_checked_where_they_are_written(tmp_path: Path) -> No
     a, _, c = load(daemon).tenants[0].worker
     assert (a.ready, a.start_timeout, a.watchdog, a.uses_notify) == ("started", 90.0, None, False)
     assert (c.ready, c.watchdog, c.uses_notify) == ("notify", 2.5, True)
+
+
+def test_descriptors_a_worker_sends_arrive_close_on_exec_and_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers are spawned without a close loop (fdhygiene.py): a descriptor a worker
+    # passes over its notify socket must never be inheritable, not even between its
+    # arrival and its close, or a worker spawned by another thread meanwhile gets it.
+    from supervisord_qnx.supervise import notify
+
+    endpoint = notify.NotifyDir(tmp_path).endpoint()
+    r, w = os.pipe()
+    os.set_inheritable(r, True)  # the sender's copy: inheritable, as a worker's may be
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sender.connect(endpoint.path)
+        socket.send_fds(sender, [b"READY=1"], [r])
+        seen: list[tuple[int, bool]] = []
+        real_close = os.close
+
+        def watching_close(fd: int) -> None:
+            with contextlib.suppress(OSError):
+                seen.append((fd, os.get_inheritable(fd)))
+            real_close(fd)
+
+        monkeypatch.setattr(notify.os, "close", watching_close)
+        got = endpoint._receive()
+        monkeypatch.undo()
+        assert got is not None and got[0] == b"READY=1"
+        assert len(seen) == 1, seen
+        fd, inheritable = seen[0]
+        assert not inheritable
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed: the daemon keeps nothing a worker sends
+    finally:
+        sender.close()
+        endpoint.sock.close()
+        os.close(r)
+        os.close(w)

@@ -60,6 +60,9 @@ MAX_SOCKET_PATH = 100
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _HAS_CREDS = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
 _ANCILLARY = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(16 * 4)
+# Descriptors a worker sends (SCM_RIGHTS) arrive close-on-exec: they are closed at once,
+# but until then a worker spawned by another thread must not inherit one of them.
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class NotifyEndpoint:
     def _receive(self) -> tuple[bytes, int, bool] | None:
         """One datagram: (bytes, sender pid or -1, not truncated); ``None`` when empty."""
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(MAX_DATAGRAM, _ANCILLARY)
+            data, ancillary, flags, _ = self.sock.recvmsg(MAX_DATAGRAM, _ANCILLARY, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
