@@ -164,7 +164,7 @@ def test_descriptors_a_worker_sends_arrive_close_on_exec_and_are_closed(
                 seen.append((fd, os.get_inheritable(fd)))
             real_close(fd)
 
-        monkeypatch.setattr(notify.os, "close", watching_close)
+        monkeypatch.setattr(os, "close", watching_close)
         got = endpoint._receive()
         monkeypatch.undo()
         assert got is not None and got[0] == b"READY=1"
