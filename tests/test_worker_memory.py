@@ -66,3 +66,34 @@ async def test_running_workers_add_no_tasks_and_their_exits_are_still_seen(
     for i in range(N):
         w = await d.worker(f"t{i}:w-0")
         assert w["state"] == "stopped" and w["pid"] is None, w
+
+
+def test_a_configured_worker_that_never_restarted_keeps_no_queue_blocks() -> None:
+    """Every configured worker has a lifecycle, running or not (issue 14: the daemon's
+    RSS at N configured). Its action queue and its restart history used to be deques,
+    and an empty deque reserves a 64-slot block: about 1.5 KiB per worker before any
+    action or restart. The restart history still works once restarts happen."""
+    import gc
+    import tracemalloc
+
+    from supervisord_qnx.config.model import TenantSpec
+    from supervisord_qnx.exits import ExitReason
+    from supervisord_qnx.supervise.policy import RestartTracker, Verdict
+    from supervisord_qnx.supervise.worker import Lifecycle
+
+    tenant = TenantSpec.model_validate({"name": "t", "worker": [{"name": "w", "command": ["x"]}]})
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [Lifecycle.for_worker(tenant.restart, tenant.worker[0]) for _ in range(200)]
+        each = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert each < 800, each  # 1,870 bytes with the two deques, 405 without
+    tracker = RestartTracker(tenant.restart.model_copy(update={"max_restarts": 2}))
+    crash = ExitReason.parse("exit:1")
+    verdicts = [tracker.decide(crash, now, uptime=0.0).verdict for now in (0, 1, 2)]
+    assert verdicts == [Verdict.RESTART, Verdict.RESTART, Verdict.FATAL]
+    tracker.reset()  # an operator start: a fresh try
+    assert tracker.decide(crash, 3, uptime=0.0).verdict is Verdict.RESTART
