@@ -137,3 +137,53 @@ def test_the_daemons_threads_share_one_malloc_arena_beside_the_main_heap(
     wait_until(lambda: ctl_status_running(cfg.socket) == wanted, 60, "every worker running")
     # glibc's default gave this daemon 4 or more here (the cap removed by hand).
     assert _malloc_arenas(d.proc.pid) <= 1, _malloc_arenas(d.proc.pid)
+
+
+def _cancel_scopes() -> int:
+    """Cancel scopes open now: those that have a cancel status. (Scopes that have
+    exited may stay referenced for a while by trio's deadline heap, without one.)"""
+    import gc
+
+    gc.collect()
+    return sum(
+        isinstance(o, trio.CancelScope) and o._cancel_status is not None for o in gc.get_objects()
+    )
+
+
+async def test_a_worker_waiting_without_a_timer_holds_no_cancel_scope(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    """Every configured worker has a task that waits for something to do. Without a
+    timer to wait for (stopped, or running with no watchdog), that wait has no cancel
+    scope: one (with its cancel status) per worker was about 0.6 KiB of the daemon's
+    memory each (issue 14). Timers still fire: a start timeout ends a worker that never
+    says it is ready."""
+    many = 40
+    for i in range(many):
+        cfg.tenant(
+            f"t{i}",
+            'autostart = false\n[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n',
+        )
+    cfg.tenant(
+        "slow",
+        """
+        autostart = false
+        restart = { policy = "never" }
+        [[worker]]
+        name = "w"
+        command = ["sleep", "1000"]
+        ready = "notify"
+        start_timeout = 0.5
+        """,
+    )
+    d = await start_daemon()
+    await trio.sleep(0.2)  # start-up's own scopes come and go
+    for i in range(0, many, 2):  # half of them running, half stopped
+        await d.call("start", tenant=f"t{i}", wait=True)
+    for i in range(0, many, 2):
+        await d.wait_for(f"t{i}:w-0", lambda w: w["state"] == "running")
+    # The daemon's own scopes (server, listeners, ...) do not grow with the workers.
+    assert _cancel_scopes() < many, _cancel_scopes()
+    await d.call("start", tenant="slow")
+    w = await d.wait_for("slow:w-0", lambda w: w["state"] not in ("stopped", "starting"))
+    assert "start-timeout" in str(w["exit_reason"]), w
