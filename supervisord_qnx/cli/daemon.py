@@ -64,11 +64,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    # Before anything imports trio, structlog or pydantic (supervisord_qnx/lazymod.py).
+    # Before anything imports trio, structlog or pydantic (supervisord_qnx/lazymod.py),
+    # and before argparse, whose help formatter imports shutil (and shutil bz2 and lzma).
     from supervisord_qnx.lazymod import DAEMON_DEFERRED, defer
 
     defer(*DAEMON_DEFERRED)
+    args = parser().parse_args(argv)
     # Must run before anything imports trio: on QNX it installs the poll(2) back end.
     io_backend = _select_io()
     from supervisord_qnx import __version__
