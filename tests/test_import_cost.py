@@ -177,3 +177,36 @@ def test_deferred_compression_modules_still_work_for_shutil() -> None:
         "['bztar', 'gztar', 'tar', 'xztar', 'zip']",
         "True True",
     ], out
+
+
+def test_the_whole_configs_validator_is_never_built_by_load_or_reload(cfg: ConfigDir) -> None:
+    """``load`` constructs ``Config`` from parts it has validated (its validator, which
+    spans every model, would be 0.3 MiB of the daemon's RSS). The daemon's uses of it, a
+    reload's comparison and copies included, do not build it; a ``Config(...)`` made
+    elsewhere is still validated."""
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.config.load import load\n"
+        "from supervisord_qnx.config.model import Config\n"
+        "from supervisord_qnx.config.diff import diff, keep_start_settings\n"
+        "from supervisord_qnx import daemon as d\n"
+        f"live = load({str(cfg.path)!r})\n"
+        "backend = d.make_backend(live, 'portable')\n"
+        "tree, _ = d.admit(live, backend)\n"
+        "d.Daemon(live, backend, tree, [])\n"
+        f"new = load({str(cfg.path)!r})\n"
+        "plan = diff(live, live.tree, new, new.tree)\n"
+        "new.model_copy(update={'daemon': keep_start_settings(live.daemon, new.daemon)})\n"
+        "live.model_copy(update={'tree': new.tree})\n"
+        "print(live.tenants[0].name, Config.__pydantic_complete__)\n"
+        "try:\n"
+        "    Config(**{**dict(live), 'tenant_files': 'not a mapping'})\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, Config.__pydantic_complete__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines() == ["alpha False", "ValidationError True"], out
