@@ -17,7 +17,6 @@ trio or structlog; a module already imported is left alone.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -28,7 +27,9 @@ from typing import Any
 # What the daemon defers: imported by its libraries, used by none of its code paths.
 # hmac and secrets (trio's DTLS, pydantic's secret types) would import hashlib, which
 # loads OpenSSL's libcrypto; the daemon's own digests use supervisord_qnx/digest.py.
-DAEMON_DEFERRED = ("ssl", "asyncio", "hmac", "secrets", "importlib.metadata")
+# bz2 and lzma: shutil imports both (for its archive formats; ctypes.util imports
+# shutil for trio's thread cache), which maps libbz2 and liblzma (0.4 MiB of RSS).
+DAEMON_DEFERRED = ("ssl", "asyncio", "hmac", "secrets", "importlib.metadata", "bz2", "lzma")
 
 # Functions that a library takes from a deferred module by ``from m import f`` when it is
 # imported (reading ``f`` would load ``m`` at once): the stand-in hands out a forwarder
@@ -52,11 +53,15 @@ class _Deferred(types.ModuleType):
         return dir(_load(self))
 
 
-class _Loaded(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _Loaded:
     """First on ``sys.meta_path`` while anything is deferred. ``import pkg.sub`` with
     ``pkg`` a stand-in: reading ``pkg.__path__`` loaded the real ``pkg``, which may
     have imported ``pkg.sub`` itself; the import in progress must then get that very
-    module, not load a second copy of it."""
+    module, not load a second copy of it.
+
+    A finder and loader by their methods, not an ``importlib.abc`` subclass: importing
+    ``importlib.abc`` imports ``importlib.resources``, ``tempfile`` and ``shutil``, and
+    shutil imports ``bz2`` and ``lzma``, before ``defer`` could stand in for them."""
 
     def find_spec(
         self,
@@ -66,7 +71,7 @@ class _Loaded(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname.partition(".")[0] not in _deferred or fullname not in sys.modules:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self)
+        return importlib.machinery.ModuleSpec(fullname, self)  # type: ignore[arg-type]
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         return sys.modules[spec.name]

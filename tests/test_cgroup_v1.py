@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -331,6 +332,34 @@ def test_an_armed_threshold_keeps_nothing_for_a_partition_never_started(
         time.sleep(0.02)
     for n in names:
         backend.ensure_leaf(n, f"{n}-0")  # armed: nothing to wait for, nothing raised
+        backend.destroy(n)
+
+
+def _arming_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("cgroup1-pressure")]
+
+
+def test_the_arming_threads_go_once_a_burst_is_armed_and_come_back_for_the_next(
+    backend: Cgroup1Backend,
+) -> None:
+    """The pool that arms thresholds is made for a burst (a start-up, a reload) and its
+    threads end with it: kept, they were a stack and a malloc arena each for the
+    daemon's life (issue 14: daemon RSS). A partition added later is still armed."""
+    limits: dict[str, object] = {"memory_max": 128 * MiB, "memory_reserved": 64 * MiB}
+
+    def armed(names: list[str]) -> bool:
+        watched = backend._notifier.keys()  # a list of the keys with a live eventfd
+        return all(("pressure", n, None) in watched for n in names)
+
+    for burst in (["r0", "r1", "r2", "r3", "r4", "r5"], ["r6"]):
+        make_tree(backend, *((n, limits) for n in burst))
+        deadline = time.monotonic() + 30
+        while not (armed(burst) and not _arming_threads()):
+            assert time.monotonic() < deadline, (burst, _arming_threads())
+            time.sleep(0.02)
+        for n in burst:
+            backend.ensure_leaf(n, f"{n}-0")
+    for n in ["r0", "r1", "r2", "r3", "r4", "r5", "r6"]:
         backend.destroy(n)
 
 

@@ -47,6 +47,8 @@ def test_a_running_daemon_has_not_loaded_openssl_asyncio_or_hashlib(
     maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
     assert "libcrypto" not in maps and "libssl" not in maps, maps
     assert "_asyncio" not in maps and "_hashlib" not in maps, maps
+    # shutil's archive formats (bz2, lzma) are deferred too: their libraries stay out.
+    assert "libbz2" not in maps and "liblzma" not in maps, maps
 
 
 def ctl_status_running(sock: Path) -> set[str]:
@@ -150,3 +152,61 @@ def test_a_function_taken_from_a_deferred_module_loads_it_when_called() -> None:
         "module",
         "True True PackageNotFoundError",
     ], out
+
+
+def test_deferred_compression_modules_still_work_for_shutil() -> None:
+    """bz2 and lzma stand in until used (lazymod.DAEMON_DEFERRED): shutil, imported after
+    them, still offers its bz2 and xz archive formats, and both modules work once used."""
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.lazymod import DAEMON_DEFERRED, defer\n"
+        "defer(*DAEMON_DEFERRED)\n"
+        "import shutil\n"
+        "print(type(sys.modules['bz2']).__name__, type(sys.modules['lzma']).__name__)\n"
+        "print(sorted(f for f, _ in shutil.get_archive_formats()))\n"
+        "import bz2, lzma\n"
+        "data = b'x' * 1000\n"
+        "print(bz2.decompress(bz2.compress(data)) == data,"
+        " lzma.decompress(lzma.compress(data)) == data)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines() == [
+        "_Deferred _Deferred",
+        "['bztar', 'gztar', 'tar', 'xztar', 'zip']",
+        "True True",
+    ], out
+
+
+def test_the_whole_configs_validator_is_never_built_by_load_or_reload(cfg: ConfigDir) -> None:
+    """``load`` constructs ``Config`` from parts it has validated (its validator, which
+    spans every model, would be 0.3 MiB of the daemon's RSS). The daemon's uses of it, a
+    reload's comparison and copies included, do not build it; a ``Config(...)`` made
+    elsewhere is still validated."""
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.config.load import load\n"
+        "from supervisord_qnx.config.model import Config\n"
+        "from supervisord_qnx.config.diff import diff, keep_start_settings\n"
+        "from supervisord_qnx import daemon as d\n"
+        f"live = load({str(cfg.path)!r})\n"
+        "backend = d.make_backend(live, 'portable')\n"
+        "tree, _ = d.admit(live, backend)\n"
+        "d.Daemon(live, backend, tree, [])\n"
+        f"new = load({str(cfg.path)!r})\n"
+        "plan = diff(live, live.tree, new, new.tree)\n"
+        "new.model_copy(update={'daemon': keep_start_settings(live.daemon, new.daemon)})\n"
+        "live.model_copy(update={'tree': new.tree})\n"
+        "print(live.tenants[0].name, Config.__pydantic_complete__)\n"
+        "try:\n"
+        "    Config(**{**dict(live), 'tenant_files': 'not a mapping'})\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, Config.__pydantic_complete__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines() == ["alpha False", "ValidationError True"], out

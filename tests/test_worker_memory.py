@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
-from tests.conftest import ConfigDir
+from supervisord_qnx import memtrim
+from tests.conftest import ConfigDir, wait_until
+from tests.daemonproc import DaemonProc, ctl
+from tests.test_import_cost import ctl_status_running
 
 pytestmark = pytest.mark.integration
 
@@ -66,3 +71,119 @@ async def test_running_workers_add_no_tasks_and_their_exits_are_still_seen(
     for i in range(N):
         w = await d.worker(f"t{i}:w-0")
         assert w["state"] == "stopped" and w["pid"] is None, w
+
+
+def test_a_configured_worker_that_never_restarted_keeps_no_queue_blocks() -> None:
+    """Every configured worker has a lifecycle, running or not (issue 14: the daemon's
+    RSS at N configured). Its action queue and its restart history used to be deques,
+    and an empty deque reserves a 64-slot block: about 1.5 KiB per worker before any
+    action or restart. The restart history still works once restarts happen."""
+    import gc
+    import tracemalloc
+
+    from supervisord_qnx.config.model import TenantSpec
+    from supervisord_qnx.exits import ExitReason
+    from supervisord_qnx.supervise.policy import RestartTracker, Verdict
+    from supervisord_qnx.supervise.worker import Lifecycle
+
+    tenant = TenantSpec.model_validate({"name": "t", "worker": [{"name": "w", "command": ["x"]}]})
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [Lifecycle.for_worker(tenant.restart, tenant.worker[0]) for _ in range(200)]
+        each = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert each < 800, each  # 1,870 bytes with the two deques, 405 without
+    tracker = RestartTracker(tenant.restart.model_copy(update={"max_restarts": 2}))
+    crash = ExitReason.parse("exit:1")
+    verdicts = [tracker.decide(crash, now, uptime=0.0).verdict for now in (0, 1, 2)]
+    assert verdicts == [Verdict.RESTART, Verdict.RESTART, Verdict.FATAL]
+    tracker.reset()  # an operator start: a fresh try
+    assert tracker.decide(crash, 3, uptime=0.0).verdict is Verdict.RESTART
+
+
+def _malloc_arenas(pid: int) -> int:
+    """glibc's arenas besides the main heap, in a process: each is a heap that glibc maps
+    at an address aligned to its 64 MiB maximum size (its unused rest is kept ---p)."""
+    count = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start = int(fields[0].partition("-")[0], 16)
+        if len(fields) == 5 and fields[1] == "rw-p" and start % (64 << 20) == 0:
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not memtrim.available(), reason="malloc arenas are glibc's")
+def test_the_daemons_threads_share_one_malloc_arena_beside_the_main_heap(
+    cfg: ConfigDir,
+    daemon_procs: Callable[..., DaemonProc],
+) -> None:
+    """Tens of worker threads start workers and partitions; with glibc's default, each
+    that allocated got an arena of its own (up to 8 per CPU), and what they kept stayed
+    spread over all of them with each one's free space resident (issue 14: daemon RSS).
+    The daemon caps them at two (memtrim.limit_arenas): the main heap and one more."""
+    names = [f"t{i}" for i in range(16)]
+    for name in names:
+        cfg.tenant(name, '[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n')
+    cfg.write()
+    d = daemon_procs()
+    wanted = {f"{n}:w-0" for n in names}
+    wait_until(lambda: ctl_status_running(cfg.socket) == wanted, 60, "every worker running")
+    for name in names:  # a second burst of spawns and exits
+        ctl(cfg.socket, "restart", name, check=True)
+    wait_until(lambda: ctl_status_running(cfg.socket) == wanted, 60, "every worker running")
+    # glibc's default gave this daemon 4 or more here (the cap removed by hand).
+    assert _malloc_arenas(d.proc.pid) <= 1, _malloc_arenas(d.proc.pid)
+
+
+def _cancel_scopes() -> int:
+    """Cancel scopes open now: those that have a cancel status. (Scopes that have
+    exited may stay referenced for a while by trio's deadline heap, without one.)"""
+    import gc
+
+    gc.collect()
+    return sum(
+        isinstance(o, trio.CancelScope) and o._cancel_status is not None for o in gc.get_objects()
+    )
+
+
+async def test_a_worker_waiting_without_a_timer_holds_no_cancel_scope(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    """Every configured worker has a task that waits for something to do. Without a
+    timer to wait for (stopped, or running with no watchdog), that wait has no cancel
+    scope: one (with its cancel status) per worker was about 0.6 KiB of the daemon's
+    memory each (issue 14). Timers still fire: a start timeout ends a worker that never
+    says it is ready."""
+    many = 40
+    for i in range(many):
+        cfg.tenant(
+            f"t{i}",
+            'autostart = false\n[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n',
+        )
+    cfg.tenant(
+        "slow",
+        """
+        autostart = false
+        restart = { policy = "never" }
+        [[worker]]
+        name = "w"
+        command = ["sleep", "1000"]
+        ready = "notify"
+        start_timeout = 0.5
+        """,
+    )
+    d = await start_daemon()
+    await trio.sleep(0.2)  # start-up's own scopes come and go
+    for i in range(0, many, 2):  # half of them running, half stopped
+        await d.call("start", tenant=f"t{i}", wait=True)
+    for i in range(0, many, 2):
+        await d.wait_for(f"t{i}:w-0", lambda w: w["state"] == "running")
+    # The daemon's own scopes (server, listeners, ...) do not grow with the workers.
+    assert _cancel_scopes() < many, _cancel_scopes()
+    await d.call("start", tenant="slow")
+    w = await d.wait_for("slow:w-0", lambda w: w["state"] not in ("stopped", "starting"))
+    assert "start-timeout" in str(w["exit_reason"]), w

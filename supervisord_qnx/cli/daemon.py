@@ -64,11 +64,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    # Before anything imports trio, structlog or pydantic (supervisord_qnx/lazymod.py).
+    # Before anything imports trio, structlog or pydantic (supervisord_qnx/lazymod.py),
+    # and before argparse, whose help formatter imports shutil (and shutil bz2 and lzma).
     from supervisord_qnx.lazymod import DAEMON_DEFERRED, defer
 
     defer(*DAEMON_DEFERRED)
+    args = parser().parse_args(argv)
     # Must run before anything imports trio: on QNX it installs the poll(2) back end.
     io_backend = _select_io()
     from supervisord_qnx import __version__
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import trio
 
+    from supervisord_qnx import memtrim
+
+    memtrim.limit_arenas()  # before the daemon's first thread (memtrim.py)
     d.configure_logging(config.daemon.log_format, config.daemon.log_level)
     # Process-wide and for good: whatever the service manager left (even 000), files
     # the daemon creates are not for others (docs/security.md, "Files and directories").

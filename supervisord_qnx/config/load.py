@@ -158,7 +158,9 @@ def load(config_path: str | Path) -> Config:
     for p in ordering.problems({t.name: t.after for t in tenants}, known=unloaded):
         problems.append(Located(str(tenant_files[p.tenant]), "after", p.reason))
     tree, tree_problems = ptree.build(daemon_file.partition, tenants)
-    config = Config(
+    # Every part is validated above and of its field's type (the path resolved, the tree
+    # built): nothing left for Config's validator, which is therefore never built.
+    config = Config.model_construct(
         path=path,
         daemon=daemon_file.daemon,
         partitions=daemon_file.partition,

@@ -197,6 +197,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         self._arming: dict[str, Future[None]] = {}
         self._arming_lock = threading.Lock()
         self._armer: ThreadPoolExecutor | None = None
+        self._arms_pending = 0  # submitted to _armer and not done yet
 
     # ------------------------------------------------------------------ discovery
 
@@ -682,6 +683,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         with self._arming_lock:
             if self._armer is None:
                 self._armer = ThreadPoolExecutor(self.ARMING_THREADS, "cgroup1-pressure")
+            self._arms_pending += 1
             key: fs.Key = ("pressure", path, None)
             future = self._arming[path] = self._armer.submit(
                 self._event, key, mem, "memory.usage_in_bytes", f" {threshold}"
@@ -694,10 +696,18 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         a condition and their waiters' lists) is dropped instead of being kept until the
         partition's first leaf, which a tenant never started never makes (issue 14: the
         daemon's memory per configured tenant). One that failed stays, for ``_armed``."""
-        if not done.cancelled() and done.exception() is None:
-            with self._arming_lock:
-                if self._arming.get(path) is done:
-                    del self._arming[path]
+        retired = None
+        with self._arming_lock:
+            if not done.cancelled() and done.exception() is None and self._arming.get(path) is done:
+                del self._arming[path]
+            self._arms_pending -= 1
+            if self._arms_pending == 0:
+                # The burst is armed: the pool's threads go (a stack and a malloc arena
+                # each, kept for the daemon's life otherwise: issue 14, daemon RSS); the
+                # next threshold to arm starts a new pool.
+                retired, self._armer = self._armer, None
+        if retired is not None:
+            retired.shutdown(wait=False)  # may be one of its own threads: no join
 
     def _armed(self, match: Callable[[str], bool], *, check: bool) -> None:
         """Wait until the thresholds of the partitions ``match`` selects are armed; with

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from supervisord_qnx.config.model import RestartSpec
 from supervisord_qnx.exits import ExitReason
@@ -56,7 +56,9 @@ def healthy(uptime: float, spec: RestartSpec) -> bool:
 @dataclass
 class RestartTracker:
     spec: RestartSpec
-    _recent: deque[float] = field(default_factory=deque)
+    # Restart times inside the window, made at the first restart: an empty deque reserves
+    # a 64-slot block, about 700 bytes per configured worker (issue 14: daemon RSS).
+    _recent: deque[float] | None = None
     _streak: int = 0
 
     def decide(self, exit_reason: ExitReason, now: float, uptime: float) -> Decision:
@@ -64,6 +66,8 @@ class RestartTracker:
         policy = self.spec.policy
         if policy == "never" or (policy == "on-failure" and not exit_reason.failure):
             return Decision(Verdict.FINAL)
+        if self._recent is None:
+            self._recent = deque()
         while self._recent and now - self._recent[0] > self.spec.window:
             self._recent.popleft()
         if len(self._recent) >= self.spec.max_restarts:
@@ -82,5 +86,5 @@ class RestartTracker:
 
     def reset(self) -> None:
         """An operator start clears the history: they asked for a fresh try."""
-        self._recent.clear()
+        self._recent = None
         self._streak = 0

@@ -14,7 +14,6 @@ an exception in it makes that worker ``fatal``, never the daemon exit.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import signal
 import time
@@ -666,8 +665,12 @@ class Supervisor:
                 inst.wake = trio.Event()
                 # The lifecycle's clock is time.monotonic(); trio's has its own offset.
                 deadline = inst.lc.deadline
-                delay = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
-                with trio.move_on_after(delay):
+                if deadline is None:
+                    # No timer: no cancel scope either (with its status, about 0.6 KiB
+                    # per waiting worker, configured or running: issue 14, daemon RSS).
+                    await inst.wake.wait()
+                    continue
+                with trio.move_on_after(max(0.0, deadline - time.monotonic())):
                     await inst.wake.wait()
                 continue
             inst.performing = True

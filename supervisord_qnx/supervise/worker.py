@@ -37,7 +37,6 @@ States::
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 
 from supervisord_qnx.config.model import RestartSpec, WorkerBase
@@ -220,7 +219,9 @@ class Lifecycle:
     deadline: float | None = None  # backoff delay or stop timeout, monotonic
     backoff_delay: float = 0.0
     tracker: RestartTracker = field(init=False)
-    _actions: deque[Action] = field(default_factory=deque)
+    # A list, not a deque: it holds a few actions at most, and an empty deque reserves a
+    # 64-slot block (about 700 bytes per configured worker, issue 14: daemon RSS).
+    _actions: list[Action] = field(default_factory=list)
     # The task took the SPAWN action and has not reported its outcome yet.
     _spawn_in_flight: bool = False
     # READY=1 that arrived while the spawn was still returning (the process was quicker).
@@ -367,7 +368,7 @@ class Lifecycle:
     # -- for the performing task ----------------------------------------------------
 
     def next_action(self) -> Action | None:
-        action = self._actions.popleft() if self._actions else None
+        action = self._actions.pop(0) if self._actions else None
         if action is A.SPAWN:
             self._spawn_in_flight, self._ready_early = True, False
         return action
