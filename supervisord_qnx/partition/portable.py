@@ -37,7 +37,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import trio
 
-from supervisord_qnx.partition import accounting, container, proctree, sampling, seccomp
+from supervisord_qnx.partition import (
+    accounting,
+    container,
+    procfiles,
+    proctree,
+    sampling,
+    seccomp,
+)
 from supervisord_qnx.partition.backend import (
     AttachPlan,
     Backend,
@@ -106,6 +113,9 @@ class PortableBackend(Backend):
         self._above: set[str] = set()  # partitions now above max - reserved (edge trigger)
         # When each partition is sampled next, by its headroom (under _lock).
         self._schedule = sampling.SampleSchedule(sample_interval)
+        # The sampler's /proc files, kept open between its passes (partition/procfiles.py);
+        # one not read for two of the slowest schedule's periods is closed.
+        self._files = procfiles.ProcFiles(horizon=2 * sampling.UNLIMITED * sample_interval)
         self._lock = threading.Lock()
         # Leaf membership checks share /proc scans (accounting.SharedScan).
         self._scans = accounting.SharedScan(self._scan)
@@ -232,7 +242,17 @@ class PortableBackend(Backend):
         with self._lock:
             for key in [k for k in self._roots if _in_any(k[0], doomed)]:
                 del self._roots[key]
+        self._close_files()
         return []
+
+    def _close_files(self) -> None:
+        """Close the sampler's kept /proc files (the shutdown: nothing is sampled after),
+        unless a pass is using them this moment (its next sweep closes them then)."""
+        if self._files.busy.acquire(blocking=False):
+            try:
+                self._files.close()
+            finally:
+                self._files.busy.release()
 
     def _members_of_any(self, doomed: set[str], roots: Mapping[tuple[str, str], int]) -> list[int]:
         """The processes of the daemon's trees in any partition of ``doomed`` or below
@@ -505,7 +525,7 @@ class PortableBackend(Backend):
             return events
         # A due partition's sum needs every process below it: those partitions too.
         look = {p for p in partitions if _in_any(p, due)}
-        usage, leaves = self._tally(look)
+        usage, leaves = self._tally_kept(look, now)
         for path in look:
             node = partitions[path]
             current = usage.get(path, 0)
@@ -549,21 +569,37 @@ class PortableBackend(Backend):
                 self._above.discard(path)
         return events
 
+    def _tally_kept(
+        self, look: set[str], now: float
+    ) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
+        """``_tally(look)`` through the kept /proc files (partition/procfiles.py), unless
+        another pass has them this moment (then by path); closes what went unread."""
+        if not self._files.busy.acquire(blocking=False):
+            return self._tally(look)
+        try:
+            self._files.begin(now)
+            found = self._tally(look, self._files)
+            self._files.sweep(now)
+            return found
+        finally:
+            self._files.busy.release()
+
     def _tally(
-        self, look: set[str] | None = None
+        self, look: set[str] | None = None, files: procfiles.PathReads = procfiles.PATHS
     ) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
         """Resident bytes per partition (ancestors included, as in a cgroup tree) and the
         (leaf, pid) members of each partition: from the daemon's own trees where every
         leaf's process is known (``_tally_trees``), else from one /proc snapshot.
         ``look``: only the workers of these partitions are read (the figures of the
-        others are then partial: only their orphans counted)."""
+        others are then partial: only their orphans counted). ``files``: how the trees'
+        /proc files are read (the sampler's kept ones)."""
         with self._lock:
             trees = self._orphans is not None and not self._unrooted
             roots = dict(self._roots)
         if trees:
             if look is not None:
                 roots = {key: pid for key, pid in roots.items() if key[0] in look}
-            return self._tally_trees(roots)
+            return self._tally_trees(roots, files)
         procs = accounting.snapshot()
         found = [(procs[pid], self._tag_or_attached(pid)) for pid in set(self._ours(procs))]
         return _add_up(found)
@@ -576,7 +612,7 @@ class PortableBackend(Backend):
         return None if path is None else f"{path}:"
 
     def _tally_trees(
-        self, roots: Mapping[tuple[str, str], int]
+        self, roots: Mapping[tuple[str, str], int], files: procfiles.PathReads = procfiles.PATHS
     ) -> tuple[dict[str, int], dict[str, set[tuple[str, int]]]]:
         """``_tally`` reading only the daemon's trees (partition/proctree.py): each worker
         (its tag is known: spawn set it) and what is below it, the orphans, the attached
@@ -593,7 +629,8 @@ class PortableBackend(Backend):
             return proc.pid not in known or proc.ppid == own or proc.pid in self._adopted
 
         found: list[tuple[accounting.ProcInfo, str | None]] = []
-        trees = proctree.subtree([*known, *self._orphans(), *self._attached], still_ours)
+        starts = [*known, *self._orphans(), *self._attached]
+        trees = proctree.subtree(starts, still_ours, files)
         for proc, depth in trees:
             if depth == 0 and proc.pid in known:
                 found.append((proc, known[proc.pid]))
