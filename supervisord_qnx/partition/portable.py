@@ -172,8 +172,10 @@ class PortableBackend(Backend):
 
     def _wake_watch(self) -> None:
         """A partition with a max appeared (a transient job's, created while the daemon
-        runs): start accounting if ``watch`` is asleep for want of one. ``create`` runs in
-        worker threads, hence the hand-over through the trio token."""
+        runs): start accounting if ``watch`` is asleep for want of one; or a partition was
+        hurried (a new process, new figures): sample at the next interval if ``watch``
+        sleeps until a later partition is due. Callers run in worker threads, hence the
+        hand-over through the trio token."""
         token, limited = self._watch_wake
         if token is not None and limited is not None:
             with contextlib.suppress(trio.RunFinishedError):
@@ -202,6 +204,7 @@ class PortableBackend(Backend):
         self._partitions[path] = partition
         with self._lock:
             self._schedule.hurry([path])
+        self._wake_watch()
 
     def adopt(self, tree: PartitionTree) -> None:
         for path in list(self._partitions):
@@ -299,6 +302,8 @@ class PortableBackend(Backend):
             self._limit_killed.discard((request.partition, request.leaf))
             # A new process may grow at once: its partition's max is watched closely.
             self._schedule.hurry(limited)
+        if limited:
+            self._wake_watch()  # the sampler may be asleep until a later partition's turn
         return limits, tag
 
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
@@ -650,10 +655,30 @@ class PortableBackend(Backend):
                 break
             await limited.wait()
         while True:
+            # In place before the pass: a hurry from now on cuts the long sleep short.
+            hurried = trio.Event()
+            self._watch_wake = (trio.lowlevel.current_trio_token(), hurried)
             # /proc reads block briefly per process: keep them off the event loop.
-            for event in await trio.to_thread.run_sync(self.sample):
+            events, idle = await trio.to_thread.run_sync(self._sample_pass)
+            for event in events:
                 emit(event)
             await trio.sleep(self.sample_interval)
+            # Nothing is due for a while (every partition far below its max): no pass
+            # until then, not an empty one every interval (each one a wake-up of the loop
+            # and a thread; at 1000 idle workers, 15 of every 16 passes found nothing).
+            if idle > self.sample_interval:
+                with trio.move_on_after(idle - self.sample_interval):
+                    await hurried.wait()
+
+    def _sample_pass(self) -> tuple[list[BackendEvent], float]:
+        """``sample``, and how long until a partition is due again (0: at the next
+        interval; always so with a /proc scan, which reads every partition each pass)."""
+        events = self.sample()
+        partitions = list(self._partitions)
+        with self._lock:
+            if self._orphans is None or self._unrooted:
+                return events, 0.0
+            return events, self._schedule.until_due(partitions, time.monotonic())
 
 
 def _nearest_figure(node: Partition, usage: int) -> int | None:

@@ -90,6 +90,15 @@ class SampleSchedule:
         projected = usage + max(0, usage - previous)
         self._next[path] = now + self.interval * factor(projected, figure)
 
+    def until_due(self, paths: Iterable[str], now: float) -> float:
+        """Seconds from ``now`` until the first of ``paths`` is due (``due``'s half
+        interval early included); 0 when one is due now or hurried. O(partitions), for
+        once per pass: the sampler sleeps that long instead of waking every interval."""
+        if self._hurried:
+            return 0.0
+        first = min((self._next.get(p, 0.0) for p in paths), default=now + self.interval)
+        return max(0.0, first - self.interval / 2 - now)
+
     def hurry(self, paths: Iterable[str]) -> None:
         """Sample these partitions at the next look (new figures, a new process), even
         if a sample under way now reschedules them."""
