@@ -27,6 +27,7 @@ leaf whose process the wasm fork server started, and without an orphan source.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import signal
@@ -708,10 +709,17 @@ def _add_up(
     for proc, tag in found:
         if tag is None:
             continue
-        path, leaf = tag.rsplit(":", 1)
-        parts = path.split("/")
-        for i in range(len(parts), 0, -1):
-            prefix = "/".join(parts[:i])
+        path, leaf, prefixes = _split_tag(tag)
+        for prefix in prefixes:
             usage[prefix] = usage.get(prefix, 0) + proc.rss
         leaves.setdefault(path, set()).add((leaf, proc.pid))
     return usage, leaves
+
+
+@functools.lru_cache(maxsize=8192)
+def _split_tag(tag: str) -> tuple[str, str, tuple[str, ...]]:
+    """A ``path:leaf`` tag's partition, leaf and the partition with each ancestor. The
+    same few tags come back at every sample (one per running worker): split once."""
+    path, leaf = tag.rsplit(":", 1)
+    parts = path.split("/")
+    return path, leaf, tuple("/".join(parts[:i]) for i in range(len(parts), 0, -1))

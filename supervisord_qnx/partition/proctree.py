@@ -32,8 +32,9 @@ def info(pid: int, files: PathReads = PATHS) -> tuple[accounting.ProcInfo, int] 
     stat = files.stat(pid)
     if stat is None:
         return None
-    # Fields after the parenthesised command name; the name itself may hold ") ".
-    rest = stat[stat.rfind(b")") + 2 :].split()
+    # Fields after the parenthesised command name; the name itself may hold ") ". Split
+    # only as far as the last field read (rss): the sampler parses this for every process.
+    rest = stat[stat.rfind(b")") + 2 :].split(maxsplit=22)
     if len(rest) < 22 or rest[0] == b"Z":
         return None
     proc = accounting.ProcInfo(

@@ -25,7 +25,9 @@ from 1/2                             1
 
 A partition without any figure (its peak is all it reports) is due every 16 intervals.
 A new partition, a partition whose figures changed, and a partition a worker was just
-started in (and each limited partition above it) are due at the next sample.
+started in (and each limited partition above it) are due at the next sample. Between
+passes the sampler sleeps until the first partition is due (``until_due``), not one
+interval: a hurry wakes it (``PortableBackend.watch``).
 
 What this trades, stated plainly: a process that jumps from a small fraction of its
 partition's max to above it between two samples is seen up to 16 intervals late (4 s
