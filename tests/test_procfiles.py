@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from supervisord_qnx.daemon import FDS_BASE, FDS_CONNECTIONS, FDS_PER_WORKER
 from supervisord_qnx.partition.backend import BackendEvent, EventKind, SpawnRequest
 from supervisord_qnx.partition.portable import PortableBackend
-from supervisord_qnx.partition.procfiles import ProcFiles
+from supervisord_qnx.partition.procfiles import ProcFiles, ceiling_for
 from supervisord_qnx.partition.tree import Partition
 
 MiB = 1 << 20
@@ -235,3 +236,16 @@ def test_a_kept_stat_of_a_reaped_process_is_not_read_again() -> None:
     assert files.stat(proc.pid) is None
     assert len(files) == 0
     assert proc_fds(proc.pid) == []
+
+
+@pytest.mark.parametrize("workers", [10, 100, 1000, 5000])
+def test_under_the_limit_the_daemon_sets_every_worker_s_files_are_kept(workers: int) -> None:
+    # daemon.raise_fd_limit: twice fd_needs (the backend's per-worker count, plus one).
+    need = FDS_BASE + FDS_CONNECTIONS + workers * (FDS_PER_WORKER["portable"] + 1)
+    soft = 2 * need
+    # What the daemon holds besides the cache: its own, and per running worker its log
+    # writer's pipe and lock and a spare (measured: about three at 1000 workers).
+    held = FDS_BASE + 3 * workers
+    assert ceiling_for(soft) >= held + 2 * workers
+    # ...and what stays free above the ceiling is at least the connections' share.
+    assert soft - ceiling_for(soft) >= FDS_CONNECTIONS

@@ -25,11 +25,11 @@ What it holds, and the bounds:
   partition went away) is closed by the sweep, at most ``2 * horizon`` after its last
   read; ``close`` closes everything (the backend's shutdown).
 * The descriptor limit: descriptors are handed out lowest-free-first, so the number a new
-  one gets says how full the table is. One that comes back at or above ``ceiling`` (half
-  the soft ``RLIMIT_NOFILE`` by default) is closed at once and that file is read the
-  old way, by path: the cache never takes the descriptors that spawns, log pipes and
-  control connections need (the daemon sizes its limit for two per portable worker,
-  ``daemon.FDS_PER_WORKER``).
+  one gets says how full the table is. One that comes back at or above ``ceiling``
+  (``ceiling_for`` the soft ``RLIMIT_NOFILE``: an eighth of it, at least 320, stays
+  free) is closed at once and that file is read the old way, by path: the cache never
+  takes the last descriptors that spawns, log pipes and control connections need (the
+  daemon sizes its limit for two per portable worker, ``daemon.FDS_PER_WORKER``).
 * Not thread-safe: one sampling pass at a time uses it (``PortableBackend.sample`` takes
   ``busy``; a second, concurrent caller reads by path).
 
@@ -74,12 +74,27 @@ def _read_path(path: str, size: int) -> bytes | None:
         os.close(fd)
 
 
+# Descriptors never taken by the cache, at the least: the daemon's own estimate for
+# itself and its control connections (daemon.FDS_BASE + FDS_CONNECTIONS).
+RESERVE = 320
+
+
+def ceiling_for(soft: int) -> int:
+    """The first descriptor number the cache does not keep, under a soft limit of
+    ``soft``: an eighth of the limit, and at least ``RESERVE``, stay free for spawns, log
+    pipes and control connections. The daemon sets its soft limit to twice its estimate
+    (``daemon.raise_fd_limit``), which counts two descriptors per portable worker for
+    this cache; what a running worker holds besides (its log pipe and lock, about three)
+    fits in the other half, so every worker's files are kept (tests/test_procfiles.py)."""
+    return max(0, soft - max(RESERVE, soft // 8))
+
+
 def default_ceiling() -> int:
-    """Half the soft descriptor limit: the other half stays for everything else."""
+    """``ceiling_for`` this process's soft descriptor limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft <= 0:
         soft = 1 << 20
-    return soft // 2
+    return ceiling_for(soft)
 
 
 class ProcFiles(PathReads):
