@@ -8,6 +8,7 @@ test_portable_sampling.py and test_daemon.py run through the same code)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,6 +84,8 @@ class Rig:
         # The test process is no subreaper: nothing is re-parented to it, no orphans.
         self.backend.use_orphan_source(list)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Processes a worker forked (found in its leaf), killed with the workers.
+        self.forked: set[int] = set()
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         part = Partition(f"t/{name}", memory_max=64 * MiB)
@@ -113,6 +116,9 @@ class Rig:
         raise AssertionError(f"timed out; events so far: {events}")
 
     def close(self) -> None:
+        for pid in self.forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
@@ -168,6 +174,7 @@ def test_a_child_forked_after_the_files_were_opened_is_counted(rig: Rig) -> None
 
     def two(_: list[BackendEvent]) -> bool:
         members = rig.backend._tally_kept({"t/a"}, time.monotonic())[1]
+        rig.forked.update(pid for _, pid in members.get("t/a", ()) if pid != proc.pid)
         return len(members.get("t/a", ())) == 2
 
     rig.sample_until(two)
