@@ -121,10 +121,11 @@ def make_backend(config: Config, override: str | None = None) -> Backend:
 # the listening socket, a spawn's log file and pipes in flight), one per control
 # connection we allow, and what the backend keeps open per partition and per worker
 # (cgroup1: an eventfd per watched file, OOM for each leaf and partition plus a pressure
-# threshold; cgroup2: an open memory.events per leaf and partition; portable/qnx: none).
+# threshold; cgroup2: an open memory.events per leaf and partition; portable: the
+# sampler's two /proc files per worker, partition/procfiles.py; qnx: none).
 FDS_BASE = 64
 FDS_CONNECTIONS = 256
-FDS_PER_WORKER = {"cgroup1": 3, "cgroup2": 2}
+FDS_PER_WORKER = {"cgroup1": 3, "cgroup2": 2, "portable": 2}
 FDS_PER_PARTITION = {"cgroup1": 2, "cgroup2": 1}
 # However many descriptors there are, more control clients than this at once is a leak
 # or an attack, not operators; each one costs a task and buffers.

@@ -4,7 +4,14 @@ that sat idle far below its max and then jumps above it is still killed at the m
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
 import pytest
+import trio
 
 from supervisord_qnx.partition.sampling import UNLIMITED, SampleSchedule, factor
 from tests.conftest import ConfigDir, worker_py
@@ -100,3 +107,109 @@ async def test_a_worker_that_jumps_from_far_below_its_max_is_still_killed_at_it(
     assert w["exit_reason"] == "memory-limit"
     # It idled first (killed during or after the jump, whichever the sample saw).
     assert cfg.worker_log("jump", "w-0").read_text().startswith("idle\n")
+
+
+def test_until_due_is_the_time_to_the_first_partition_due() -> None:
+    s = SampleSchedule(0.25)
+    assert s.until_due(["a"], 100.0) == 0.0  # never sampled: due now
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.0)  # due at 104.0 (16 intervals)
+    s.sampled("b", 6 * MiB, 64 * MiB, 100.0)  # due at 102.0 (8 intervals)
+    # due() takes a partition half an interval early: 101.875 for b.
+    assert s.until_due(["a", "b"], 100.0) == pytest.approx(1.875)
+    assert s.until_due(["a"], 100.0) == pytest.approx(3.875)
+    s.hurry(["a"])
+    assert s.until_due(["a", "b"], 100.0) == 0.0
+
+
+# A worker that only sleeps: some 10 MiB, far below its partition's max.
+SLEEPS = "import time\ntime.sleep(1000)\n"
+
+
+class _Passes:
+    """Counts the portable sampler's passes (it still runs each one)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.count = 0
+        self._inner = backend._sample_pass
+        backend._sample_pass = self
+
+    def __call__(self) -> Any:
+        self.count += 1
+        return self._inner()
+
+
+def _spawn_sleeper(backend: Any, path: str, max_bytes: int) -> Any:
+    from supervisord_qnx.partition.tree import Partition
+
+    backend.create(Partition(path, memory_max=max_bytes))
+    return _spawn_sleeper_in(backend, path)
+
+
+def _spawn_sleeper_in(backend: Any, path: str) -> Any:
+    from supervisord_qnx.partition.backend import SpawnRequest
+
+    return backend.spawn(
+        SpawnRequest(
+            partition=path,
+            leaf="w-0",
+            argv=[sys.executable, "-c", SLEEPS],
+            cwd=None,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+
+
+async def test_the_sampler_sleeps_while_nothing_is_due_and_a_new_worker_or_figure_wakes_it() -> (
+    None
+):
+    from supervisord_qnx.partition.backend import BackendEvent, EventKind
+    from supervisord_qnx.partition.portable import PortableBackend
+    from supervisord_qnx.partition.tree import Partition, PartitionTree
+
+    # 0.5 s intervals: a partition far below its max is due every 8 s.
+    backend = PortableBackend(sample_interval=0.5)
+    backend.use_orphan_source(list)  # the test process is no subreaper: no orphans
+    proc = _spawn_sleeper(backend, "t/a", 1 << 30)
+    backend.create(Partition("t/b", memory_max=1 << 30))  # no process in it yet
+    procs = [proc]
+    passes = _Passes(backend)
+    events: list[BackendEvent] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.watch, PartitionTree(), events.append)
+            # Its first passes see it start (hurried); then it is far below its max.
+            with trio.fail_after(30):
+                while backend._schedule._last.get("t/a", 0) < 4 * MiB:
+                    await trio.sleep(0.1)
+            await trio.sleep(1.0)
+            settled = passes.count
+            # Three seconds, six intervals: not one pass is due in them.
+            await trio.sleep(3.0)
+            assert passes.count == settled, "passes ran with nothing due"
+            # A worker started meanwhile is looked at from the next interval, not when
+            # its partition's (or any) slow schedule comes round.
+            due_at = min(backend._schedule._next["t/a"], backend._schedule._next["t/b"])
+            procs.append(_spawn_sleeper_in(backend, "t/b"))
+            with trio.fail_after(30):
+                while not backend._usage.get("t/b"):
+                    await trio.sleep(0.05)
+            assert time.monotonic() < due_at - 1.0, "the new worker waited for its turn"
+            await trio.sleep(1.0)
+            due_at = backend._schedule._next["t/a"]
+            # New figures (its reserve puts the pressure threshold below what it uses):
+            # they apply from the next pass, not from its slow schedule's turn.
+            backend.update_limits(
+                Partition("t/a", memory_max=1 << 30, memory_reserved=(1 << 30) - 4 * MiB)
+            )
+            with trio.fail_after(30):
+                while not any(e.kind is EventKind.MEMORY_PRESSURE for e in events):
+                    await trio.sleep(0.05)
+            # (With no wake-up it would come half an interval before ``due_at``.)
+            assert time.monotonic() < due_at - 1.0, "the new figure waited for its turn"
+            nursery.cancel_scope.cancel()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

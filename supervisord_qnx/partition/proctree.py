@@ -23,28 +23,18 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from supervisord_qnx.partition import accounting
+from supervisord_qnx.partition.procfiles import PATHS, PathReads
 
 
-def _read(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 65536)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def info(pid: int) -> tuple[accounting.ProcInfo, int] | None:
-    """A live (not zombie) process's figures and its thread count; ``None`` when gone."""
-    stat = _read(f"/proc/{pid}/stat")
+def info(pid: int, files: PathReads = PATHS) -> tuple[accounting.ProcInfo, int] | None:
+    """A live (not zombie) process's figures and its thread count; ``None`` when gone.
+    ``files``: how ``/proc`` is read (``procfiles.ProcFiles``: kept open, for the sampler)."""
+    stat = files.stat(pid)
     if stat is None:
         return None
-    # Fields after the parenthesised command name; the name itself may hold ") ".
-    rest = stat[stat.rfind(b")") + 2 :].split()
+    # Fields after the parenthesised command name; the name itself may hold ") ". Split
+    # only as far as the last field read (rss): the sampler parses this for every process.
+    rest = stat[stat.rfind(b")") + 2 :].split(maxsplit=22)
     if len(rest) < 22 or rest[0] == b"Z":
         return None
     proc = accounting.ProcInfo(
@@ -53,12 +43,12 @@ def info(pid: int) -> tuple[accounting.ProcInfo, int] | None:
     return proc, int(rest[17])
 
 
-def children(pid: int, threads: int = 0) -> list[int]:
+def children(pid: int, threads: int = 0, files: PathReads = PATHS) -> list[int]:
     """The direct children of ``pid``: forked by any of its threads (each thread has its
     own list). ``threads`` 1: only the main thread's (one read instead of a listing)."""
-    tids: Iterable[str]
+    tids: Iterable[int | str]
     if threads == 1:
-        tids = (str(pid),)
+        tids = (pid,)
     else:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -66,14 +56,16 @@ def children(pid: int, threads: int = 0) -> list[int]:
             return []
     out: list[int] = []
     for tid in tids:
-        text = _read(f"/proc/{pid}/task/{tid}/children")
+        text = files.children(pid, int(tid))
         if text:
             out.extend(int(p) for p in text.split())
     return out
 
 
 def subtree(
-    roots: Iterable[int], root_ok: Callable[[accounting.ProcInfo], bool] | None = None
+    roots: Iterable[int],
+    root_ok: Callable[[accounting.ProcInfo], bool] | None = None,
+    files: PathReads = PATHS,
 ) -> Iterator[tuple[accounting.ProcInfo, int]]:
     """Each live process of the trees below ``roots`` (the roots included), with its depth
     (0 for a root); a zombie and what is below it is left out, as a scan leaves it out,
@@ -86,14 +78,15 @@ def subtree(
         if pid in seen:
             continue
         seen.add(pid)
-        got = info(pid)
+        got = info(pid, files)
         if got is None:
             continue
         proc, threads = got
         if depth == 0 and root_ok is not None and not root_ok(proc):
             continue
         yield proc, depth
-        stack.extend((child, depth + 1) for child in children(pid, threads))
+        # Right after the stat read of the same process: what procfiles relies on.
+        stack.extend((child, depth + 1) for child in children(pid, threads, files))
 
 
 def members(roots: Iterable[int], exact: str) -> list[int]:

@@ -25,7 +25,9 @@ from 1/2                             1
 
 A partition without any figure (its peak is all it reports) is due every 16 intervals.
 A new partition, a partition whose figures changed, and a partition a worker was just
-started in (and each limited partition above it) are due at the next sample.
+started in (and each limited partition above it) are due at the next sample. Between
+passes the sampler sleeps until the first partition is due (``until_due``), not one
+interval: a hurry wakes it (``PortableBackend.watch``).
 
 What this trades, stated plainly: a process that jumps from a small fraction of its
 partition's max to above it between two samples is seen up to 16 intervals late (4 s
@@ -89,6 +91,15 @@ class SampleSchedule:
         self._last[path] = usage
         projected = usage + max(0, usage - previous)
         self._next[path] = now + self.interval * factor(projected, figure)
+
+    def until_due(self, paths: Iterable[str], now: float) -> float:
+        """Seconds from ``now`` until the first of ``paths`` is due (``due``'s half
+        interval early included); 0 when one is due now or hurried. O(partitions), for
+        once per pass: the sampler sleeps that long instead of waking every interval."""
+        if self._hurried:
+            return 0.0
+        first = min((self._next.get(p, 0.0) for p in paths), default=now + self.interval)
+        return max(0.0, first - self.interval / 2 - now)
 
     def hurry(self, paths: Iterable[str]) -> None:
         """Sample these partitions at the next look (new figures, a new process), even
