@@ -185,9 +185,11 @@ async def test_the_sampler_sleeps_while_nothing_is_due_and_a_new_worker_or_figur
                     await trio.sleep(0.1)
             await trio.sleep(1.0)
             settled = passes.count
-            # Three seconds, six intervals: not one pass is due in them.
+            # Three seconds, six intervals: not one pass is due in them. (One is let
+            # through: under a heavy load the settling above can end a pass late; a
+            # sampler waking every interval would run six.)
             await trio.sleep(3.0)
-            assert passes.count == settled, "passes ran with nothing due"
+            assert passes.count - settled <= 1, "passes ran with nothing due"
             # A worker started meanwhile is looked at from the next interval, not when
             # its partition's (or any) slow schedule comes round.
             due_at = min(backend._schedule._next["t/a"], backend._schedule._next["t/b"])
