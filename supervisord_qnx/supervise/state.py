@@ -18,7 +18,10 @@ daemon starts as on a fresh boot. It never crashes on it, and never adopts from 
 Writes never block the event loop and coalesce: a change only sets a flag; one task
 takes a snapshot (in the loop, so it is consistent), waits ``COALESCE`` seconds for
 the burst to end, and writes it in a thread. A burst of a hundred state changes (a
-tenant of 100 workers starting) costs one or two writes, not a hundred.
+tenant of 100 workers starting) costs one or two writes, not a hundred. The daemon's
+snapshot keeps each worker's part as text made again only when it changed
+(``statebody.py``), and the digest is taken in the thread: a write costs the loop about
+a millisecond at 1,000 workers instead of 19-27 ms.
 """
 
 from __future__ import annotations
@@ -52,8 +55,38 @@ class Unusable(Exception):
     """The state file cannot be trusted (torn, corrupt, unknown format or version)."""
 
 
+class Raw(str):
+    """A value of the body already in its canonical text (``dumps`` of it), spliced into
+    the body's text as it is (supervise/statebody.py keeps the tenants so)."""
+
+    __slots__ = ()
+
+
+def dumps(value: Any) -> str:
+    """The canonical text of a JSON value: what the file's digest is of."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def canonical(body: dict[str, Any]) -> str:
+    """``dumps(body)``, where a top-level ``Raw`` value stands for the value it is the
+    text of."""
+    if not any(isinstance(v, Raw) for v in body.values()):
+        return dumps(body)
+    items = sorted(body.items())
+    return (
+        "{"
+        + ",".join(dumps(k) + ":" + (v if isinstance(v, Raw) else dumps(v)) for k, v in items)
+        + "}"
+    )
+
+
 def encode(body: dict[str, Any]) -> bytes:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return wrap(canonical(body))
+
+
+def wrap(canonical: str) -> bytes:
+    """The file's bytes around a body's canonical text. Touches nothing but that str
+    (immutable), so it may run in a thread: hashing 300 KB is half a millisecond."""
     digest = sha256_hex(canonical.encode())
     # The body goes in as the canonical text the digest is of: encoded once, by the C
     # encoder. An indented body took the pure-Python encoder, 300 KB at N = 1000 on the
@@ -190,16 +223,19 @@ class StateKeeper:
         began = time.perf_counter()
         body = self.snapshot()
         body["reason"] = reason
-        data = encode(body)
+        text = canonical(body)
         self.figures.last_loop_seconds = time.perf_counter() - began
         async with self._write_lock:  # one write at a time, in the order taken
             began = time.monotonic()
-            await trio.to_thread.run_sync(atomicfile.write, self.path, data, limiter=self._thread)
+            await trio.to_thread.run_sync(self._write, text, limiter=self._thread)
             took = time.monotonic() - began
         f = self.figures
         f.writes += 1
         f.last_seconds = took
         f.max_seconds = max(f.max_seconds, took)
+
+    def _write(self, text: str) -> None:
+        atomicfile.write(self.path, wrap(text))
 
     def write_sync(self, reason: str) -> None:
         """Blocking write (shutdown's last word, when the loop is ending)."""
