@@ -122,3 +122,42 @@ def test_a_raw_value_is_spliced_as_the_text_it_stands_for() -> None:
     # And the file made from it passes the digest check a successor makes.
     data = runtime_state.encode(body)
     assert runtime_state.decode(data) == {**body, "tenants": value}
+
+
+async def test_coalesced_writes_take_the_body_in_steps_and_say_the_same(
+    cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write after a change lets the loop run between steps of its snapshot (a
+    restart's next step, a status answer wait for one step, not the whole body), and
+    the steps put together say what a whole encoding says."""
+    monkeypatch.setattr(statebody, "STEP", 2)
+    for name in "abcde":
+        cfg.tenant(name, '[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n')
+    d = await start_daemon()
+    await settled(d, [f"{n}:w-0" for n in "abcde"])
+    keeper = d.daemon.state
+    taken = keeper.snapshot_in_steps
+    pauses: list[int] = []
+    texts: list[tuple[str, str]] = []
+
+    async def counting(pause: Any) -> dict[str, Any]:
+        async def counted() -> None:
+            pauses.append(1)
+            await pause()
+
+        body = await taken(counted)
+        texts.append((body["tenants"], whole(d)))
+        return body
+
+    with trio.fail_after(30):
+        await d.call("stop", tenant="c", wait=True)
+        # Settled: nothing changes during the write below, so the two texts must agree.
+        keeper.snapshot_in_steps = counting
+        keeper.changed()  # what every state change and event does
+        while not texts:
+            await trio.sleep(0.01)
+    # Five tenants two at a time: two pauses between three steps.
+    assert len(pauses) == 2, pauses
+    spliced, encoded = texts[0]
+    assert spliced == encoded
+    assert json.loads(spliced)["c"]["operator"] == "stopped"

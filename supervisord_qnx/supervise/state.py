@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,13 +166,26 @@ class WriteFigures:
     last_loop_seconds: float = 0.0
 
 
+# ``snapshot_in_steps(pause)``: the body, awaiting ``pause()`` between steps.
+SteppedSnapshot = Callable[[Callable[[], Awaitable[None]]], Awaitable[dict[str, Any]]]
+
+
 class StateKeeper:
     """Writes ``snapshot()`` to the state file after every change, coalesced, in a
     thread. ``changed()`` is cheap and may be called from any task of the loop."""
 
-    def __init__(self, state_dir: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        snapshot: Callable[[], dict[str, Any]],
+        snapshot_in_steps: SteppedSnapshot | None = None,
+    ) -> None:
         self.path = state_dir / STATE_FILE
         self.snapshot = snapshot
+        # The same body taken in steps, the loop free between them (statebody.py); used
+        # by the coalesced writes only: a final write (reexec, shutdown) takes it whole.
+        self.snapshot_in_steps = snapshot_in_steps
+        self._busy = self._since = 0.0
         self.figures = WriteFigures()
         self._dirty = trio.Event()
         self._write_lock = trio.Lock()
@@ -208,7 +221,7 @@ class StateKeeper:
             if self.held:
                 continue
             try:
-                await self.write_now()
+                await self.write_now(in_steps=True)
                 loop_time = self.figures.last_loop_seconds
             except OSError as exc:
                 # A full or read-only disk: the daemon supervises on; the next change
@@ -216,15 +229,20 @@ class StateKeeper:
                 log.error("cannot write the runtime state", file=str(self.path), error=str(exc))
                 await trio.sleep(1.0)
 
-    async def write_now(self, reason: str = "running") -> None:
-        """Write the state as it is now (also the final write before a reexec)."""
+    async def write_now(self, reason: str = "running", *, in_steps: bool = False) -> None:
+        """Write the state as it is now (also the final write before a reexec).
+        ``in_steps``: the snapshot lets other tasks run between its steps (a change made
+        meanwhile is written by the next coalesced write, as any later change is)."""
         if not self.enabled:
             return
-        began = time.perf_counter()
-        body = self.snapshot()
+        self._busy, self._since = 0.0, time.perf_counter()
+        if in_steps and self.snapshot_in_steps is not None:
+            body = await self.snapshot_in_steps(self._pause)
+        else:
+            body = self.snapshot()
         body["reason"] = reason
         text = canonical(body)
-        self.figures.last_loop_seconds = time.perf_counter() - began
+        self.figures.last_loop_seconds = self._busy + time.perf_counter() - self._since
         async with self._write_lock:  # one write at a time, in the order taken
             began = time.monotonic()
             await trio.to_thread.run_sync(self._write, text, limiter=self._thread)
@@ -233,6 +251,13 @@ class StateKeeper:
         f.writes += 1
         f.last_seconds = took
         f.max_seconds = max(f.max_seconds, took)
+
+    async def _pause(self) -> None:
+        """Between two steps of a snapshot: the loop runs what is ready (a restart's next
+        step, a status answer), and that time is not counted as the state's."""
+        self._busy += time.perf_counter() - self._since
+        await trio.lowlevel.checkpoint()
+        self._since = time.perf_counter()
 
     def _write(self, text: str) -> None:
         atomicfile.write(self.path, wrap(text))

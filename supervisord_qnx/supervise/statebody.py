@@ -15,6 +15,11 @@ wherever a lifecycle changes: a new field can only go stale if it is left out of
 key, and the tests compare the text with a whole encoding of ``adopt.snapshot``. What a
 write still does per worker is reading a dozen attributes and comparing a tuple.
 
+The coalesced writes take it in steps of ``STEP`` tenants, the loop free between them
+(``tenants_in_steps``): what remains per write at N = 1000 (a couple of milliseconds)
+then delays a restart's next step or a status answer by one step at most. The final
+writes (reexec, shutdown) take it in one go.
+
 Each key holds the instance's specs (a fingerprint of them is in the entry); the cache
 is rebuilt at each write from the instances there are now, so the specs a reload
 replaced are let go at the next write, never kept (the leak ``adopt.definition``
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from supervisord_qnx.config.model import TenantSpec, WorkerBase
@@ -37,6 +43,8 @@ from supervisord_qnx.supervise.worker import State
 # its leaf.
 Entry = tuple[tuple[Any, ...], TenantSpec, WorkerBase, str, str, str]
 _BACKOFF = State.BACKOFF
+# Tenants per step of a snapshot taken in steps: about a quarter of a millisecond each.
+STEP = 128
 
 
 class StateBody:
@@ -50,13 +58,48 @@ class StateBody:
 
     def tenants(self, supervisor: Supervisor) -> Raw:
         """The text ``dumps`` gives of ``adopt.snapshot(...)["tenants"]``."""
-        old, entries = self._entries, {}
-        old_get, entry_of = old.get, self._entry
-        old_tenants, tenant_texts = self._tenants, {}
-        parts = []
+        names = sorted(supervisor.tenants)
+        parts: list[str] = []
+        entries: dict[Instance, Entry] = {}
+        texts: dict[str, tuple[tuple[Any, ...], str]] = {}
+        self._some(supervisor, names, parts, entries, texts)
+        self._entries, self._tenants = entries, texts
+        return Raw("{" + ",".join(parts) + "}")
+
+    async def tenants_in_steps(
+        self, supervisor: Supervisor, pause: Callable[[], Awaitable[None]]
+    ) -> Raw:
+        """``tenants``, ``STEP`` tenants at a time with ``await pause()`` between: a
+        restart's next step or a status answer waits for one step, not for all. Each
+        tenant is read within one step, so its entry is consistent; one changed (or
+        added, or removed) after its step is written by the next write, which its change
+        asked for."""
+        names = sorted(supervisor.tenants)
+        parts: list[str] = []
+        entries: dict[Instance, Entry] = {}
+        texts: dict[str, tuple[tuple[Any, ...], str]] = {}
+        for at in range(0, len(names), STEP):
+            if at:
+                await pause()
+            self._some(supervisor, names[at : at + STEP], parts, entries, texts)
+        self._entries, self._tenants = entries, texts
+        return Raw("{" + ",".join(parts) + "}")
+
+    def _some(
+        self,
+        supervisor: Supervisor,
+        names: list[str],
+        parts: list[str],
+        entries: dict[Instance, Entry],
+        tenant_texts: dict[str, tuple[tuple[Any, ...], str]],
+    ) -> None:
+        old_get, entry_of = self._entries.get, self._entry
+        old_tenants = self._tenants
         tenants = supervisor.tenants
-        for name in sorted(tenants):
-            tenant = tenants[name]
+        for name in names:
+            tenant = tenants.get(name)
+            if tenant is None:
+                continue  # removed by a reload during an earlier step
             spec = tenant.spec
             mine = []
             for inst in tenant.instances:
@@ -82,8 +125,6 @@ class StateBody:
                 known = (key, text)
             tenant_texts[name] = known
             parts.append(known[1])
-        self._entries, self._tenants = entries, tenant_texts
-        return Raw("{" + ",".join(parts) + "}")
 
     def _entry(self, inst: Instance, tenant: TenantSpec, known: Entry | None) -> Entry:
         lc = inst.lc
@@ -145,4 +186,18 @@ def snapshot(body: StateBody, supervisor: Supervisor, overrides: dict[str, Any])
     """``adopt.snapshot``'s body, with its ``tenants`` from ``body``'s kept texts."""
     out = adopt.snapshot_head(supervisor, overrides)
     out["tenants"] = body.tenants(supervisor)
+    return out
+
+
+async def snapshot_in_steps(
+    body: StateBody,
+    supervisor: Supervisor,
+    overrides: Callable[[], dict[str, Any]],
+    pause: Callable[[], Awaitable[None]],
+) -> dict[str, Any]:
+    """``snapshot`` in steps (``StateBody.tenants_in_steps``); the head and the
+    overrides are read after the last step, in one go."""
+    tenants = await body.tenants_in_steps(supervisor, pause)
+    out = adopt.snapshot_head(supervisor, overrides())
+    out["tenants"] = tenants
     return out
