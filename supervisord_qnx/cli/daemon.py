@@ -105,11 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         _print_check(config, backend, tree, [*warnings, *([problem] if problem else [])], args.json)
         return EXIT_OK
 
-    from supervisord_qnx import fdhygiene
-
-    # Before any thread or spawn: what the daemon was given stays out of its workers,
-    # and its spawns need not close descriptors one by one (fdhygiene.py).
-    fdhygiene.seal()
     import trio
 
     d.configure_logging(config.daemon.log_format, config.daemon.log_level)

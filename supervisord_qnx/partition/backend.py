@@ -84,7 +84,6 @@ from typing import Any, ClassVar
 
 import trio
 
-from supervisord_qnx import fdhygiene
 from supervisord_qnx.partition import proctime
 from supervisord_qnx.partition.controls import Control, Enforcement
 from supervisord_qnx.partition.process import ProcessSettings, wrapped_argv
@@ -137,10 +136,7 @@ class SpawnRequest:
             "stdout": self.stdout,
             "stderr": self.stderr,
             "pass_fds": tuple(self.pass_fds),
-            # A daemon that sealed its descriptors (fdhygiene.py) leaves the closing to
-            # the kernel at the exec: the child's close loop was 0.6 ms per spawn at
-            # N = 1000. Python turns close_fds on again if pass_fds is given.
-            "close_fds": not fdhygiene.sealed(),
+            "close_fds": True,
             "start_new_session": True,
         }
 
