@@ -161,3 +161,24 @@ async def test_coalesced_writes_take_the_body_in_steps_and_say_the_same(
     spliced, encoded = texts[0]
     assert spliced == encoded
     assert json.loads(spliced)["c"]["operator"] == "stopped"
+
+
+async def test_a_big_state_is_written_no_faster_than_its_byte_rate(tmp_path: Path) -> None:
+    """While changes keep coming (restarts one after another), a body of 600 KB is
+    written at most every 0.1 s (MAX_BYTES_PER_SECOND), not every COALESCE: the cheap
+    snapshot must not turn into 300 KB and two fsyncs fifty times a second."""
+    keeper = runtime_state.StateKeeper(tmp_path, lambda: {"filler": "x" * 600_000})
+    spacing = 600_000 / runtime_state.MAX_BYTES_PER_SECOND
+    assert spacing > 4 * runtime_state.COALESCE  # the rule, not COALESCE, is what is seen
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.run)
+        began = trio.current_time()
+        while trio.current_time() - began < 1.0:
+            keeper.changed()
+            await trio.sleep(0.005)
+        elapsed = trio.current_time() - began
+        nursery.cancel_scope.cancel()
+    # Every wait between two writes lasts at least `spacing` (sleeps never end early):
+    # the first write after the first wait, then at most one per `spacing`.
+    assert 1 <= keeper.figures.writes <= elapsed / spacing + 1, keeper.figures.writes
+    assert runtime_state.load(tmp_path) is not None

@@ -49,6 +49,11 @@ VERSION = 1
 # SIGKILL right after an operator's `stop` answer rarely loses it (the answer itself
 # waits for the stop, which takes longer), long enough to fold a start-up's burst.
 COALESCE = 0.02
+# And at most this many bytes a second go to the file while changes keep coming (a
+# crash loop, restarts one after another): the body of 1,000 workers is 300 KB with
+# two fsyncs, which the cost of its snapshot on the loop used to space out by 40-50 ms;
+# now that the snapshot is cheap (statebody.py), this keeps that spacing.
+MAX_BYTES_PER_SECOND = 6_000_000
 
 
 class Unusable(Exception):
@@ -164,6 +169,7 @@ class WriteFigures:
     max_seconds: float = 0.0
     # The event loop's share of the last coalesced write (snapshot and encoding).
     last_loop_seconds: float = 0.0
+    last_bytes: int = 0
 
 
 # ``snapshot_in_steps(pause)``: the body, awaiting ``pause()`` between steps.
@@ -215,8 +221,10 @@ class StateKeeper:
         while True:
             await self._dirty.wait()
             # A burst (1000 workers starting) is folded over a longer time when a write
-            # costs the event loop more: at most a third of the loop goes to the state.
-            await trio.sleep(max(COALESCE, 2 * loop_time))
+            # costs the event loop more: at most a third of the loop goes to the state;
+            # and a bigger file is written less often (MAX_BYTES_PER_SECOND).
+            spacing = self.figures.last_bytes / MAX_BYTES_PER_SECOND
+            await trio.sleep(max(COALESCE, 2 * loop_time, spacing))
             self._dirty = trio.Event()
             if self.held:
                 continue
@@ -243,6 +251,7 @@ class StateKeeper:
         body["reason"] = reason
         text = canonical(body)
         self.figures.last_loop_seconds = self._busy + time.perf_counter() - self._since
+        self.figures.last_bytes = len(text)
         async with self._write_lock:  # one write at a time, in the order taken
             began = time.monotonic()
             await trio.to_thread.run_sync(self._write, text, limiter=self._thread)
