@@ -140,12 +140,19 @@ def snapshot(supervisor: Supervisor, overrides: dict[str, Any]) -> dict[str, Any
             }
         tenants[name] = {"operator": tenant.operator, "instances": instances}
     _LAST = fingerprints
+    out = snapshot_head(supervisor, overrides)
+    out["tenants"] = tenants
+    return out
+
+
+def snapshot_head(supervisor: Supervisor, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The body of the runtime state without its ``tenants`` (supervise/statebody.py
+    keeps those as text)."""
     return {
         "boot_id": supervisor.backend.process_clock().boot_id(),
         "daemon_pid": os.getpid(),
         "written_at": time.time(),
         "monotonic": time.monotonic(),
-        "tenants": tenants,
         "overrides": overrides,
     }
 

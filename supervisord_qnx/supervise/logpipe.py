@@ -49,6 +49,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from supervisord_qnx import finesleep
 from supervisord_qnx.config.model import DaemonSpec, TenantSpec, WorkerBase
 from supervisord_qnx.seqpacket import ServerGone
 from supervisord_qnx.supervise import logwriter
@@ -327,7 +328,8 @@ async def end_run(writer: Writer, wait: float) -> None:
 
 # How often end_run looks whether the writer has read the pipe empty (event loop): soon
 # at first (a writer usually reads the mark within a fraction of a millisecond, and a
-# restart waits for this), then less often, up to DRAIN_POLL.
+# restart waits for this), then less often, up to DRAIN_POLL. The short ones sleep on a
+# timer of their own (finesleep.py): a trio sleep rounds up to a whole millisecond.
 DRAIN_POLL_FIRST = 0.0002
 DRAIN_POLL = 0.002
 
@@ -353,7 +355,7 @@ async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
             # wait (a full disk) is given up on at the deadline, as the drain below is.
             if trio.current_time() >= deadline:
                 return
-            await trio.sleep(poll)
+            await finesleep.sleep(poll)
             poll = min(2 * poll, DRAIN_POLL)
     fionread = getattr(termios, "FIONREAD", None)
     if fionread is None:
@@ -366,7 +368,7 @@ async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
             return
         if unread[0] == 0:
             break
-        await trio.sleep(poll)
+        await finesleep.sleep(poll)
         poll = min(2 * poll, DRAIN_POLL)
     while trio.current_time() < deadline and writer.lock >= 0:
         try:
@@ -374,7 +376,7 @@ async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 return
-            await trio.sleep(poll)
+            await finesleep.sleep(poll)
             poll = min(2 * poll, DRAIN_POLL)
             continue
         fcntl.lockf(writer.lock, fcntl.LOCK_UN)
