@@ -122,7 +122,7 @@ def test_worker_first_instruction_runs_in_its_leaf(backend: Cgroup1Backend, stra
     root_name = backend.roots[0].name
     # Its own leaf where a leaf means something (memory: its OOM kills and usage; cpu:
     # one CFS group per worker); its partition in cpuacct and pids; no cpuset is set on
-    # the way, so our cpuset root (the daemon's CPUs).
+    # the way, so the daemon's own cpuset (the CPUs our root has too).
     where = {
         "memory": "tenants/web/@web-0",
         "cpu": "tenants/web/@web-0",
@@ -133,7 +133,7 @@ def test_worker_first_instruction_runs_in_its_leaf(backend: Cgroup1Backend, stra
         if controller in backend._by_ctrl:
             assert seen[controller].endswith(f"/{root_name}/{rel}"), (controller, seen)
     if "cpuset" in backend._by_ctrl:
-        assert seen["cpuset"].endswith(f"/{root_name}"), seen
+        assert seen["cpuset"] == cgroup_lines(Path("/proc/self/cgroup").read_text())["cpuset"]
     # The spawning thread went home: no daemon thread is left in any leaf.
     own = Path(f"/proc/{os.getpid()}/task")
     for task in own.iterdir():
@@ -162,7 +162,8 @@ def test_spawn_returns_with_the_worker_in_its_leaf_in_every_hierarchy(
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    assert len(listed) == len(backend._hier)
+    # Every hierarchy but a cpuset-only one with no cpuset set (the daemon's is kept).
+    assert len(listed) == len([h for h in backend._hier if h.controllers != {"cpuset"}])
     for d, pids in listed.items():
         # The shell itself, and maybe already the cat it started.
         assert proc.pid in pids, (d, pids)
@@ -538,11 +539,11 @@ def test_destroy_all_kills_and_removes_everything_even_a_process_one_hierarchy_l
     procs = [kept]
     # One process per hierarchy, each moved out of its leaf there into that hierarchy's
     # cgroup above our root.
-    for i, root in enumerate(roots):
+    for i, (h, leaf) in enumerate(backend._join_dirs("tenants/b", "b-0")):
         proc = backend.spawn(request("tenants/b", f"b-{i}", ["sleep", "30"]))
         # Its leaf there, or whatever it joined in that hierarchy instead.
         leaf = backend._join_dirs("tenants/b", f"b-{i}")[i][1]
-        assert leaf.is_relative_to(root)
+        root = h.root
         (root.parent / "cgroup.procs").write_text(str(proc.pid))
         assert str(proc.pid) not in (leaf / "cgroup.procs").read_text().split()
         procs.append(proc)
@@ -699,7 +700,8 @@ def test_a_worker_has_leaves_only_in_memory_and_cpu_and_no_cpuset_without_cpus(
                 assert by_ctrl[c].root / "tenants/web/@web-0" not in made
         if "cpuset" in by_ctrl:
             assert not (by_ctrl["cpuset"].root / "tenants").exists()
-            assert seen["cpuset"].endswith(f"/{backend.roots[0].name}"), seen
+            own = cgroup_lines(Path("/proc/self/cgroup").read_text())["cpuset"]
+            assert seen["cpuset"] == own, seen
         if "pids" in by_ctrl:
             # The shell and two of its sleeps: a third fork was refused at pids.max.
             events = by_ctrl["pids"].root / "tenants/web/pids.events"
