@@ -231,7 +231,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         self._arming: dict[str, Future[None]] = {}
         self._arming_lock = threading.Lock()
         self._armer: ThreadPoolExecutor | None = None
-        # The partitions with a directory in a cpuset-only hierarchy (and our root).
+        # The partitions with a directory in a cpuset-only hierarchy (our root always has one).
         self._cpusets: set[str] = set()
 
     # ------------------------------------------------------------------ discovery
