@@ -121,9 +121,20 @@ def test_worker_first_instruction_runs_in_its_leaf(backend: Cgroup1Backend, stra
     # inside before its first instruction (nothing could have moved it in between).
     seen = cgroup_lines(run_capture(backend, "tenants/web", "web-0", ["cat", "/proc/self/cgroup"]))
     root_name = backend.roots[0].name
-    for controller in ("memory", "cpu", "cpuacct", "pids"):
+    # Its own leaf where a leaf means something (memory: its OOM kills and usage; cpu:
+    # one CFS group per worker); its partition in cpuacct and pids; no cpuset is set on
+    # the way, so the daemon's own cpuset (the CPUs our root has too).
+    where = {
+        "memory": "tenants/web/@web-0",
+        "cpu": "tenants/web/@web-0",
+        "cpuacct": "tenants/web",
+        "pids": "tenants/web",
+    }
+    for controller, rel in where.items():
         if controller in backend._by_ctrl:
-            assert seen[controller].endswith(f"/{root_name}/tenants/web/@web-0"), seen
+            assert seen[controller].endswith(f"/{root_name}/{rel}"), (controller, seen)
+    if "cpuset" in backend._by_ctrl:
+        assert seen["cpuset"] == cgroup_lines(Path("/proc/self/cgroup").read_text())["cpuset"]
     # The spawning thread went home: no daemon thread is left in any leaf.
     own = Path(f"/proc/{os.getpid()}/task")
     for task in own.iterdir():
@@ -146,13 +157,14 @@ def test_spawn_returns_with_the_worker_in_its_leaf_in_every_hierarchy(
         os.close(w)
     try:
         # Read at once, before anything else runs here: no wait_for.
-        listed = {d: fs.read_procs(d) for d in backend._dirs("tenants/web", "web-0")}
+        listed = {d: fs.read_procs(d) for _, d in backend._join_dirs("tenants/web", "web-0")}
         with os.fdopen(r, "rb") as f:
             line = f.readline().decode()
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    assert len(listed) == len(backend._hier)
+    # Every hierarchy but a cpuset-only one with no cpuset set (the daemon's is kept).
+    assert len(listed) == len([h for h in backend._hier if h.controllers != {"cpuset"}])
     for d, pids in listed.items():
         # The shell itself, and maybe already the cat it started.
         assert proc.pid in pids, (d, pids)
@@ -556,9 +568,11 @@ def test_destroy_all_kills_and_removes_everything_even_a_process_one_hierarchy_l
     procs = [kept]
     # One process per hierarchy, each moved out of its leaf there into that hierarchy's
     # cgroup above our root.
-    for i, root in enumerate(roots):
+    for i, (h, leaf) in enumerate(backend._join_dirs("tenants/b", "b-0")):
         proc = backend.spawn(request("tenants/b", f"b-{i}", ["sleep", "30"]))
-        leaf = root / "tenants" / "b" / f"{fs.LEAF_PREFIX}b-{i}"
+        # Its leaf there, or whatever it joined in that hierarchy instead.
+        leaf = backend._join_dirs("tenants/b", f"b-{i}")[i][1]
+        root = h.root
         (root.parent / "cgroup.procs").write_text(str(proc.pid))
         assert str(proc.pid) not in (leaf / "cgroup.procs").read_text().split()
         procs.append(proc)
@@ -674,3 +688,150 @@ def test_auto_picks_cgroup1_here_and_forced_cgroup2_says_why() -> None:
     assert isinstance(forced, Cgroup1Backend)
     assert forced.roots[0].name == "custom-root.x"
     forced.close()
+
+
+# ------------------------------------------------------------- fewer directories (issue 14)
+
+
+def _allowed(text: str) -> str:
+    line = next(ln for ln in text.splitlines() if ln.startswith("Cpus_allowed_list:"))
+    return line.split(":", 1)[1].strip()
+
+
+def test_a_worker_has_leaves_only_in_memory_and_cpu_and_no_cpuset_without_cpus(
+    backend: Cgroup1Backend,
+) -> None:
+    """Each directory costs a serialised rmdir at shutdown (issue 14): a worker gets a
+    leaf where one means something, and a partition gets a cpuset directory only where a
+    cpuset is in force. The limits stay where they were: pids.max on the partition
+    holds a worker that sits in the partition's own pids directory."""
+    make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/web", {"pids_max": 3}))
+    script = "cat /proc/self/cgroup; for i in 1 2 3 4 5; do sleep 30 & done; wait"
+    r, w = os.pipe()
+    try:
+        proc = backend.spawn(request("tenants/web", "web-0", ["sh", "-c", script], stdout=w))
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            lines = [f.readline().decode()]
+            while not lines[-1].startswith("0::"):  # /proc/self/cgroup's last line
+                lines.append(f.readline().decode())
+        seen = cgroup_lines("".join(lines))
+        made = {d for root in backend.roots for d in fs.subtree_dirs(root)}
+        by_ctrl = backend._by_ctrl
+        for c in ("memory", "cpu"):
+            if c in by_ctrl:
+                assert by_ctrl[c].root / "tenants/web/@web-0" in made
+        for c in ("cpuacct", "pids"):
+            if c in by_ctrl:
+                assert by_ctrl[c].root / "tenants/web" in made
+                assert by_ctrl[c].root / "tenants/web/@web-0" not in made
+        if "cpuset" in by_ctrl:
+            assert not (by_ctrl["cpuset"].root / "tenants").exists()
+            own = cgroup_lines(Path("/proc/self/cgroup").read_text())["cpuset"]
+            assert seen["cpuset"] == own, seen
+        if "pids" in by_ctrl:
+            # The shell and two of its sleeps: a third fork was refused at pids.max.
+            events = by_ctrl["pids"].root / "tenants/web/pids.events"
+            assert wait_for(lambda: fs.read_keyed(events).get("max", 0) >= 1)
+            assert int((events.parent / "pids.current").read_text()) <= 3
+    finally:
+        backend.destroy("tenants/web")
+        proc.wait(timeout=30)
+    backend.destroy("tenants")
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []
+
+
+def test_a_cpuset_is_enforced_below_where_it_is_set_and_nowhere_else(
+    backend: Cgroup1Backend,
+) -> None:
+    if "cpuset" not in backend._by_ctrl or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs the v1 cpuset controller and a second CPU")
+    cpuset = backend._by_ctrl["cpuset"].root
+    make_tree(
+        backend,
+        ("tenants", {"flags": HIER}),
+        ("tenants/pinned", {"cpuset": frozenset({1}), "flags": HIER}),
+        ("tenants/pinned/inner", {}),
+        ("tenants/free", {}),
+    )
+    assert (cpuset / "tenants/pinned/cpuset.cpus").read_text().strip() == "1"
+    # A child of a cpuset partition has its own directory, with its parent's CPUs.
+    assert (cpuset / "tenants/pinned/inner/cpuset.cpus").read_text().strip() == "1"
+    assert not (cpuset / "tenants/free").exists()
+    status = ["cat", "/proc/self/status", "/proc/self/cgroup"]
+    inner = run_capture(backend, "tenants/pinned/inner", "in-0", status)
+    assert _allowed(inner) == "1"
+    own = cgroup_lines("\n".join(ln for ln in inner.splitlines() if ln[:1].isdigit()))
+    assert own["cpuset"].endswith("/tenants/pinned/inner"), own
+    free = run_capture(backend, "tenants/free", "f-0", status)
+    assert _allowed(free) == _allowed(Path("/proc/self/status").read_text())
+    # A partition that sets a cpuset under parents made without one (a reload added it
+    # to a live parent): the missing ancestors are made on the way, and it is enforced.
+    backend.create(Partition("tenants/free/late", cpuset=frozenset({1})))
+    assert (cpuset / "tenants/free/late/cpuset.cpus").read_text().strip() == "1"
+    assert _allowed(run_capture(backend, "tenants/free/late", "l-0", status)) == "1"
+    assert backend.destroy_all(["tenants"]) == []
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []
+
+
+@pytest.mark.parametrize("where", ["every hierarchy, holding the worker", "cpuset, empty"])
+def test_destroy_all_also_removes_an_older_layouts_directories(
+    backend: Cgroup1Backend, where: str
+) -> None:
+    """A daemon before this one made a leaf in every hierarchy and a cpuset directory for
+    every partition; what a restarted daemon adopted from it still goes at shutdown, with
+    the process an older leaf holds, and also where nothing else would have failed (the
+    empty cpuset directories this layout never makes nor looks at otherwise)."""
+    make_tree(backend, ("tenants", {"flags": HIER}), ("tenants/old", {"memory_max": 64 * MiB}))
+    proc = backend.spawn(request("tenants/old", "o-0", ["sleep", "30"]))
+    cpuset_only = where.startswith("cpuset")
+    if cpuset_only and "cpuset" not in backend._by_ctrl:
+        pytest.skip("the v1 cpuset controller is not mounted")
+    extra = []
+    for root in backend.roots:
+        if cpuset_only and root != backend._by_ctrl["cpuset"].root:
+            continue
+        for rel in ("tenants", "tenants/old", "tenants/old/@o-0"):
+            if not (root / rel).exists():
+                os.mkdir(root / rel)
+                extra.append(root / rel)
+                if "cpuset" in str(root.parent):
+                    for f in ("cpuset.cpus", "cpuset.mems"):
+                        (root / rel / f).write_text((root / rel).parent.joinpath(f).read_text())
+    assert extra  # the layout does leave some out
+    if not cpuset_only:
+        # The worker in its older leaf wherever that is a directory the bookkeeping lacks.
+        for d in extra:
+            if d.name == "@o-0":
+                (d / "cgroup.procs").write_text(str(proc.pid))
+    assert backend.destroy_all(["tenants", "tenants/old"]) == []
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []
+
+
+def test_reaping_around_a_kept_worker_spares_it_where_it_has_no_leaf(
+    backend: Cgroup1Backend, instance: str
+) -> None:
+    """A restarted daemon keeps a live worker (adoption) and reaps the rest: the kept
+    worker also sits in directories that are not its leaf (its partition's, in pids and
+    cpuacct), and must not be killed as a stray found there."""
+    old = Cgroup1Backend(instance=instance)
+    old.create(Partition("t", memory_max=32 * MiB))
+    old.create(Partition("u"))
+    kept = old.spawn(request("t", "t-0", ["sleep", "60"]))
+    stray = old.spawn(request("u", "u-0", ["sleep", "60"]))
+    del old  # no destroy, no close: a daemon that went away
+    try:
+        reaped = backend.reap_leftovers_keeping({("t", "t-0")})
+        assert stray.wait(timeout=5) == -signal.SIGKILL
+        assert "u" in reaped
+        time.sleep(0.2)
+        assert kept.poll() is None
+        assert backend.pids("t", "t-0") == [kept.pid]
+    finally:
+        kept.kill()
+        kept.wait(timeout=30)
+    assert backend.reap_leftovers()
+    assert [d for d in tree_dirs(backend.roots) if d not in backend.roots] == []

@@ -24,6 +24,29 @@ outside the partition-name alphabet, so leaves never clash with child partitions
 exist in v1 not because the kernel demands it (v1 allows processes in inner cgroups) but
 so OOM kills, memory and CPU can be attributed to one worker.
 
+Fewer directories
+-----------------
+
+Every directory is one ``rmdir`` at shutdown, and the kernel takes them one at a time
+under its cgroup mutex (50-150 µs each here; one thread per hierarchy was measured and
+was no faster): with a partition and a leaf mirrored in five hierarchies, 10 per worker
+were most of a 100-worker shutdown (issue 14). So a directory exists only where it
+does something:
+
+* a worker's leaf is made in ``memory`` (its OOM kills, usage and processes, per
+  worker) and ``cpu`` (one CFS group per worker, so a worker that forks many processes
+  weighs as one among its siblings; its RT runtime) only. In ``cpuacct`` and ``pids``
+  it sits in its partition's directory: CPU usage is read per partition, and
+  ``pids.max`` is a partition's limit, which counts it there just the same;
+* a partition has a directory in a cpuset-only hierarchy only if it or an ancestor sets
+  ``cpuset`` (decided at its creation; a reload does not rewrite a cpuset). Elsewhere
+  its workers join the nearest cpuset directory above, or, with none set on the way,
+  stay in the daemon's own cpuset (our root holds the same CPUs): one move fewer per
+  spawn. A new cpuset directory also costs ~1 ms to make.
+
+Removal always looks at a partition's (and a leaf's) place in every hierarchy, so what
+an older daemon made there (a leaf in every hierarchy, adopted by a restart) goes too.
+
 Settings
 ========
 
@@ -115,6 +138,11 @@ from supervisord_qnx.partition.tree import Partition, PartitionTree
 
 SpawnStrategy = Literal["thread", "preexec", "shim"]
 CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset")
+# The hierarchies where each worker gets a leaf of its own (see "Fewer directories" in
+# the module docstring): memory (its OOM kills, usage and processes, per worker) and cpu
+# (its CFS group: a worker that forks many processes weighs as one among its siblings;
+# its RT runtime). In the others a worker joins its partition's directory.
+LEAF_CONTROLLERS = frozenset({"memory", "cpu"})
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,12 @@ def _discover(
         for c in ctrls:
             found[c] = h
     return found
+
+
+def _cpuset_only(h: Hierarchy) -> bool:
+    """A hierarchy of the cpuset controller alone, whose partition directories exist only
+    where a cpuset is in force (co-mounted with another controller, it has them all)."""
+    return h.controllers == {"cpuset"}
 
 
 def _no_tasks(pids: Hierarchy, tops: Sequence[str]) -> bool:
@@ -198,6 +232,8 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         self._arming_lock = threading.Lock()
         self._armer: ThreadPoolExecutor | None = None
         self._arms_pending = 0  # submitted to _armer and not done yet
+        # The partitions with a directory in a cpuset-only hierarchy (our root always has one).
+        self._cpusets: set[str] = set()
 
     # ------------------------------------------------------------------ discovery
 
@@ -257,9 +293,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         return problems
 
     def describe(self, tree: PartitionTree) -> dict[str, str]:
-        return {
-            node.path: " ".join(str(self._dir(h, node.path)) for h in self._hier) for node in tree
-        }
+        return {node.path: " ".join(str(d) for d in self._dirs(node.path)) for node in tree}
 
     def lock_paths(self) -> list[Path]:
         return self.roots
@@ -273,8 +307,40 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         d = h.root / path if path else h.root
         return d / f"{fs.LEAF_PREFIX}{leaf}" if leaf is not None else d
 
+    def _made_in(self, h: Hierarchy, path: str, leaf: str | None = None) -> bool:
+        """Whether this backend makes the partition's (or leaf's) directory in ``h``: a
+        leaf only where ``LEAF_CONTROLLERS`` are, a cpuset-only hierarchy's partition
+        directory only where a cpuset is in force (``_cpusets``)."""
+        if leaf is not None:
+            return bool(h.controllers & LEAF_CONTROLLERS)
+        return not path or not _cpuset_only(h) or path in self._cpusets
+
     def _dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        """The directories this backend makes for a partition (or a worker leaf)."""
+        return [self._dir(h, path, leaf) for h in self._hier if self._made_in(h, path, leaf)]
+
+    def _any_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
+        """Its place in every hierarchy, made or not: what removal looks at, so that a
+        directory an older layout made (a daemon before this one, adopted) goes too."""
         return [self._dir(h, path, leaf) for h in self._hier]
+
+    def _join_dirs(self, path: str, leaf: str | None) -> list[tuple[Hierarchy, Path]]:
+        """Where a worker of leaf ``leaf`` (or a process attached to the partition) is
+        moved, at most one directory per hierarchy: its leaf; else its partition; in a
+        cpuset-only hierarchy, the nearest partition on the way up with a cpuset
+        directory, and none at all when no cpuset is in force there: it keeps the
+        daemon's cpuset, the CPUs our root holds too (one move fewer per spawn)."""
+        out = []
+        for h in self._hier:
+            if self._made_in(h, path, leaf):
+                out.append((h, self._dir(h, path, leaf)))
+                continue
+            at = path
+            while at and not self._made_in(h, at):
+                at = at.rpartition("/")[0]
+            if at or not _cpuset_only(h):
+                out.append((h, self._dir(h, at)))
+        return out
 
     def _cgroup_dirs(self, path: str, leaf: str | None = None) -> list[Path]:
         return self._dirs(path, leaf)
@@ -344,7 +410,10 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         def reapable() -> list[Path]:
             return [d for h in present for d in fs.subtree_dirs(h.root) if d not in kept]
 
-        fs.kill_subtree(reapable, "")
+        # A kept worker has a leaf in the leaf hierarchies only: elsewhere it sits in its
+        # partition's directory (or a cpuset above), which is reaped around it.
+        keep_pids = {pid for d in kept for pid in fs.read_procs(d)}
+        fs.kill_subtree(reapable, "", spare=keep_pids)
         for h in present:
             for d in fs.subtree_dirs(h.root):
                 if d in spared:
@@ -362,11 +431,34 @@ class Cgroup1Backend(fs.CgroupBackendBase):
             raise BackendError(f"partition '{partition.path}': {why}")
         p = partition.path
         with self._lock:
+            self._note_cpuset(partition)
             for d in self._dirs(p):
                 fs.mkdir(d, p)
             self._configure(partition)
             self._partitions[p] = partition
             self._register(p, None)
+
+    def _note_cpuset(self, node: Partition) -> None:
+        """Decide (at its creation: a reload does not rewrite a cpuset) whether ``node``
+        gets a cpuset directory: if it sets one, or its parent has one (a child inherits
+        its parent's CPUs: ``cgroup.clone_children``). Setting one under a parent that
+        has none (a cpuset added to a live parent by a reload) makes the missing
+        ancestors' directories first, each with its parent's CPUs."""
+        h = self._by_ctrl.get("cpuset")
+        if h is None or not _cpuset_only(h):
+            return
+        parent = node.path.rpartition("/")[0]
+        if node.cpuset is None and parent not in self._cpusets:
+            return
+        chain = []
+        at = node.path
+        while at and at not in self._cpusets:
+            chain.append(at)
+            at = at.rpartition("/")[0]
+        for path in reversed(chain[1:]):
+            fs.mkdir(self._dir(h, path), path)
+            self._cpusets.add(path)
+        self._cpusets.add(node.path)
 
     def _configure(self, node: Partition) -> None:
         p = node.path
@@ -449,7 +541,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def destroy(self, path: str) -> None:
         if not path:
             raise BackendError("destroy('') would remove the root; destroy its children")
-        tops = self._dirs(path)
+        tops = self._any_dirs(path)
         with self._lock:
             self._forget(path)
         # Kills and rmdir outside the lock (see CgroupBackendBase.release_leaf).
@@ -468,14 +560,15 @@ class Cgroup1Backend(fs.CgroupBackendBase):
         paths = [p for p in paths if p]
         outermost = [p for p in paths if not any(q != p and fs.under(p, q) for q in paths)]
         with self._lock:
+            made = self._made_below(outermost)
             for top_path in outermost:
                 self._forget(top_path)
-        if self._destroy_mirrored(outermost):
+        if self._destroy_made(outermost, made):
             return []
         # What the quick pass left (anything it did not expect), the thorough way.
         where: dict[Path, str] = {}
         for top_path in outermost:
-            for top in self._dirs(top_path):
+            for top in self._any_dirs(top_path):
                 for d in fs.subtree_dirs(top):  # deepest first within each subtree
                     where.setdefault(d, top_path)
         failures: list[tuple[str, Exception]] = []
@@ -494,34 +587,42 @@ class Cgroup1Backend(fs.CgroupBackendBase):
                 failures.append((where[d], exc))
         return failures
 
-    def _destroy_mirrored(self, outermost: Sequence[str]) -> bool:
-        """``destroy_all``'s quick pass: True if it removed everything. The daemon makes
-        the same directories in every hierarchy and attaches every process it starts to
-        its leaf in all of them, so one hierarchy's subtrees are listed, and their
-        ``cgroup.procs`` read, instead of all five (at 100 tenants, 200 of 1005
-        directories; each memory cgroup lists some 30 files). The first ``rmdir`` that
-        fails (a directory only one hierarchy has, a process that left the subtree in
-        one hierarchy only, a cgroup the kernel still calls busy) ends it: the thorough
-        pass then lists and removes whatever is left, with retries."""
+    def _made_below(self, tops: Sequence[str]) -> list[Path]:
+        """Every directory the bookkeeping says this backend made for the partitions and
+        leaves under ``tops``, deepest first. Under the lock."""
+        made: list[Path] = []
+        for p in self._partitions:
+            if p and any(fs.under(p, t) for t in tops):
+                made += self._dirs(p)
+        for p, leaf in self._leaves:
+            if any(fs.under(p, t) for t in tops):
+                made += self._dirs(p, leaf)
+        made.sort(key=lambda d: len(d.parts), reverse=True)
+        return made
+
+    def _destroy_made(self, outermost: Sequence[str], made: Sequence[Path]) -> bool:
+        """``destroy_all``'s quick pass: True if it removed everything. The directories
+        come from the bookkeeping (``_made_below``), not from listing the hierarchies
+        (os.walk of 2000 directories was most of this pass at 1000 tenants, and each
+        memory cgroup lists some 30 files), and no ``cgroup.procs`` is read when
+        ``pids.current`` says the subtrees are empty (at a shutdown the workers are gone
+        already). The first ``rmdir`` that fails (a directory the bookkeeping does not
+        know: a tenant's own sub-cgroup, an older daemon's layout; a process that left
+        its leaf; a cgroup the kernel still calls busy) ends it: the thorough pass then
+        lists and removes whatever is left, with retries, as does a top directory still
+        there in any hierarchy."""
         if not self._hier:
             return True
-        # The pids hierarchy lists the fewest files per directory (a memory cgroup's
-        # some 30): os.walk of 2000 of them was most of this pass at 1000 tenants.
-        first = self._by_ctrl.get("pids") or self._hier[0]
-        where: dict[Path, str] = {}
-        for top_path in outermost:
-            for d in fs.subtree_dirs(self._dir(first, top_path)):
-                where.setdefault(d.relative_to(first.root), top_path)
+        pids = self._by_ctrl.get("pids")
         try:
-            if not (first is self._by_ctrl.get("pids") and _no_tasks(first, outermost)):
-                fs.kill_subtree(lambda: (first.root / rel for rel in where), ", ".join(outermost))
-            for rel in sorted(where, key=lambda r: len(r.parts), reverse=True):
-                for h in self._hier:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.rmdir(h.root / rel)
+            if pids is None or not _no_tasks(pids, outermost):
+                fs.kill_subtree(lambda: made, ", ".join(outermost))
+            for d in made:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(d)
         except (OSError, BackendError):
             return False
-        return not any(self._dir(h, p).exists() for p in outermost for h in self._hier)
+        return not any(d.exists() for p in outermost for d in self._any_dirs(p))
 
     def _remove_subtree(self, tops: Sequence[Path], path: str) -> None:
         for top in tops:
@@ -529,7 +630,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
                 fs.rmdir_retry(d, path)
 
     def _remove_dirs(self, path: str, leaf: str | None) -> list[str]:
-        tops = self._dirs(path, leaf)
+        tops = self._any_dirs(path, leaf)
         fs.kill_subtree(lambda: [d for t in tops for d in fs.subtree_dirs(t)], path)
         self._remove_subtree(tops, path)
         return [str(t) for t in tops]
@@ -537,6 +638,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def _forget(self, top: str) -> None:
         self._armed(lambda p: fs.under(p, top), check=False)
         super()._forget(top)
+        self._cpusets = {p for p in self._cpusets if not fs.under(p, top)}
 
     def ensure_leaf(self, path: str, leaf: str) -> None:
         # No process runs in a partition before its pressure threshold is armed.
@@ -568,11 +670,12 @@ class Cgroup1Backend(fs.CgroupBackendBase):
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         path, leaf = request.partition, request.leaf
         self.ensure_leaf(path, leaf)
-        dirs = self._dirs(path, leaf)
+        joins = self._join_dirs(path, leaf)
+        dirs = [d for _, d in joins]
         kwargs = request.popen_kwargs()
         argv = self.exec_argv(request)
         if self.spawn_strategy == "thread":
-            return self._spawn_moved_thread(dirs, argv, kwargs, path)
+            return self._spawn_moved_thread(joins, argv, kwargs, path)
         procs = [str(d / "cgroup.procs") for d in dirs]
         if self.spawn_strategy == "preexec":
             # Measured alternative only (bench/bench_spawn.py); see the module docstring.
@@ -582,17 +685,21 @@ class Cgroup1Backend(fs.CgroupBackendBase):
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
         self.ensure_leaf(request.partition, request.leaf)
-        dirs = self._dirs(request.partition, request.leaf)
-        return AttachPlan(procs=tuple(str(d / "cgroup.procs") for d in dirs))
+        joins = self._join_dirs(request.partition, request.leaf)
+        return AttachPlan(procs=tuple(str(d / "cgroup.procs") for _, d in joins))
 
     def _spawn_moved_thread(
-        self, dirs: list[Path], argv: list[str], kwargs: dict[str, Any], path: str
+        self,
+        joins: list[tuple[Hierarchy, Path]],
+        argv: list[str],
+        kwargs: dict[str, Any],
+        path: str,
     ) -> subprocess.Popen[bytes]:
         tid = threading.get_native_id()
         home = self._thread_home()
         moved: list[Hierarchy] = []
         try:
-            for h, d in zip(self._hier, dirs, strict=True):
+            for h, d in joins:
                 fs.write_text(d / "tasks", str(tid), path)
                 moved.append(h)
             return subprocess.Popen(argv, **kwargs)
@@ -625,7 +732,7 @@ class Cgroup1Backend(fs.CgroupBackendBase):
                 before = self._placement_of(f.read())
         except FileNotFoundError:
             raise ProcessLookupError(f"no process {pid}") from None
-        for d in self._dirs(path):
+        for _, d in self._join_dirs(path, None):
             fs.write_text(d / "cgroup.procs", str(pid), path)
         return {str(mount): str(d) for mount, d in before.items()}
 

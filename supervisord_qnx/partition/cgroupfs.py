@@ -68,7 +68,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,14 +385,21 @@ JOIN_TIMEOUT = 2.0
 # --------------------------------------------------------------------------- killing
 
 
-def kill_subtree(dirs: Callable[[], Iterable[Path]], what: str, timeout: float = 5.0) -> None:
-    """SIGKILL every process in the given cgroup directories until all read empty."""
+def kill_subtree(
+    dirs: Callable[[], Iterable[Path]],
+    what: str,
+    timeout: float = 5.0,
+    spare: Collection[int] = (),
+) -> None:
+    """SIGKILL every process in the given cgroup directories, except ``spare``, until
+    they read empty (but for ``spare``)."""
     me = os.getpid()
     deadline = time.monotonic() + timeout
     delay = 0.0005
     while True:
         pids = {pid for d in dirs() for pid in read_procs(d)}
         pids.discard(me)  # never: a daemon thread can sit in a leaf mid-spawn
+        pids.difference_update(spare)
         if not pids:
             return
         for pid in pids:
