@@ -60,7 +60,25 @@ def test_a_hurry_outlasts_a_sample_that_was_under_way() -> None:
     s.sampled("a", 1 * MiB, 64 * MiB, 100.25)  # ...which then rescheduled it far away
     assert s.due(["a"], 100.5) == {"a"}
     s.sampled("a", 1 * MiB, 64 * MiB, 100.5)
-    assert s.due(["a"], 100.75) == set()  # once
+    assert s.due(["a"], 100.75) == {"a"}  # the hurried look's follow-up (below)
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.75)
+    assert s.due(["a"], 101.0) == set()  # then the slow schedule again
+
+
+def test_a_new_process_caught_at_nothing_is_looked_at_again_one_interval_later() -> None:
+    # Sampled mid-exec, a new worker shows next to nothing: far below its max, which
+    # alone would put the partition 16 intervals away. Its growth is known only from a
+    # second look, so that comes one interval after the hurried one.
+    s = SampleSchedule(0.25)
+    s.sampled("a", 0, 64 * MiB, 100.0)
+    s.hurry(["a"])
+    assert s.due(["a"], 100.25) == {"a"}
+    s.sampled("a", 0, 64 * MiB, 100.25)
+    assert s.due(["a"], 100.5) == {"a"}
+    s.sampled("a", 40 * MiB, 64 * MiB, 100.5)  # it grew: now the headroom rules
+    assert s.due(["a"], 100.75) == {"a"}
+    s.sampled("a", 1 * MiB, 64 * MiB, 100.75)  # and it shrank back: the slow turn
+    assert s.due(["a"], 101.0) == set()
 
 
 def test_a_forgotten_partition_starts_afresh() -> None:

@@ -298,14 +298,22 @@ class PortableBackend(Backend):
         if self.owner is not None:
             # Jobs and forkserver-started workers too, not only what the supervisor spawns.
             tag[accounting.OWNER] = self.owner
-        limited = [p.path for p in (node, *node.ancestors()) if p.memory_max is not None]
         with self._lock:
             self._limit_killed.discard((request.partition, request.leaf))
-            # A new process may grow at once: its partition's max is watched closely.
-            self._schedule.hurry(limited)
-        if limited:
-            self._wake_watch()  # the sampler may be asleep until a later partition's turn
         return limits, tag
+
+    def _hurry_new_process(self, request: SpawnRequest) -> None:
+        """A new process may grow at once: its partitions with a max are sampled at the
+        next look. Called once the process is known to the accounting: a pass between a
+        hurry and that would find the partition empty, spend the hurry, and leave the
+        new process to the slow schedule's turn (seconds)."""
+        node = self._partitions[request.partition]
+        limited = [p.path for p in (node, *node.ancestors()) if p.memory_max is not None]
+        if not limited:
+            return
+        with self._lock:
+            self._schedule.hurry(limited)
+        self._wake_watch()  # the sampler may be asleep until a later partition's turn
 
     def spawn(self, request: SpawnRequest) -> subprocess.Popen[bytes]:
         limits, tag = self._prepare(request)
@@ -315,6 +323,7 @@ class PortableBackend(Backend):
             key = (request.partition, request.leaf)
             self._roots[key] = proc.pid
             self._unrooted.discard(key)
+        self._hurry_new_process(request)
         return proc
 
     def attach_plan(self, request: SpawnRequest) -> AttachPlan:
@@ -323,6 +332,8 @@ class PortableBackend(Backend):
             key = (request.partition, request.leaf)
             self._roots.pop(key, None)
             self._unrooted.add(key)
+        # Found by its tag from now on (a /proc scan every pass while it is unrooted).
+        self._hurry_new_process(request)
         return AttachPlan(rlimits=tuple(limits), env=tag)
 
     def attach(self, path: str, pid: int) -> list[int] | None:

@@ -75,12 +75,18 @@ class SampleSchedule:
         self._next: dict[str, float] = {}  # partition -> monotonic time it is due
         self._last: dict[str, int] = {}  # partition -> bytes at its last sample
         self._hurried: set[str] = set()  # due at the next look, whatever _next says
+        # Hurried and looked at once: looked at again one interval later, whatever that
+        # look saw. A process caught as it starts (mid-exec) shows next to nothing, and
+        # its growth is only known from a second look: without it, a partition sampled
+        # at zero just after a spawn would wait for the slowest turn (16 intervals).
+        self._fresh: set[str] = set()
 
     def due(self, paths: Iterable[str], now: float) -> set[str]:
         """Those of ``paths`` due now: never sampled, hurried, or their time came (or
         comes within half an interval: the next look is a whole interval away)."""
         soon = now + self.interval / 2
         due = {p for p in paths if p in self._hurried or self._next.get(p, 0.0) <= soon}
+        self._fresh |= due & self._hurried
         self._hurried -= due
         return due
 
@@ -90,6 +96,10 @@ class SampleSchedule:
         previous = self._last.get(path, usage)
         self._last[path] = usage
         projected = usage + max(0, usage - previous)
+        if path in self._fresh:
+            self._fresh.discard(path)
+            self._next[path] = now + self.interval
+            return
         self._next[path] = now + self.interval * factor(projected, figure)
 
     def until_due(self, paths: Iterable[str], now: float) -> float:
@@ -110,3 +120,4 @@ class SampleSchedule:
         self._next.pop(path, None)
         self._last.pop(path, None)
         self._hurried.discard(path)
+        self._fresh.discard(path)
