@@ -232,4 +232,4 @@ async def test_the_sampler_sleeps_while_nothing_is_due_and_a_new_worker_or_figur
     finally:
         for p in procs:
             p.kill()
-            p.wait()
+            p.wait(timeout=30)

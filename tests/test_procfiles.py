@@ -122,7 +122,7 @@ class Rig:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_a_worker_read_through_kept_files_is_still_killed_at_its_max(rig: Rig, k
     killed, current = limit.detail["killed"], limit.detail["current"]
     assert isinstance(killed, list) and proc.pid in killed
     assert isinstance(current, int) and current > 64 * MiB
-    assert proc.wait(30) == -signal.SIGKILL
+    assert proc.wait(timeout=30) == -signal.SIGKILL
     assert rig.backend.leaf_exit_reason("t/a", "w-0") == "memory-limit"
 
 
@@ -191,7 +191,7 @@ def test_the_files_of_an_ended_worker_are_closed_at_the_next_pass(rig: Rig) -> N
     for p in procs:
         assert len(proc_fds(p.pid)) == 2  # its stat and its children file
     procs[0].kill()
-    procs[0].wait()
+    procs[0].wait(timeout=30)
     rig.backend._schedule.hurry(["t/a", "t/b", "t/c"])
     rig.backend.sample()
     assert proc_fds(procs[0].pid) == []
@@ -237,7 +237,7 @@ def test_a_kept_stat_of_a_reaped_process_is_not_read_again() -> None:
         assert len(proc_fds(proc.pid)) == 2
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     # The number may belong to another process by now; the kept file names the old one:
     # it is dropped and the path read afresh (nothing there).
     assert files.stat(proc.pid) is None
