@@ -108,3 +108,21 @@ async def test_a_failing_exit_callback_does_not_stop_the_reaping(nursery: trio.N
     with trio.fail_after(10):  # the broken watcher's child was collected all the same
         while os.path.exists(f"/proc/{first}"):
             await trio.sleep(0.01)
+
+
+async def test_a_sigchld_after_the_reaper_stopped_listening_finds_a_python_handler() -> None:
+    # A child that ends as the daemon's reaper closes its signal receiver: the C level
+    # may catch the SIGCHLD under the receiver's handler and Python handle it after the
+    # default was put back, which CPython reports as an unraisable "ignored due to race
+    # condition" (it failed an in-process daemon test). The reaper leaves a Python
+    # handler to go back to, so that case has one to call.
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ChildReaper().run)
+            nursery.cancel_scope.cancel()
+        handler = signal.getsignal(signal.SIGCHLD)
+        assert callable(handler), handler
+        signal.raise_signal(signal.SIGCHLD)  # handled, nothing raised
+    finally:
+        signal.signal(signal.SIGCHLD, previous)

@@ -288,11 +288,24 @@ class ChildReaper:
         return [pid for pid in _our_children() if pid not in own]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if signal.getsignal(signal.SIGCHLD) in (signal.SIG_DFL, None):
+            # The receiver below puts the handler it found back when it closes. A SIGCHLD
+            # the C level caught just before that, and Python handles just after, would
+            # then find no Python handler: CPython reports "Signal 17 ignored due to race
+            # condition" as an unraisable error (a child exiting during the shutdown; it
+            # failed an in-process test). A Python no-op to go back to takes that case,
+            # and to the kernel it is the same as the default: children are still waited
+            # for, by us.
+            signal.signal(signal.SIGCHLD, _late_sigchld)
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
             task_status.started()
             self.sweep()
             async for _ in signals:
                 self.sweep()
+
+
+def _late_sigchld(signum: int, frame: object) -> None:
+    """SIGCHLD after the reaper stopped listening: nothing to do (see ``run``)."""
 
 
 def _child_waitable() -> bool:
