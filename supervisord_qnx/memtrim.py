@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 from collections.abc import Callable
 
 import trio
@@ -43,32 +42,6 @@ _trim = _find_trim()
 
 def available() -> bool:
     return _trim is not None
-
-
-# glibc's mallopt parameter for the most arenas its threads may use (malloc.h M_ARENA_MAX).
-_M_ARENA_MAX = -8
-# The main heap and one more. glibc's default is 8 per CPU: each thread that allocated
-# got an arena of its own until then, and the daemon's tens of short-lived worker threads
-# (spawns, partitions, slow I/O) left their long-lived allocations scattered over up to
-# 16 arenas, each with its own free space kept resident (issue 14: at N = 100 running,
-# 0.6 MiB of the daemon's RSS; more at N = 1000). Contention is not a concern here: the
-# threads hold the GIL for almost all of their allocations anyway.
-DAEMON_ARENAS = 2
-
-
-def limit_arenas(count: int = DAEMON_ARENAS) -> bool:
-    """Cap glibc's malloc arenas at ``count`` for this process; False where there is no
-    glibc, or when the operator chose with ``MALLOC_ARENA_MAX`` (left as they set it).
-    Call before the threads start: an arena, once made, stays."""
-    if _trim is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # libc is loaded: no library search
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, count))
 
 
 def trim() -> bool:
