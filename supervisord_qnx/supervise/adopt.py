@@ -112,37 +112,44 @@ def snapshot(supervisor: Supervisor, overrides: dict[str, Any]) -> dict[str, Any
     fingerprints: dict[tuple[int, int], Fingerprint] = {}
     tenants: dict[str, Any] = {}
     for name, tenant in supervisor.tenants.items():
-        instances = {}
-        for inst in tenant.instances:
-            lc = inst.lc
-            writer = inst.log_writer
-            writer_rec = None
-            if writer is not None and writer.fd >= 0 and not writer.done.is_set():
-                with contextlib.suppress(OSError):
-                    writer_rec = {
-                        "pid": writer.pid,
-                        "ticks": inst.writer_ticks,
-                        "pipe": os.fstat(writer.fd).st_ino,
-                    }
-            instances[inst.leaf] = {
-                "state": str(lc.state),
-                "want_running": lc.want_running,
-                "pid": lc.pid,
-                "ticks": inst.ticks if lc.pid is not None else None,
-                "started_at": lc.started_at if lc.pid is not None else None,
-                "restarts": lc.restarts,
-                "backoff_until": lc.deadline if lc.state is State.BACKOFF else None,
-                "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
-                "partition": inst.partition,
-                "kind": kind_of(inst),
-                "definition": definition(tenant.spec, inst.spec, fingerprints),
-                "writer": writer_rec,
-            }
+        instances = {
+            inst.leaf: instance_record(inst, definition(tenant.spec, inst.spec, fingerprints))
+            for inst in tenant.instances
+        }
         tenants[name] = {"operator": tenant.operator, "instances": instances}
     _LAST = fingerprints
     out = snapshot_head(supervisor, overrides)
     out["tenants"] = tenants
     return out
+
+
+def instance_record(inst: Instance, fingerprint: Any) -> dict[str, Any]:
+    """One instance's entry in the runtime state (the same for ``snapshot`` and for the
+    kept texts of supervise/statebody.py, which tests compare)."""
+    lc = inst.lc
+    writer = inst.log_writer
+    writer_rec = None
+    if writer is not None and writer.fd >= 0 and not writer.done.is_set():
+        with contextlib.suppress(OSError):
+            writer_rec = {
+                "pid": writer.pid,
+                "ticks": inst.writer_ticks,
+                "pipe": os.fstat(writer.fd).st_ino,
+            }
+    return {
+        "state": str(lc.state),
+        "want_running": lc.want_running,
+        "pid": lc.pid,
+        "ticks": inst.ticks if lc.pid is not None else None,
+        "started_at": lc.started_at if lc.pid is not None else None,
+        "restarts": lc.restarts,
+        "backoff_until": lc.deadline if lc.state is State.BACKOFF else None,
+        "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
+        "partition": inst.partition,
+        "kind": kind_of(inst),
+        "definition": fingerprint,
+        "writer": writer_rec,
+    }
 
 
 def snapshot_head(supervisor: Supervisor, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,6 @@ describes).
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -156,28 +154,7 @@ class StateBody:
             fingerprint = known[3]
         else:
             fingerprint = adopt.definition(tenant, inst.spec)
-        writer_rec = None
-        if writer is not None:
-            with contextlib.suppress(OSError):
-                writer_rec = {
-                    "pid": writer.pid,
-                    "ticks": inst.writer_ticks,
-                    "pipe": os.fstat(writer.fd).st_ino,
-                }
-        record = {
-            "state": str(lc.state),
-            "want_running": lc.want_running,
-            "pid": lc.pid,
-            "ticks": inst.ticks if lc.pid is not None else None,
-            "started_at": lc.started_at if lc.pid is not None else None,
-            "restarts": lc.restarts,
-            "backoff_until": lc.deadline if lc.state is State.BACKOFF else None,
-            "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
-            "partition": inst.partition,
-            "kind": adopt.kind_of(inst),
-            "definition": fingerprint,
-            "writer": writer_rec,
-        }
+        record = adopt.instance_record(inst, fingerprint)
         leaf = inst.leaf
         return (key, tenant, inst.spec, fingerprint, dumps(leaf) + ":" + dumps(record), leaf)
 
