@@ -389,6 +389,44 @@ async def test_oversized_result_is_too_large_and_connection_survives(server: Ser
         assert await in_thread(lambda: client.call("big", size=10)) == "x" * 10
 
 
+async def test_reply_larger_than_the_socket_buffer_arrives_whole(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The server writes what the socket takes at once, then waits for the client to
+    # read the rest: a client that starts reading late still gets every byte, in order.
+    size = 4 << 20
+    server = await start_server(nursery, tmp_path / "c.sock", max_message_bytes=2 * size)
+    late = await Raw.open(server.path)
+    late.rpc = RpcConnection(2 * size)
+    await late.send(encode_request(7, "big", {"size": size}))
+    await trio.sleep(0.3)  # the reply now fills the socket buffer and waits
+    with Client(server.path) as other:  # the server still answers others meanwhile
+        assert await in_thread(lambda: other.call("ping")) == "pong"
+    [response] = await late.responses(1)
+    assert response.msgid == 7 and response.result == "x" * size
+
+
+async def test_client_that_stops_reading_is_disconnected_others_served(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # partial_frame_timeout also bounds how long one reply may wait for its reader.
+    server = await start_server(
+        nursery, tmp_path / "c.sock", max_message_bytes=4 << 20, partial_frame_timeout=0.3
+    )
+    stuck = await Raw.open(server.path)
+    for msgid in range(8):
+        await stuck.send(encode_request(msgid, "big", {"size": 1 << 20}))
+    await trio.sleep(1.5)  # never reading: far more than the socket buffers hold
+    with Client(server.path) as other:
+        assert await in_thread(lambda: other.call("ping")) == "pong"
+    got = 0
+    with trio.fail_after(5):
+        while data := await stuck.stream.receive_some(1 << 20):
+            got += len(data)
+    # The connection was closed (EOF) before the 8 MiB asked for were sent.
+    assert 0 < got < 8 << 20
+
+
 async def test_partial_frame_times_out_but_idle_connection_stays(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
