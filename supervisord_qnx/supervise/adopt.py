@@ -54,6 +54,7 @@ from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend
 from supervisord_qnx.partition.proctime import LINUX, LinuxClock, QnxClock
 from supervisord_qnx.supervise import logpipe
+from supervisord_qnx.supervise.leftovers import term_then_kill
 from supervisord_qnx.supervise.reaper import ChildReaper
 from supervisord_qnx.supervise.supervisor import Instance, Supervisor
 from supervisord_qnx.supervise.worker import State
@@ -341,18 +342,16 @@ def stop_leftovers(plan: Plan) -> list[int]:
         alive, pidfd = _verify(pid, ticks, clock)
         if alive:
             targets.append((pid, ticks, pidfd))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid, ticks, _ in targets:
-            if clock.start_time(pid) == ticks:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, sig)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + LEFTOVER_STOP_WAIT
-        while time.monotonic() < deadline:
-            if all(clock.start_time(pid) != ticks for pid, ticks, _ in targets):
-                break
-            time.sleep(0.02)
+
+    def send(target: tuple[int, int | str, int | None], sig: signal.Signals) -> None:
+        pid, ticks, _ = target
+        if clock.start_time(pid) == ticks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    term_then_kill(targets, send, lambda t: clock.start_time(t[0]) != t[1], LEFTOVER_STOP_WAIT)
     for _, _, pidfd in targets:
         if pidfd is not None:
             os.close(pidfd)

@@ -24,14 +24,17 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
 from supervisord_qnx.digest import sha256_hex
 from supervisord_qnx.partition import accounting
 from supervisord_qnx.partition.proctime import LINUX
+
+T = TypeVar("T")
 
 log = structlog.get_logger("supervisord_qnx.leftovers")
 
@@ -76,9 +79,31 @@ def find(owner: str, keep: Collection[tuple[str, str]]) -> list[tuple[int, int |
     return found
 
 
+def term_then_kill(
+    targets: Sequence[T],
+    send: Callable[[T, signal.Signals], None],
+    gone: Callable[[T], bool],
+    wait: float,
+) -> None:
+    """SIGTERM every target, wait up to ``wait`` seconds until all are ``gone``, then the
+    same with SIGKILL. ``send`` decides how a target is signalled and checks it is still
+    the process meant (a pidfd, or its start time); ``gone`` compares its start time.
+    Blocking: the daemon calls it before its event loop runs, or in a thread."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if sig is signal.SIGKILL and all(gone(t) for t in targets):
+            return
+        for target in targets:
+            send(target, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if all(gone(t) for t in targets):
+                break
+            time.sleep(0.02)
+
+
 def stop(owner: str, keep: Collection[tuple[str, str]], wait: float) -> list[int]:
     """Stop the leftovers ``find`` names; returns their pids. Blocking."""
-    targets = []
+    targets: list[tuple[int, int | str, int]] = []
     for pid, ticks in find(owner, keep):
         try:
             pidfd = os.pidfd_open(pid)
@@ -89,16 +114,13 @@ def stop(owner: str, keep: Collection[tuple[str, str]], wait: float) -> list[int
             targets.append((pid, ticks, pidfd))
         else:
             os.close(pidfd)
+
+    def send(target: tuple[int, int | str, int], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(target[2], sig)
+
     try:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for _, _, pidfd in targets:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    signal.pidfd_send_signal(pidfd, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if all(LINUX.start_time(pid) != ticks for pid, ticks, _ in targets):
-                    break
-                time.sleep(0.02)
+        term_then_kill(targets, send, lambda t: LINUX.start_time(t[0]) != t[1], wait)
     finally:
         for _, _, pidfd in targets:
             os.close(pidfd)
