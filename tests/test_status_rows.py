@@ -139,10 +139,10 @@ async def test_a_change_is_in_the_very_next_answer(cfg: ConfigDir, start_daemon)
         assert w["state"] == "running"
 
 
-async def test_many_rows_go_through_the_pool_and_say_the_same(
+async def test_sched_read_in_steps_says_the_same(
     cfg: ConfigDir, start_daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Above INLINE_SCHED_PIDS the sched syscalls run in the slow-I/O pool: same answer.
+    # Many live pids are read SCHED_STEP at a time, the loop running between: same answer.
     from supervisord_qnx.control import statusrows
 
     tenants(cfg)
@@ -151,7 +151,7 @@ async def test_many_rows_go_through_the_pool_and_say_the_same(
     (cfg.root / "go").touch()
     await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
     inline = await d.call("status")
-    monkeypatch.setattr(statusrows, "INLINE_SCHED_PIDS", 0)
+    monkeypatch.setattr(statusrows, "SCHED_STEP", 1)
     pooled = await d.call("status")
     assert without_uptime(pooled) == without_uptime(inline)
     assert msgpack.packb(without_uptime(pooled)) == msgpack.packb(without_uptime(inline))

@@ -206,7 +206,7 @@ class Methods:
             return await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
         # The rows Supervisor.status and with_sched give (counters refreshed first),
         # packed and reused (statusrows.py).
-        return await rows.reply(sup, tenant, jobs, self.daemon.blocking)
+        return await rows.reply(sup, tenant, jobs)
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)

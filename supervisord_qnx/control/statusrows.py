@@ -19,11 +19,12 @@ one docs/protocol.md specifies, field for field and in the same order as
   (one clock read per call), ``sched`` from the kernel (a program may change its own
   scheduling; docs/realtime.md). The packed form of a ``sched`` map is remembered by
   what the kernel answered, since nearly every worker answers the same.
-* **The syscalls run on the event loop for up to ``INLINE_SCHED_PIDS`` pids**: four
-  short syscalls per pid take microseconds, less than handing them to a thread, and a
-  status call then does not wait for a slot of the slow-I/O pool behind ``logs`` or
-  ``partitions`` (which showed as p99 while clients hammer ``status``). Above that
-  they go to the pool, so that one call never holds the loop for milliseconds.
+* **The syscalls run on the event loop, ``SCHED_STEP`` pids at a time**: three or
+  four short syscalls per pid take about a microsecond, less than handing them to a
+  thread, and a status call then does not wait for a slot of the slow-I/O pool behind
+  ``logs`` or ``partitions`` (which showed as p99 while clients hammer ``status``).
+  Between steps the call lets the loop run, so that one call never holds it for
+  milliseconds (a step of 256 pids is about a quarter of one).
 
 The result is ``rpc.Packed``: the server sends it as it is, with no second encoding.
 ``fields`` (opt-in) answers only the fields named, as plain rows: a client that polls
@@ -42,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
+import trio
 
 from supervisord_qnx.control.report import LIVE_STATES, with_sched
 from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError, pack_value
@@ -50,8 +52,8 @@ from supervisord_qnx.supervise.launch import Launcher
 from supervisord_qnx.supervise.supervisor import Instance, Supervisor
 from supervisord_qnx.supervise.worker import State
 
-# Above this many live pids the sched syscalls go to the slow-I/O pool (see above).
-INLINE_SCHED_PIDS = 256
+# Live pids whose sched syscalls run between two checkpoints (see above).
+SCHED_STEP = 256
 # Distinct sched answers remembered packed; the kernel's answers are few in practice.
 MAX_SCHED_FORMS = 1024
 
@@ -217,7 +219,6 @@ class StatusRows:
         sup: Supervisor,
         tenant: str | None,
         jobs: list[dict[str, Any]],
-        blocking: Blocking,
     ) -> Packed:
         """The ``status`` result for ``tenant`` (every tenant, and the jobs, for None)."""
         tenants = [sup.tenant(tenant)] if tenant is not None else list(sup.tenants.values())
@@ -242,10 +243,11 @@ class StatusRows:
             self._rows = {i: self._rows[i] for i in instances}
         live = [i.lc.pid for i in instances if i.lc.pid and i.lc.state in _LIVE]
         live += [j["pid"] for j in jobs if j.get("pid") and j.get("state") in LIVE_STATES]
-        if len(live) <= INLINE_SCHED_PIDS:
-            sched = self.sched.read(live)
-        else:
-            sched = await blocking(self.sched.read, live)
+        step = max(1, SCHED_STEP)
+        sched = self.sched.read(live[:step])
+        for at in range(step, len(live), step):
+            await trio.lowlevel.checkpoint()
+            sched.update(self.sched.read(live[at : at + step]))
         now = time.monotonic()
         parts = [_array_header(len(rows) + len(jobs))]
         float64, sched_of, running = _FLOAT64.pack, sched.get, State.RUNNING
