@@ -1,7 +1,8 @@
 """Modules the daemon's libraries import but the daemon never uses, loaded only if used.
 
-trio imports ``ssl`` (its TLS streams) and ``hmac`` (DTLS), structlog ``asyncio`` (its
-async logger), pydantic ``secrets`` (its secret types), whether or not anyone uses them;
+trio imports ``ssl`` (its TLS streams), ``hmac`` (DTLS) and ``idna`` (host names for
+DNS), structlog ``asyncio`` (its async logger), pydantic ``secrets`` (its secret types),
+whether or not anyone uses them;
 the daemon uses none of them, and they cost several MiB of its resident memory
 (``hmac`` and ``secrets`` import ``hashlib``, which maps OpenSSL's libcrypto). ``defer``
 puts a stand-in into ``sys.modules`` before those libraries are imported: their
@@ -29,7 +30,18 @@ from typing import Any
 # loads OpenSSL's libcrypto; the daemon's own digests use supervisord_qnx/digest.py.
 # bz2 and lzma: shutil imports both (for its archive formats; ctypes.util imports
 # shutil for trio's thread cache), which maps libbz2 and liblzma (0.4 MiB of RSS).
-DAEMON_DEFERRED = ("ssl", "asyncio", "hmac", "secrets", "importlib.metadata", "bz2", "lzma")
+# idna: trio encodes a non-ASCII host name with it before a DNS look-up; the daemon
+# resolves no names (its sockets are Unix sockets), and idna's tables are 0.1 MiB.
+DAEMON_DEFERRED = (
+    "ssl",
+    "asyncio",
+    "hmac",
+    "secrets",
+    "importlib.metadata",
+    "bz2",
+    "lzma",
+    "idna",
+)
 
 # Functions that a library takes from a deferred module by ``from m import f`` when it is
 # imported (reading ``f`` would load ``m`` at once): the stand-in hands out a forwarder

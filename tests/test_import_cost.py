@@ -210,3 +210,59 @@ def test_the_whole_configs_validator_is_never_built_by_load_or_reload(cfg: Confi
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.splitlines() == ["alpha False", "ValidationError True"], out
+
+
+def _backend_modules(name: str) -> str:
+    """In a fresh interpreter: the backend ``choose_backend`` gives for ``name``, and
+    which cgroup backend modules that made it import."""
+    from tests.cgroup_helpers import unique_instance
+
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.partition.detect import choose_backend\n"
+        f"b = choose_backend({name!r}, cgroup_root=None, instance={unique_instance('imp')!r})\n"
+        "print(b.name, sorted(m.rpartition('.')[2] for m in sys.modules"
+        " if m.startswith('supervisord_qnx.partition.cgroup_v')))\n"
+        "b.close()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_a_daemon_imports_only_the_backend_it_runs() -> None:
+    """``choose_backend`` imports a backend when it tries it (issue 14: a portable daemon
+    holds neither cgroup backend's code, a cgroup v1 daemon not the v2 one's)."""
+    assert _backend_modules("portable") == "portable []"
+    from tests.cgroup_helpers import require_cgroup1
+
+    require_cgroup1()
+    assert _backend_modules("cgroup1") == "cgroup1 ['cgroup_v1']"
+
+
+def test_the_daemon_starts_without_idna_which_still_works_once_used(cfg: ConfigDir) -> None:
+    """trio imports idna for host names it resolves; the daemon resolves none, so after
+    its start-up (``main``: configuration validated, tenants admitted, the daemon and its
+    control methods imported) idna is still the stand-in. Used, it is the real one."""
+    beat_tenant(cfg, "alpha")
+    cfg.write()
+    code = (
+        "import sys\n"
+        "from supervisord_qnx.cli import daemon\n"
+        f"rc = daemon.main(['--config', {str(cfg.path)!r}, '--check'])\n"
+        "import trio\n"
+        "from supervisord_qnx import daemon as d\n"
+        "from supervisord_qnx.control import methods\n"
+        "print(rc, type(sys.modules['idna']).__name__)\n"
+        "import idna\n"
+        "print(idna.encode('b\\u00fccher.example', uts46=True).decode(),"
+        " type(sys.modules['idna']).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines()[-2:] == [
+        "0 _Deferred",
+        "xn--bcher-kva.example module",
+    ], out

@@ -11,8 +11,11 @@ A backend named explicitly must work: if it cannot, ``BackendUnavailable`` says 
 (read-only mount, controller missing, not delegated, not root) instead of silently
 falling back to something weaker.
 
-The portable and QNX backends are imported lazily so this module (and the cgroup
-backends) import on machines or checkouts where they are absent.
+Every backend is imported lazily, only when it is tried: the QNX and portable ones so
+that this module imports on machines or checkouts where they are absent, and all of them
+so that a daemon holds only the code of the backend it runs (a cgroup v1 daemon does not
+import the cgroup v2 backend, a portable one neither cgroup backend: issue 14, daemon
+RSS).
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ import sys
 from collections.abc import Callable
 
 from supervisord_qnx.partition.backend import Backend, BackendOptions, BackendUnavailable
-from supervisord_qnx.partition.cgroup_v1 import Cgroup1Backend
-from supervisord_qnx.partition.cgroup_v2 import Cgroup2Backend
 
 NAMES = ("auto", "portable", "cgroup1", "cgroup2", "qnx")
 
@@ -51,8 +52,8 @@ def choose_backend(
     )
     # In order of preference for "auto"; every backend probes and builds the same way.
     candidates: list[tuple[str, Callable[[], type[Backend]]]] = [
-        ("cgroup2", lambda: Cgroup2Backend),
-        ("cgroup1", lambda: Cgroup1Backend),
+        ("cgroup2", lambda: _lazy("supervisord_qnx.partition.cgroup_v2", "Cgroup2Backend")),
+        ("cgroup1", lambda: _lazy("supervisord_qnx.partition.cgroup_v1", "Cgroup1Backend")),
     ]
     if name == "qnx" or (name == "auto" and sys.platform.startswith("qnx")):
         candidates.append(("qnx", lambda: _lazy("supervisord_qnx.partition.qnx", "QnxBackend")))
