@@ -4,6 +4,7 @@ was freed, and the daemon's trimmer trims once after a burst of events, and stil
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,21 @@ async def test_events_that_never_stop_are_still_trimmed_now_and_then(
         # Every 4 QUIET at most, so about 10 trims; never one per event.
         assert 5 <= trimmer.trims <= 10
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(not memtrim.available(), reason="malloc arenas are glibc's")
+def test_the_arena_cap_leaves_an_operators_malloc_arena_max_alone() -> None:
+    """The daemon caps glibc's arenas (memtrim.limit_arenas) unless the operator set
+    MALLOC_ARENA_MAX, which glibc has applied already and which is left as they chose."""
+    code = "from supervisord_qnx import memtrim\nprint(memtrim.limit_arenas())\n"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    for extra, said in (({}, "True"), ({"MALLOC_ARENA_MAX": "8"}, "False")):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            env={**env, **extra},
+        )
+        assert out.stdout.strip() == said, (extra, out)

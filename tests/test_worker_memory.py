@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
-from tests.conftest import ConfigDir
+from supervisord_qnx import memtrim
+from tests.conftest import ConfigDir, wait_until
+from tests.daemonproc import DaemonProc, ctl
+from tests.test_import_cost import ctl_status_running
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +102,40 @@ def test_a_configured_worker_that_never_restarted_keeps_no_queue_blocks() -> Non
     assert verdicts == [Verdict.RESTART, Verdict.RESTART, Verdict.FATAL]
     tracker.reset()  # an operator start: a fresh try
     assert tracker.decide(crash, 3, uptime=0.0).verdict is Verdict.RESTART
+
+
+def _malloc_arenas(pid: int) -> int:
+    """glibc's arenas besides the main heap, in a process: each is a heap that glibc maps
+    at an address aligned to its 64 MiB maximum size (its unused rest is kept ---p)."""
+    count = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start = int(fields[0].partition("-")[0], 16)
+        if len(fields) == 5 and fields[1] == "rw-p" and start % (64 << 20) == 0:
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not memtrim.available(), reason="malloc arenas are glibc's")
+def test_the_daemons_threads_share_three_malloc_arenas_beside_the_main_heap(
+    cfg: ConfigDir,
+    daemon_procs: Callable[..., DaemonProc],
+) -> None:
+    """Tens of worker threads start workers and partitions; with glibc's default, each
+    that allocated got an arena of its own (up to 8 per CPU), each keeping the top of its
+    heap resident after the burst (issue 14: daemon RSS). The daemon caps them at four
+    (memtrim.limit_arenas): the main heap and three more."""
+    names = [f"t{i}" for i in range(32)]
+    for name in names:
+        cfg.tenant(name, '[[worker]]\nname = "w"\ncommand = ["sleep", "1000"]\n')
+    cfg.write()
+    d = daemon_procs()
+    wanted = {f"{n}:w-0" for n in names}
+    wait_until(lambda: ctl_status_running(cfg.socket) == wanted, 60, "every worker running")
+    for name in names:  # a second burst of spawns and exits
+        ctl(cfg.socket, "restart", name, check=True)
+    wait_until(lambda: ctl_status_running(cfg.socket) == wanted, 60, "every worker running")
+    assert _malloc_arenas(d.proc.pid) <= memtrim.DAEMON_ARENAS - 1, _malloc_arenas(d.proc.pid)
 
 
 def _cancel_scopes() -> int:

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import trio
 
+    from supervisord_qnx import memtrim
+
+    memtrim.limit_arenas()  # before the daemon's first thread (memtrim.py)
     d.configure_logging(config.daemon.log_format, config.daemon.log_level)
     # Process-wide and for good: whatever the service manager left (even 000), files
     # the daemon creates are not for others (docs/security.md, "Files and directories").
