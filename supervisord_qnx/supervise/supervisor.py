@@ -703,14 +703,15 @@ class Supervisor:
                 # An exit is reported once the run's last lines are in its files (what
                 # `logs` shows then is complete); at the shutdown, before the daemon
                 # exits (supervise/shutdown.py).
-                if inst.log_writer is not None and not self.shutdown.ends_log_at_eof(
-                    lc.want_running
-                ):
-                    await logpipe.end_run(inst.log_writer, LOG_DRAIN_WAIT)
-                if run.known:
-                    reason = await self._exit_reason(inst, run.status)
-                else:
-                    reason = await self._unknown_exit_reason(inst)
+                # The exit reason is found while the writer reads the run's last lines.
+                status = run.status
+                reason = await logpipe.end_run_beside(
+                    None if self.shutdown.ends_log_at_eof(lc.want_running) else inst.log_writer,
+                    LOG_DRAIN_WAIT,
+                    (lambda: self._exit_reason(inst, status))
+                    if run.known
+                    else (lambda: self._unknown_exit_reason(inst)),
+                )
                 now = time.monotonic()
                 self._feed(inst, lambda: lc.exited(reason, now))
             return
