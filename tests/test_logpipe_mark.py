@@ -10,7 +10,10 @@ writer process (the daemon only sees the pipe and the lock file).
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
+import termios
 import threading
 import time
 from pathlib import Path
@@ -60,3 +63,51 @@ async def test_a_full_pipe_gets_its_mark_once_the_writer_reads(tmp_path: Path) -
     assert got.endswith(logwriter.RUN_END)
     writer.close()
     os.close(read_end)
+
+
+async def test_the_exit_reason_is_found_while_the_writer_reads_the_last_lines(
+    tmp_path: Path,
+) -> None:
+    """``end_run_beside``: the mark goes in first, the other work (a restart's exit
+    reason) runs while the writer has yet to read it, and the call returns only once the
+    writer has read it, with the other work's result."""
+    read_end, write_end = os.pipe()
+    lock = os.open(tmp_path / "w.log.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    writer = logpipe.Writer(pid=0, fd=write_end, lock=lock)
+    assert writer.mark_fd >= 0
+    os.write(write_end, b"last words\n")
+    got = bytearray()
+
+    def late_reader() -> None:
+        time.sleep(0.2)  # the writer is slow to be scheduled
+        while logwriter.RUN_END not in got:
+            got.extend(os.read(read_end, 65536))
+
+    reader = threading.Thread(target=late_reader, daemon=True)
+    reader.start()
+    unread_then = []
+
+    async def exit_reason() -> str:
+        # What the pipe holds while the other work runs: the last words and the mark.
+        unread_then.append(_unread(read_end))
+        await trio.sleep(0)
+        return "signal:SIGKILL"
+
+    began = time.monotonic()
+    with trio.fail_after(10):
+        reason = await logpipe.end_run_beside(writer, 1.0, exit_reason)
+    assert reason == "signal:SIGKILL"
+    # The other work ran with the mark already behind the last words, not after the wait.
+    assert unread_then == [len(b"last words\n") + len(logwriter.RUN_END)]
+    # And the call waited for the writer to read it all.
+    assert time.monotonic() - began >= 0.15
+    reader.join(5)
+    assert bytes(got) == b"last words\n" + logwriter.RUN_END
+    writer.close()
+    os.close(read_end)
+
+
+def _unread(fd: int) -> int:
+    n = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, n)
+    return n[0]

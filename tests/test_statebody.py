@@ -9,6 +9,7 @@ a successor daemon adopts from it), and be made again only for the workers that 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,16 @@ async def test_a_big_state_is_written_no_faster_than_its_byte_rate(tmp_path: Pat
     # the first write after the first wait, then at most one per `spacing`.
     assert 1 <= keeper.figures.writes <= elapsed / spacing + 1, keeper.figures.writes
     assert runtime_state.load(tmp_path) is not None
+
+
+def test_the_state_files_bytes_carry_the_bodys_text_and_its_digest() -> None:
+    """``wrap``: the body's canonical text as it is, then the format, the SHA-256 of that
+    text and the version; what ``decode`` reads back is the body."""
+    body = {"tenants": {f"t{i}": {"pid": i, "reason": "signal:SIGKILL"} for i in range(300)}}
+    text = runtime_state.dumps(body)
+    data = runtime_state.wrap(text)
+    assert data.startswith(b'{\n "body": ' + text.encode() + b",\n")
+    outer = json.loads(data)
+    assert outer["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert (outer["format"], outer["version"]) == (runtime_state.FORMAT, runtime_state.VERSION)
+    assert runtime_state.decode(data) == body

@@ -43,8 +43,10 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import trio
@@ -334,6 +336,36 @@ DRAIN_POLL_FIRST = 0.0002
 DRAIN_POLL = 0.002
 
 
+T = TypeVar("T")
+
+
+async def end_run_beside(
+    writer: Writer | None, wait: float, other: Callable[[], Awaitable[T]]
+) -> T:
+    """``end_run``, with ``other`` done while the writer reads the run's last lines: the
+    mark goes in first (at once, when the pipe has room for it), then ``other`` runs, then
+    the wait for the writer goes on from where it is. Both are done when this returns.
+    A restart's exit reason (a /proc walk on the portable backend, a cgroup file read on
+    cgroup v1) and the writer's drain were one after the other on the restart's path:
+    each 0.3-2.5 ms at N = 1000 on a loaded machine (issue 14)."""
+    if writer is None or writer.fd < 0 or writer.done.is_set() or writer.mark_fd < 0:
+        if writer is not None:
+            await end_run(writer, wait)
+        return await other()
+    deadline = trio.current_time() + wait
+    try:
+        os.write(writer.mark_fd, logwriter.RUN_END)
+    except BrokenPipeError:
+        return await other()  # the writer is gone
+    except BlockingIOError:
+        # Full: the writer is behind. The plain way, which waits for room first.
+        await end_run(writer, wait)
+        return await other()
+    got = await other()
+    await _drained(writer, deadline, DRAIN_POLL_FIRST)
+    return got
+
+
 async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
     """``_end_run`` on the event loop, no thread: the mark goes through the non-blocking
     second opening of the pipe (a write of less than PIPE_BUF is whole or fails with
@@ -357,6 +389,12 @@ async def _end_run_nonblocking(writer: Writer, wait: float) -> None:
                 return
             await finesleep.sleep(poll)
             poll = min(2 * poll, DRAIN_POLL)
+    await _drained(writer, deadline, poll)
+
+
+async def _drained(writer: Writer, deadline: float, poll: float) -> None:
+    """Wait (until ``deadline``) for the writer to have read the pipe empty and finished
+    appending what it read: the mark, in the pipe already, is then behind it."""
     fionread = getattr(termios, "FIONREAD", None)
     if fionread is None:
         return
