@@ -118,7 +118,9 @@ class RequestStats:
         slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self._lock:
             self._counts[label, code] = self._counts.get((label, code), 0) + 1
-            buckets = self._buckets.setdefault(label, [0] * (len(LATENCY_BUCKETS) + 1))
+            buckets = self._buckets.get(label)
+            if buckets is None:  # not setdefault: its default list was made on every call
+                buckets = self._buckets[label] = [0] * (len(LATENCY_BUCKETS) + 1)
             buckets[slot] += 1
             self._sums[label] = self._sums.get(label, 0.0) + seconds
 
