@@ -179,6 +179,16 @@ async def test_fields_picks_a_compact_form_and_refuses_unknown_names(
     assert with_sched == [{"pid": r["pid"], "sched": r["sched"]} for r in full[:3]]
     jobs = await d.call("status", tenant="job", fields=["job", "state"])
     assert jobs == [{"job": 1, "state": "running"}]
+    # Only fields an instance holds itself: read alone, and the same as in the full rows,
+    # for the workers and for the job (in the order asked, uptime as a running one has).
+    from supervisord_qnx.supervise.supervisor import OWN_FIELDS
+
+    own = list(reversed(OWN_FIELDS))
+    alone = await d.call("status", fields=own)
+    assert [list(r) for r in alone] == [[f for f in own if f in r] for r in full]
+    assert without_uptime(alone) == without_uptime([{f: r[f] for f in own if f in r} for r in full])
+    assert [r["uptime"] is None for r in alone] == [r["uptime"] is None for r in full]
+    assert alone[0]["uptime"] >= full[0]["uptime"]
 
     for bad in (["stat"], [], [7]):
         with pytest.raises(RpcError) as err:

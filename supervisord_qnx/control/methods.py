@@ -202,7 +202,8 @@ class Methods:
         rows = self.status_rows
         jobs = jobs if tenant is None else []
         if fields is not None:
-            await sup.refresh_counters()
+            if "memory_denied" in fields:  # the one field a running worker's report updates
+                await sup.refresh_counters()
             return await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
         # The rows Supervisor.status and with_sched give (counters refreshed first),
         # packed and reused (statusrows.py).

@@ -49,7 +49,7 @@ from supervisord_qnx.control.report import LIVE_STATES, with_sched
 from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError, pack_value
 from supervisord_qnx.partition.realtime import NAMES, RESET_ON_FORK, format_cpulist
 from supervisord_qnx.supervise.launch import Launcher
-from supervisord_qnx.supervise.supervisor import Instance, Supervisor
+from supervisord_qnx.supervise.supervisor import OWN_FIELDS, Instance, Supervisor
 from supervisord_qnx.supervise.worker import State
 
 # Live pids whose sched syscalls run between two checkpoints (see above).
@@ -208,7 +208,15 @@ class StatusRows:
         blocking: Blocking,
     ) -> list[dict[str, Any]]:
         """The opt-in compact form: only ``fields`` of each row, built as dicts (a few
-        fields are small to encode), and the kernel asked for ``sched`` only if wanted."""
+        fields are small to encode), and the kernel asked for ``sched`` only if wanted.
+        Fields an instance holds itself (``OWN_FIELDS``: name, state, pid, ...) are read
+        alone, without the whole row: what a script polling thousands of workers asks."""
+        if OWN_FIELDS.keys() >= set(fields):
+            tenants = [sup.tenant(tenant)] if tenant is not None else sup.tenants.values()
+            now = time.monotonic()
+            getters = [(f, OWN_FIELDS[f]) for f in fields]
+            own = [{f: get(i, now) for f, get in getters} for t in tenants for i in t.instances]
+            return own + picked(jobs, fields)
         rows = sup.status(tenant) + jobs
         if "sched" in fields:
             await with_sched(rows, blocking)

@@ -150,27 +150,36 @@ class Instance:
             self.owner.progressed()
 
     def as_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
-        lc = self.lc
-        uptime = (
-            round(time.monotonic() - lc.started_at, 3)
-            if lc.started_at is not None and lc.state is State.RUNNING
-            else None
-        )
-        out: dict[str, Any] = {
-            "tenant": self.tenant,
-            "worker": self.spec.name,
-            "instance": self.index,
-            "name": self.name,
-            "kind": getattr(self.spec, "kind", "command"),
-            "state": str(lc.state),
-            "pid": lc.pid,
-            "partition": self.partition,
-            "restarts": lc.restarts,
-            "exit_reason": None if lc.exit_reason is None else str(lc.exit_reason),
-            "uptime": uptime,
-        }
+        now = time.monotonic()
+        out: dict[str, Any] = {key: get(self, now) for key, get in OWN_FIELDS.items()}
         out.update(extra)
         return out
+
+
+def _uptime(inst: Instance, now: float) -> float | None:
+    lc = inst.lc
+    if lc.started_at is None or lc.state is not State.RUNNING:
+        return None
+    return round(now - lc.started_at, 3)
+
+
+# The fields of a status row that an instance holds itself, in the row's order
+# (docs/protocol.md), each read from the instance and the time of the reply. One table
+# for the whole row (``as_dict``) and for ``status`` asked for some fields only
+# (control/statusrows.py), which reads just those.
+OWN_FIELDS: dict[str, Callable[[Instance, float], Any]] = {
+    "tenant": lambda i, _: i.tenant,
+    "worker": lambda i, _: i.spec.name,
+    "instance": lambda i, _: i.index,
+    "name": lambda i, _: i.name,
+    "kind": lambda i, _: getattr(i.spec, "kind", "command"),
+    "state": lambda i, _: str(i.lc.state),
+    "pid": lambda i, _: i.lc.pid,
+    "partition": lambda i, _: i.partition,
+    "restarts": lambda i, _: i.lc.restarts,
+    "exit_reason": lambda i, _: None if i.lc.exit_reason is None else str(i.lc.exit_reason),
+    "uptime": _uptime,
+}
 
 
 @dataclass(eq=False)
