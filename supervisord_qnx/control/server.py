@@ -644,18 +644,26 @@ async def _take_events(
     """Act on every message now complete; how many there were, or ``None`` when the
     connection is to be closed."""
     n = 0
+    spawned = False
     try:
         for event in rpc.events():
             n += 1
             if isinstance(event, Request):
                 # Backpressure: with max_in_flight requests running, wait
                 # here, which stops reading this connection.
-                try:
-                    # A free slot is taken without a trip through the scheduler
-                    # (Semaphore.acquire checkpoints even then), a tenth of a call's cost.
-                    in_flight.acquire_nowait()
-                except trio.WouldBlock:
+                if spawned:
+                    # Requests that came in one read start in their order: through the
+                    # scheduler once between two, the one spawned before runs first
+                    # (trio runs the tasks of one batch in any order).
                     await in_flight.acquire()
+                else:
+                    try:
+                        # A read's first request takes a free slot without a trip
+                        # through the scheduler (Semaphore.acquire makes one even
+                        # then): a tenth of a call's cost.
+                        in_flight.acquire_nowait()
+                    except trio.WouldBlock:
+                        await in_flight.acquire()
                 cost = rpc.last_bytes + rpc.last_elements * BYTES_PER_ELEMENT
                 if not holding.change(cost):
                     in_flight.release()
@@ -665,6 +673,7 @@ async def _take_events(
                     _run_request, conn, dispatch, event, in_flight, limits, clog,
                     lambda cost=cost: holding.change(-cost),
                 )  # fmt: skip
+                spawned = True
             elif isinstance(event, ConnectionClosed):
                 if event.partial:
                     clog.info("client closed the connection in the middle of a message")
