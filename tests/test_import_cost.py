@@ -52,8 +52,10 @@ def test_a_running_daemon_has_not_loaded_openssl_asyncio_or_hashlib(
 
 
 def ctl_status_running(sock: Path) -> set[str]:
-    data = json.loads(ctl(sock, "--json", "status", check=True).stdout)
-    return {w["name"] for w in data if w["state"] == "running"}
+    # Exit status 3 says some worker is not running (yet): the answer is as good.
+    proc = ctl(sock, "--json", "status")
+    assert proc.returncode in (0, 3), (proc.returncode, proc.stdout, proc.stderr)
+    return {w["name"] for w in json.loads(proc.stdout) if w["state"] == "running"}
 
 
 def test_a_deferred_module_is_the_real_one_once_used() -> None:
