@@ -254,8 +254,6 @@ class Supervisor:
         backend.set_owner(self.owner)  # tag-accounting backends count only our processes
         # Workers adopted from a previous daemon at this one's start (metrics).
         self.adopted = 0
-        # Start times read in a spawn's worker thread, by pid, until _start_run takes them.
-        self._ticks_read: dict[int, int | str | None] = {}
         # Told of every state change and operator call (the runtime state's writer).
         self.on_change: Callable[[], None] = _nothing
         # Begun by the daemon's shutdown: stopped workers leave their leaves to the
@@ -803,7 +801,7 @@ class Supervisor:
         if inst.notify is not None:
             inst.notify.reset()  # what an earlier run queued or said is not this run's
         try:
-            pid = await self._spawn_in_partition(inst)
+            pid, ticks = await self._spawn_in_partition(inst)
         except BackendError:
             raise
         except OSError as exc:
@@ -819,11 +817,10 @@ class Supervisor:
             self._feed(inst, lambda: lc.spawn_failed(why, time.monotonic(), transient=transient))
             return
         run = inst.run = Run(pid)
-        # Our child, not waited for until _watch_exit below: its pid is not reused.
-        if pid in self._ticks_read:
-            inst.ticks = self._ticks_read.pop(pid)  # read in the spawn's thread
-        else:
-            inst.ticks = await self._start_time(pid)
+        # Our child, not waited for until _watch_exit below: its pid is not reused. Read
+        # here unless the spawn's thread read it (a process gone already reads None there
+        # and here alike).
+        inst.ticks = ticks if ticks is not None else await self._start_time(pid)
         self._feed(inst, lambda: lc.spawned(pid, time.monotonic()))
         self._watch_exit(inst, run)
 
@@ -847,7 +844,7 @@ class Supervisor:
 
         self.reaper.on_exit(run.pid, exited)
 
-    async def _spawn_in_partition(self, inst: Instance) -> int:
+    async def _spawn_in_partition(self, inst: Instance) -> tuple[int, int | str | None]:
         try:
             return await self._spawn(inst)
         except BackendError as exc:
@@ -855,7 +852,9 @@ class Supervisor:
                 raise
             return await self._spawn(inst)
 
-    async def _spawn(self, inst: Instance) -> int:
+    async def _spawn(self, inst: Instance) -> tuple[int, int | str | None]:
+        """The new process's pid, and its start time where the spawn's thread read it
+        (``None``: not read; ``_start_run`` reads it)."""
         # The worker writes into a pipe whose reader, a log writer process of its own,
         # rotates its files and outlives the daemon if need be (supervise/logpipe.py).
         writer = inst.log_writer
@@ -876,24 +875,25 @@ class Supervisor:
         if launcher.one_hop:
             # A command: its argv, its settings (user lookups) and the spawn in one
             # worker thread, one hop on a restart's path instead of three.
-            def prepare_and_spawn() -> int:
+            def prepare_and_spawn() -> tuple[int, int | str | None]:
                 argv = launcher.argv(inst.target)
                 process = self._process_settings(inst)
                 pid = launcher.spawn_blocking(self._request(inst, writer, argv, process))
-                # Its start time too, while in the thread (_start_run takes it from here):
-                # a /proc read that was 0.1-0.25 ms of the loop on a restart's path.
-                # Nothing raised here may lose the process: a failed read is made again.
+                # Its start time too, while in the thread: a /proc read that was
+                # 0.1-0.25 ms of the loop on a restart's path. Nothing raised here may
+                # lose the process: a failed read is made again on the loop.
                 clock = self.backend.process_clock()
                 if clock.cheap:
                     with contextlib.suppress(ValueError, IndexError):
-                        self._ticks_read[pid] = clock.start_time(pid)
-                return pid
+                        return pid, clock.start_time(pid)
+                return pid, None
 
             return await trio.to_thread.run_sync(prepare_and_spawn)
         # In a thread: a launcher may prepare files first.
         argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
         process = await trio.to_thread.run_sync(self._process_settings, inst)
-        return await launcher.spawn(inst.target, self._request(inst, writer, argv, process))
+        pid = await launcher.spawn(inst.target, self._request(inst, writer, argv, process))
+        return pid, None
 
     def _request(
         self, inst: Instance, writer: logpipe.Writer, argv: list[str], process: ProcessSettings
