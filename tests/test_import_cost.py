@@ -15,6 +15,13 @@ from tests.conftest import ConfigDir
 from tests.test_cli import DaemonProc, beat_tenant, ctl, daemon  # noqa: F401 - the fixture
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a fresh interpreter of this environment (what it imports is its own)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+
+
 def test_the_daemon_does_not_import_prometheus_client_before_it_renders_metrics() -> None:
     code = (
         "import sys\n"
@@ -22,9 +29,7 @@ def test_the_daemon_does_not_import_prometheus_client_before_it_renders_metrics(
         "from supervisord_qnx.control import methods, metrics\n"
         "print('prometheus_client' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.strip() == "False", out
 
 
@@ -80,9 +85,7 @@ def test_a_deferred_module_is_the_real_one_once_used() -> None:
         "print(later.run(answer()), later.Queue is early.Queue)\n"
         "print(hmac.new(b'k', b'm', 'sha256').hexdigest()[:8])\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.splitlines() == [
         "['asyncio', 'hmac']",
         "False _Deferred",
@@ -117,14 +120,10 @@ def test_the_daemon_builds_its_models_without_loading_importlib_metadata(cfg: Co
         "print(rc, type(sys.modules['importlib.metadata']).__name__,"
         " sorted({'email', 'zipfile', 'csv'} & set(sys.modules)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.splitlines()[-1] == "0 _Deferred []", out
     cfg.tenant("alpha", '[[worker]]\nname = "beat"\ncommand = ["true"]\nstop_timeout = "soon"\n')
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert not out.stdout.splitlines()[-1].startswith("0 "), out  # refused, as before
 
 
@@ -144,9 +143,7 @@ def test_a_function_taken_from_a_deferred_module_loads_it_when_called() -> None:
         "print(any(e.name == 'supervisord-qnx' for e in entry_points(group='console_scripts')),"
         " m.entry_points is not entry_points, m.PackageNotFoundError.__name__)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.splitlines() == [
         "['importlib.metadata']",
         "_Deferred",
@@ -171,9 +168,7 @@ def test_deferred_compression_modules_still_work_for_shutil() -> None:
         "print(bz2.decompress(bz2.compress(data)) == data,"
         " lzma.decompress(lzma.compress(data)) == data)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.splitlines() == [
         "_Deferred _Deferred",
         "['bztar', 'gztar', 'tar', 'xztar', 'zip']",
@@ -208,9 +203,7 @@ def test_the_whole_configs_validator_is_never_built_by_load_or_reload(cfg: Confi
         "except Exception as exc:\n"
         "    print(type(exc).__name__, Config.__pydantic_complete__)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.splitlines() == ["alpha False", "ValidationError True"], out
 
 
@@ -227,9 +220,7 @@ def _backend_modules(name: str) -> str:
         " if m.startswith('supervisord_qnx.partition.cgroup_v')))\n"
         "b.close()\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     return out.stdout.strip()
 
 
@@ -261,9 +252,7 @@ def test_the_daemon_starts_without_idna_which_still_works_once_used(cfg: ConfigD
         "print(idna.encode('b\\u00fccher.example', uts46=True).decode(),"
         " type(sys.modules['idna']).__name__)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = _python(code)
     assert out.stdout.splitlines()[-2:] == [
         "0 _Deferred",
         "xn--bcher-kva.example module",
