@@ -22,6 +22,19 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _after_startup(cfg: ConfigDir) -> str:
+    """Snippet: the daemon's start-up on ``cfg`` (``main``: configuration validated,
+    tenants admitted; ``rc`` its exit code), then the daemon and its control methods
+    imported, as a running daemon has them."""
+    return (
+        "import sys\n"
+        "from supervisord_qnx.cli import daemon\n"
+        f"rc = daemon.main(['--config', {str(cfg.path)!r}, '--check'])\n"
+        "from supervisord_qnx import daemon as d\n"
+        "from supervisord_qnx.control import methods\n"
+    )
+
+
 def test_the_daemon_does_not_import_prometheus_client_before_it_renders_metrics() -> None:
     code = (
         "import sys\n"
@@ -111,12 +124,7 @@ def test_the_daemon_builds_its_models_without_loading_importlib_metadata(cfg: Co
     and the configuration still validates (a bad value is still refused)."""
     beat_tenant(cfg, "alpha")
     cfg.write()
-    code = (
-        "import sys\n"
-        "from supervisord_qnx.cli import daemon\n"
-        f"rc = daemon.main(['--config', {str(cfg.path)!r}, '--check'])\n"
-        "from supervisord_qnx import daemon as d\n"
-        "from supervisord_qnx.control import methods\n"
+    code = _after_startup(cfg) + (
         "print(rc, type(sys.modules['importlib.metadata']).__name__,"
         " sorted({'email', 'zipfile', 'csv'} & set(sys.modules)))\n"
     )
@@ -240,13 +248,8 @@ def test_the_daemon_starts_without_idna_which_still_works_once_used(cfg: ConfigD
     control methods imported) idna is still the stand-in. Used, it is the real one."""
     beat_tenant(cfg, "alpha")
     cfg.write()
-    code = (
-        "import sys\n"
-        "from supervisord_qnx.cli import daemon\n"
-        f"rc = daemon.main(['--config', {str(cfg.path)!r}, '--check'])\n"
+    code = _after_startup(cfg) + (
         "import trio\n"
-        "from supervisord_qnx import daemon as d\n"
-        "from supervisord_qnx.control import methods\n"
         "print(rc, type(sys.modules['idna']).__name__)\n"
         "import idna\n"
         "print(idna.encode('b\\u00fccher.example', uts46=True).decode(),"
