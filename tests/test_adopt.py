@@ -307,6 +307,40 @@ def test_a_torn_state_file_is_kept_aside_and_the_daemon_starts_fresh(
     assert status(cfg)["u:w-0"]["state"] == "running"
 
 
+def version_1(body: dict[str, Any]) -> bytes:
+    """A state file as daemons before the CRC wrote it: version 1, with the SHA-256 of
+    the body's canonical text (docs/state.md)."""
+    import hashlib
+
+    text = runtime_state.dumps(body)
+    outer = {"format": runtime_state.FORMAT, "version": 1}
+    outer["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps({"body": body, **outer}).encode()
+
+
+def test_an_upgrade_adopts_from_a_version_1_state_file(cfg: ConfigDir, daemons: Daemons) -> None:
+    """A daemon killed while its state file is version 1 (an older daemon's) leaves its
+    worker to the next one, which adopts it: same pid, no restart."""
+    counter_tenant(cfg, "t", daemons.flag)
+    cfg.write()
+    first = daemons.start()
+    wait_until(lambda: status(cfg)["t:w-0"]["state"] == "running", 30, "running")
+    before = status(cfg)["t:w-0"]
+    recorded(cfg, {"t:w-0": before})
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    path = cfg.root / "state" / runtime_state.STATE_FILE
+    path.write_bytes(version_1(runtime_state.decode(path.read_bytes())))
+
+    second = daemons.start()
+    w = status(cfg)["t:w-0"]
+    assert (w["state"], w["pid"], w["restarts"]) == ("running", before["pid"], 0), w
+    assert "runtime state unusable" not in second.output()
+    # Its own writes are version 2 from then on.
+    recorded(cfg, {"t:w-0": w})
+    assert json.loads(path.read_bytes())["version"] == runtime_state.VERSION == 2
+
+
 def test_an_operator_stopped_tenant_stays_stopped_after_a_clean_restart(
     cfg: ConfigDir, daemons: Daemons
 ) -> None:

@@ -3,7 +3,7 @@
 A write of the runtime state takes its body on the event loop; made whole, it held the
 loop for 19-27 ms at 1,000 workers, and a restart or a ``status`` call that fell into it
 waited (issue 14). These tests hold the two things the kept text must do: say exactly
-what a whole encoding of ``adopt.snapshot`` says (the file's digest is of that text, and
+what a whole encoding of ``adopt.snapshot`` says (the file's checksum is of that text, and
 a successor daemon adopts from it), and be made again only for the workers that changed.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +186,41 @@ async def test_a_big_state_is_written_no_faster_than_its_byte_rate(tmp_path: Pat
     assert runtime_state.load(tmp_path) is not None
 
 
-def test_the_state_files_bytes_carry_the_bodys_text_and_its_digest() -> None:
-    """``wrap``: the body's canonical text as it is, then the format, the SHA-256 of that
-    text and the version; what ``decode`` reads back is the body."""
-    body = {"tenants": {f"t{i}": {"pid": i, "reason": "signal:SIGKILL"} for i in range(300)}}
-    text = runtime_state.dumps(body)
+BODY = {"tenants": {f"t{i}": {"pid": i, "reason": "signal:SIGKILL"} for i in range(300)}}
+
+
+def test_the_state_files_bytes_carry_the_bodys_text_and_its_checksum() -> None:
+    """``wrap``: the body's canonical text as it is, then its CRC-32, the format and the
+    version (2); what ``decode`` reads back is the body."""
+    text = runtime_state.dumps(BODY)
     data = runtime_state.wrap(text)
     assert data.startswith(b'{\n "body": ' + text.encode() + b",\n")
     outer = json.loads(data)
-    assert outer["sha256"] == hashlib.sha256(text.encode()).hexdigest()
-    assert (outer["format"], outer["version"]) == (runtime_state.FORMAT, runtime_state.VERSION)
-    assert runtime_state.decode(data) == body
+    assert outer["crc32"] == f"{zlib.crc32(text.encode()):08x}"
+    assert (outer["format"], outer["version"]) == (runtime_state.FORMAT, 2)
+    assert runtime_state.decode(data) == BODY
+
+
+def test_a_version_1_file_is_read_by_its_sha256_and_refused_when_it_does_not_match() -> None:
+    """Files of daemons before the CRC (version 1, SHA-256) are read, so an upgrade
+    adopts; a changed body fails either way; other versions are refused by name."""
+    text = runtime_state.dumps(BODY)
+    outer = {"format": runtime_state.FORMAT, "version": 1}
+    v1 = {"body": BODY, **outer, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    assert runtime_state.decode(json.dumps(v1).encode()) == BODY
+    v1["sha256"] = hashlib.sha256(b"x" + text.encode()).hexdigest()
+    with pytest.raises(runtime_state.Unusable, match="checksum mismatch"):
+        runtime_state.decode(json.dumps(v1).encode())
+    # A version 2 body changed by one character, its checksum left as it was.
+    edited = runtime_state.wrap(text).replace(b'"pid":7,', b'"pid":8,', 1)
+    with pytest.raises(runtime_state.Unusable, match="checksum mismatch"):
+        runtime_state.decode(edited)
+    # Version 1's key on a version 2 file is no checksum of it.
+    v2 = json.loads(runtime_state.wrap(text))
+    v2["sha256"] = v2.pop("crc32")
+    with pytest.raises(runtime_state.Unusable, match="checksum mismatch"):
+        runtime_state.decode(json.dumps(v2).encode())
+    for version in (3, "2", None, True):
+        newer = {**json.loads(runtime_state.wrap(text)), "version": version}
+        with pytest.raises(runtime_state.Unusable, match="reads versions 1 and 2 only"):
+            runtime_state.decode(json.dumps(newer).encode())
