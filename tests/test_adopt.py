@@ -330,15 +330,22 @@ def test_an_upgrade_adopts_from_a_version_1_state_file(cfg: ConfigDir, daemons: 
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     path = cfg.root / "state" / runtime_state.STATE_FILE
-    path.write_bytes(version_1(runtime_state.decode(path.read_bytes())))
+    body = runtime_state.decode(path.read_bytes())
+    writer = body["tenants"]["t"]["instances"]["w-0"]["writer"]
+    path.write_bytes(version_1(body))
 
     second = daemons.start()
     w = status(cfg)["t:w-0"]
     assert (w["state"], w["pid"], w["restarts"]) == ("running", before["pid"], 0), w
-    assert "runtime state unusable" not in second.output()
-    # Its own writes are version 2 from then on.
+    out = second.output()
+    assert "runtime state unusable" not in out
+    # Its log writer too (the recorded start time names it), so the run's end is marked.
+    assert "log writer not reconnected" not in out, out
+    # Its own writes are version 2 from then on, the same writer in them.
     recorded(cfg, {"t:w-0": w})
-    assert json.loads(path.read_bytes())["version"] == runtime_state.VERSION == 2
+    outer = json.loads(path.read_bytes())
+    assert outer["version"] == runtime_state.VERSION == 2
+    assert outer["body"]["tenants"]["t"]["instances"]["w-0"]["writer"] == writer
 
 
 def test_an_operator_stopped_tenant_stays_stopped_after_a_clean_restart(

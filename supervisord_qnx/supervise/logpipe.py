@@ -459,8 +459,19 @@ async def start_writer_async(
     leaf: str,
     settings: LogSettings,
     server: WriterServer | None = None,
-) -> Writer:
+    start_time: Callable[[int], int | str | None] | None = None,
+) -> tuple[Writer, int | str | None]:
+    """``start_writer`` in a thread; and the writer's start time by ``start_time``, read
+    in the same thread (``None``: not read, or it failed: the caller reads it). On the
+    loop, that /proc read was a twelfth of a launch's event-loop time."""
     client = None if server is None else await server.ready()
-    return await trio.to_thread.run_sync(
-        start_writer, reaper, log_dir, tenant, leaf, settings, client
-    )
+
+    def start() -> tuple[Writer, int | str | None]:
+        writer = start_writer(reaper, log_dir, tenant, leaf, settings, client)
+        if start_time is not None:
+            # Nothing raised here may lose the writer: a failed read is made again.
+            with contextlib.suppress(ValueError, IndexError, OSError):
+                return writer, start_time(writer.pid)
+        return writer, None
+
+    return await trio.to_thread.run_sync(start)

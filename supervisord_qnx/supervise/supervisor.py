@@ -861,15 +861,18 @@ class Supervisor:
         if writer is None or writer.done.is_set():
             if writer is not None:
                 writer.close()  # its process ended (killed?): a new one takes over
-            writer = inst.log_writer = await logpipe.start_writer_async(
+            clock = self.backend.process_clock()
+            writer, ticks = await logpipe.start_writer_async(
                 self.reaper,
                 self.log_dir,
                 inst.tenant,
                 inst.leaf,
                 self.log_settings(inst),
                 self.launchers.log_writers,
+                clock.start_time if clock.cheap else None,
             )
-            inst.writer_ticks = await self._start_time(writer.pid)
+            inst.log_writer = writer
+            inst.writer_ticks = ticks if ticks is not None else await self._start_time(writer.pid)
             logpipe.watch_writer(self.reaper, writer, inst.name)
         launcher = self._launcher(inst)
         if launcher.one_hop:
