@@ -26,7 +26,7 @@ from supervisord_qnx.config.model import CommandWorker, DaemonSpec, WasmWorker, 
 from supervisord_qnx.exits import ExitReason
 from supervisord_qnx.partition.backend import Backend, SpawnRequest
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise import confine
+from supervisord_qnx.supervise import confine, spawnthreads
 from supervisord_qnx.supervise.logserver import WriterServer
 from supervisord_qnx.supervise.prefork import ForkServerKeeper
 from supervisord_qnx.supervise.reaper import ChildReaper
@@ -67,7 +67,8 @@ class Launcher:
 
     async def spawn(self, target: LaunchTarget, request: SpawnRequest) -> int:
         """Start the process inside its partition; return its pid (the reaper owns it)."""
-        return await trio.to_thread.run_sync(self.spawn_blocking, request)
+        # A thread of its own that never ends (spawnthreads.py: parent-death signals).
+        return await spawnthreads.run(self.spawn_blocking, request)
 
     def spawn_blocking(self, request: SpawnRequest) -> int:
         """``spawn``'s work, in the calling (worker) thread."""

@@ -29,7 +29,7 @@ import structlog
 import trio
 
 from supervisord_qnx.seqpacket import SeqpacketClient, ServerGone
-from supervisord_qnx.supervise import logwriter
+from supervisord_qnx.supervise import logwriter, spawnthreads
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 
 log = structlog.get_logger("supervisord_qnx.logs")
@@ -149,7 +149,9 @@ class WriterServer:
                 self._kill(client.pid)
             client = ServerClient(self.reaper)
             try:
-                pid = await trio.to_thread.run_sync(client.start)
+                # Its writers are forked as the daemon's children, of the thread that
+                # started the server: one that never ends (spawnthreads.py).
+                pid = await spawnthreads.run(client.start)
             except (OSError, ServerGone) as exc:
                 log.warning("log writer server did not start; writers start alone", error=str(exc))
                 if client.pid is not None:

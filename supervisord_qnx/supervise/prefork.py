@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from supervisord_qnx.partition.backend import Backend, BackendError, SpawnRequest
+from supervisord_qnx.supervise import spawnthreads
 from supervisord_qnx.supervise.reaper import ChildReaper, describe_status
 from supervisord_qnx.wasm.forkserver import ForkServerClient, ForkServerGone
 
@@ -68,7 +69,9 @@ class ForkServerKeeper:
                     return pid
 
             try:
-                pid = await trio.to_thread.run_sync(server.start, spawn_child)
+                # Its workers become the daemon's children, of the thread that started
+                # the server: one that never ends (spawnthreads.py).
+                pid = await spawnthreads.run(server.start, spawn_child)
             except (OSError, ForkServerGone) as exc:
                 log.warning("wasm fork server did not start; plain runner", error=str(exc))
                 if server.pid is not None:

@@ -33,7 +33,7 @@ from supervisord_qnx.exits import ExitKind, ExitReason
 from supervisord_qnx.partition.backend import Backend, BackendError, BackendEvent, SpawnRequest
 from supervisord_qnx.partition.process import ProcessSettings
 from supervisord_qnx.partition.tree import PartitionTree
-from supervisord_qnx.supervise import confine, leftovers, logpipe
+from supervisord_qnx.supervise import confine, leftovers, logpipe, spawnthreads
 from supervisord_qnx.supervise.events import (
     BackendWatchFailed,
     EventBus,
@@ -891,7 +891,7 @@ class Supervisor:
                         return pid, clock.start_time(pid)
                 return pid, None
 
-            return await trio.to_thread.run_sync(prepare_and_spawn)
+            return await spawnthreads.run(prepare_and_spawn)
         # In a thread: a launcher may prepare files first.
         argv = await trio.to_thread.run_sync(launcher.argv, inst.target)
         process = await trio.to_thread.run_sync(self._process_settings, inst)
