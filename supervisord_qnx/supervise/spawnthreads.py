@@ -28,8 +28,8 @@ restarts it (the daemon's own pid never changes; the kernel still counts a threa
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -46,25 +46,36 @@ MOST = 8
 _Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
 
 
+class _Worker:
+    """One thread's slot: the job handed to it, and the lock it sleeps on while idle."""
+
+    __slots__ = ("job", "wake")
+
+    def __init__(self, job: _Job) -> None:
+        self.job: _Job | None = job
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
 class SpawnThreads:
-    """A pool of threads that never end (see the module docstring)."""
+    """A pool of threads that never end (see the module docstring).
+
+    A job goes to the thread that went idle last, as in trio's own thread cache: with
+    eight threads taking jobs from one queue, whichever woke took it, and a spawn from a
+    thread that had slept longest took 0.67 ms instead of 0.13-0.18 ms (a Popen of
+    ``sleep 0`` here, measured in the thread)."""
 
     def __init__(self, most: int = MOST) -> None:
         self.most = most
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
-        self._idle = 0  # threads waiting for a job
-        self._queued = 0  # jobs not taken yet
+        self._idle: list[_Worker] = []  # a stack: the last to finish is at the end
+        self._backlog: deque[_Job] = deque()  # jobs waiting for a thread (all busy)
 
     @property
     def threads(self) -> int:
         with self._lock:
             return self._threads
-
-    def native_ids(self) -> list[int]:
-        """The kernel's thread ids of the pool's threads (their /proc/self/task entries)."""
-        return [t.native_id for t in threading.enumerate() if t.name == _NAME and t.native_id]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in one of the threads; its result or exception. Not cancelled
@@ -85,23 +96,36 @@ class SpawnThreads:
 
     def _submit(self, job: _Job) -> None:
         with self._lock:
-            self._queued += 1
-            start = self._queued > self._idle and self._threads < self.most
-            if start:
-                self._threads += 1
-        if start:
-            threading.Thread(target=self._work, name=_NAME, daemon=True).start()
-        self._jobs.put(job)
+            if self._idle:
+                worker = self._idle.pop()
+                worker.job = job
+                worker.wake.release()
+                return
+            if self._threads >= self.most:
+                self._backlog.append(job)
+                return
+            self._threads += 1
+        thread = threading.Thread(target=self._work, args=(_Worker(job),), name=_NAME)
+        thread.daemon = True
+        thread.start()
 
-    def _work(self) -> None:
+    def _work(self, worker: _Worker) -> None:
         while True:
+            job, worker.job = worker.job, None
+            assert job is not None
+            fn, deliver = job
+            result = outcome.capture(fn)
+            # Idle (or on to the next job) before the caller hears back: a caller that
+            # spawns again at once then finds this thread, not a reason to start one.
             with self._lock:
-                self._idle += 1
-            fn, deliver = self._jobs.get()
-            with self._lock:
-                self._idle -= 1
-                self._queued -= 1
-            deliver(outcome.capture(fn))
+                waiting = self._backlog.popleft() if self._backlog else None
+                if waiting is None:
+                    self._idle.append(worker)
+            deliver(result)
+            if waiting is not None:
+                worker.job = waiting
+            else:
+                worker.wake.acquire()
 
 
 _NAME = "supervisord-qnx spawn"
