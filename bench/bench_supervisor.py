@@ -624,7 +624,9 @@ class S6(Tool):
             self._service(name, COMMAND, up=autostart)
         for name, command in self.extra.items():
             self._service(name, command, up=False)
-        self._spawn([binary, str(self.scan)])
+        # -c: s6-svscan supervises at most 500 services unless told more (s6-svscan(8)):
+        # without it a run of 1000 never saw the 501st service come up.
+        self._spawn([binary, "-c", str(len(self.all) + 1), str(self.scan)])
         wait_for(
             lambda: all((self.scan / n / "supervise" / "status").exists() for n in self.all),
             60,
