@@ -63,6 +63,35 @@ async def test_a_cancelled_caller_still_waits_for_its_spawn() -> None:
     assert done.is_set() and got == ["spawned"]
 
 
+async def test_spawns_queued_behind_stuck_ones_get_threads_of_their_own() -> None:
+    """An exec that never returns (a hung network filesystem) holds its thread; with every
+    thread so held, a queued spawn still runs once they count as stuck."""
+    pool = SpawnThreads(most=2, stuck_after=0.2)
+    hung = threading.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(pool.run, hung.wait)
+        got: list[str] = []
+        done = trio.Event()
+
+        async def queued() -> None:
+            got.append(await pool.run(lambda: "spawned"))
+            done.set()
+
+        try:
+            await trio.sleep(0.05)  # both threads taken
+            began = time.monotonic()
+            nursery.start_soon(queued)
+            with trio.move_on_after(5):
+                await done.wait()
+            waited = time.monotonic() - began
+            assert got == ["spawned"]
+            assert 0.15 <= waited < 2, waited  # after it counted them stuck, not before
+            assert pool.threads == 3
+        finally:
+            hung.set()  # the held threads come back (the nursery waits for them)
+
+
 # trio's worker threads end after this long idle (trio/_core/_thread_cache.py).
 TRIO_IDLE_TIMEOUT = 10.0
 

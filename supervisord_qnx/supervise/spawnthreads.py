@@ -8,10 +8,12 @@ was killed about 10 s after every start, when the idle thread that had spawned i
 ended, and restarted, and killed again.
 
 So every spawn of a tenant's process, and the start of a helper server whose forks
-become the daemon's children (the log writer server), runs here. The threads are
-started as spawns need them, up to ``MOST``, and never end; a spawn is not cancelled
-once it runs (as with ``trio.to_thread.run_sync``): the process it starts must not be
-lost.
+become the daemon's children (the log writer server, the wasm fork server), runs here.
+The threads are started as spawns need them, up to ``MOST``, and never end; a spawn is
+not cancelled once it runs (as with ``trio.to_thread.run_sync``): the process it starts
+must not be lost. A spawn that does not come back (an exec stuck on a hung network
+filesystem) holds its thread: once it counts as stuck (``STUCK_AFTER``), the spawns
+queued behind it get a thread more each, up to ``MOST_EVER``.
 
 A second gain: the kernel hands the orphans a child subreaper inherits to its main
 thread (the first live thread of the process). With workers and writers on these
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -42,6 +45,11 @@ T = TypeVar("T")
 # spawn waits for its child's exec); more than the CPUs can run still overlap those
 # waits. Each idle thread costs its stack's touched pages.
 MOST = 8
+# A spawn that has not come back after this long is taken for stuck (an exec waiting on
+# a hung network filesystem): each such one lets the pool start one more thread, up to
+# MOST_EVER, so that the spawns queued behind it do not wait for it.
+STUCK_AFTER = 2.0
+MOST_EVER = 64
 
 _Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
 
@@ -65,12 +73,18 @@ class SpawnThreads:
     thread that had slept longest took 0.67 ms instead of 0.13-0.18 ms (a Popen of
     ``sleep 0`` here, measured in the thread)."""
 
-    def __init__(self, most: int = MOST) -> None:
+    def __init__(
+        self, most: int = MOST, stuck_after: float = STUCK_AFTER, most_ever: int = MOST_EVER
+    ) -> None:
         self.most = most
+        self.stuck_after = stuck_after
+        self.most_ever = max(most, most_ever)
         self._lock = threading.Lock()
         self._threads = 0
         self._idle: list[_Worker] = []  # a stack: the last to finish is at the end
         self._backlog: deque[_Job] = deque()  # jobs waiting for a thread (all busy)
+        self._busy: dict[_Worker, float] = {}  # when each busy thread took its job
+        self._watching = False  # a timer looks for stuck threads while jobs wait
 
     @property
     def threads(self) -> int:
@@ -99,15 +113,50 @@ class SpawnThreads:
             if self._idle:
                 worker = self._idle.pop()
                 worker.job = job
+                self._busy[worker] = time.monotonic()
                 worker.wake.release()
                 return
             if self._threads >= self.most:
                 self._backlog.append(job)
+                self._watch()
                 return
-            self._threads += 1
-        thread = threading.Thread(target=self._work, args=(_Worker(job),), name=_NAME)
+            worker = self._new_worker(job)
+        self._start(worker)
+
+    def _new_worker(self, job: _Job) -> _Worker:
+        """Under the lock: a slot for one more thread, busy with ``job``."""
+        worker = _Worker(job)
+        self._threads += 1
+        self._busy[worker] = time.monotonic()
+        return worker
+
+    def _start(self, worker: _Worker) -> None:
+        thread = threading.Thread(target=self._work, args=(worker,), name=_NAME)
         thread.daemon = True
         thread.start()
+
+    def _watch(self) -> None:
+        """Under the lock: look for stuck threads in ``stuck_after``, while jobs wait."""
+        if not self._watching:
+            self._watching = True
+            timer = threading.Timer(self.stuck_after, self._unstick)
+            timer.daemon = True
+            timer.start()
+
+    def _unstick(self) -> None:
+        """Jobs still wait: one more thread for each stuck one (up to ``most_ever``)."""
+        started = []
+        with self._lock:
+            self._watching = False
+            now = time.monotonic()
+            stuck = sum(1 for since in self._busy.values() if now - since >= self.stuck_after)
+            allowed = min(self.most + stuck, self.most_ever)
+            while self._backlog and self._threads < allowed:
+                started.append(self._new_worker(self._backlog.popleft()))
+            if self._backlog:
+                self._watch()
+        for worker in started:
+            self._start(worker)
 
     def _work(self, worker: _Worker) -> None:
         while True:
@@ -120,7 +169,10 @@ class SpawnThreads:
             with self._lock:
                 waiting = self._backlog.popleft() if self._backlog else None
                 if waiting is None:
+                    del self._busy[worker]
                     self._idle.append(worker)
+                else:
+                    self._busy[worker] = time.monotonic()
             deliver(result)
             if waiting is not None:
                 worker.job = waiting
