@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import signal
 import stat
 import sys
@@ -176,24 +177,28 @@ class Files:
     def append(self, data: bytes) -> None:
         """Append whole lines (each at most ``max_size`` bytes), rotating as needed."""
         with self.locked():
-            size = self._current_size()
-            view = memoryview(data)
-            start = 0
-            while start < len(data):
-                room = self.max_size - size
-                if len(data) - start <= room:
-                    end = len(data)
-                else:
-                    end = data.rfind(b"\n", start, start + max(0, room)) + 1
-                    if end <= start and size == 0:  # cannot happen: lines fit a file
-                        end = data.index(b"\n", start) + 1
-                if end <= start:
-                    self._rotate()
-                    size = 0
-                    continue
-                _write_all(self.fd, view[start:end])
-                size += end - start
-                start = end
+            self.append_held(data)
+
+    def append_held(self, data: bytes) -> None:
+        """``append`` with the lock already held by the caller."""
+        size = self._current_size()
+        view = memoryview(data)
+        start = 0
+        while start < len(data):
+            room = self.max_size - size
+            if len(data) - start <= room:
+                end = len(data)
+            else:
+                end = data.rfind(b"\n", start, start + max(0, room)) + 1
+                if end <= start and size == 0:  # cannot happen: lines fit a file
+                    end = data.index(b"\n", start) + 1
+            if end <= start:
+                self._rotate()
+                size = 0
+                continue
+            _write_all(self.fd, view[start:end])
+            size += end - start
+            start = end
 
 
 class _Locked:
@@ -225,24 +230,41 @@ def run(dir_fd: int, name: str, max_size: int, keep: int) -> int:
     files = Files(dir_fd, name, max_size, keep)
     files.prune()
     pending = bytearray()
+    waiter = select.poll()
+    waiter.register(0, select.POLLIN)
     while True:
-        chunk = os.read(0, READ_SIZE)
-        if not chunk:
-            break
-        pending += chunk
-        parts = []
-        while (end := pending.find(RUN_END)) >= 0:
-            run = pending[:end]
-            del pending[: end + len(RUN_END)]
-            parts.append(take_lines(run, line_max, final=True))
-        parts.append(take_lines(pending, line_max))
-        out = b"".join(parts)
-        if out:
-            files.append(out)
-    out = take_lines(pending, line_max, final=True)
-    if out:
-        files.append(out)
-    return 0
+        # The lock is taken before the read, not after: the daemon takes a run as
+        # written once the pipe reads empty and the lock is free (logpipe._drained),
+        # and between a read that emptied the pipe and a lock taken for the append it
+        # saw both, and reported an exit before the run's last lines were in its file.
+        _wait(waiter)
+        with files.locked():
+            chunk = os.read(0, READ_SIZE)
+            if not chunk:
+                out = take_lines(pending, line_max, final=True)
+                if out:
+                    files.append_held(out)
+                return 0
+            pending += chunk
+            parts = []
+            while (end := pending.find(RUN_END)) >= 0:
+                run = pending[:end]
+                del pending[: end + len(RUN_END)]
+                parts.append(take_lines(run, line_max, final=True))
+            parts.append(take_lines(pending, line_max))
+            out = b"".join(parts)
+            if out:
+                files.append_held(out)
+
+
+def _wait(waiter: select.poll) -> None:
+    """Until the pipe has data or its end (an interrupted wait is waited again)."""
+    while True:
+        try:
+            if waiter.poll():
+                return
+        except InterruptedError:
+            continue
 
 
 # -- the writer server: writers forked, not started -----------------------------------
