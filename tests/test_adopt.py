@@ -6,6 +6,7 @@ subprocesses through the CLI, real workers, real log writers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -310,8 +311,6 @@ def test_a_torn_state_file_is_kept_aside_and_the_daemon_starts_fresh(
 def version_1(body: dict[str, Any]) -> bytes:
     """A state file as daemons before the CRC wrote it: version 1, with the SHA-256 of
     the body's canonical text (docs/state.md)."""
-    import hashlib
-
     text = runtime_state.dumps(body)
     outer = {"format": runtime_state.FORMAT, "version": 1}
     outer["sha256"] = hashlib.sha256(text.encode()).hexdigest()

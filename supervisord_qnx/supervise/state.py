@@ -54,9 +54,6 @@ log = structlog.get_logger("supervisord_qnx.state")
 STATE_FILE = "runtime.json"
 FORMAT = "supervisord-qnx-runtime-state"
 VERSION = 2
-# Versions this daemon reads, and the key of each one's checksum: version 1 (daemons
-# before the CRC) is read so that an upgrade adopts the workers its predecessor left.
-CHECKSUMS = {1: "sha256", 2: "crc32"}
 # How long a change waits for more before the file is written: short enough that a
 # SIGKILL right after an operator's `stop` answer rarely loses it (the answer itself
 # waits for the stop, which takes longer), long enough to fold a start-up's burst.
@@ -125,16 +122,15 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise Unusable("not a supervisord-qnx runtime state file")
     version = outer.get("version")
-    key = CHECKSUMS.get(version) if type(version) is int else None  # not True, not 2.0
-    if key is None:
+    checksum = CHECKSUMS.get(version) if type(version) is int else None  # not True, 2.0
+    if checksum is None:
         known = " and ".join(str(v) for v in CHECKSUMS)
         raise Unusable(f"version {version!r}, this daemon reads versions {known} only")
     body = outer.get("body")
     if not isinstance(body, dict):
         raise Unusable("no body")
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    found = sha256_hex(canonical) if key == "sha256" else _crc32(canonical)
-    if found != outer.get(key):
+    key, of = checksum
+    if of(dumps(body).encode()) != outer.get(key):
         raise Unusable("checksum mismatch (torn or edited)")
     return body
 
@@ -142,6 +138,14 @@ def decode(data: bytes) -> dict[str, Any]:
 def _crc32(data: bytes) -> str:
     """The checksum of a version 2 file: CRC-32 (zlib's), 8 lower-case hex digits."""
     return f"{zlib.crc32(data):08x}"
+
+
+# Versions this daemon reads: each one's checksum key, and how it is taken. Version 1
+# (daemons before the CRC) is read so that an upgrade adopts the workers it finds.
+CHECKSUMS: dict[int, tuple[str, Callable[[bytes], str]]] = {
+    1: ("sha256", sha256_hex),
+    2: ("crc32", _crc32),
+}
 
 
 def load(state_dir: Path) -> dict[str, Any] | None:
