@@ -237,7 +237,7 @@ def run(dir_fd: int, name: str, max_size: int, keep: int) -> int:
         # written once the pipe reads empty and the lock is free (logpipe._drained),
         # and between a read that emptied the pipe and a lock taken for the append it
         # saw both, and reported an exit before the run's last lines were in its file.
-        _wait(waiter)
+        waiter.poll()  # data or the pipe's end (an interrupted poll is retried, PEP 475)
         with files.locked():
             chunk = os.read(0, READ_SIZE)
             if not chunk:
@@ -255,16 +255,6 @@ def run(dir_fd: int, name: str, max_size: int, keep: int) -> int:
             out = b"".join(parts)
             if out:
                 files.append_held(out)
-
-
-def _wait(waiter: select.poll) -> None:
-    """Until the pipe has data or its end (an interrupted wait is waited again)."""
-    while True:
-        try:
-            if waiter.poll():
-                return
-        except InterruptedError:
-            continue
 
 
 # -- the writer server: writers forked, not started -----------------------------------
