@@ -461,17 +461,14 @@ async def start_writer_async(
     server: WriterServer | None = None,
     start_time: Callable[[int], int | str | None] | None = None,
 ) -> tuple[Writer, int | str | None]:
-    """``start_writer`` in a thread; and the writer's start time by ``start_time``, read
-    in the same thread (``None``: not read, or it failed: the caller reads it). On the
-    loop, that /proc read was a twelfth of a launch's event-loop time."""
+    """``start_writer`` in a thread; and the writer's start time by ``start_time`` (which
+    must not raise: the writer would be lost), read in the same thread (``None``: not
+    read; the caller reads it). On the loop, that /proc read was a twelfth of a
+    launch's event-loop time."""
     client = None if server is None else await server.ready()
 
     def start() -> tuple[Writer, int | str | None]:
         writer = start_writer(reaper, log_dir, tenant, leaf, settings, client)
-        if start_time is not None:
-            # Nothing raised here may lose the writer: a failed read is made again.
-            with contextlib.suppress(ValueError, IndexError, OSError):
-                return writer, start_time(writer.pid)
-        return writer, None
+        return writer, None if start_time is None else start_time(writer.pid)
 
     return await trio.to_thread.run_sync(start)

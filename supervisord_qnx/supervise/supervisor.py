@@ -861,7 +861,6 @@ class Supervisor:
         if writer is None or writer.done.is_set():
             if writer is not None:
                 writer.close()  # its process ended (killed?): a new one takes over
-            clock = self.backend.process_clock()
             writer, ticks = await logpipe.start_writer_async(
                 self.reaper,
                 self.log_dir,
@@ -869,7 +868,7 @@ class Supervisor:
                 inst.leaf,
                 self.log_settings(inst),
                 self.launchers.log_writers,
-                clock.start_time if clock.cheap else None,
+                self._start_time_here,
             )
             inst.log_writer = writer
             inst.writer_ticks = ticks if ticks is not None else await self._start_time(writer.pid)
@@ -883,13 +882,8 @@ class Supervisor:
                 process = self._process_settings(inst)
                 pid = launcher.spawn_blocking(self._request(inst, writer, argv, process))
                 # Its start time too, while in the thread: a /proc read that was
-                # 0.1-0.25 ms of the loop on a restart's path. Nothing raised here may
-                # lose the process: a failed read is made again on the loop.
-                clock = self.backend.process_clock()
-                if clock.cheap:
-                    with contextlib.suppress(ValueError, IndexError):
-                        return pid, clock.start_time(pid)
-                return pid, None
+                # 0.1-0.25 ms of the loop on a restart's path.
+                return pid, self._start_time_here(pid)
 
             return await spawnthreads.run(prepare_and_spawn)
         # In a thread: a launcher may prepare files first.
@@ -913,6 +907,17 @@ class Supervisor:
             # and memlock keys over its tenant's (config/realtime.py).
             process=realtime_settings(self.tenant(inst.tenant).spec, inst.spec, base=process),
         )
+
+    def _start_time_here(self, pid: int) -> int | str | None:
+        """A new child's start time, read in the calling (spawn) thread where the clock is
+        cheap; ``None``: not read here (``_start_time`` reads it on the loop). Never
+        raises: nothing raised after a spawn may lose the process."""
+        clock = self.backend.process_clock()
+        if not clock.cheap:
+            return None
+        with contextlib.suppress(ValueError, IndexError, OSError):
+            return clock.start_time(pid)
+        return None
 
     async def _start_time(self, pid: int) -> int | str | None:
         """A process's start time for the runtime state, by the backend's clock
