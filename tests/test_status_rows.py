@@ -195,3 +195,137 @@ async def test_fields_picks_a_compact_form_and_refuses_unknown_names(
             await d.call("status", fields=bad)
         assert err.value.code == ErrorCode.BAD_REQUEST
         assert "fields" in err.value.message
+
+
+async def test_the_table_form_holds_the_same_rows_as_the_maps(cfg: ConfigDir, start_daemon) -> None:
+    from supervisord_qnx.control.client import table_rows
+    from supervisord_qnx.control.statusrows import ROW_FIELDS, TABLE_COLUMNS
+
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    for i in range(3):
+        await d.wait_for(f"calm:w-{i}", lambda w: (w["sched"] or {}).get("policy") == "batch")
+    await d.call("run", partition="tenants", command=["sleep", "60"])  # a job's row too
+    await d.call("stop", tenant="calm", wait=True)
+    await d.call("start", tenant="calm", wait=True)
+    for i in range(3):
+        await d.wait_for(f"calm:w-{i}", lambda w: (w["sched"] or {}).get("policy") == "batch")
+    for _ in range(2):  # the second answer comes from the reused rows
+        maps = await d.call("status")
+        table = await d.call("status", table=True)
+        assert list(table) == ["columns", "rows", "sched"]
+        assert table["columns"] == list(TABLE_COLUMNS) and set(TABLE_COLUMNS) == ROW_FIELDS
+        # Each distinct scheduling once: calm's three workers share one form, the notify
+        # worker and the job the kernel's default.
+        assert len(table["sched"]) == 2
+        assert all(len(r) == len(TABLE_COLUMNS) for r in table["rows"])
+        rows = table_rows(table)
+        assert len(rows) == len(maps) == 5
+        for got, want in zip(rows, maps, strict=True):
+            # Field for field, nil where the map has no such field.
+            assert without_uptime([got]) == without_uptime([{c: want.get(c) for c in got}])
+            assert (got["uptime"] is None) == (want["uptime"] is None)
+        assert {r["tenant"] for r in rows} == {"calm", "talky", "job"}
+        assert rows[-1]["job"] == 1 and rows[-1]["sched"] is not None
+        assert rows[1]["notify_socket"] is not None or rows[3]["notify_socket"] is not None
+
+    one = await d.call("status", tenant="calm", table=True)
+    assert [r["name"] for r in table_rows(one)] == [f"calm:w-{i}" for i in range(3)]
+    assert len(one["sched"]) == 1
+    picked = await d.call("status", fields=["name", "sched", "state"], table=True)
+    assert picked["columns"] == ["name", "sched", "state"]
+    assert table_rows(picked) == [
+        {"name": m["name"], "sched": m["sched"], "state": m["state"]} for m in maps
+    ]
+    jobs = await d.call("status", tenant="job", fields=["job", "state"], table=True)
+    assert jobs == {"columns": ["job", "state"], "rows": [[1, "running"]], "sched": []}
+    with pytest.raises(RpcError) as err:
+        await d.call("status", table="yes")
+    assert err.value.code == ErrorCode.BAD_REQUEST
+
+
+def test_a_sched_reading_is_kept_for_its_max_age_only() -> None:
+    import subprocess
+
+    from supervisord_qnx.control.statusrows import SchedReader
+
+    reader = SchedReader(max_age=0.1)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        first = reader.read([proc.pid], now=100.0)[proc.pid]
+        assert msgpack.unpackb(first)["nice"] == 0
+        os.setpriority(os.PRIO_PROCESS, proc.pid, 7)
+        # Within the max age the reading of a moment ago; after it, the kernel's again.
+        assert reader.read([proc.pid], now=100.09)[proc.pid] == first
+        assert msgpack.unpackb(reader.read([proc.pid], now=100.11)[proc.pid])["nice"] == 7
+        # Without a time (``with_sched``'s callers), always the kernel's.
+        os.setpriority(os.PRIO_PROCESS, proc.pid, 9)
+        assert msgpack.unpackb(reader.read([proc.pid])[proc.pid])["nice"] == 9
+    finally:
+        proc.kill()
+        proc.wait()
+    # A pid gone answers nil and is not kept.
+    assert reader.read([proc.pid], now=100.3)[proc.pid] == b"\xc0"
+    assert reader.read([proc.pid], now=100.31)[proc.pid] == b"\xc0"
+
+
+async def test_a_workers_new_scheduling_shows_within_the_max_age(
+    cfg: ConfigDir, start_daemon
+) -> None:
+    import time
+
+    from supervisord_qnx.control.statusrows import SCHED_MAX_AGE, SCHED_SETTLE
+
+    tenants(cfg)
+    d = await start_daemon()
+    w = await d.wait_for("calm:w-0", lambda w: (w["sched"] or {}).get("nice") == 5)
+    # Readings are kept once a run is past its first moments.
+    await d.wait_for("calm:w-0", lambda w: w["uptime"] > SCHED_SETTLE + 0.1)
+    for _ in range(5):
+        await d.call("status")  # the reading kept
+    os.setpriority(os.PRIO_PROCESS, w["pid"], 11)
+    changed = time.monotonic()
+    w = await d.wait_for("calm:w-0", lambda w: w["sched"]["nice"] == 11)
+    # wait_for polls every few ms; the kept reading is at most SCHED_MAX_AGE old.
+    assert time.monotonic() - changed < SCHED_MAX_AGE + 0.5
+    assert w["state"] == "running"
+
+
+def test_kept_sched_readings_of_many_pids_are_used_and_dead_ones_dropped() -> None:
+    import subprocess
+
+    from supervisord_qnx.control.statusrows import SchedReader
+
+    reader = SchedReader(max_age=0.1)
+    asked: list[int] = []
+    real = reader._read
+
+    def counting(pids: list[int]) -> dict[int, bytes]:
+        asked.extend(pids)
+        return real(pids)
+
+    reader._read = counting  # type: ignore[method-assign]
+    a, b = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    try:
+        # status reads SCHED_STEP pids at a time: one step's readings are kept beside the
+        # other steps' (hundreds of workers' readings among them), not swept by the next.
+        reader.read([a.pid], now=10.0)
+        for pid in range(300):
+            reader._kept[10_000_000 + pid] = (10.0, b"\xc0")
+        reader.read([b.pid], now=10.01)
+        reader.read([a.pid], now=10.02)
+        assert asked == [a.pid, b.pid]
+        # Readings too old to be used again are swept once they pile up.
+        reader.read([a.pid, b.pid], now=20.0)
+        assert asked[2:] == [a.pid, b.pid]
+        for pid in range(600):
+            reader._kept[20_000_000 + pid] = (0.0, b"\xc0")
+        reader.read([a.pid], now=20.2)  # a reading is made: the sweep comes with it
+        assert set(reader._kept) == {a.pid}  # b's reading of 20.0 is too old as well
+    finally:
+        for proc in (a, b):
+            proc.kill()
+            proc.wait()

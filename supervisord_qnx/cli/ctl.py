@@ -13,7 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from supervisord_qnx.cli import run as run_cli
-from supervisord_qnx.control.client import Client, DaemonUnreachable, SubscriptionOverflow
+from supervisord_qnx.control.client import (
+    Client,
+    DaemonUnreachable,
+    SubscriptionOverflow,
+    table_rows,
+)
 from supervisord_qnx.control.rpc import ErrorCode, RpcError
 from supervisord_qnx.partition import realtime
 
@@ -258,9 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "job"):
         return run_cli.main(args)
     method, params = request_for(args)
+    # The table for people: the same rows in the compact form (docs/protocol.md), cheaper
+    # for a daemon with thousands of workers; `--json` keeps the maps scripts read.
+    table = method == "status" and not args.json
+    result: Any
     try:
         with Client(args.socket, timeout=args.timeout) as client:
-            result = client.call(method, **params)
+            if table:
+                result = table_rows(client.call(method, **params, table=True))
+            else:
+                result = client.call(method, **params)
     except DaemonUnreachable as exc:
         print(f"supervisorctl-qnx: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

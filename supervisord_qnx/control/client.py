@@ -152,6 +152,19 @@ def _lost(method: str) -> ConnectionLost:
     )
 
 
+def table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``status``'s table form (``status(table=True)``, docs/protocol.md) as
+    maps: one key per column (None for a field the row has not), and the ``sched`` cell
+    replaced by the form it indexes."""
+    columns, scheds = table["columns"], table["sched"]
+    rows = [dict(zip(columns, values, strict=True)) for values in table["rows"]]
+    if "sched" in columns:
+        for row in rows:
+            at = row["sched"]
+            row["sched"] = None if at is None else scheds[at]
+    return rows
+
+
 class _MsgIds:
     """uint32 msgids, wrapping around and skipping ids still waiting for an answer."""
 

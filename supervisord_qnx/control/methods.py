@@ -27,7 +27,13 @@ from supervisord_qnx.control.report import partitions_report
 from supervisord_qnx.control.rpc import ErrorCode, Packed, RpcError
 from supervisord_qnx.control.server import Connection, MethodTable, Streaming
 from supervisord_qnx.control.server import Handler as ServerHandler
-from supervisord_qnx.control.statusrows import StatusRows, picked, wanted_fields
+from supervisord_qnx.control.statusrows import (
+    TABLE_COLUMNS,
+    StatusRows,
+    picked,
+    tabulate,
+    wanted_fields,
+)
 from supervisord_qnx.control.subscribe import EventFilter, Subscribers, names_param
 from supervisord_qnx.partition.backend import Backend, BackendError
 from supervisord_qnx.partition.limits import BadLimits, parse_set
@@ -191,23 +197,28 @@ class Methods:
             "io": self.daemon.io_backend,
         }
 
-    async def status(self, params: dict[str, Any]) -> list[dict[str, Any]] | Packed:
-        p = _params(params, tenant=(str, False), fields=(list, False))
+    async def status(
+        self, params: dict[str, Any]
+    ) -> list[dict[str, Any]] | dict[str, Any] | Packed:
+        p = _params(params, tenant=(str, False), fields=(list, False), table=(bool, False))
         fields = wanted_fields(p["fields"]) if "fields" in p else None
+        table = p.get("table", False)
         sup = self.daemon.supervisor
         tenant, jobs = p.get("tenant"), self.daemon.jobs.status()
         if tenant == JOB_TENANT and tenant not in sup.tenants:
             # transient jobs show as the tenant "job" (docs/protocol.md, run)
-            return jobs if fields is None else picked(jobs, fields)
+            shown = jobs if fields is None else picked(jobs, fields)
+            return tabulate(shown, fields or list(TABLE_COLUMNS)) if table else shown
         rows = self.status_rows
         jobs = jobs if tenant is None else []
         if fields is not None:
             if "memory_denied" in fields:  # the one field a running worker's report updates
                 await sup.refresh_counters()
-            return await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
+            got = await rows.reply_fields(sup, tenant, jobs, fields, self.daemon.blocking)
+            return tabulate(got, fields) if table else got
         # The rows Supervisor.status and with_sched give (counters refreshed first),
-        # packed and reused (statusrows.py).
-        return await rows.reply(sup, tenant, jobs)
+        # packed and reused (statusrows.py); as a table, if asked.
+        return await rows.reply(sup, tenant, jobs, table=table)
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
         _params(params)

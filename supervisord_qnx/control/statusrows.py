@@ -17,8 +17,9 @@ one docs/protocol.md specifies, field for field and in the same order as
   ``Supervisor.status``.
 * **What changes with time is read at each call**: ``uptime`` from the run's start
   (one clock read per call), ``sched`` from the kernel (a program may change its own
-  scheduling; docs/realtime.md). The packed form of a ``sched`` map is remembered by
-  what the kernel answered, since nearly every worker answers the same.
+  scheduling; docs/realtime.md), that one kept for ``SCHED_MAX_AGE`` once a run is past
+  its first second. The packed form of a ``sched`` map is remembered by what the
+  kernel answered, since nearly every worker answers the same.
 * **The syscalls run on the event loop, ``SCHED_STEP`` pids at a time**: three or
   four short syscalls per pid take about a microsecond, less than handing them to a
   thread, and a status call then does not wait for a slot of the slow-I/O pool behind
@@ -27,6 +28,9 @@ one docs/protocol.md specifies, field for field and in the same order as
   milliseconds (a step of 256 pids is about a quarter of one).
 
 The result is ``rpc.Packed``: the server sends it as it is, with no second encoding.
+``table`` (opt-in) answers the same rows as arrays under one list of column names,
+each distinct ``sched`` form once (``tabulate``): at N = 1000 the maps' keys and the
+repeated ``sched`` maps were 80 % of what a client spends decoding the reply.
 ``fields`` (opt-in) answers only the fields named, as plain rows: a client that polls
 ``name`` and ``state`` of thousands of workers gets a fraction of the bytes, and no
 ``sched`` syscalls unless it asks for ``sched``.
@@ -56,6 +60,18 @@ from supervisord_qnx.supervise.worker import State
 SCHED_STEP = 256
 # Distinct sched answers remembered packed; the kernel's answers are few in practice.
 MAX_SCHED_FORMS = 1024
+# How old a worker's ``sched`` reading in ``status`` may be, in seconds. The three or
+# four syscalls per live pid were a third of a status call's work at N = 1000 (issue
+# 14); a worker's scheduling changes only when the worker (or root) changes it, so a
+# client polling faster than this gets the kernel's answer of a moment ago, as ``top``
+# shows what it read at its last refresh. A new run has a new pid: never an old
+# reading. ``with_sched`` (``fields`` naming ``sched``) still reads at each call.
+SCHED_MAX_AGE = 0.1
+# A run's scheduling is applied by its exec shim between the spawn and the program's
+# first instruction, while the run already shows as starting or running: readings are
+# kept only once a run is this old (seconds), so a start is never shown with the
+# settings of the moment before for the next SCHED_MAX_AGE.
+SCHED_SETTLE = 1.0
 
 _NIL = b"\xc0"
 # A float as msgpack packs Python's floats (float 64, big-endian), without a call to it.
@@ -69,12 +85,14 @@ _RT_RAW = frozenset(
     code | flag for code in (os.SCHED_FIFO, os.SCHED_RR) for flag in (0, RESET_ON_FORK)
 )
 
-# Every field a status row can have (docs/protocol.md); ``fields`` picks among them.
-ROW_FIELDS = frozenset(
-    {"tenant", "worker", "instance", "name", "kind", "state", "pid", "partition", "restarts",
-     "exit_reason", "uptime", "memory_denied", "status_text", "notify_socket",
-     "notify_ignored", "sched", "job"}
+# Every field a status row can have (docs/protocol.md), in the order rows hold them;
+# ``fields`` picks among them, and they are the table form's columns when it names none.
+TABLE_COLUMNS = (
+    *OWN_FIELDS, "memory_denied", "status_text", "notify_socket", "notify_ignored", "job",
+    "sched",
 )  # fmt: skip
+ROW_FIELDS = frozenset(TABLE_COLUMNS)
+_UPTIME_AT = TABLE_COLUMNS.index("uptime")
 
 Blocking = Callable[..., Awaitable[Any]]
 
@@ -118,12 +136,43 @@ def _array_header(n: int) -> bytes:
 
 
 class SchedReader:
-    """Each live pid's scheduling as ``realtime.readback`` reports it, already packed."""
+    """Each live pid's scheduling as ``realtime.readback`` reports it, already packed;
+    a reading is kept for ``max_age`` seconds (see ``SCHED_MAX_AGE``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_age: float = 0.0) -> None:
+        self.max_age = max_age
         self._forms: dict[tuple[int, int, int, frozenset[int]], bytes] = {}
+        # pid -> (when read, monotonic; its packed form)
+        self._kept: dict[int, tuple[float, bytes]] = {}
+        self._prune_at = 256
 
-    def read(self, pids: list[int]) -> dict[int, bytes]:
+    def read(self, pids: list[int], now: float | None = None) -> dict[int, bytes]:
+        """``pids``' forms: kept ones younger than ``max_age`` at ``now``, the rest read."""
+        if now is None or self.max_age <= 0:
+            return self._read(pids)
+        kept, young = self._kept, now - self.max_age
+        out: dict[int, bytes] = {}
+        stale: list[int] = []
+        for pid in pids:
+            entry = kept.get(pid)
+            if entry is not None and entry[0] > young:
+                out[pid] = entry[1]
+            else:
+                stale.append(pid)
+        if stale:
+            fresh = self._read(stale)
+            out.update(fresh)
+            for pid, packed in fresh.items():
+                if packed is not _NIL:  # a pid gone is asked again next time
+                    kept[pid] = (now, packed)
+            if len(kept) > self._prune_at:
+                # Dead pids' readings (too old to be used again) go once the readings
+                # have doubled since the last such sweep.
+                self._kept = {p: e for p, e in kept.items() if e[0] > young}
+                self._prune_at = 2 * len(self._kept) + 256
+        return out
+
+    def _read(self, pids: list[int]) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
         forms = self._forms
         for pid in pids:
@@ -161,11 +210,13 @@ class StatusRows:
 
     def __init__(self) -> None:
         self._rows: dict[Instance, Cached] = {}
-        self.sched = SchedReader()
+        self._table_rows: dict[Instance, Cached] = {}
+        self.sched = SchedReader(SCHED_MAX_AGE)
 
-    def _row(self, inst: Instance, launcher: Launcher) -> Cached:
-        """The instance's row bytes around ``uptime`` and ``sched``, reused while the
-        values they show are unchanged."""
+    @staticmethod
+    def _shown(inst: Instance, launcher: Launcher) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The values a row shows besides uptime and sched (its cache key), and the
+        fields the launcher and the NOTIFY_SOCKET add to the instance's own."""
         lc = inst.lc
         extra = launcher.status_fields(inst.target)
         note = inst.notify
@@ -183,6 +234,12 @@ class StatusRows:
             inst.index,
             tuple(extra.items()),
         )
+        return key, extra
+
+    def _row(self, inst: Instance, launcher: Launcher) -> Cached:
+        """The instance's row bytes around ``uptime`` and ``sched``, reused while the
+        values they show are unchanged."""
+        key, extra = self._shown(inst, launcher)
         cached = self._rows.get(inst)
         if cached is not None and cached[0] == key:
             return cached
@@ -198,6 +255,47 @@ class StatusRows:
         cached = (key, head + _UPTIME, tail + _SCHED)
         self._rows[inst] = cached
         return cached
+
+    def _table_row(self, inst: Instance, launcher: Launcher) -> Cached:
+        """``_row`` for the table form: the row's values in ``TABLE_COLUMNS`` order (nil
+        for a field the row has not), around uptime's and sched's."""
+        key, extra = self._shown(inst, launcher)
+        cached = self._table_rows.get(inst)
+        if cached is not None and cached[0] == key:
+            return cached
+        row = inst.as_dict(extra)
+        values = [pack_value(row.get(c)) for c in TABLE_COLUMNS[:-1]]
+        head = _array_header(len(TABLE_COLUMNS)) + b"".join(values[:_UPTIME_AT])
+        cached = (key, head, b"".join(values[_UPTIME_AT + 1 :]))
+        self._table_rows[inst] = cached
+        return cached
+
+    async def _read_sched(
+        self, instances: list[Instance], jobs: list[dict[str, Any]]
+    ) -> dict[int, bytes]:
+        """Every live pid's packed sched form, ``SCHED_STEP`` pids between checkpoints."""
+        # Kept readings only for runs past their first moments (SCHED_SETTLE), the rest
+        # (jobs too) read at each call.
+        now = time.monotonic()
+        settled = now - SCHED_SETTLE
+        kept: list[int] = []
+        fresh: list[int] = []
+        for i in instances:
+            lc = i.lc
+            if lc.pid and lc.state in _LIVE:
+                began = lc.started_at
+                (kept if began is not None and began <= settled else fresh).append(lc.pid)
+        fresh += [j["pid"] for j in jobs if j.get("pid") and j.get("state") in LIVE_STATES]
+        step = max(1, SCHED_STEP)
+        batches: list[tuple[list[int], float | None]]
+        batches = [(kept[at : at + step], now) for at in range(0, len(kept), step)]
+        batches += [(fresh[at : at + step], None) for at in range(0, len(fresh), step)]
+        sched: dict[int, bytes] = {}
+        for n, (pids, when) in enumerate(batches):
+            if n:
+                await trio.lowlevel.checkpoint()
+            sched.update(self.sched.read(pids, when))
+        return sched
 
     async def reply_fields(
         self,
@@ -227,8 +325,11 @@ class StatusRows:
         sup: Supervisor,
         tenant: str | None,
         jobs: list[dict[str, Any]],
+        *,
+        table: bool = False,
     ) -> Packed:
-        """The ``status`` result for ``tenant`` (every tenant, and the jobs, for None)."""
+        """The ``status`` result for ``tenant`` (every tenant, and the jobs, for None):
+        a list of maps, or with ``table`` the table form (``tabulate``)."""
         tenants = [sup.tenant(tenant)] if tenant is not None else list(sup.tenants.values())
         instances = [i for t in tenants for i in t.instances]
         for_spec = sup.launchers.for_spec
@@ -244,19 +345,20 @@ class StatusRows:
         for inst, launcher in zip(instances, launchers, strict=True):
             if launcher.reports_counters and inst.lc.state is State.RUNNING:
                 await launcher.refresh(inst.target)
-        row = self._row
+        row = self._table_row if table else self._row
         rows = [row(inst, launcher) for inst, launcher in zip(instances, launchers, strict=True)]
-        if tenant is None and len(self._rows) > len(instances):
+        cache = self._table_rows if table else self._rows
+        if tenant is None and len(cache) > len(instances):
             # Instances a reload removed: forget their rows.
-            self._rows = {i: self._rows[i] for i in instances}
-        live = [i.lc.pid for i in instances if i.lc.pid and i.lc.state in _LIVE]
-        live += [j["pid"] for j in jobs if j.get("pid") and j.get("state") in LIVE_STATES]
-        step = max(1, SCHED_STEP)
-        sched = self.sched.read(live[:step])
-        for at in range(step, len(live), step):
-            await trio.lowlevel.checkpoint()
-            sched.update(self.sched.read(live[at : at + step]))
+            cache = {i: cache[i] for i in instances}
+            if table:
+                self._table_rows = cache
+            else:
+                self._rows = cache
+        sched = await self._read_sched(instances, jobs)
         now = time.monotonic()
+        if table:
+            return _table_reply(instances, rows, jobs, sched, now)
         parts = [_array_header(len(rows) + len(jobs))]
         float64, sched_of, running = _FLOAT64.pack, sched.get, State.RUNNING
         for inst, (_, head, tail) in zip(instances, rows, strict=True):
@@ -274,3 +376,81 @@ class StatusRows:
             parts.append(packed)
             parts.append(sched.get(job.get("pid"), _NIL) if live_job else _NIL)  # type: ignore[arg-type]
         return Packed(b"".join(parts))
+
+
+_COLUMNS = msgpack.packb("columns")
+_ROWS = msgpack.packb("rows")
+_SCHEDS = msgpack.packb("sched")
+
+
+class _Forms:
+    """The table form's ``sched`` list: each distinct packed form once, and the packed
+    index a row holds for it."""
+
+    def __init__(self) -> None:
+        self.index: dict[bytes, bytes] = {}
+
+    def of(self, packed: bytes | None) -> bytes:
+        if packed is None or packed == _NIL:
+            return _NIL
+        at = self.index.get(packed)
+        if at is None:
+            at = self.index[packed] = pack_value(len(self.index))
+        return at
+
+    def packed(self) -> bytes:
+        return _array_header(len(self.index)) + b"".join(self.index)
+
+
+def _table_reply(
+    instances: list[Instance],
+    rows: list[Cached],
+    jobs: list[dict[str, Any]],
+    sched: dict[int, bytes],
+    now: float,
+) -> Packed:
+    """The table form of a full status reply (``tabulate``'s shape), from the rows' kept
+    bytes: what ``StatusRows.reply`` splices, as arrays instead of maps."""
+    forms = _Forms()
+    parts = [
+        _map_header(3) + _COLUMNS + pack_value(list(TABLE_COLUMNS)),
+        _ROWS + _array_header(len(rows) + len(jobs)),
+    ]
+    float64, form_of, running = _FLOAT64.pack, forms.of, State.RUNNING
+    for inst, (_, head, tail) in zip(instances, rows, strict=True):
+        lc = inst.lc
+        state, began = lc.state, lc.started_at
+        up = _NIL
+        if began is not None and state is running:
+            up = float64(0xCB, round(now - began, 3))
+        parts += (head, up, tail, form_of(sched.get(lc.pid)) if state in _LIVE else _NIL)  # type: ignore[arg-type]
+    for job in jobs:
+        values = [pack_value(job.get(c)) for c in TABLE_COLUMNS[:-1]]
+        live = job.get("state") in LIVE_STATES
+        parts.append(_array_header(len(TABLE_COLUMNS)) + b"".join(values))
+        parts.append(form_of(sched.get(job.get("pid") or 0)) if live else _NIL)
+    parts.append(_SCHEDS + forms.packed())
+    return Packed(b"".join(parts))
+
+
+def tabulate(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """Rows of ``status`` in the table form: ``{"columns": [...], "rows": [[...], ...],
+    "sched": [...]}``; each row holds its values in the columns' order (nil for a field
+    it has not), and its ``sched`` cell, if asked, is an index into ``sched`` (workers
+    nearly all share a few forms) or nil (docs/protocol.md)."""
+    out_rows = []
+    forms: dict[tuple[Any, ...], int] = {}
+    scheds: list[Any] = []
+    at = columns.index("sched") if "sched" in columns else -1
+    for r in rows:
+        values = [r.get(c) for c in columns]
+        if at >= 0:
+            form = values[at]
+            if form is not None:
+                key = tuple(form.items())
+                if key not in forms:
+                    forms[key] = len(scheds)
+                    scheds.append(form)
+                values[at] = forms[key]
+        out_rows.append(values)
+    return {"columns": list(columns), "rows": out_rows, "sched": scheds}
