@@ -21,9 +21,11 @@ Measured, for each tool and each N (``--count 100 1000`` by default):
   start, never given up on).
 * **status**: one full status call at N workers, p50/p99 over ``--status-calls`` calls on
   one connection, idle and while 8 other clients (processes) call status back to back.
-  supervisord-qnx: the blocking ``Client``; supervisord: XML-RPC ``getAllProcessInfo``;
-  circus: its ``status`` command; s6: reading each ``supervise/status`` file, as
-  ``s6-svstat`` does.
+  supervisord-qnx: the blocking ``Client``, asking for every field of every worker in
+  the table form (``status`` with ``table``, what ``supervisorctl-qnx status`` asks;
+  the list of maps, its other form, has a row of its own); supervisord: XML-RPC
+  ``getAllProcessInfo``; circus: its ``status`` command; s6: reading each
+  ``supervise/status`` file, as ``s6-svstat`` does.
 * **RSS** of the supervisor's processes (s6: s6-svscan plus every s6-supervise) with N
   configured and none running, with N running (0.5 s after the last started, and for
   the daemon process again 11 s after: once the threads of the start's burst idled out),
@@ -381,6 +383,9 @@ class Qnx(Tool):
         return w["state"], w["pid"]
 
     def status_call(self) -> None:
+        self.client.call("status", table=True)
+
+    def status_maps_call(self) -> None:
         self.client.call("status")
 
     def hammer_target(self) -> str:
@@ -403,7 +408,7 @@ class Qnx(Tool):
             t0 = time.perf_counter()
             self.client.call("ping")
             pings.append(time.perf_counter() - t0)
-        reply = msgpack.packb(self.client.call("status"))
+        reply = msgpack.packb(self.client.call("status", table=True))
         rounds = 200
         t0 = time.perf_counter()
         for _ in range(rounds):
@@ -742,11 +747,12 @@ def launch_time(make: Callable[[], Tool]) -> float:
     return took
 
 
-def status_latencies(tool: Tool, calls: int) -> list[float]:
+def status_latencies(tool: Tool, calls: int, call: Callable[[], None] | None = None) -> list[float]:
+    call = call or tool.status_call
     lat = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        tool.status_call()
+        call()
         lat.append(time.perf_counter() - t0)
     return lat
 
@@ -851,6 +857,9 @@ def measure(make: Callable[[], Tool], args: argparse.Namespace) -> dict[str, Any
 
         lat = status_latencies(tool, args.status_calls)
         out["status_p50"], out["status_p99"] = pct(lat, 0.5), pct(lat, 0.99)
+        if isinstance(tool, Qnx):
+            lat = status_latencies(tool, args.status_calls, tool.status_maps_call)
+            out["status_maps_p50"], out["status_maps_p99"] = pct(lat, 0.5), pct(lat, 0.99)
         lat = status_under_load(tool, args.status_calls)
         out["status_load_p50"], out["status_load_p99"] = pct(lat, 0.5), pct(lat, 0.99)
         try:
@@ -990,7 +999,7 @@ def hammer(target: str) -> int:
         from supervisord_qnx.control.client import Client
 
         client = Client(Path(where), timeout=60)
-        call = lambda: client.call("status")  # noqa: E731
+        call = lambda: client.call("status", table=True)  # noqa: E731
     elif kind == "supervisord":
         rpc: Any = xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport(where))
         call = rpc.supervisor.getAllProcessInfo
@@ -1022,6 +1031,8 @@ ROWS: list[tuple[str, str, float, str]] = [
     ("restart_loop_p95", "restart, crash loop beside, p95", 1e3, "ms"),
     ("status_p50", "status at N p50", 1e3, "ms"),
     ("status_p99", "status at N p99", 1e3, "ms"),
+    ("status_maps_p50", "status at N p50, list of maps", 1e3, "ms"),
+    ("status_maps_p99", "status at N p99, list of maps", 1e3, "ms"),
     ("status_load_p50", f"status, {HAMMERS} clients hammer, p50", 1e3, "ms"),
     ("status_load_p99", f"status, {HAMMERS} clients hammer, p99", 1e3, "ms"),
     ("ping_p50", "ping p50 (a call's floor)", 1e3, "ms"),
