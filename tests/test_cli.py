@@ -50,6 +50,17 @@ def test_status_json_and_sigterm_clean_exit(cfg: ConfigDir, daemon) -> None:
     data = json.loads(ctl(cfg.socket, "--json", "status", check=True).stdout)
     assert {w["state"] for w in data} == {"running"}
     pids = [w["pid"] for w in data]
+    # The table for people (asked in the table form) and the maps for scripts agree.
+    shown = {line.split()[0]: line.split()[2] for line in table.stdout.splitlines()[1:]}
+    assert shown == {w["name"]: str(w["pid"]) for w in data}
+    # One subtree of the partitions, unindented at its top.
+    sub = ctl(cfg.socket, "partitions", "tenants/alpha", check=True).stdout.splitlines()
+    assert sub[0] == "backend: portable" and sub[1].split()[0] == "PARTITION"
+    assert [line.split()[0] for line in sub[2:]] == ["alpha"]
+    every = ctl(cfg.socket, "partitions", check=True).stdout
+    assert "bravo" in every and "alpha" in every
+    missing = ctl(cfg.socket, "partitions", "tenants/nope")
+    assert missing.returncode == 1 and "no partition 'tenants/nope'" in missing.stderr
     # SIGTERM: tenants stopped, socket removed, exit 0, no worker left behind.
     assert d.stop() == 0
     assert not cfg.socket.exists()

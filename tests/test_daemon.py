@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 
@@ -241,6 +242,32 @@ async def test_partitions_report_live_usage(cfg: ConfigDir, start_daemon) -> Non
     rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     # The figure is the worker's real resident size (sampled a moment apart).
     assert 0.5 * rss <= alpha["usage"]["memory_current"] <= 2 * rss
+
+
+async def test_partitions_of_one_subtree(cfg: ConfigDir, start_daemon) -> None:
+    two_tenants(cfg)
+    d = await start_daemon()
+    await trio.sleep(0.2)
+    whole = await d.call("partitions")
+    alpha = await d.call("partitions", partition="tenants/alpha")
+    # The subtree is the same node as in the whole tree, figures read for it alone.
+    tree = alpha["tree"]
+    assert (tree["path"], tree["name"], tree["tenant"]) == ("tenants/alpha", "alpha", "alpha")
+    in_whole = next(c for c in whole["tree"]["children"][0]["children"] if c["name"] == "alpha")
+    assert tree["limits"] == in_whole["limits"]
+    assert [c["path"] for c in tree["children"]] == [c["path"] for c in in_whole["children"]]
+    pid = (await d.worker("alpha:beat-0"))["pid"]
+    assert pid in tree["usage"]["pids"]
+    assert alpha["backend"] == whole["backend"]
+    top = await d.call("partitions", partition="tenants")
+    assert {c["name"] for c in top["tree"]["children"]} == {"alpha", "bravo"}
+    assert len(msgpack.packb(alpha)) < len(msgpack.packb(whole)) / 2
+    for bad, code in (("tenants/nope", ErrorCode.NOT_FOUND), ("", ErrorCode.NOT_FOUND),
+                      (7, ErrorCode.BAD_REQUEST)):  # fmt: skip
+        with pytest.raises(RpcError) as exc:
+            await d.call("partitions", partition=bad)
+        assert exc.value.code == code
+    assert (await d.call("ping")) == "pong"
 
 
 async def test_attach_and_detach_a_running_process(cfg: ConfigDir, start_daemon) -> None:

@@ -38,7 +38,7 @@ commands:
   start TENANT [--wait]        start a tenant's workers (--wait: until each settled)
   stop TENANT [--no-wait]      stop them: stop_signal, SIGKILL after stop_timeout
   restart TENANT [--wait]      stop, then start
-  partitions                   the partition tree with limits, flags and live usage
+  partitions [PARTITION]       the partition tree (or one subtree) with limits and usage
   logs TENANT [WORKER] [-n N]  the last N lines of each worker's log
   events [-n N] [--kind K ...] [--tenant T ...]
                                recent daemon events (state changes, restarts, limits)
@@ -108,7 +108,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stop", help="stop a tenant")
     s.add_argument("tenant")
     s.add_argument("--no-wait", action="store_true", help="return at once")
-    sub.add_parser("partitions", help="show the partition tree and usage")
+    s = sub.add_parser("partitions", help="show the partition tree and usage")
+    s.add_argument(
+        "partition", nargs="?", help="only this partition and those below it (e.g. tenants/web)"
+    )
     s = sub.add_parser("logs", help="show worker logs")
     s.add_argument("tenant")
     s.add_argument("worker", nargs="?")
@@ -198,6 +201,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return c, {"tenant": args.tenant, "wait": args.wait}
     if c == "stop":
         return c, {"tenant": args.tenant, "wait": not args.no_wait}
+    if c == "partitions":
+        return c, ({"partition": args.partition} if args.partition else {})
     if c == "logs":
         params: dict[str, Any] = {"tenant": args.tenant, "lines": args.lines}
         if args.worker:
@@ -457,7 +462,8 @@ def _render_partitions(result: dict[str, Any]) -> None:
         for child in node["children"]:
             walk(child, depth + 1)
 
-    walk(result["tree"], 0)
+    # A subtree (`partitions PARTITION`) starts at its own partition, shown unindented.
+    walk(result["tree"], 1 if result["tree"]["path"] else 0)
     _table(rows)
     if any(row[0].endswith(" *") for row in rows):
         print("* limits changed with `set`, in force until the next reload")

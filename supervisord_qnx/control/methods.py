@@ -221,12 +221,18 @@ class Methods:
         return await rows.reply(sup, tenant, jobs, table=table)
 
     async def partitions(self, params: dict[str, Any]) -> dict[str, Any]:
-        _params(params)
+        p = _params(params, partition=(str, False))
+        under = p.get("partition", "")
+        # A subtree: what keeps the answer within the message limit with thousands of
+        # tenants (about 0.5 KiB each), and reads only its figures.
+        if "partition" in p and (not under or under not in self.daemon.tree):
+            raise RpcError(ErrorCode.NOT_FOUND, f"no partition {under!r}")
         return await partitions_report(
             self.daemon.backend,
             self.daemon.tree,
             self.daemon.blocking,
             overrides=self.daemon.live.overrides.to_dict(),
+            under=under,
         )
 
     async def start(self, params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -61,14 +61,17 @@ async def partitions_report(
     tree: PartitionTree,
     blocking: Callable[..., Awaitable[Any]],
     overrides: dict[str, dict[str, Any]] | None = None,
+    under: str = "",
 ) -> dict[str, Any]:
     """``blocking`` runs the backend's (blocking) ``stats_many`` call off the event loop:
-    one call for every partition, so a backend that scans /proc scans it once."""
+    one call for every partition, so a backend that scans /proc scans it once. With
+    ``under``, that partition's subtree only (its figures alone are read)."""
     stats: dict[str, Any] = {}
+    nodes = tree.subtree(under)
     read: dict[str, PartitionStats | Exception] = await blocking(
-        backend.stats_many, [node.path for node in tree]
+        backend.stats_many, [node.path for node in nodes]
     )
-    for node in tree:
+    for node in nodes:
         s = read.get(node.path)
         if not isinstance(s, PartitionStats):  # a stats failure must not break the report
             stats[node.path] = {"error": str(s)}
@@ -77,7 +80,10 @@ async def partitions_report(
         figures["pids"] = s.pids[:MAX_LISTED_PIDS]
         stats[node.path] = figures
     mapping = backend.describe(tree)
-    unenforced_list = [{"partition": p, "control": str(c)} for p, c in unenforced(backend, tree)]
+    shown = {node.path for node in nodes}
+    unenforced_list = [
+        {"partition": p, "control": str(c)} for p, c in unenforced(backend, tree) if p in shown
+    ]
 
     def decorate(node: dict[str, Any]) -> dict[str, Any]:
         node["usage"] = stats.get(node["path"])
@@ -92,5 +98,5 @@ async def partitions_report(
         "backend": backend.name,
         "enforcement": enforcement_table(backend),
         "unenforced": unenforced_list,
-        "tree": decorate(tree.as_dict()),
+        "tree": decorate(tree.as_dict(under)),
     }

@@ -789,8 +789,8 @@ async def _run_request(
                     RpcError(
                         ErrorCode.TOO_LARGE,
                         f"the result of {method} is {len(data)} bytes, over the "
-                        f"{limits.max_message_bytes}-byte message limit; ask for less "
-                        f"(e.g. fewer log lines or one tenant)",
+                        f"{limits.max_message_bytes}-byte message limit; ask for less (e.g. "
+                        f"fewer log lines, one tenant, one partition, status as a table)",
                     ),
                 )
         sent = await conn.send_raw(data)

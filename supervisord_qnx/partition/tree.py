@@ -238,8 +238,9 @@ class PartitionTree:
     def tenants(self) -> Iterable[Partition]:
         return (p for p in self if p.tenant is not None)
 
-    def as_dict(self) -> dict[str, object]:
-        """The tree as nested plain data (for ``partitions`` and ``--check --json``)."""
+    def as_dict(self, under: str = ROOT) -> dict[str, object]:
+        """The tree (or the subtree at ``under``) as nested plain data (for ``partitions``
+        and ``--check --json``)."""
 
         def node_dict(node: Partition) -> dict[str, object]:
             return {
@@ -251,7 +252,14 @@ class PartitionTree:
                 "children": [node_dict(c) for c in node.children.values()],
             }
 
-        return node_dict(self.root)
+        return node_dict(self._nodes[under])
+
+    def subtree(self, under: str = ROOT) -> list[Partition]:
+        """``under`` and every partition below it, parents first (all, for the root)."""
+        if not under:
+            return list(self)
+        prefix = under + "/"
+        return [p for p in self if p.path == under or p.path.startswith(prefix)]
 
 
 def _depth_order(p: Partition) -> tuple[int, str]:
