@@ -266,7 +266,7 @@ def test_a_sched_reading_is_kept_for_its_max_age_only() -> None:
         assert msgpack.unpackb(reader.read([proc.pid])[proc.pid])["nice"] == 9
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=10)
     # A pid gone answers nil and is not kept.
     assert reader.read([proc.pid], now=100.3)[proc.pid] == b"\xc0"
     assert reader.read([proc.pid], now=100.31)[proc.pid] == b"\xc0"
@@ -328,4 +328,4 @@ def test_kept_sched_readings_of_many_pids_are_used_and_dead_ones_dropped() -> No
     finally:
         for proc in (a, b):
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=10)
