@@ -57,6 +57,16 @@ def tenants(cfg: ConfigDir) -> None:
     )
 
 
+async def talky_running(cfg: ConfigDir, start_daemon: Any) -> Any:
+    """A daemon on ``tenants``, its notify worker told to go and running."""
+    tenants(cfg)
+    d = await start_daemon()
+    await d.call("start", tenant="talky")
+    (cfg.root / "go").touch()
+    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    return d
+
+
 def without_uptime(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "uptime"} for r in rows]
 
@@ -103,11 +113,7 @@ async def test_rows_are_what_the_supervisor_says_field_for_field(
 
 
 async def test_a_change_is_in_the_very_next_answer(cfg: ConfigDir, start_daemon) -> None:
-    tenants(cfg)
-    d = await start_daemon()
-    await d.call("start", tenant="talky")
-    (cfg.root / "go").touch()
-    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    d = await talky_running(cfg, start_daemon)
     before = {w["name"]: w for w in await d.call("status")}
     assert before["calm:w-1"]["state"] == "running"
 
@@ -145,11 +151,7 @@ async def test_sched_read_in_steps_says_the_same(
     # Many live pids are read SCHED_STEP at a time, the loop running between: same answer.
     from supervisord_qnx.control import statusrows
 
-    tenants(cfg)
-    d = await start_daemon()
-    await d.call("start", tenant="talky")
-    (cfg.root / "go").touch()
-    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    d = await talky_running(cfg, start_daemon)
     inline = await d.call("status")
     monkeypatch.setattr(statusrows, "SCHED_STEP", 1)
     pooled = await d.call("status")
@@ -160,11 +162,7 @@ async def test_sched_read_in_steps_says_the_same(
 async def test_fields_picks_a_compact_form_and_refuses_unknown_names(
     cfg: ConfigDir, start_daemon
 ) -> None:
-    tenants(cfg)
-    d = await start_daemon()
-    await d.call("start", tenant="talky")
-    (cfg.root / "go").touch()
-    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    d = await talky_running(cfg, start_daemon)
     await d.call("run", partition="tenants", command=["sleep", "60"])
     full = await d.call("status")
     # Every field a row can carry can be asked for (a new field must be added there too).
@@ -201,11 +199,7 @@ async def test_the_table_form_holds_the_same_rows_as_the_maps(cfg: ConfigDir, st
     from supervisord_qnx.control.client import table_rows
     from supervisord_qnx.control.statusrows import ROW_FIELDS, TABLE_COLUMNS
 
-    tenants(cfg)
-    d = await start_daemon()
-    await d.call("start", tenant="talky")
-    (cfg.root / "go").touch()
-    await d.wait_for("talky:n-0", lambda w: w["state"] == "running")
+    d = await talky_running(cfg, start_daemon)
     for i in range(3):
         await d.wait_for(f"calm:w-{i}", lambda w: (w["sched"] or {}).get("policy") == "batch")
     await d.call("run", partition="tenants", command=["sleep", "60"])  # a job's row too

@@ -360,14 +360,7 @@ class StatusRows:
         if table:
             return _table_reply(instances, rows, jobs, sched, now)
         parts = [_array_header(len(rows) + len(jobs))]
-        float64, sched_of, running = _FLOAT64.pack, sched.get, State.RUNNING
-        for inst, (_, head, tail) in zip(instances, rows, strict=True):
-            lc = inst.lc
-            state, began = lc.state, lc.started_at
-            up = _NIL
-            if began is not None and state is running:
-                up = float64(0xCB, round(now - began, 3))
-            parts += (head, up, tail, sched_of(lc.pid, _NIL) if state in _LIVE else _NIL)  # type: ignore[arg-type]
+        _splice(parts, instances, rows, now, lambda pid: sched.get(pid, _NIL))
         for job in jobs:
             live_job = job.get("state") in LIVE_STATES
             job.pop("sched", None)  # re-added below as the last key, whatever the row held
@@ -376,6 +369,26 @@ class StatusRows:
             parts.append(packed)
             parts.append(sched.get(job.get("pid"), _NIL) if live_job else _NIL)  # type: ignore[arg-type]
         return Packed(b"".join(parts))
+
+
+def _splice(
+    parts: list[bytes],
+    instances: list[Instance],
+    rows: list[Cached],
+    now: float,
+    cell: Callable[[int], bytes],
+) -> None:
+    """Each instance's row onto ``parts``: its kept bytes around its uptime at ``now``
+    and its sched cell (``cell(pid)``, for a live run; nil otherwise)."""
+    float64, running = _FLOAT64.pack, State.RUNNING
+    for inst, (_, head, tail) in zip(instances, rows, strict=True):
+        lc = inst.lc
+        state, began = lc.state, lc.started_at
+        up = _NIL
+        if began is not None and state is running:
+            up = float64(0xCB, round(now - began, 3))
+        live = state in _LIVE and lc.pid is not None
+        parts += (head, up, tail, cell(lc.pid) if live else _NIL)  # type: ignore[arg-type]
 
 
 _COLUMNS = msgpack.packb("columns")
@@ -416,14 +429,8 @@ def _table_reply(
         _map_header(3) + _COLUMNS + pack_value(list(TABLE_COLUMNS)),
         _ROWS + _array_header(len(rows) + len(jobs)),
     ]
-    float64, form_of, running = _FLOAT64.pack, forms.of, State.RUNNING
-    for inst, (_, head, tail) in zip(instances, rows, strict=True):
-        lc = inst.lc
-        state, began = lc.state, lc.started_at
-        up = _NIL
-        if began is not None and state is running:
-            up = float64(0xCB, round(now - began, 3))
-        parts += (head, up, tail, form_of(sched.get(lc.pid)) if state in _LIVE else _NIL)  # type: ignore[arg-type]
+    form_of = forms.of
+    _splice(parts, instances, rows, now, lambda pid: form_of(sched.get(pid)))
     for job in jobs:
         values = [pack_value(job.get(c)) for c in TABLE_COLUMNS[:-1]]
         live = job.get("state") in LIVE_STATES
