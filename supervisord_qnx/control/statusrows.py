@@ -209,8 +209,8 @@ class StatusRows:
     """Builds ``status`` replies; one per daemon (its caches live as long)."""
 
     def __init__(self) -> None:
-        self._rows: dict[Instance, Cached] = {}
-        self._table_rows: dict[Instance, Cached] = {}
+        # Each instance's kept row, for the maps (False) and for the table (True).
+        self._rows: dict[bool, dict[Instance, Cached]] = {False: {}, True: {}}
         self.sched = SchedReader(SCHED_MAX_AGE)
 
     @staticmethod
@@ -236,38 +236,20 @@ class StatusRows:
         )
         return key, extra
 
-    def _row(self, inst: Instance, launcher: Launcher) -> Cached:
-        """The instance's row bytes around ``uptime`` and ``sched``, reused while the
-        values they show are unchanged."""
+    def _row(self, inst: Instance, launcher: Launcher, table: bool) -> Cached:
+        """The instance's row bytes around ``uptime`` and ``sched`` (a map, or with
+        ``table`` an array in ``TABLE_COLUMNS`` order), reused while the values they show
+        are unchanged."""
         key, extra = self._shown(inst, launcher)
-        cached = self._rows.get(inst)
+        kept = self._rows[table]
+        cached = kept.get(inst)
         if cached is not None and cached[0] == key:
             return cached
         # Built from the same dict ``status`` answers without this cache, so the two
         # cannot drift apart: only the two live values are cut out.
         row = inst.as_dict(extra)
-        keys = list(row)
-        at = keys.index("uptime")
-        head = _map_header(len(row) + 1) + b"".join(
-            pack_value(k) + pack_value(row[k]) for k in keys[:at]
-        )
-        tail = b"".join(pack_value(k) + pack_value(row[k]) for k in keys[at + 1 :])
-        cached = (key, head + _UPTIME, tail + _SCHED)
-        self._rows[inst] = cached
-        return cached
-
-    def _table_row(self, inst: Instance, launcher: Launcher) -> Cached:
-        """``_row`` for the table form: the row's values in ``TABLE_COLUMNS`` order (nil
-        for a field the row has not), around uptime's and sched's."""
-        key, extra = self._shown(inst, launcher)
-        cached = self._table_rows.get(inst)
-        if cached is not None and cached[0] == key:
-            return cached
-        row = inst.as_dict(extra)
-        values = [pack_value(row.get(c)) for c in TABLE_COLUMNS[:-1]]
-        head = _array_header(len(TABLE_COLUMNS)) + b"".join(values[:_UPTIME_AT])
-        cached = (key, head, b"".join(values[_UPTIME_AT + 1 :]))
-        self._table_rows[inst] = cached
+        cached = (key, *(_array_bytes(row) if table else _map_bytes(row)))
+        kept[inst] = cached
         return cached
 
     async def _read_sched(
@@ -345,16 +327,12 @@ class StatusRows:
         for inst, launcher in zip(instances, launchers, strict=True):
             if launcher.reports_counters and inst.lc.state is State.RUNNING:
                 await launcher.refresh(inst.target)
-        row = self._table_row if table else self._row
-        rows = [row(inst, launcher) for inst, launcher in zip(instances, launchers, strict=True)]
-        cache = self._table_rows if table else self._rows
-        if tenant is None and len(cache) > len(instances):
+        row = self._row
+        rows = [row(i, launcher, table) for i, launcher in zip(instances, launchers, strict=True)]
+        kept = self._rows[table]
+        if tenant is None and len(kept) > len(instances):
             # Instances a reload removed: forget their rows.
-            cache = {i: cache[i] for i in instances}
-            if table:
-                self._table_rows = cache
-            else:
-                self._rows = cache
+            self._rows[table] = {i: kept[i] for i in instances}
         sched = await self._read_sched(instances, jobs)
         now = time.monotonic()
         if table:
@@ -369,6 +347,26 @@ class StatusRows:
             parts.append(packed)
             parts.append(sched.get(job.get("pid"), _NIL) if live_job else _NIL)  # type: ignore[arg-type]
         return Packed(b"".join(parts))
+
+
+def _map_bytes(row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A row as a map: its key/value pairs before ``uptime``'s value (header included)
+    and those after it, up to ``sched``'s value."""
+    keys = list(row)
+    at = keys.index("uptime")
+    head = _map_header(len(row) + 1) + b"".join(
+        pack_value(k) + pack_value(row[k]) for k in keys[:at]
+    )
+    tail = b"".join(pack_value(k) + pack_value(row[k]) for k in keys[at + 1 :])
+    return head + _UPTIME, tail + _SCHED
+
+
+def _array_bytes(row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A row as the table form's array: its values in ``TABLE_COLUMNS`` order (nil for a
+    field it has not) before ``uptime``'s and after it, up to ``sched``'s."""
+    values = [pack_value(row.get(c)) for c in TABLE_COLUMNS[:-1]]
+    head = _array_header(len(TABLE_COLUMNS)) + b"".join(values[:_UPTIME_AT])
+    return head, b"".join(values[_UPTIME_AT + 1 :])
 
 
 def _splice(
