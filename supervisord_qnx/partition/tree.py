@@ -206,9 +206,7 @@ class PartitionTree:
 
     def deepest_first(self, under: str = ROOT) -> list[Partition]:
         """The subtree below ``under`` (itself included unless root), children before parents."""
-        prefix = under + "/" if under else ""
-        nodes = [p for p in self if p.path == under or p.path.startswith(prefix) or not under]
-        return sorted(nodes, key=lambda p: (-p.depth, p.path))
+        return sorted(self.subtree(under), key=lambda p: (-p.depth, p.path))
 
     def add(self, node: Partition, parent_path: str) -> Partition:
         """Link ``node`` under ``parent_path``. Raises KeyError if the parent is unknown."""
